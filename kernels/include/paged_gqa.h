@@ -1,0 +1,67 @@
+/*
+ * paged_gqa.h: the contract between the CUDA kernels and their callers (Rust through bindgen,
+ * or C/C++ directly).
+ *
+ * Plain C: parameter structs, enums and launcher prototypes; no CUDA headers. Every launcher
+ * takes the stream to launch on (a CUstream / cudaStream_t: the same handle), checks its
+ * parameters, launches asynchronously and returns a pgqa_status. Nothing here exits or aborts.
+ * Device pointers are annotated with the shape of the array they point to, row-major.
+ */
+#ifndef PAGED_GQA_H
+#define PAGED_GQA_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** The CUDA stream type. Identical to CUstream and cudaStream_t, declared here without them. */
+typedef struct CUstream_st *pgqa_stream;
+
+/** Element type of a tensor. */
+typedef enum pgqa_dtype {
+  PGQA_DTYPE_F32 = 0,
+  PGQA_DTYPE_F16 = 1,
+  PGQA_DTYPE_BF16 = 2
+} pgqa_dtype;
+
+/**
+ * What a launcher returns. PGQA_STATUS_OK means the kernel was enqueued (it has not run yet).
+ * PGQA_STATUS_CUDA_ERROR means the CUDA runtime refused the launch: the launcher also writes the
+ * cudaError_t value to *cuda_error when that pointer is not null.
+ */
+typedef enum pgqa_status {
+  PGQA_STATUS_OK = 0,
+  PGQA_STATUS_INVALID_ARGUMENT = 1, /**< null pointer, zero or negative size, bad dtype */
+  PGQA_STATUS_MISALIGNED = 2, /**< a pointer or row is not 16-byte aligned */
+  PGQA_STATUS_CUDA_ERROR = 3 /**< the launch failed: see cuda_error */
+} pgqa_status;
+
+/**
+ * repeat_kv, exactly the Llama reference:
+ *   x[:, :, :, None, :].expand(b, s, n_kv, n_rep, d).reshape(b, s, n_kv * n_rep, d)
+ * so dst head h is a copy of src head h / n_rep. Batch and sequence are flattened into tokens.
+ * Requires head_dim * sizeof(dtype) to be a multiple of 16 and both pointers 16-byte aligned.
+ */
+typedef struct pgqa_repeat_kv_params {
+  const void *src; /**< [num_tokens, n_kv_heads, head_dim] */
+  void *dst; /**< [num_tokens, n_kv_heads * n_rep, head_dim] */
+  int64_t num_tokens; /**< batch * seq_len */
+  int32_t n_kv_heads;
+  int32_t n_rep; /**< n_heads / n_kv_heads */
+  int32_t head_dim;
+  pgqa_dtype dtype;
+} pgqa_repeat_kv_params;
+
+pgqa_status pgqa_repeat_kv(const pgqa_repeat_kv_params *params, pgqa_stream stream,
+                           int32_t *cuda_error);
+
+/** The name of a cudaError_t value ("cudaErrorInvalidValue"); a static string, never null. */
+const char *pgqa_cuda_error_name(int32_t cuda_error);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PAGED_GQA_H */

@@ -1,0 +1,79 @@
+//! Block tables: for each sequence, the pages that hold its tokens in order.
+
+use crate::batch::SeqLens;
+use crate::cache::PagedLayout;
+use crate::error::{Error, Result};
+
+/// Block tables `[batch, max_blocks]` (i32, row-major), checked against a cache layout and a
+/// batch: every entry a sequence uses (`ceil(context_len / block_size)` of them) is a block id
+/// in `0..num_blocks`. Entries past those are padding and never read.
+///
+/// Token `t` of sequence `s` lives in block `block(s, t / block_size)`, slot `t % block_size`.
+///
+/// ```
+/// use paged_gqa::{BlockTables, GqaShape, PagedLayout, SeqLens};
+/// let layout = PagedLayout::new(GqaShape::new(8, 2, 64)?, 4, 16)?;
+/// let lens = SeqLens::decode(&[20, 3])?;
+/// let tables = BlockTables::new(&[2, 0, 3, -1], 2, &layout, &lens)?;
+/// assert_eq!(tables.block(0, 1), 0);
+/// assert!(BlockTables::new(&[2, 9, 3, -1], 2, &layout, &lens).is_err()); // block 9 of 4
+/// # Ok::<(), paged_gqa::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct BlockTables<'a> {
+    /// [batch, max_blocks]
+    table: &'a [i32],
+    max_blocks: usize,
+}
+
+impl<'a> BlockTables<'a> {
+    /// Validates `table` (`[lens.batch(), max_blocks]`) against `layout` and `lens`.
+    pub fn new(table: &'a [i32], max_blocks: usize, layout: &PagedLayout, lens: &SeqLens) -> Result<Self> {
+        let expected = lens.batch() * max_blocks;
+        if table.len() != expected {
+            return Err(Error::BufferLength { name: "block_tables", expected, actual: table.len() });
+        }
+        let block_size = layout.block_size();
+        for seq in 0..lens.batch() {
+            let context_len = lens.context_len(seq);
+            let needed_blocks = context_len.div_ceil(block_size);
+            if needed_blocks > max_blocks {
+                return Err(Error::ContextExceedsBlockTable {
+                    seq,
+                    context_len,
+                    block_size,
+                    needed_blocks,
+                    max_blocks,
+                });
+            }
+            let row = &table[seq * max_blocks..][..needed_blocks];
+            for (index, &block_id) in row.iter().enumerate() {
+                if block_id < 0 || block_id as usize >= layout.num_blocks() {
+                    return Err(Error::BlockIdOutOfRange {
+                        seq,
+                        index,
+                        block_id: block_id.into(),
+                        num_blocks: layout.num_blocks(),
+                    });
+                }
+            }
+        }
+        Ok(Self { table, max_blocks })
+    }
+
+    /// Entries per sequence row.
+    pub fn max_blocks(&self) -> usize {
+        self.max_blocks
+    }
+
+    /// The whole table, `[batch, max_blocks]`.
+    pub fn as_slice(&self) -> &'a [i32] {
+        self.table
+    }
+
+    /// Block id of the `index`-th page of sequence `seq` (validated when `index` is a page the
+    /// sequence uses).
+    pub fn block(&self, seq: usize, index: usize) -> usize {
+        self.table[seq * self.max_blocks + index] as usize
+    }
+}

@@ -1,0 +1,143 @@
+//! Host views of K/V: contiguous per sequence, or paged. Both answer "the K (or V) row of
+//! this sequence, position and K/V head", which is all the reference attention needs.
+
+use crate::batch::SeqLens;
+use crate::cache::{BlockTables, PagedLayout};
+use crate::error::{Error, Result};
+use crate::shape::GqaShape;
+
+/// Where the reference attention reads K/V rows from.
+pub trait KvSource<T> {
+    /// The heads K/V are stored for.
+    fn shape(&self) -> GqaShape;
+    /// K row `[head_dim]` of position `pos` of sequence `seq`, K/V head `kv_head`.
+    fn key(&self, seq: usize, pos: usize, kv_head: usize) -> &[T];
+    /// V row `[head_dim]`, same indexing as [`key`](KvSource::key).
+    fn value(&self, seq: usize, pos: usize, kv_head: usize) -> &[T];
+    /// The lengths this source was validated for.
+    fn lens(&self) -> &SeqLens;
+}
+
+fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
+    if actual != expected {
+        return Err(Error::BufferLength { name, expected, actual });
+    }
+    Ok(())
+}
+
+/// K and V stored contiguously, sequences concatenated: `[total_keys, n_kv_heads, head_dim]`
+/// where sequence `s` owns rows `sum(context_lens[..s]) ..` of length `context_lens[s]`.
+#[derive(Debug, Clone)]
+pub struct ContiguousKv<'a, T> {
+    shape: GqaShape,
+    lens: &'a SeqLens,
+    /// [total_keys, n_kv_heads, head_dim]
+    k: &'a [T],
+    /// [total_keys, n_kv_heads, head_dim]
+    v: &'a [T],
+    /// First row of each sequence.
+    key_starts: Vec<usize>,
+}
+
+impl<'a, T> ContiguousKv<'a, T> {
+    /// Validates the lengths of `k` and `v` against `shape` and `lens`.
+    pub fn new(shape: GqaShape, lens: &'a SeqLens, k: &'a [T], v: &'a [T]) -> Result<Self> {
+        let expected = lens.total_keys() * shape.kv_row_len();
+        check_len("k", k.len(), expected)?;
+        check_len("v", v.len(), expected)?;
+        let key_starts = lens
+            .context_lens()
+            .iter()
+            .scan(0, |start, &len| {
+                let this = *start;
+                *start += len;
+                Some(this)
+            })
+            .collect();
+        Ok(Self { shape, lens, k, v, key_starts })
+    }
+
+    fn row(&self, data: &'a [T], seq: usize, pos: usize, kv_head: usize) -> &'a [T] {
+        let d = self.shape.head_dim();
+        let offset = ((self.key_starts[seq] + pos) * self.shape.n_kv_heads() + kv_head) * d;
+        &data[offset..offset + d]
+    }
+}
+
+impl<T> KvSource<T> for ContiguousKv<'_, T> {
+    fn shape(&self) -> GqaShape {
+        self.shape
+    }
+    fn key(&self, seq: usize, pos: usize, kv_head: usize) -> &[T] {
+        self.row(self.k, seq, pos, kv_head)
+    }
+    fn value(&self, seq: usize, pos: usize, kv_head: usize) -> &[T] {
+        self.row(self.v, seq, pos, kv_head)
+    }
+    fn lens(&self) -> &SeqLens {
+        self.lens
+    }
+}
+
+/// A paged K/V cache on the host, `[num_blocks, block_size, n_kv_heads, head_dim]` each, with
+/// validated block tables.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedKv<'a, T> {
+    layout: PagedLayout,
+    tables: BlockTables<'a>,
+    lens: &'a SeqLens,
+    /// [num_blocks, block_size, n_kv_heads, head_dim]
+    k_cache: &'a [T],
+    /// [num_blocks, block_size, n_kv_heads, head_dim]
+    v_cache: &'a [T],
+}
+
+impl<'a, T> PagedKv<'a, T> {
+    /// Validates the cache lengths against `layout`, and the block tables
+    /// (`[lens.batch(), max_blocks]`) against `layout` and `lens`.
+    pub fn new(
+        layout: PagedLayout,
+        lens: &'a SeqLens,
+        block_tables: &'a [i32],
+        max_blocks: usize,
+        k_cache: &'a [T],
+        v_cache: &'a [T],
+    ) -> Result<Self> {
+        check_len("k_cache", k_cache.len(), layout.cache_len())?;
+        check_len("v_cache", v_cache.len(), layout.cache_len())?;
+        let tables = BlockTables::new(block_tables, max_blocks, &layout, lens)?;
+        Ok(Self { layout, tables, lens, k_cache, v_cache })
+    }
+
+    /// The validated block tables.
+    pub fn tables(&self) -> BlockTables<'a> {
+        self.tables
+    }
+
+    /// The page geometry.
+    pub fn layout(&self) -> PagedLayout {
+        self.layout
+    }
+
+    fn row(&self, data: &'a [T], seq: usize, pos: usize, kv_head: usize) -> &'a [T] {
+        let block_size = self.layout.block_size();
+        let block = self.tables.block(seq, pos / block_size);
+        let offset = self.layout.offset(block, pos % block_size, kv_head);
+        &data[offset..offset + self.layout.shape().head_dim()]
+    }
+}
+
+impl<T> KvSource<T> for PagedKv<'_, T> {
+    fn shape(&self) -> GqaShape {
+        self.layout.shape()
+    }
+    fn key(&self, seq: usize, pos: usize, kv_head: usize) -> &[T] {
+        self.row(self.k_cache, seq, pos, kv_head)
+    }
+    fn value(&self, seq: usize, pos: usize, kv_head: usize) -> &[T] {
+        self.row(self.v_cache, seq, pos, kv_head)
+    }
+    fn lens(&self) -> &SeqLens {
+        self.lens
+    }
+}

@@ -1,0 +1,84 @@
+//! Reference attention from the definition, accumulated in f64: the oracle every kernel and
+//! every faster path is tested against.
+//!
+//! For query row `j` of sequence `s` (position `p = context_len - query_len + j`) and query
+//! head `h` reading K/V head `h / group`:
+//!   `score_t = scale * q . k_t` for keys `t in 0..=p`,
+//!   `lse = ln(sum_t exp(score_t))` (natural log),
+//!   `out = sum_t exp(score_t - lse) * v_t`.
+
+use crate::cpu::KvSource;
+use crate::error::{Error, Result};
+
+/// Output of an attention call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attention {
+    /// [num_tokens, n_heads, head_dim]
+    pub out: Vec<f64>,
+    /// [num_tokens, n_heads], natural log. `-inf` for a row that sees no key (its `out` is 0).
+    pub lse: Vec<f64>,
+}
+
+/// Causal GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, rows of the sequences of
+/// `kv.lens()` concatenated in batch order) over `kv`. `scale` defaults to `1/sqrt(head_dim)`.
+///
+/// ```
+/// use paged_gqa::{cpu, GqaShape, SeqLens};
+/// let shape = GqaShape::new(2, 1, 8)?;
+/// let lens = SeqLens::decode(&[1])?;
+/// let (k, v) = (vec![0.5f32; 8], (0..8).map(|i| i as f32).collect::<Vec<_>>());
+/// let kv = cpu::ContiguousKv::new(shape, &lens, &k, &v)?;
+/// let att = cpu::attention(&[1.0f32; 16], &kv, None)?;
+/// assert_eq!(&att.out[8..16], &[0., 1., 2., 3., 4., 5., 6., 7.]); // one key: out = v
+/// # Ok::<(), paged_gqa::Error>(())
+/// ```
+pub fn attention<T, K>(q: &[T], kv: &K, scale: Option<f64>) -> Result<Attention>
+where
+    T: Copy + Into<f64>,
+    K: KvSource<T>,
+{
+    let shape = kv.shape();
+    let lens = kv.lens();
+    let (n_heads, d) = (shape.n_heads(), shape.head_dim());
+    let expected = lens.num_tokens() * shape.q_row_len();
+    if q.len() != expected {
+        return Err(Error::BufferLength { name: "q", expected, actual: q.len() });
+    }
+    let scale = scale.unwrap_or_else(|| shape.default_scale());
+    if !scale.is_finite() {
+        return Err(Error::InvalidScale { scale });
+    }
+
+    let mut out = vec![0.0f64; expected];
+    let mut lse = vec![f64::NEG_INFINITY; lens.num_tokens() * n_heads];
+    let mut scores = Vec::new();
+    for seq in 0..lens.batch() {
+        for (j, token) in lens.query_rows(seq).enumerate() {
+            let visible = lens.position(seq, j) + 1; // keys 0..=position
+            for head in 0..n_heads {
+                let kv_head = head / shape.group();
+                let q_row = &q[(token * n_heads + head) * d..][..d];
+                scores.clear();
+                scores.extend((0..visible).map(|t| scale * dot(q_row, kv.key(seq, t, kv_head))));
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                if max == f64::NEG_INFINITY {
+                    continue; // no visible key: out stays 0, lse stays -inf
+                }
+                let row_lse = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+                let o = &mut out[(token * n_heads + head) * d..][..d];
+                for (t, &s) in scores.iter().enumerate() {
+                    let p = (s - row_lse).exp();
+                    for (o, &v) in o.iter_mut().zip(kv.value(seq, t, kv_head)) {
+                        *o += p * v.into();
+                    }
+                }
+                lse[token * n_heads + head] = row_lse;
+            }
+        }
+    }
+    Ok(Attention { out, lse })
+}
+
+fn dot<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x.into() * y.into()).sum()
+}

@@ -1,0 +1,71 @@
+//! The naive GQA path an engine without GQA-aware kernels takes: gather the pages into
+//! contiguous K/V, materialise `repeat_kv`, then plain multi-head attention.
+
+use crate::cpu::{attention, Attention, ContiguousKv, KvSource, PagedKv};
+use crate::error::{Error, Result};
+use crate::shape::GqaShape;
+
+/// `repeat_kv` of the Llama reference code on `x` (`[num_tokens, n_kv_heads, head_dim]`):
+/// `x[:, :, None, :].expand(t, n_kv, n_rep, d).reshape(t, n_kv * n_rep, d)`, so output head
+/// `h` is a copy of input head `h / n_rep`. Returns `[num_tokens, n_heads, head_dim]`.
+///
+/// ```
+/// use paged_gqa::{cpu, GqaShape};
+/// let shape = GqaShape::new(4, 2, 8)?;
+/// let x: Vec<u16> = (0..16).collect(); // one token, K/V heads [0..8) and [8..16)
+/// let out = cpu::repeat_kv(&x, shape, 1)?;
+/// assert_eq!(&out[8..16], &x[0..8]); // head 1 reads kv head 0
+/// assert_eq!(&out[16..24], &x[8..16]); // head 2 reads kv head 1
+/// # Ok::<(), paged_gqa::Error>(())
+/// ```
+pub fn repeat_kv<T: Copy>(x: &[T], shape: GqaShape, num_tokens: usize) -> Result<Vec<T>> {
+    let expected = num_tokens * shape.kv_row_len();
+    if x.len() != expected {
+        return Err(Error::BufferLength { name: "x", expected, actual: x.len() });
+    }
+    let (n_kv, n_rep, d) = (shape.n_kv_heads(), shape.group(), shape.head_dim());
+    let mut out = Vec::with_capacity(num_tokens * shape.q_row_len());
+    for token in 0..num_tokens {
+        for kv_head in 0..n_kv {
+            let row = &x[(token * n_kv + kv_head) * d..][..d];
+            for _ in 0..n_rep {
+                out.extend_from_slice(row);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Copies the K and V rows of every sequence out of the pages into contiguous
+/// `[total_keys, n_kv_heads, head_dim]` tensors, sequences concatenated in batch order.
+pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> (Vec<T>, Vec<T>) {
+    let lens = paged.lens();
+    let shape = paged.shape();
+    let len = lens.total_keys() * shape.kv_row_len();
+    let (mut k, mut v) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    for seq in 0..lens.batch() {
+        for pos in 0..lens.context_len(seq) {
+            for kv_head in 0..shape.n_kv_heads() {
+                k.extend_from_slice(paged.key(seq, pos, kv_head));
+                v.extend_from_slice(paged.value(seq, pos, kv_head));
+            }
+        }
+    }
+    (k, v)
+}
+
+/// The naive path: gather the pages, materialise `repeat_kv` for K and V, then attention with
+/// one K/V head per query head. Same contract and result as [`attention`] over `paged`.
+pub fn attention_naive<T>(q: &[T], paged: &PagedKv<'_, T>, scale: Option<f64>) -> Result<Attention>
+where
+    T: Copy + Into<f64>,
+{
+    let shape = paged.shape();
+    let lens = paged.lens();
+    let (k, v) = gather_paged(paged);
+    let k = repeat_kv(&k, shape, lens.total_keys())?;
+    let v = repeat_kv(&v, shape, lens.total_keys())?;
+    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?;
+    // The default scale depends on head_dim only, which repeat_kv keeps.
+    attention(q, &mha, Some(scale.unwrap_or_else(|| shape.default_scale())))
+}

@@ -1,0 +1,96 @@
+//! The crate's one error type. Every bad input is a variant that carries the offending numbers.
+
+/// Everything that can go wrong in paged-gqa.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `n_heads` or `n_kv_heads` is zero.
+    #[error("head counts must be positive: n_heads {n_heads}, n_kv_heads {n_kv_heads}")]
+    ZeroHeads { n_heads: usize, n_kv_heads: usize },
+
+    /// `head_dim` is zero.
+    #[error("head_dim must be positive, got 0")]
+    ZeroHeadDim,
+
+    /// `head_dim` is not a multiple of 8 (16-byte rows of 2-byte elements).
+    #[error("head_dim {head_dim} is not a multiple of 8")]
+    HeadDimNotMultipleOf8 { head_dim: usize },
+
+    /// GQA needs every K/V head to serve the same number of query heads.
+    #[error("n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")]
+    HeadsNotDivisible { n_heads: usize, n_kv_heads: usize },
+
+    /// A query head index past the last head.
+    #[error("query head {q_head} is out of range for n_heads {n_heads}")]
+    QueryHeadOutOfRange { q_head: usize, n_heads: usize },
+
+    /// The softmax scale is NaN or infinite.
+    #[error("scale {scale} is not a finite number")]
+    InvalidScale { scale: f64 },
+
+    /// A page must hold at least one token.
+    #[error("block_size must be positive, got 0")]
+    ZeroBlockSize,
+
+    /// A buffer does not have the length its shape implies.
+    #[error("{name} has {actual} elements, expected {expected}")]
+    BufferLength { name: &'static str, expected: usize, actual: usize },
+
+    /// Two per-sequence arrays disagree on the batch size.
+    #[error("{name} has {actual} entries, expected one per sequence ({expected})")]
+    BatchLength { name: &'static str, expected: usize, actual: usize },
+
+    /// A sequence asks for more query rows than it has keys.
+    #[error("sequence {seq}: query_len {query_len} exceeds context_len {context_len}")]
+    QueryLongerThanContext { seq: usize, query_len: usize, context_len: usize },
+
+    /// A sequence's context does not fit in its row of the block table.
+    #[error(
+        "sequence {seq}: context_len {context_len} needs {needed_blocks} blocks of {block_size} \
+         tokens, its block table row holds {max_blocks}"
+    )]
+    ContextExceedsBlockTable {
+        seq: usize,
+        context_len: usize,
+        block_size: usize,
+        needed_blocks: usize,
+        max_blocks: usize,
+    },
+
+    /// A block table entry that the sequence uses is not a block of the cache.
+    #[error("block_tables[{seq}][{index}] = {block_id} is out of range for num_blocks {num_blocks}")]
+    BlockIdOutOfRange { seq: usize, index: usize, block_id: i64, num_blocks: usize },
+
+    /// A per-sequence length is negative (lengths arrive as i32 from engines and files).
+    #[error("{name}[{seq}] = {value} is negative")]
+    NegativeLength { name: &'static str, seq: usize, value: i64 },
+
+    /// A size computation does not fit the integer type the kernels use.
+    #[error("{what} = {value} is too large (limit {limit})")]
+    TooLarge { what: &'static str, value: u128, limit: u128 },
+
+    /// A device pointer that must be 16-byte aligned is not.
+    #[error("{name} is not 16-byte aligned (address {address:#x})")]
+    Misaligned { name: &'static str, address: u64 },
+
+    /// No CUDA: the crate was built without nvcc, libcuda is missing, or there is no GPU.
+    #[error("CUDA is unavailable: {reason}")]
+    CudaUnavailable { reason: String },
+
+    /// The CUDA driver reported an error (allocation, copy, context).
+    #[error("CUDA driver error: {0}")]
+    Driver(String),
+
+    /// A launcher refused its arguments or the CUDA runtime refused the launch.
+    #[error("{kernel} launch failed: {detail}")]
+    Launch { kernel: &'static str, detail: String },
+}
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::Driver(e.to_string())
+    }
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
