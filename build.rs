@@ -26,11 +26,21 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=build");
     println!("cargo::rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "PAGED_GQA_CUDA_ARCHS", "PAGED_GQA_NO_CUDA"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "PAGED_GQA_CUDA_ARCHS",
+        "PAGED_GQA_NO_CUDA",
+    ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    println!("cargo::rerun-if-changed={}", manifest_dir.join(".toolchain/cuda/.installed").display());
+    println!(
+        "cargo::rerun-if-changed={}",
+        manifest_dir.join(".toolchain/cuda/.installed").display()
+    );
 
     if env::var("PAGED_GQA_NO_CUDA").is_ok_and(|v| v == "1") {
         println!("cargo::warning=PAGED_GQA_NO_CUDA=1: building paged-gqa without CUDA kernels (CPU backend only)");
@@ -48,7 +58,9 @@ fn main() {
         }
         Err(message) => panic!("paged-gqa: {message}"),
     };
-    let archs = match parse_archs(&env::var("PAGED_GQA_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into())) {
+    let archs = match parse_archs(
+        &env::var("PAGED_GQA_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()),
+    ) {
         Ok(archs) => archs,
         Err(message) => panic!("paged-gqa: PAGED_GQA_CUDA_ARCHS: {message}"),
     };
@@ -61,9 +73,13 @@ fn main() {
 fn parse_archs(text: &str) -> Result<Vec<u32>, String> {
     let mut archs = Vec::new();
     for word in text.split([';', ',', ' ']).filter(|w| !w.is_empty()) {
-        let arch: u32 = word.parse().map_err(|_| format!("`{word}` is not a number like 90"))?;
+        let arch: u32 = word
+            .parse()
+            .map_err(|_| format!("`{word}` is not a number like 90"))?;
         if arch < 75 {
-            return Err(format!("sm_{arch} is older than sm_75, the oldest CUDA 13 targets"));
+            return Err(format!(
+                "sm_{arch} is older than sm_75, the oldest CUDA 13 targets"
+            ));
         }
         archs.push(arch);
     }
@@ -101,7 +117,11 @@ fn build_kernels(manifest_dir: &Path, toolkit: &toolchain::Toolkit, archs: &[u32
     ];
     let newest = *archs.last().unwrap();
     for &arch in archs {
-        let code = if arch == newest { format!("[sm_{arch},compute_{arch}]") } else { format!("sm_{arch}") };
+        let code = if arch == newest {
+            format!("[sm_{arch},compute_{arch}]")
+        } else {
+            format!("sm_{arch}")
+        };
         flags.push(format!("-gencode=arch=compute_{arch},code={code}"));
     }
 
@@ -110,13 +130,23 @@ fn build_kernels(manifest_dir: &Path, toolkit: &toolchain::Toolkit, archs: &[u32
         let handles: Vec<_> = sources
             .iter()
             .map(|source| {
-                let object = out_dir.join(source.file_stem().unwrap()).with_extension("o");
+                let object = out_dir
+                    .join(source.file_stem().unwrap())
+                    .with_extension("o");
                 let mut command = Command::new(&toolkit.nvcc);
-                command.args(&flags).arg("-c").arg(source).arg("-o").arg(&object);
+                command
+                    .args(&flags)
+                    .arg("-c")
+                    .arg(source)
+                    .arg("-o")
+                    .arg(&object);
                 scope.spawn(move || (source.clone(), object, run(command, source)))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("nvcc thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("nvcc thread"))
+            .collect()
     });
 
     let mut kernels = Vec::new();
@@ -126,7 +156,8 @@ fn build_kernels(manifest_dir: &Path, toolkit: &toolchain::Toolkit, archs: &[u32
         kernels.extend(ptxas::parse(&name, &stderr));
         objects.push(object);
     }
-    fs::write(out_dir.join("kernel-report.tsv"), ptxas::to_tsv(&kernels)).expect("write kernel report");
+    fs::write(out_dir.join("kernel-report.tsv"), ptxas::to_tsv(&kernels))
+        .expect("write kernel report");
 
     let allowlist_path = kernel_dir.join("resource-allowlist.txt");
     let allowlist = fs::read_to_string(&allowlist_path).unwrap_or_default();
@@ -140,8 +171,14 @@ fn build_kernels(manifest_dir: &Path, toolkit: &toolchain::Toolkit, archs: &[u32
         );
     }
 
-    cc::Build::new().objects(&objects).cargo_warnings(false).compile("paged_gqa_kernels");
-    println!("cargo::rustc-link-search=native={}", toolkit.lib_dir.display());
+    cc::Build::new()
+        .objects(&objects)
+        .cargo_warnings(false)
+        .compile("paged_gqa_kernels");
+    println!(
+        "cargo::rustc-link-search=native={}",
+        toolkit.lib_dir.display()
+    );
     println!("cargo::rustc-link-lib=static=cudart_static");
     for lib in ["stdc++", "dl", "rt", "pthread"] {
         println!("cargo::rustc-link-lib=dylib={lib}");

@@ -45,15 +45,27 @@ pub fn parse_allowlist(text: &str) -> Result<Vec<Allowance>, String> {
         }
         let mut words = line.split_whitespace();
         let (Some(pattern), Some(kind)) = (words.next(), words.next()) else {
-            return Err(format!("allowlist line {}: expected `<kernel> <spill|stack> <why>`", number + 1));
+            return Err(format!(
+                "allowlist line {}: expected `<kernel> <spill|stack> <why>`",
+                number + 1
+            ));
         };
         if kind != "spill" && kind != "stack" {
-            return Err(format!("allowlist line {}: kind `{kind}` is neither spill nor stack", number + 1));
+            return Err(format!(
+                "allowlist line {}: kind `{kind}` is neither spill nor stack",
+                number + 1
+            ));
         }
         if words.next().is_none() {
-            return Err(format!("allowlist line {}: say why `{pattern}` may {kind}", number + 1));
+            return Err(format!(
+                "allowlist line {}: say why `{pattern}` may {kind}",
+                number + 1
+            ));
         }
-        out.push(Allowance { pattern: pattern.to_string(), kind: kind.to_string() });
+        out.push(Allowance {
+            pattern: pattern.to_string(),
+            kind: kind.to_string(),
+        });
     }
     Ok(out)
 }
@@ -81,7 +93,9 @@ pub fn parse(source: &str, text: &str) -> Vec<KernelResources> {
             }
             continue;
         }
-        let Some(info) = line.strip_prefix("ptxas info") else { continue };
+        let Some(info) = line.strip_prefix("ptxas info") else {
+            continue;
+        };
         let info = info.trim_start().trim_start_matches(':').trim();
         if let Some(rest) = info.strip_prefix("Compiling entry function '") {
             let mut parts = rest.split('\'');
@@ -115,7 +129,9 @@ pub fn parse(source: &str, text: &str) -> Vec<KernelResources> {
 /// Kernels that spill or keep a stack frame without an allowance, one message each.
 pub fn violations(kernels: &[KernelResources], allowed: &[Allowance]) -> Vec<String> {
     let is_allowed = |k: &KernelResources, kind: &str| {
-        allowed.iter().any(|a| a.kind == kind && k.kernel.contains(&a.pattern))
+        allowed
+            .iter()
+            .any(|a| a.kind == kind && k.kernel.contains(&a.pattern))
     };
     let mut out = Vec::new();
     for k in kernels {

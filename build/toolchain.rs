@@ -16,10 +16,15 @@ fn is_file(path: &Path) -> bool {
 
 /// The lib folder of a toolkit rooted at `root` that holds the static CUDA runtime.
 fn lib_dir(root: &Path) -> Option<PathBuf> {
-    ["lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"]
-        .iter()
-        .map(|sub| root.join(sub))
-        .find(|dir| dir.join("libcudart_static.a").is_file())
+    [
+        "lib64",
+        "lib",
+        "targets/x86_64-linux/lib",
+        "targets/sbsa-linux/lib",
+    ]
+    .iter()
+    .map(|sub| root.join(sub))
+    .find(|dir| dir.join("libcudart_static.a").is_file())
 }
 
 fn toolkit(nvcc: PathBuf, found_by: &'static str) -> Result<Toolkit, String> {
@@ -53,14 +58,27 @@ pub fn find(manifest_dir: &Path) -> Result<Option<Toolkit>, String> {
         if let Some(root) = env::var_os(var) {
             let nvcc = PathBuf::from(root).join("bin").join("nvcc");
             if !is_file(&nvcc) {
-                return Err(format!("{var} is set but {} does not exist", nvcc.display()));
+                return Err(format!(
+                    "{var} is set but {} does not exist",
+                    nvcc.display()
+                ));
             }
-            return toolkit(nvcc, if var == "CUDA_HOME" { "CUDA_HOME" } else { "CUDA_PATH" })
-                .map(Some);
+            return toolkit(
+                nvcc,
+                if var == "CUDA_HOME" {
+                    "CUDA_HOME"
+                } else {
+                    "CUDA_PATH"
+                },
+            )
+            .map(Some);
         }
     }
     if let Some(path) = env::var_os("PATH") {
-        if let Some(nvcc) = env::split_paths(&path).map(|dir| dir.join("nvcc")).find(|p| is_file(p)) {
+        if let Some(nvcc) = env::split_paths(&path)
+            .map(|dir| dir.join("nvcc"))
+            .find(|p| is_file(p))
+        {
             return toolkit(nvcc, "PATH").map(Some);
         }
     }

@@ -43,13 +43,21 @@ impl SeqLens {
         let mut total = 0usize;
         for (seq, (&context_len, &query_len)) in context_lens.iter().zip(query_lens).enumerate() {
             if query_len > context_len {
-                return Err(Error::QueryLongerThanContext { seq, query_len, context_len });
+                return Err(Error::QueryLongerThanContext {
+                    seq,
+                    query_len,
+                    context_len,
+                });
             }
             query_starts.push(total);
             total += query_len;
         }
         query_starts.push(total);
-        Ok(Self { context_lens: context_lens.to_vec(), query_lens: query_lens.to_vec(), query_starts })
+        Ok(Self {
+            context_lens: context_lens.to_vec(),
+            query_lens: query_lens.to_vec(),
+            query_starts,
+        })
     }
 
     /// A decode batch: one query row per sequence.
@@ -64,11 +72,18 @@ impl SeqLens {
                 .iter()
                 .enumerate()
                 .map(|(seq, &v)| {
-                    usize::try_from(v).map_err(|_| Error::NegativeLength { name, seq, value: v.into() })
+                    usize::try_from(v).map_err(|_| Error::NegativeLength {
+                        name,
+                        seq,
+                        value: v.into(),
+                    })
                 })
                 .collect()
         };
-        Self::new(&convert("context_lens", context_lens)?, &convert("query_lens", query_lens)?)
+        Self::new(
+            &convert("context_lens", context_lens)?,
+            &convert("query_lens", query_lens)?,
+        )
     }
 
     /// Number of sequences.

@@ -34,15 +34,27 @@ pub enum Error {
 
     /// A buffer does not have the length its shape implies.
     #[error("{name} has {actual} elements, expected {expected}")]
-    BufferLength { name: &'static str, expected: usize, actual: usize },
+    BufferLength {
+        name: &'static str,
+        expected: usize,
+        actual: usize,
+    },
 
     /// Two per-sequence arrays disagree on the batch size.
     #[error("{name} has {actual} entries, expected one per sequence ({expected})")]
-    BatchLength { name: &'static str, expected: usize, actual: usize },
+    BatchLength {
+        name: &'static str,
+        expected: usize,
+        actual: usize,
+    },
 
     /// A sequence asks for more query rows than it has keys.
     #[error("sequence {seq}: query_len {query_len} exceeds context_len {context_len}")]
-    QueryLongerThanContext { seq: usize, query_len: usize, context_len: usize },
+    QueryLongerThanContext {
+        seq: usize,
+        query_len: usize,
+        context_len: usize,
+    },
 
     /// A sequence's context does not fit in its row of the block table.
     #[error(
@@ -58,16 +70,31 @@ pub enum Error {
     },
 
     /// A block table entry that the sequence uses is not a block of the cache.
-    #[error("block_tables[{seq}][{index}] = {block_id} is out of range for num_blocks {num_blocks}")]
-    BlockIdOutOfRange { seq: usize, index: usize, block_id: i64, num_blocks: usize },
+    #[error(
+        "block_tables[{seq}][{index}] = {block_id} is out of range for num_blocks {num_blocks}"
+    )]
+    BlockIdOutOfRange {
+        seq: usize,
+        index: usize,
+        block_id: i64,
+        num_blocks: usize,
+    },
 
     /// A per-sequence length is negative (lengths arrive as i32 from engines and files).
     #[error("{name}[{seq}] = {value} is negative")]
-    NegativeLength { name: &'static str, seq: usize, value: i64 },
+    NegativeLength {
+        name: &'static str,
+        seq: usize,
+        value: i64,
+    },
 
     /// A size computation does not fit the integer type the kernels use.
     #[error("{what} = {value} is too large (limit {limit})")]
-    TooLarge { what: &'static str, value: u128, limit: u128 },
+    TooLarge {
+        what: &'static str,
+        value: u128,
+        limit: u128,
+    },
 
     /// A device pointer that must be 16-byte aligned is not.
     #[error("{name} is not 16-byte aligned (address {address:#x})")]
@@ -83,7 +110,10 @@ pub enum Error {
 
     /// A launcher refused its arguments or the CUDA runtime refused the launch.
     #[error("{kernel} launch failed: {detail}")]
-    Launch { kernel: &'static str, detail: String },
+    Launch {
+        kernel: &'static str,
+        detail: String,
+    },
 }
 
 impl From<cudarc::driver::DriverError> for Error {

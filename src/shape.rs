@@ -27,7 +27,10 @@ impl GqaShape {
     /// not a multiple of 8, or `n_heads` not a multiple of `n_kv_heads`.
     pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Result<Self> {
         if n_heads == 0 || n_kv_heads == 0 {
-            return Err(Error::ZeroHeads { n_heads, n_kv_heads });
+            return Err(Error::ZeroHeads {
+                n_heads,
+                n_kv_heads,
+            });
         }
         if head_dim == 0 {
             return Err(Error::ZeroHeadDim);
@@ -36,9 +39,16 @@ impl GqaShape {
             return Err(Error::HeadDimNotMultipleOf8 { head_dim });
         }
         if n_heads % n_kv_heads != 0 {
-            return Err(Error::HeadsNotDivisible { n_heads, n_kv_heads });
+            return Err(Error::HeadsNotDivisible {
+                n_heads,
+                n_kv_heads,
+            });
         }
-        Ok(Self { n_heads, n_kv_heads, head_dim })
+        Ok(Self {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        })
     }
 
     /// Number of query heads.
@@ -64,7 +74,10 @@ impl GqaShape {
     /// The K/V head that query head `q_head` reads: `q_head / group()`.
     pub fn kv_head(&self, q_head: usize) -> Result<usize> {
         if q_head >= self.n_heads {
-            return Err(Error::QueryHeadOutOfRange { q_head, n_heads: self.n_heads });
+            return Err(Error::QueryHeadOutOfRange {
+                q_head,
+                n_heads: self.n_heads,
+            });
         }
         Ok(q_head / self.group())
     }
@@ -72,7 +85,10 @@ impl GqaShape {
     /// The same heads with every K/V head materialised per query head (multi-head attention):
     /// the shape of K/V after `repeat_kv`.
     pub fn repeated(&self) -> Self {
-        Self { n_kv_heads: self.n_heads, ..*self }
+        Self {
+            n_kv_heads: self.n_heads,
+            ..*self
+        }
     }
 
     /// Elements of one token's query (or output) row: `n_heads * head_dim`.

@@ -19,7 +19,9 @@ fn context_is_an_error_not_a_panic_without_a_gpu() {
 #[test]
 fn a_build_without_nvcc_says_so() {
     if cuda::KERNELS_BUILT {
-        eprintln!("kernels were built: the no-nvcc message is checked by the PAGED_GQA_NO_CUDA=1 run");
+        eprintln!(
+            "kernels were built: the no-nvcc message is checked by the PAGED_GQA_NO_CUDA=1 run"
+        );
         return;
     }
     let Err(Error::CudaUnavailable { reason }) = cuda::context(0) else {

@@ -23,7 +23,10 @@ fn generate() -> String {
     bindgen::Builder::default()
         .header(header.to_str().unwrap())
         .allowlist_item("pgqa_.*")
-        .default_enum_style(bindgen::EnumVariation::NewType { is_bitfield: false, is_global: false })
+        .default_enum_style(bindgen::EnumVariation::NewType {
+            is_bitfield: false,
+            is_global: false,
+        })
         .prepend_enum_name(false)
         .layout_tests(true)
         .use_core()

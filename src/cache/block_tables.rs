@@ -28,10 +28,19 @@ pub struct BlockTables<'a> {
 
 impl<'a> BlockTables<'a> {
     /// Validates `table` (`[lens.batch(), max_blocks]`) against `layout` and `lens`.
-    pub fn new(table: &'a [i32], max_blocks: usize, layout: &PagedLayout, lens: &SeqLens) -> Result<Self> {
+    pub fn new(
+        table: &'a [i32],
+        max_blocks: usize,
+        layout: &PagedLayout,
+        lens: &SeqLens,
+    ) -> Result<Self> {
         let expected = lens.batch() * max_blocks;
         if table.len() != expected {
-            return Err(Error::BufferLength { name: "block_tables", expected, actual: table.len() });
+            return Err(Error::BufferLength {
+                name: "block_tables",
+                expected,
+                actual: table.len(),
+            });
         }
         let block_size = layout.block_size();
         for seq in 0..lens.batch() {

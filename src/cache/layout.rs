@@ -31,9 +31,18 @@ impl PagedLayout {
         }
         let cache_len = (num_blocks as u128) * (block_size as u128) * (shape.kv_row_len() as u128);
         if cache_len > i64::MAX as u128 {
-            return Err(Error::TooLarge { what: "cache elements", value: cache_len, limit: i64::MAX as u128 });
+            return Err(Error::TooLarge {
+                what: "cache elements",
+                value: cache_len,
+                limit: i64::MAX as u128,
+            });
         }
-        Ok(Self { shape, num_blocks, block_size, cache_len: cache_len as usize })
+        Ok(Self {
+            shape,
+            num_blocks,
+            block_size,
+            cache_len: cache_len as usize,
+        })
     }
 
     /// The heads this cache serves.
@@ -63,6 +72,7 @@ impl PagedLayout {
 
     /// Element offset of `(block, slot, kv_head, 0)`.
     pub fn offset(&self, block: usize, slot: usize, kv_head: usize) -> usize {
-        ((block * self.block_size + slot) * self.shape.n_kv_heads() + kv_head) * self.shape.head_dim()
+        ((block * self.block_size + slot) * self.shape.n_kv_heads() + kv_head)
+            * self.shape.head_dim()
     }
 }

@@ -20,7 +20,11 @@ pub trait KvSource<T> {
 
 fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
     if actual != expected {
-        return Err(Error::BufferLength { name, expected, actual });
+        return Err(Error::BufferLength {
+            name,
+            expected,
+            actual,
+        });
     }
     Ok(())
 }
@@ -54,7 +58,13 @@ impl<'a, T> ContiguousKv<'a, T> {
                 Some(this)
             })
             .collect();
-        Ok(Self { shape, lens, k, v, key_starts })
+        Ok(Self {
+            shape,
+            lens,
+            k,
+            v,
+            key_starts,
+        })
     }
 
     fn row(&self, data: &'a [T], seq: usize, pos: usize, kv_head: usize) -> &'a [T] {
@@ -106,7 +116,13 @@ impl<'a, T> PagedKv<'a, T> {
         check_len("k_cache", k_cache.len(), layout.cache_len())?;
         check_len("v_cache", v_cache.len(), layout.cache_len())?;
         let tables = BlockTables::new(block_tables, max_blocks, &layout, lens)?;
-        Ok(Self { layout, tables, lens, k_cache, v_cache })
+        Ok(Self {
+            layout,
+            tables,
+            lens,
+            k_cache,
+            v_cache,
+        })
     }
 
     /// The validated block tables.

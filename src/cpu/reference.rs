@@ -42,7 +42,11 @@ where
     let (n_heads, d) = (shape.n_heads(), shape.head_dim());
     let expected = lens.num_tokens() * shape.q_row_len();
     if q.len() != expected {
-        return Err(Error::BufferLength { name: "q", expected, actual: q.len() });
+        return Err(Error::BufferLength {
+            name: "q",
+            expected,
+            actual: q.len(),
+        });
     }
     let scale = scale.unwrap_or_else(|| shape.default_scale());
     if !scale.is_finite() {

@@ -21,7 +21,11 @@ use crate::shape::GqaShape;
 pub fn repeat_kv<T: Copy>(x: &[T], shape: GqaShape, num_tokens: usize) -> Result<Vec<T>> {
     let expected = num_tokens * shape.kv_row_len();
     if x.len() != expected {
-        return Err(Error::BufferLength { name: "x", expected, actual: x.len() });
+        return Err(Error::BufferLength {
+            name: "x",
+            expected,
+            actual: x.len(),
+        });
     }
     let (n_kv, n_rep, d) = (shape.n_kv_heads(), shape.group(), shape.head_dim());
     let mut out = Vec::with_capacity(num_tokens * shape.q_row_len());
@@ -67,5 +71,9 @@ where
     let v = repeat_kv(&v, shape, lens.total_keys())?;
     let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?;
     // The default scale depends on head_dim only, which repeat_kv keeps.
-    attention(q, &mha, Some(scale.unwrap_or_else(|| shape.default_scale())))
+    attention(
+        q,
+        &mha,
+        Some(scale.unwrap_or_else(|| shape.default_scale())),
+    )
 }

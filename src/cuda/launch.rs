@@ -19,8 +19,12 @@ pub(crate) fn dtype(dtype: DType) -> ffi::pgqa_dtype {
 pub(crate) fn check(kernel: &'static str, status: ffi::pgqa_status, cuda_error: i32) -> Result<()> {
     let detail = match status {
         ffi::pgqa_status::PGQA_STATUS_OK => return Ok(()),
-        ffi::pgqa_status::PGQA_STATUS_INVALID_ARGUMENT => "the launcher rejected its arguments".to_string(),
-        ffi::pgqa_status::PGQA_STATUS_MISALIGNED => "a pointer or row is not 16-byte aligned".to_string(),
+        ffi::pgqa_status::PGQA_STATUS_INVALID_ARGUMENT => {
+            "the launcher rejected its arguments".to_string()
+        }
+        ffi::pgqa_status::PGQA_STATUS_MISALIGNED => {
+            "a pointer or row is not 16-byte aligned".to_string()
+        }
         ffi::pgqa_status::PGQA_STATUS_CUDA_ERROR => {
             // SAFETY: the library returns a static, NUL-terminated string for any value.
             let name = unsafe { CStr::from_ptr(ffi::pgqa_cuda_error_name(cuda_error)) };

@@ -38,12 +38,17 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     }
     // SAFETY: only probes whether the driver library can be loaded.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::CudaUnavailable { reason: "libcuda.so (the NVIDIA driver) is not installed".into() });
+        return Err(Error::CudaUnavailable {
+            reason: "libcuda.so (the NVIDIA driver) is not installed".into(),
+        });
     }
-    let count = CudaContext::device_count()
-        .map_err(|e| Error::CudaUnavailable { reason: format!("the CUDA driver found no device: {e}") })?;
+    let count = CudaContext::device_count().map_err(|e| Error::CudaUnavailable {
+        reason: format!("the CUDA driver found no device: {e}"),
+    })?;
     if ordinal >= count.max(0) as usize {
-        return Err(Error::CudaUnavailable { reason: format!("device {ordinal} requested, {count} present") });
+        return Err(Error::CudaUnavailable {
+            reason: format!("device {ordinal} requested, {count} present"),
+        });
     }
     Ok(CudaContext::new(ordinal)?)
 }
@@ -64,7 +69,11 @@ pub(crate) fn check_aligned(name: &'static str, address: u64) -> Result<()> {
 #[cfg_attr(not(paged_gqa_kernels), allow(dead_code))]
 pub(crate) fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
     if actual != expected {
-        return Err(Error::BufferLength { name, expected, actual });
+        return Err(Error::BufferLength {
+            name,
+            expected,
+            actual,
+        });
     }
     Ok(())
 }

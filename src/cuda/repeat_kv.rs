@@ -51,17 +51,24 @@ pub fn repeat_kv<T: Element>(
         // SAFETY: lengths were checked against the shape above, both pointers are live device
         // allocations of the stream's context for the duration of the (asynchronous) launch
         // (the SyncOnDrop guards order later uses after it), and params outlives the call.
-        let status = unsafe { ffi::pgqa_repeat_kv(&params, stream.cu_stream() as _, &mut cuda_error) };
+        let status =
+            unsafe { ffi::pgqa_repeat_kv(&params, stream.cu_stream() as _, &mut cuda_error) };
         launch::check("repeat_kv", status, cuda_error)
     }
     #[cfg(not(paged_gqa_kernels))]
     {
         let _ = (stream, shape, num_tokens, src, dst);
-        Err(crate::Error::CudaUnavailable { reason: "paged-gqa was built without nvcc".into() })
+        Err(crate::Error::CudaUnavailable {
+            reason: "paged-gqa was built without nvcc".into(),
+        })
     }
 }
 
 #[cfg(paged_gqa_kernels)]
 fn to_i32(what: &'static str, value: usize) -> Result<i32> {
-    i32::try_from(value).map_err(|_| crate::Error::TooLarge { what, value: value as u128, limit: i32::MAX as u128 })
+    i32::try_from(value).map_err(|_| crate::Error::TooLarge {
+        what,
+        value: value as u128,
+        limit: i32::MAX as u128,
+    })
 }

@@ -22,31 +22,54 @@ pub struct Case {
     pub scale: Option<f64>,
 }
 
-fn tensor<'a>(st: &'a SafeTensors<'a>, name: &str) -> Result<safetensors::tensor::TensorView<'a>, String> {
-    st.tensor(name).map_err(|_| format!("tensor `{name}` is missing"))
+fn tensor<'a>(
+    st: &'a SafeTensors<'a>,
+    name: &str,
+) -> Result<safetensors::tensor::TensorView<'a>, String> {
+    st.tensor(name)
+        .map_err(|_| format!("tensor `{name}` is missing"))
 }
 
 fn check_rank(name: &str, shape: &[usize], rank: usize, layout: &str) -> Result<(), String> {
     if shape.len() != rank {
-        return Err(format!("tensor `{name}` has rank {} (shape {shape:?}), expected {rank}: {layout}", shape.len()));
+        return Err(format!(
+            "tensor `{name}` has rank {} (shape {shape:?}), expected {rank}: {layout}",
+            shape.len()
+        ));
     }
     Ok(())
 }
 
-fn check_dim(name: &str, axis: usize, actual: usize, expected: usize, why: &str) -> Result<(), String> {
+fn check_dim(
+    name: &str,
+    axis: usize,
+    actual: usize,
+    expected: usize,
+    why: &str,
+) -> Result<(), String> {
     if actual != expected {
-        return Err(format!("tensor `{name}` dimension {axis} is {actual}, expected {expected} ({why})"));
+        return Err(format!(
+            "tensor `{name}` dimension {axis} is {actual}, expected {expected} ({why})"
+        ));
     }
     Ok(())
 }
 
 /// A float tensor (f32, f16 or bf16) of the given rank, widened to f64.
-fn floats(st: &SafeTensors, name: &str, rank: usize, layout: &str) -> Result<(Vec<usize>, Vec<f64>), String> {
+fn floats(
+    st: &SafeTensors,
+    name: &str,
+    rank: usize,
+    layout: &str,
+) -> Result<(Vec<usize>, Vec<f64>), String> {
     let view = tensor(st, name)?;
     check_rank(name, view.shape(), rank, layout)?;
     let bytes = view.data();
     let values = match view.dtype() {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
         Dtype::F16 => bytes
             .chunks_exact(2)
             .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64())
@@ -55,34 +78,55 @@ fn floats(st: &SafeTensors, name: &str, rank: usize, layout: &str) -> Result<(Ve
             .chunks_exact(2)
             .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64())
             .collect(),
-        other => return Err(format!("tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16")),
+        other => {
+            return Err(format!(
+                "tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16"
+            ))
+        }
     };
     Ok((view.shape().to_vec(), values))
 }
 
 /// An i32 tensor of the given rank.
-fn ints(st: &SafeTensors, name: &str, rank: usize, layout: &str) -> Result<(Vec<usize>, Vec<i32>), String> {
+fn ints(
+    st: &SafeTensors,
+    name: &str,
+    rank: usize,
+    layout: &str,
+) -> Result<(Vec<usize>, Vec<i32>), String> {
     let view = tensor(st, name)?;
     check_rank(name, view.shape(), rank, layout)?;
     if view.dtype() != Dtype::I32 {
-        return Err(format!("tensor `{name}` has dtype {:?}, expected I32", view.dtype()));
+        return Err(format!(
+            "tensor `{name}` has dtype {:?}, expected I32",
+            view.dtype()
+        ));
     }
-    let values = view.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
+    let values = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     Ok((view.shape().to_vec(), values))
 }
 
 fn scale(metadata: Option<&HashMap<String, String>>) -> Result<Option<f64>, String> {
-    let Some(text) = metadata.and_then(|m| m.get("scale")) else { return Ok(None) };
+    let Some(text) = metadata.and_then(|m| m.get("scale")) else {
+        return Ok(None);
+    };
     match text.trim().parse::<f64>() {
         Ok(scale) if scale.is_finite() => Ok(Some(scale)),
-        _ => Err(format!("metadata `scale` = {text:?} is not a finite number")),
+        _ => Err(format!(
+            "metadata `scale` = {text:?} is not a finite number"
+        )),
     }
 }
 
 /// Parses and validates the bytes of a case file.
 pub fn parse(bytes: &[u8]) -> Result<Case, String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
-    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let (_, metadata) =
+        SafeTensors::read_metadata(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
     let scale = scale(metadata.metadata().as_ref())?;
 
     let (q_shape, q) = floats(&st, "q", 3, "[num_tokens, n_heads, head_dim]")?;
@@ -94,24 +138,57 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
     let (ql_shape, query_lens) = ints(&st, "query_lens", 1, "[batch]")?;
 
     if v_shape != k_shape {
-        return Err(format!("tensor `v_cache` has shape {v_shape:?}, `k_cache` has {k_shape:?}: they must match"));
+        return Err(format!(
+            "tensor `v_cache` has shape {v_shape:?}, `k_cache` has {k_shape:?}: they must match"
+        ));
     }
-    let [num_blocks, block_size, n_kv_heads, head_dim] = k_shape[..] else { unreachable!() };
+    let [num_blocks, block_size, n_kv_heads, head_dim] = k_shape[..] else {
+        unreachable!()
+    };
     check_dim("q", 2, q_shape[2], head_dim, "head_dim of k_cache")?;
     let shape = GqaShape::new(q_shape[1], n_kv_heads, head_dim)
         .map_err(|e| format!("q [.., n_heads, ..] against k_cache [.., n_kv_heads, ..]: {e}"))?;
-    let layout = PagedLayout::new(shape, num_blocks, block_size).map_err(|e| format!("k_cache: {e}"))?;
+    let layout =
+        PagedLayout::new(shape, num_blocks, block_size).map_err(|e| format!("k_cache: {e}"))?;
 
     let batch = bt_shape[0];
-    check_dim("context_lens", 0, cl_shape[0], batch, "batch, from block_tables")?;
-    check_dim("query_lens", 0, ql_shape[0], batch, "batch, from block_tables")?;
+    check_dim(
+        "context_lens",
+        0,
+        cl_shape[0],
+        batch,
+        "batch, from block_tables",
+    )?;
+    check_dim(
+        "query_lens",
+        0,
+        ql_shape[0],
+        batch,
+        "batch, from block_tables",
+    )?;
     let lens = SeqLens::from_i32(&context_lens, &query_lens).map_err(|e| e.to_string())?;
-    check_dim("q", 0, q_shape[0], lens.num_tokens(), "num_tokens = sum of query_lens")?;
+    check_dim(
+        "q",
+        0,
+        q_shape[0],
+        lens.num_tokens(),
+        "num_tokens = sum of query_lens",
+    )?;
     let max_blocks = bt_shape[1];
     // Validates the block tables against the cache and the lengths.
-    paged_gqa::BlockTables::new(&block_tables, max_blocks, &layout, &lens).map_err(|e| e.to_string())?;
+    paged_gqa::BlockTables::new(&block_tables, max_blocks, &layout, &lens)
+        .map_err(|e| e.to_string())?;
 
-    Ok(Case { layout, lens, q, k_cache, v_cache, block_tables, max_blocks, scale })
+    Ok(Case {
+        layout,
+        lens,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        max_blocks,
+        scale,
+    })
 }
 
 /// Reads and validates a case file.

@@ -23,18 +23,32 @@ const QUERY_LENS: [usize; 4] = [1, 1, 1, 5];
 const AGREEMENT: f64 = 1e-10;
 
 fn random_bf16(rng: &mut StdRng, n: usize) -> Vec<bf16> {
-    (0..n).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect()
+    (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+        .collect()
 }
 
 pub fn run(seed: Option<u64>) -> Result<(), Failure> {
-    let seed = seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let seed = seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
     let mut rng = StdRng::seed_from_u64(seed);
     let err = |e: paged_gqa::Error| Failure::runtime(e);
 
     let shape = GqaShape::new(N_HEADS, N_KV_HEADS, HEAD_DIM).map_err(err)?;
     let lens = SeqLens::new(&CONTEXT_LENS, &QUERY_LENS).map_err(err)?;
-    let max_blocks = CONTEXT_LENS.iter().map(|l| l.div_ceil(BLOCK_SIZE)).max().unwrap();
-    let num_blocks = CONTEXT_LENS.iter().map(|l| l.div_ceil(BLOCK_SIZE)).sum::<usize>() + 3;
+    let max_blocks = CONTEXT_LENS
+        .iter()
+        .map(|l| l.div_ceil(BLOCK_SIZE))
+        .max()
+        .unwrap();
+    let num_blocks = CONTEXT_LENS
+        .iter()
+        .map(|l| l.div_ceil(BLOCK_SIZE))
+        .sum::<usize>()
+        + 3;
     let layout = PagedLayout::new(shape, num_blocks, BLOCK_SIZE).map_err(err)?;
 
     // Pages handed out in a random order, as a real allocator would after some churn.
@@ -49,7 +63,8 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
     let k_cache = random_bf16(&mut rng, layout.cache_len());
     let v_cache = random_bf16(&mut rng, layout.cache_len());
     let q = random_bf16(&mut rng, lens.num_tokens() * shape.q_row_len());
-    let kv = cpu::PagedKv::new(layout, &lens, &block_tables, max_blocks, &k_cache, &v_cache).map_err(err)?;
+    let kv = cpu::PagedKv::new(layout, &lens, &block_tables, max_blocks, &k_cache, &v_cache)
+        .map_err(err)?;
 
     println!(
         "paged-gqa demo (seed {seed}): n_heads {N_HEADS}, n_kv_heads {N_KV_HEADS} (group {}), head_dim {HEAD_DIM}, \
@@ -73,9 +88,15 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
             let exact = k_rep == cpu::repeat_kv(&k, shape, keys).map_err(err)?
                 && v_rep == cpu::repeat_kv(&v, shape, keys).map_err(err)?;
             if !exact {
-                return Err(Failure::runtime("repeat_kv on the GPU differs from the CPU definition"));
+                return Err(Failure::runtime(
+                    "repeat_kv on the GPU differs from the CPU definition",
+                ));
             }
-            (k_rep, v_rep, format!("GPU ({name}); bit-identical to the CPU repeat_kv"))
+            (
+                k_rep,
+                v_rep,
+                format!("GPU ({name}); bit-identical to the CPU repeat_kv"),
+            )
         }
         Err(why) => {
             let k_rep = cpu::repeat_kv(&k, shape, keys).map_err(err)?;
@@ -86,20 +107,40 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
     let mha = cpu::ContiguousKv::new(shape.repeated(), &lens, &k_rep, &v_rep).map_err(err)?;
     let naive = cpu::attention(&q, &mha, Some(shape.default_scale())).map_err(err)?;
 
-    let max_abs = fused.out.iter().zip(&naive.out).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let max_abs = fused
+        .out
+        .iter()
+        .zip(&naive.out)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let diff: Vec<f64> = fused.out.iter().zip(&naive.out).map(|(a, b)| a - b).collect();
+    let diff: Vec<f64> = fused
+        .out
+        .iter()
+        .zip(&naive.out)
+        .map(|(a, b)| a - b)
+        .collect();
     let rel_l2 = norm(&diff) / norm(&naive.out);
-    let lse_max = fused.lse.iter().zip(&naive.lse).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let lse_max = fused
+        .lse
+        .iter()
+        .zip(&naive.lse)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     println!("  repeat_kv ran on: {where_ran}");
     println!("  attention ran on: CPU (f64 reference; the GPU attention kernel is not built yet)");
-    println!("  fused (query head h reads K/V head h/{}) vs naive repeat_kv:", shape.group());
+    println!(
+        "  fused (query head h reads K/V head h/{}) vs naive repeat_kv:",
+        shape.group()
+    );
     println!("    out: max |diff| {max_abs:.3e}, relative L2 {rel_l2:.3e}; lse: max |diff| {lse_max:.3e}");
     if max_abs <= AGREEMENT && lse_max <= AGREEMENT {
         println!("  agree (tolerance {AGREEMENT:e})");
         Ok(())
     } else {
-        Err(Failure::runtime(format!("fused and naive disagree beyond {AGREEMENT:e}")))
+        Err(Failure::runtime(format!(
+            "fused and naive disagree beyond {AGREEMENT:e}"
+        )))
     }
 }
 

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "paged-gqa", version, about = "GQA attention over a paged KV cache")]
+#[command(
+    name = "paged-gqa",
+    version,
+    about = "GQA attention over a paged KV cache"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,11 +64,17 @@ pub struct Failure {
 impl Failure {
     /// Bad input: exit code 2.
     pub fn input(message: impl ToString) -> Self {
-        Self { code: 2, message: message.to_string() }
+        Self {
+            code: 2,
+            message: message.to_string(),
+        }
     }
     /// A failure while running: exit code 1.
     pub fn runtime(message: impl ToString) -> Self {
-        Self { code: 1, message: message.to_string() }
+        Self {
+            code: 1,
+            message: message.to_string(),
+        }
     }
 }
 
