@@ -156,8 +156,12 @@ fn build_kernels(manifest_dir: &Path, toolkit: &toolchain::Toolkit, archs: &[u32
         kernels.extend(ptxas::parse(&name, &stderr));
         objects.push(object);
     }
-    fs::write(out_dir.join("kernel-report.tsv"), ptxas::to_tsv(&kernels))
-        .expect("write kernel report");
+    let report = out_dir.join("kernel-report.tsv");
+    fs::write(&report, ptxas::to_tsv(&kernels)).expect("write kernel report");
+    println!(
+        "cargo::rustc-env=PAGED_GQA_KERNEL_REPORT={}",
+        report.display()
+    );
 
     let allowlist_path = kernel_dir.join("resource-allowlist.txt");
     let allowlist = fs::read_to_string(&allowlist_path).unwrap_or_default();
