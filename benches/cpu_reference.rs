@@ -14,15 +14,23 @@ fn decode(c: &mut Criterion) {
     let max_blocks = 512 / block_size;
     let layout = PagedLayout::new(shape, context_lens.len() * max_blocks, block_size).unwrap();
     let tables: Vec<i32> = (0..(context_lens.len() * max_blocks) as i32).collect();
-    let mut random = |n| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
+    let mut random = |n| {
+        (0..n)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect::<Vec<_>>()
+    };
     let (k, v) = (random(layout.cache_len()), random(layout.cache_len()));
     let q = random(lens.num_tokens() * shape.q_row_len());
     let kv = cpu::PagedKv::new(layout, &lens, &tables, max_blocks, &k, &v).unwrap();
 
     let mut group = c.benchmark_group("cpu_reference_decode_llama3_8b");
     group.sample_size(10);
-    group.bench_function("fused", |b| b.iter(|| cpu::attention(&q, &kv, None).unwrap()));
-    group.bench_function("naive_repeat_kv", |b| b.iter(|| cpu::attention_naive(&q, &kv, None).unwrap()));
+    group.bench_function("fused", |b| {
+        b.iter(|| cpu::attention(&q, &kv, None).unwrap())
+    });
+    group.bench_function("naive_repeat_kv", |b| {
+        b.iter(|| cpu::attention_naive(&q, &kv, None).unwrap())
+    });
     group.finish();
 }
 

@@ -49,7 +49,7 @@ pub enum Error {
     },
 
     /// A sequence asks for more query rows than it has keys.
-    #[error("sequence {seq}: query_len {query_len} exceeds context_len {context_len}")]
+    #[error("query_lens[{seq}] = {query_len} exceeds context_lens[{seq}] = {context_len}")]
     QueryLongerThanContext {
         seq: usize,
         query_len: usize,
@@ -58,8 +58,8 @@ pub enum Error {
 
     /// A sequence's context does not fit in its row of the block table.
     #[error(
-        "sequence {seq}: context_len {context_len} needs {needed_blocks} blocks of {block_size} \
-         tokens, its block table row holds {max_blocks}"
+        "context_lens[{seq}] = {context_len} needs {needed_blocks} blocks of {block_size} tokens, \
+         block_tables has {max_blocks} columns"
     )]
     ContextExceedsBlockTable {
         seq: usize,

@@ -10,9 +10,9 @@ fn group_and_kv_head_follow_repeat_kv_not_modulo() {
     let kv_heads: Vec<usize> = (0..32).map(|h| shape.kv_head(h).unwrap()).collect();
     let expected: Vec<usize> = (0..8).flat_map(|kv| [kv; 4]).collect(); // 0,0,0,0,1,1,1,1,...
     assert_eq!(kv_heads, expected);
+    let modulo: Vec<usize> = (0..32).map(|h| h % shape.n_kv_heads()).collect();
     assert_ne!(
-        shape.kv_head(1).unwrap(),
-        1 % 8,
+        kv_heads, modulo,
         "h % n_kv_heads would be the wrong mapping"
     );
 }

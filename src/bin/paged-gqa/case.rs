@@ -147,7 +147,9 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
     };
     check_dim("q", 2, q_shape[2], head_dim, "head_dim of k_cache")?;
     let shape = GqaShape::new(q_shape[1], n_kv_heads, head_dim)
-        .map_err(|e| format!("q [.., n_heads, ..] against k_cache [.., n_kv_heads, ..]: {e}"))?;
+        .map_err(|e| {
+        format!("tensor `q` {q_shape:?} [num_tokens, n_heads, head_dim] with `k_cache` {k_shape:?}: {e}")
+    })?;
     let layout =
         PagedLayout::new(shape, num_blocks, block_size).map_err(|e| format!("k_cache: {e}"))?;
 

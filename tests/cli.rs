@@ -1,0 +1,1003 @@
+//! The replay CLI, `paged-gqa attend CASE.safetensors --out OUT.safetensors [--backend cpu|cuda]`,
+//! run as a process on case files written here.
+//!
+//! Valid cases: `out` and `lse` match an f64 computation of the definition written in this file
+//! (not the crate's oracle), from the values the case file holds, for f32, f16 and bf16 inputs.
+//! Malformed cases: exit code 2, a message on stderr naming the offending tensor (and the numbers),
+//! and no output file. `--backend cuda`: exit code 1, a plain message, no output file.
+#![cfg(feature = "cli")] // the binary needs the `cli` feature
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+/// Relative L2 error of `out` and max abs error of `lse` against the f64 definition.
+const TOLERANCE: f64 = 1e-5;
+
+const CASE: &str = "case.safetensors";
+const OUT: &str = "out.safetensors";
+
+// ---------------------------------------------------------------------------------------------
+// Scratch directories and running the binary.
+
+/// A fresh directory per test under the system temp dir; removed when the test passes, kept
+/// (and its path printed) when it fails.
+struct Workdir(PathBuf);
+
+impl Workdir {
+    fn new(test: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "paged-gqa-cli-{test}-{}-{unique}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Names of the files in the directory, sorted.
+    fn files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept the files of the failed test in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Runs `paged-gqa attend CASE --out OUT EXTRA..`.
+fn attend(case: &Path, out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_paged-gqa"))
+        .arg("attend")
+        .arg(case)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("cannot run the paged-gqa binary")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// An error message fit for a person: no panic, no backtrace hint.
+fn assert_plain(test: &str, message: &str) {
+    assert!(
+        !message.contains("panicked") && !message.contains("RUST_BACKTRACE"),
+        "{test}: the binary panicked instead of reporting an error:\n{message}"
+    );
+    assert!(!message.trim().is_empty(), "{test}: empty stderr");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building case files.
+
+/// One tensor as it goes into a safetensors file.
+#[derive(Clone, Debug)]
+struct Raw {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl Raw {
+    /// Float values in `dtype` (f32, f16 or bf16), rounded to nearest.
+    fn float(dtype: Dtype, shape: Vec<usize>, values: &[f64]) -> Self {
+        let data = values.iter().flat_map(|&v| encode(dtype, v)).collect();
+        Self { dtype, shape, data }
+    }
+
+    fn i32(shape: Vec<usize>, values: &[i32]) -> Self {
+        Self {
+            dtype: Dtype::I32,
+            shape,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    fn i64(shape: Vec<usize>, values: &[i64]) -> Self {
+        Self {
+            dtype: Dtype::I64,
+            shape,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    fn f32(shape: Vec<usize>, values: &[f32]) -> Self {
+        Self {
+            dtype: Dtype::F32,
+            shape,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+fn encode(dtype: Dtype, v: f64) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => (v as f32).to_le_bytes().to_vec(),
+        Dtype::F16 => f16::from_f64(v).to_bits().to_le_bytes().to_vec(),
+        Dtype::BF16 => bf16::from_f64(v).to_bits().to_le_bytes().to_vec(),
+        other => panic!("not a float dtype: {other:?}"),
+    }
+}
+
+/// `x` rounded to `dtype`, as the file will hold it, widened back to f64 (exactly).
+fn round(dtype: Dtype, x: f32) -> f64 {
+    match dtype {
+        Dtype::F32 => x as f64,
+        Dtype::F16 => f16::from_f32(x).to_f64(),
+        Dtype::BF16 => bf16::from_f32(x).to_f64(),
+        other => panic!("not a float dtype: {other:?}"),
+    }
+}
+
+type Tensors = BTreeMap<String, Raw>;
+
+fn write_case(path: &Path, tensors: &Tensors, metadata: Option<HashMap<String, String>>) {
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .map(|(name, raw)| {
+            let view = TensorView::new(raw.dtype, raw.shape.clone(), &raw.data)
+                .unwrap_or_else(|e| panic!("test bug: tensor {name}: {e}"));
+            (name.as_str(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, metadata, path).unwrap();
+}
+
+fn scale_metadata(scale: &str) -> Option<HashMap<String, String>> {
+    Some(HashMap::from([("scale".to_string(), scale.to_string())]))
+}
+
+/// The geometry of a case; everything else (block tables, cache size, values) follows from it.
+#[derive(Clone, Debug)]
+struct Geometry {
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    context_lens: Vec<i32>,
+    query_lens: Vec<i32>,
+    /// Block-table columns past the longest sequence's blocks (all -1 padding).
+    extra_columns: usize,
+    /// Cache blocks no sequence uses.
+    spare_blocks: usize,
+}
+
+impl Default for Geometry {
+    /// 8 query heads over 2 K/V heads (group 4), pages of 16 tokens; a one-token context, a
+    /// context of exactly one page, and a partial last page with a 4-token chunk.
+    fn default() -> Self {
+        Self {
+            n_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+            block_size: 16,
+            context_lens: vec![1, 16, 37],
+            query_lens: vec![1, 1, 4],
+            extra_columns: 0,
+            spare_blocks: 3,
+        }
+    }
+}
+
+/// A random case: random values (rounded to `dtype`), pages handed out in a shuffled order,
+/// `-1` padding in the block tables past each sequence's pages.
+struct Case {
+    g: Geometry,
+    dtype: Dtype,
+    num_blocks: usize,
+    max_blocks: usize,
+    /// [batch, max_blocks]
+    block_tables: Vec<i32>,
+    /// [num_tokens, n_heads, head_dim], the values the file holds
+    q: Vec<f64>,
+    /// [num_blocks, block_size, n_kv_heads, head_dim], the values the file holds
+    k_cache: Vec<f64>,
+    /// [num_blocks, block_size, n_kv_heads, head_dim], the values the file holds
+    v_cache: Vec<f64>,
+}
+
+impl Case {
+    fn random(rng: &mut StdRng, g: Geometry, dtype: Dtype) -> Self {
+        // Lengths may be deliberately bad (negative, query longer than context); size by what is
+        // there so that only the property under test is wrong.
+        let blocks_of = |len: i32| (len.max(0) as usize).div_ceil(g.block_size);
+        let needed: Vec<usize> = g.context_lens.iter().map(|&l| blocks_of(l)).collect();
+        let max_blocks = needed.iter().copied().max().unwrap_or(0) + g.extra_columns;
+        let num_blocks = needed.iter().sum::<usize>() + g.spare_blocks;
+        let num_tokens: usize = g.query_lens.iter().map(|&l| l.max(0) as usize).sum();
+
+        let mut free: Vec<i32> = (0..num_blocks as i32).collect();
+        free.shuffle(rng);
+        let mut block_tables = vec![-1; g.context_lens.len() * max_blocks];
+        for (seq, &n) in needed.iter().enumerate() {
+            for index in 0..n {
+                block_tables[seq * max_blocks + index] = free.pop().unwrap();
+            }
+        }
+
+        let cache_len = num_blocks * g.block_size * g.n_kv_heads * g.head_dim;
+        let mut values = |n: usize| -> Vec<f64> {
+            common::uniform(rng, n)
+                .into_iter()
+                .map(|x| round(dtype, x))
+                .collect()
+        };
+        let q = values(num_tokens * g.n_heads * g.head_dim);
+        let k_cache = values(cache_len);
+        let v_cache = values(cache_len);
+        Self {
+            g,
+            dtype,
+            num_blocks,
+            max_blocks,
+            block_tables,
+            q,
+            k_cache,
+            v_cache,
+        }
+    }
+
+    fn batch(&self) -> usize {
+        self.g.context_lens.len()
+    }
+
+    fn num_tokens(&self) -> usize {
+        self.q.len() / (self.g.n_heads * self.g.head_dim)
+    }
+
+    fn cache_shape(&self) -> Vec<usize> {
+        vec![
+            self.num_blocks,
+            self.g.block_size,
+            self.g.n_kv_heads,
+            self.g.head_dim,
+        ]
+    }
+
+    /// The six tensors of the contract.
+    fn tensors(&self) -> Tensors {
+        let g = &self.g;
+        let batch = self.batch();
+        BTreeMap::from([
+            (
+                "q".into(),
+                Raw::float(
+                    self.dtype,
+                    vec![self.num_tokens(), g.n_heads, g.head_dim],
+                    &self.q,
+                ),
+            ),
+            (
+                "k_cache".into(),
+                Raw::float(self.dtype, self.cache_shape(), &self.k_cache),
+            ),
+            (
+                "v_cache".into(),
+                Raw::float(self.dtype, self.cache_shape(), &self.v_cache),
+            ),
+            (
+                "block_tables".into(),
+                Raw::i32(vec![batch, self.max_blocks], &self.block_tables),
+            ),
+            (
+                "context_lens".into(),
+                Raw::i32(vec![batch], &g.context_lens),
+            ),
+            ("query_lens".into(), Raw::i32(vec![batch], &g.query_lens)),
+        ])
+    }
+
+    fn default_scale(&self) -> f64 {
+        1.0 / (self.g.head_dim as f64).sqrt()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The definition, in f64, independent of the crate.
+
+struct Expected {
+    /// [num_tokens, n_heads, head_dim]
+    out: Vec<f64>,
+    /// [num_tokens, n_heads]
+    lse: Vec<f64>,
+}
+
+/// Causal GQA attention over the paged cache: query row `j` of sequence `s` sits at position
+/// `context_len - query_len + j` and sees keys `0..=position`; query head `h` reads K/V head
+/// `h / (n_heads / n_kv_heads)`; `lse` is the natural log of the sum of `exp(score)`.
+fn reference(case: &Case, scale: f64) -> Expected {
+    let g = &case.g;
+    let (n_heads, n_kv, d, bs) = (g.n_heads, g.n_kv_heads, g.head_dim, g.block_size);
+    let group = n_heads / n_kv;
+    let mut out = vec![0.0; case.q.len()];
+    let mut lse = vec![0.0; case.num_tokens() * n_heads];
+    let mut token = 0;
+    for seq in 0..case.batch() {
+        let context_len = g.context_lens[seq] as usize;
+        let query_len = g.query_lens[seq] as usize;
+        let row = &case.block_tables[seq * case.max_blocks..][..case.max_blocks];
+        // Element offset of (position, kv head) of this sequence in the cache.
+        let at = |pos: usize, kv_head: usize| {
+            let block = usize::try_from(row[pos / bs]).unwrap();
+            ((block * bs + pos % bs) * n_kv + kv_head) * d
+        };
+        for j in 0..query_len {
+            let position = context_len - query_len + j;
+            for h in 0..n_heads {
+                let kv_head = h / group;
+                let q = &case.q[(token * n_heads + h) * d..][..d];
+                let scores: Vec<f64> = (0..=position)
+                    .map(|t| {
+                        let k = &case.k_cache[at(t, kv_head)..][..d];
+                        scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                let o = &mut out[(token * n_heads + h) * d..][..d];
+                for (t, s) in scores.iter().enumerate() {
+                    let p = (s - max).exp() / sum;
+                    let v = &case.v_cache[at(t, kv_head)..][..d];
+                    for (o, v) in o.iter_mut().zip(v) {
+                        *o += p * v;
+                    }
+                }
+                lse[token * n_heads + h] = max + sum.ln();
+            }
+            token += 1;
+        }
+    }
+    assert_eq!(token, case.num_tokens());
+    Expected { out, lse }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading and comparing the output.
+
+/// `name` from the output file: checks dtype F32 and `shape`, returns the values.
+fn read_f32(st: &SafeTensors, name: &str, shape: &[usize]) -> Vec<f64> {
+    let view = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("output has no `{name}`: {e}"));
+    assert_eq!(view.dtype(), Dtype::F32, "dtype of output `{name}`");
+    assert_eq!(view.shape(), shape, "shape of output `{name}`");
+    view.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+        .collect()
+}
+
+/// Reads OUT; returns (out, lse).
+fn read_output(path: &Path, case: &Case) -> (Vec<f64>, Vec<f64>) {
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("the output is not a safetensors file");
+    let (tokens, heads, d) = (case.num_tokens(), case.g.n_heads, case.g.head_dim);
+    let out = read_f32(&st, "out", &[tokens, heads, d]);
+    let lse = read_f32(&st, "lse", &[tokens, heads]);
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(names, ["lse", "out"], "tensors of the output");
+    (out, lse)
+}
+
+fn relative_l2(got: &[f64], expected: &[f64]) -> f64 {
+    assert_eq!(got.len(), expected.len());
+    let diff: f64 = got
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum();
+    let norm: f64 = expected.iter().map(|b| b * b).sum();
+    (diff / norm).sqrt()
+}
+
+fn max_abs(got: &[f64], expected: &[f64]) -> f64 {
+    assert_eq!(got.len(), expected.len());
+    got.iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Checks `out` and `lse` against the definition with `scale`.
+fn assert_matches(test: &str, got: &(Vec<f64>, Vec<f64>), expected: &Expected) {
+    assert!(
+        got.0.iter().chain(&got.1).all(|x| x.is_finite()),
+        "{test}: non-finite output"
+    );
+    let out_err = relative_l2(&got.0, &expected.out);
+    let lse_err = max_abs(&got.1, &expected.lse);
+    eprintln!("{test}: out relative L2 {out_err:.3e}, lse max |diff| {lse_err:.3e}");
+    assert!(
+        out_err < TOLERANCE,
+        "{test}: out relative L2 error {out_err:e} >= {TOLERANCE:e}"
+    );
+    assert!(
+        lse_err < TOLERANCE,
+        "{test}: lse max abs error {lse_err:e} >= {TOLERANCE:e}"
+    );
+}
+
+/// Writes `case` (with `metadata`), runs the CPU backend, checks success and returns OUT.
+fn run_valid(
+    test: &str,
+    dir: &Workdir,
+    case: &Case,
+    metadata: Option<HashMap<String, String>>,
+    extra: &[&str],
+) -> (Vec<f64>, Vec<f64>) {
+    let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
+    write_case(&case_path, &case.tensors(), metadata);
+    let output = attend(&case_path, &out_path, extra);
+    assert!(
+        output.status.success(),
+        "{test}: exit {:?}, stderr:\n{}",
+        output.status.code(),
+        stderr(&output)
+    );
+    read_output(&out_path, case)
+}
+
+fn check_valid(test: &str, dtype: Dtype) {
+    let mut rng = common::rng(test);
+    let case = Case::random(&mut rng, Geometry::default(), dtype);
+    assert!(
+        case.block_tables.contains(&-1),
+        "test bug: the default case should have -1 padding"
+    );
+    let dir = Workdir::new(test);
+    let got = run_valid(test, &dir, &case, None, &[]);
+    assert_matches(test, &got, &reference(&case, case.default_scale()));
+    assert_eq!(
+        dir.files(),
+        [CASE, OUT],
+        "{test}: files left in the output directory"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Valid cases.
+
+#[test]
+fn f32_case_matches_the_definition() {
+    check_valid("f32_case_matches_the_definition", Dtype::F32);
+}
+
+#[test]
+fn f16_case_matches_the_definition() {
+    check_valid("f16_case_matches_the_definition", Dtype::F16);
+}
+
+#[test]
+fn bf16_case_matches_the_definition() {
+    check_valid("bf16_case_matches_the_definition", Dtype::BF16);
+}
+
+#[test]
+fn explicit_cpu_backend_matches_the_definition() {
+    let test = "explicit_cpu_backend_matches_the_definition";
+    let mut rng = common::rng(test);
+    let case = Case::random(&mut rng, Geometry::default(), Dtype::BF16);
+    let dir = Workdir::new(test);
+    let got = run_valid(test, &dir, &case, None, &["--backend", "cpu"]);
+    assert_matches(test, &got, &reference(&case, case.default_scale()));
+}
+
+#[test]
+fn metadata_scale_is_applied() {
+    let test = "metadata_scale_is_applied";
+    let mut rng = common::rng(test);
+    let case = Case::random(&mut rng, Geometry::default(), Dtype::F32);
+    let scale = 0.3; // the default is 1/sqrt(64) = 0.125
+    let with_scale = run_valid(
+        test,
+        &Workdir::new(test),
+        &case,
+        scale_metadata(&scale.to_string()),
+        &[],
+    );
+    let without = run_valid(test, &Workdir::new(test), &case, None, &[]);
+
+    let custom = reference(&case, scale);
+    let default = reference(&case, case.default_scale());
+    assert_matches(test, &with_scale, &custom);
+    assert_matches(test, &without, &default);
+    // The scale changes the result far beyond the tolerance, so the match above means it was used.
+    let apart = relative_l2(&with_scale.0, &default.out);
+    assert!(
+        apart > 1e3 * TOLERANCE,
+        "{test}: scale {scale} barely changes out ({apart:e} from the default)"
+    );
+    assert!(
+        max_abs(&with_scale.1, &default.lse) > 1e3 * TOLERANCE,
+        "{test}: scale did not change lse"
+    );
+}
+
+#[test]
+fn minus_one_padding_past_the_used_blocks_is_accepted() {
+    let test = "minus_one_padding_past_the_used_blocks_is_accepted";
+    let mut rng = common::rng(test);
+    let g = Geometry {
+        extra_columns: 3,
+        ..Geometry::default()
+    };
+    let case = Case::random(&mut rng, g, Dtype::F16);
+    // Every row ends in -1 padding, the longest sequence's included.
+    for seq in 0..case.batch() {
+        let row = &case.block_tables[seq * case.max_blocks..][..case.max_blocks];
+        assert_eq!(row.last(), Some(&-1), "test bug: row {seq} = {row:?}");
+    }
+    let dir = Workdir::new(test);
+    let got = run_valid(test, &dir, &case, None, &[]);
+    assert_matches(test, &got, &reference(&case, case.default_scale()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// --backend cuda.
+
+#[test]
+fn cuda_backend_says_the_kernel_does_not_exist_yet_and_writes_nothing() {
+    let test = "cuda_backend_says_the_kernel_does_not_exist_yet_and_writes_nothing";
+    let mut rng = common::rng(test);
+    let case = Case::random(&mut rng, Geometry::default(), Dtype::BF16);
+    let dir = Workdir::new(test);
+    let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
+    write_case(&case_path, &case.tensors(), None);
+    let output = attend(&case_path, &out_path, &["--backend", "cuda"]);
+    let message = stderr(&output);
+    eprintln!("{test}: stderr: {message}");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{test}: exit code; stderr:\n{message}"
+    );
+    assert_plain(test, &message);
+    assert!(
+        message.contains("GPU attention kernel does not exist yet"),
+        "{test}: stderr should say the GPU attention kernel does not exist yet:\n{message}"
+    );
+    assert!(
+        !out_path.exists(),
+        "{test}: {} was written",
+        out_path.display()
+    );
+    assert_eq!(
+        dir.files(),
+        [CASE],
+        "{test}: files left in the output directory"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed cases: exit 2, the offending tensor and numbers on stderr, no output.
+
+/// Runs `case_path` (already written, or absent) and checks the rejection: exit code 2, every
+/// one of `needles` in stderr, no output file (nor a partial one) in the directory.
+fn assert_rejected_file(test: &str, dir: &Workdir, case_path: &Path, needles: &[&str]) {
+    let out_path = dir.path(OUT);
+    let before = dir.files();
+    let output = attend(case_path, &out_path, &[]);
+    let message = stderr(&output);
+    eprintln!("{test}: stderr: {message}");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{test}: exit code; stderr:\n{message}"
+    );
+    assert_plain(test, &message);
+    for needle in needles {
+        assert!(
+            message.contains(needle),
+            "{test}: stderr does not mention {needle:?}:\n{message}"
+        );
+    }
+    assert!(
+        !out_path.exists(),
+        "{test}: {} was written",
+        out_path.display()
+    );
+    assert_eq!(
+        dir.files(),
+        before,
+        "{test}: the rejected run left files behind"
+    );
+}
+
+/// Writes `tensors` and `metadata` as a case and checks it is rejected, naming `needles`.
+fn assert_rejected(
+    test: &str,
+    tensors: &Tensors,
+    metadata: Option<HashMap<String, String>>,
+    needles: &[&str],
+) {
+    let dir = Workdir::new(test);
+    let case_path = dir.path(CASE);
+    write_case(&case_path, tensors, metadata);
+    assert_rejected_file(test, &dir, &case_path, needles);
+}
+
+/// A valid random case of `g` in f32, for breaking.
+fn case_of(test: &str, g: Geometry) -> Case {
+    Case::random(&mut common::rng(test), g, Dtype::F32)
+}
+
+fn default_case(test: &str) -> Case {
+    case_of(test, Geometry::default())
+}
+
+#[test]
+fn missing_q_is_rejected() {
+    let test = "missing_q_is_rejected";
+    let mut tensors = default_case(test).tensors();
+    tensors.remove("q");
+    assert_rejected(test, &tensors, None, &["`q`", "missing"]);
+}
+
+#[test]
+fn missing_block_tables_is_rejected() {
+    let test = "missing_block_tables_is_rejected";
+    let mut tensors = default_case(test).tensors();
+    tensors.remove("block_tables");
+    assert_rejected(test, &tensors, None, &["`block_tables`", "missing"]);
+}
+
+#[test]
+fn q_of_rank_2_is_rejected() {
+    let test = "q_of_rank_2_is_rejected";
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    tensors.get_mut("q").unwrap().shape = vec![case.num_tokens(), case.g.n_heads * case.g.head_dim];
+    assert_rejected(test, &tensors, None, &["`q`", "rank 2", "[6, 512]"]);
+}
+
+#[test]
+fn k_cache_of_rank_3_is_rejected() {
+    let test = "k_cache_of_rank_3_is_rejected";
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    let g = &case.g;
+    tensors.get_mut("k_cache").unwrap().shape =
+        vec![case.num_blocks * g.block_size, g.n_kv_heads, g.head_dim];
+    assert_rejected(test, &tensors, None, &["`k_cache`", "rank 3"]);
+}
+
+#[test]
+fn v_cache_shape_differing_from_k_cache_is_rejected() {
+    let test = "v_cache_shape_differing_from_k_cache_is_rejected";
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    // The same elements in [num_blocks, n_kv_heads, block_size, head_dim]: a layout mix-up.
+    let g = &case.g;
+    let swapped = vec![case.num_blocks, g.n_kv_heads, g.block_size, g.head_dim];
+    tensors.get_mut("v_cache").unwrap().shape = swapped.clone();
+    let (v, k) = (format!("{swapped:?}"), format!("{:?}", case.cache_shape()));
+    assert_rejected(test, &tensors, None, &["`v_cache`", "`k_cache`", &v, &k]);
+}
+
+#[test]
+fn q_head_dim_differing_from_the_cache_is_rejected() {
+    let test = "q_head_dim_differing_from_the_cache_is_rejected";
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    // The same elements as [num_tokens, 2 * n_heads, head_dim / 2].
+    tensors.get_mut("q").unwrap().shape = vec![case.num_tokens(), 16, 32];
+    assert_rejected(test, &tensors, None, &["`q`", "dimension 2", "32", "64"]);
+}
+
+#[test]
+fn n_heads_not_a_multiple_of_n_kv_heads_is_rejected() {
+    let test = "n_heads_not_a_multiple_of_n_kv_heads_is_rejected";
+    let case = case_of(
+        test,
+        Geometry {
+            n_heads: 6,
+            n_kv_heads: 4,
+            ..Geometry::default()
+        },
+    );
+    assert_rejected(
+        test,
+        &case.tensors(),
+        None,
+        &["q", "k_cache", "n_heads 6", "n_kv_heads 4"],
+    );
+}
+
+#[test]
+fn head_dim_not_a_multiple_of_8_is_rejected() {
+    let test = "head_dim_not_a_multiple_of_8_is_rejected";
+    let case = case_of(
+        test,
+        Geometry {
+            head_dim: 12,
+            ..Geometry::default()
+        },
+    );
+    assert_rejected(
+        test,
+        &case.tensors(),
+        None,
+        &["head_dim 12", "multiple of 8"],
+    );
+}
+
+#[test]
+fn block_tables_of_dtype_f32_is_rejected() {
+    let test = "block_tables_of_dtype_f32_is_rejected";
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    let values: Vec<f32> = case.block_tables.iter().map(|&b| b as f32).collect();
+    tensors.insert(
+        "block_tables".into(),
+        Raw::f32(vec![case.batch(), case.max_blocks], &values),
+    );
+    assert_rejected(test, &tensors, None, &["`block_tables`", "F32", "I32"]);
+}
+
+#[test]
+fn block_tables_of_dtype_i64_is_rejected() {
+    let test = "block_tables_of_dtype_i64_is_rejected";
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    let values: Vec<i64> = case.block_tables.iter().map(|&b| b.into()).collect();
+    tensors.insert(
+        "block_tables".into(),
+        Raw::i64(vec![case.batch(), case.max_blocks], &values),
+    );
+    assert_rejected(test, &tensors, None, &["`block_tables`", "I64", "I32"]);
+}
+
+#[test]
+fn q_of_an_int_dtype_is_rejected() {
+    let test = "q_of_an_int_dtype_is_rejected";
+    let mut tensors = default_case(test).tensors();
+    tensors.get_mut("q").unwrap().dtype = Dtype::I32; // same byte count as the f32 values
+    assert_rejected(test, &tensors, None, &["`q`", "I32"]);
+}
+
+#[test]
+fn context_lens_length_differing_from_the_batch_is_rejected() {
+    let test = "context_lens_length_differing_from_the_batch_is_rejected";
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    tensors.insert(
+        "context_lens".into(),
+        Raw::i32(vec![2], &case.g.context_lens[..2]),
+    );
+    assert_rejected(
+        test,
+        &tensors,
+        None,
+        &["`context_lens`", "is 2", "expected 3"],
+    );
+}
+
+#[test]
+fn query_lens_length_differing_from_the_batch_is_rejected() {
+    let test = "query_lens_length_differing_from_the_batch_is_rejected";
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    tensors.insert("query_lens".into(), Raw::i32(vec![4], &[1, 1, 4, 0]));
+    assert_rejected(
+        test,
+        &tensors,
+        None,
+        &["`query_lens`", "is 4", "expected 3"],
+    );
+}
+
+#[test]
+fn negative_context_len_is_rejected() {
+    let test = "negative_context_len_is_rejected";
+    let case = case_of(
+        test,
+        Geometry {
+            context_lens: vec![1, -16, 37],
+            query_lens: vec![1, 0, 4],
+            ..Default::default()
+        },
+    );
+    assert_rejected(
+        test,
+        &case.tensors(),
+        None,
+        &["context_lens[1]", "-16", "negative"],
+    );
+}
+
+#[test]
+fn negative_query_len_is_rejected() {
+    let test = "negative_query_len_is_rejected";
+    let case = case_of(
+        test,
+        Geometry {
+            query_lens: vec![1, -1, 4],
+            ..Default::default()
+        },
+    );
+    assert_rejected(
+        test,
+        &case.tensors(),
+        None,
+        &["query_lens[1]", "-1", "negative"],
+    );
+}
+
+#[test]
+fn query_len_greater_than_context_len_is_rejected() {
+    let test = "query_len_greater_than_context_len_is_rejected";
+    // q has 1 + 1 + 4 + 1 rows to match: only query_len > context_len is wrong.
+    let case = case_of(
+        test,
+        Geometry {
+            query_lens: vec![2, 1, 4],
+            ..Default::default()
+        },
+    );
+    assert_rejected(
+        test,
+        &case.tensors(),
+        None,
+        &["query_lens[0] = 2", "context_lens[0] = 1"],
+    );
+}
+
+#[test]
+fn sum_of_query_lens_differing_from_q_tokens_is_rejected() {
+    let test = "sum_of_query_lens_differing_from_q_tokens_is_rejected";
+    let case = default_case(test); // q has 6 rows
+    let mut tensors = case.tensors();
+    tensors.insert("query_lens".into(), Raw::i32(vec![3], &[1, 1, 3]));
+    assert_rejected(
+        test,
+        &tensors,
+        None,
+        &["`q`", "dimension 0", "is 6", "expected 5", "query_lens"],
+    );
+}
+
+#[test]
+fn block_id_out_of_range_is_rejected() {
+    let test = "block_id_out_of_range_is_rejected";
+    let mut case = default_case(test);
+    let num_blocks = case.num_blocks as i32;
+    case.block_tables[case.max_blocks] = num_blocks; // sequence 1, its only page
+    let id = format!("= {num_blocks}");
+    let limit = format!("num_blocks {num_blocks}");
+    assert_rejected(
+        test,
+        &case.tensors(),
+        None,
+        &["block_tables[1][0]", &id, &limit],
+    );
+}
+
+#[test]
+fn negative_block_id_in_the_used_part_is_rejected() {
+    let test = "negative_block_id_in_the_used_part_is_rejected";
+    let mut case = default_case(test);
+    case.block_tables[2 * case.max_blocks + 1] = -1; // sequence 2 (37 tokens) uses 3 pages
+    assert_rejected(test, &case.tensors(), None, &["block_tables[2][1]", "-1"]);
+}
+
+#[test]
+fn context_longer_than_its_block_table_is_rejected() {
+    let test = "context_longer_than_its_block_table_is_rejected";
+    let case = default_case(test); // context_lens [1, 16, 37]: 3 pages of 16 for the last
+    let mut tensors = case.tensors();
+    let two_columns: Vec<i32> = case
+        .block_tables
+        .chunks(case.max_blocks)
+        .flat_map(|row| row[..2].to_vec())
+        .collect();
+    tensors.insert(
+        "block_tables".into(),
+        Raw::i32(vec![case.batch(), 2], &two_columns),
+    );
+    assert_rejected(
+        test,
+        &tensors,
+        None,
+        &[
+            "block_tables",
+            "context_lens[2] = 37",
+            "3 blocks",
+            "2 columns",
+        ],
+    );
+}
+
+#[test]
+fn non_numeric_scale_is_rejected() {
+    let test = "non_numeric_scale_is_rejected";
+    let tensors = default_case(test).tensors();
+    assert_rejected(
+        test,
+        &tensors,
+        scale_metadata("abc"),
+        &["`scale`", "\"abc\""],
+    );
+}
+
+#[test]
+fn infinite_scale_is_rejected() {
+    let test = "infinite_scale_is_rejected";
+    let tensors = default_case(test).tensors();
+    assert_rejected(
+        test,
+        &tensors,
+        scale_metadata("inf"),
+        &["`scale`", "\"inf\"", "finite"],
+    );
+}
+
+#[test]
+fn nan_scale_is_rejected() {
+    let test = "nan_scale_is_rejected";
+    let tensors = default_case(test).tensors();
+    assert_rejected(
+        test,
+        &tensors,
+        scale_metadata("NaN"),
+        &["`scale`", "\"NaN\"", "finite"],
+    );
+}
+
+#[test]
+fn a_file_that_is_not_safetensors_is_rejected() {
+    use rand::RngCore;
+    let test = "a_file_that_is_not_safetensors_is_rejected";
+    let mut bytes = vec![0u8; 4096];
+    common::rng(test).fill_bytes(&mut bytes);
+    let dir = Workdir::new(test);
+    let case_path = dir.path(CASE);
+    std::fs::write(&case_path, &bytes).unwrap();
+    assert_rejected_file(test, &dir, &case_path, &["not a safetensors file"]);
+}
+
+#[test]
+fn a_nonexistent_case_path_is_rejected() {
+    let test = "a_nonexistent_case_path_is_rejected";
+    let dir = Workdir::new(test);
+    let case_path = dir.path("no-such-case.safetensors");
+    assert_rejected_file(
+        test,
+        &dir,
+        &case_path,
+        &["cannot read case", "no-such-case.safetensors"],
+    );
+}
