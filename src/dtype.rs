@@ -20,7 +20,7 @@ impl DType {
     }
 }
 
-/// A type the kernels take (`f32`, [`f16`], [`bf16`]): plain data on the host and the device,
+/// A type the kernels take (`f32`, [`half::f16`], [`half::bf16`]): plain data on the host and the device,
 /// exactly convertible to `f64` for the reference.
 pub trait Element:
     Copy + Into<f64> + bytemuck::Pod + cudarc::driver::DeviceRepr + Send + Sync + 'static

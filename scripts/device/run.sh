@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Usage: bash .device-check/run.sh OUTDIR
+#
+# The GPU-machine half of scripts/device-check, which stages this file as .device-check/run.sh
+# beside the binaries it runs (source: scripts/device/run.sh). Needs bash, coreutils, python3;
+# uses nvidia-smi and compute-sanitizer when present. Runs from any cwd, in a few minutes:
+#   1. nvidia-smi -L and the GPU name and driver version;
+#   2. every staged GPU test binary, PAGED_GQA_REQUIRE_GPU=1, --test-threads=1;
+#   3. `paged-gqa demo` (the test `cli_demo`; `cli_demo_used_gpu` checks repeat_kv ran on the GPU);
+#   4. compute-sanitizer memcheck and racecheck over every staged GPU test binary;
+#   5. record.py: OUTDIR/record.json (always), OUTDIR/device-check.log (all logs in one file).
+# Each step's output is teed to OUTDIR/<step>.log and to stdout. At most 8 files come back from
+# the device tool's $OUT, so when the step logs would make OUTDIR hold more than 8 files they are
+# packed into OUTDIR/logs.tar.gz (device-check.log holds them all anyway).
+# Exit status: 0 when every test passed and the sanitizers found no error; 1 otherwise; 2 for
+# bad usage. DEVICE_CHECK_BUDGET_S (default 240) bounds the whole run: a step that would start
+# past it is skipped and counted as failed.
+set -uo pipefail # not -e: every step runs and its failure is recorded
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [[ $# -ne 1 || -z "$1" ]]; then
+  echo "usage: bash $here/run.sh OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1" && out=$(cd "$1" && pwd) || {
+  echo "run.sh: cannot use $1 as the output folder" >&2
+  exit 2
+}
+start=$(date +%s)
+deadline=$((start + ${DEVICE_CHECK_BUDGET_S:-240}))
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+steps="$work/steps.tsv" # kind, name, log, exit status (or "skipped"), seconds
+: >"$steps"
+rm -f "$out/record.json" "$out/device-check.log" "$out/logs.tar.gz"
+
+# step KIND NAME LOG CAP_S COMMAND...: runs COMMAND under a timeout of CAP_S (or what is left
+# of the budget), output teed to OUTDIR/LOG; appends a line to $steps.
+step() {
+  local kind=$1 name=$2 log=$3 cap=$4
+  shift 4
+  local left=$((deadline - $(date +%s))) limit t0 rc
+  if ((left < 15)); then
+    echo "### $kind $name: skipped, the run's time budget is spent" | tee "$out/$log"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$kind" "$name" "$log" skipped 0 >>"$steps"
+    return
+  fi
+  limit=$((cap < left ? cap : left))
+  echo "### $kind $name: $* (timeout ${limit}s, $(date -u +%Y-%m-%dT%H:%M:%SZ))" | tee "$out/$log"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$out/$log"
+  rc=${PIPESTATUS[0]}
+  echo "### $kind $name: exit status $rc after $(($(date +%s) - t0))s" | tee -a "$out/$log"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$kind" "$name" "$log" "$rc" "$(($(date +%s) - t0))" >>"$steps"
+}
+
+# 1. The GPU.
+if command -v nvidia-smi >/dev/null; then
+  step info nvidia-smi nvidia-smi.log 30 nvidia-smi -L
+  timeout 30 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$work/gpu.csv" 2>&1
+  cat "$work/gpu.csv" | tee -a "$out/nvidia-smi.log"
+else
+  echo "### info nvidia-smi: not found on PATH; no GPU name or driver version" | tee "$out/nvidia-smi.log"
+  printf '%s\t%s\t%s\t%s\t%s\n' info nvidia-smi nvidia-smi.log absent 0 >>"$steps"
+fi
+
+# 2. The GPU test binaries.
+export PAGED_GQA_REQUIRE_GPU=1 RUST_BACKTRACE=1
+binaries=()
+for bin in "$here"/tests/*; do
+  [[ -f "$bin" ]] || continue
+  [[ -x "$bin" ]] || chmod +x "$bin" # in case the copy lost the mode
+  binaries+=("$bin")
+done
+if ((${#binaries[@]} == 0)); then
+  echo "### test: no GPU test binaries in $here/tests" | tee "$out/no-gpu-tests.log"
+  printf '%s\t%s\t%s\t%s\t%s\n' test no_gpu_test_binaries no-gpu-tests.log absent 0 >>"$steps"
+fi
+for bin in "${binaries[@]}"; do
+  name=$(basename "$bin")
+  step test "$name" "$name.log" 120 "$bin" --test-threads=1
+done
+
+# 3. The CLI demo.
+[[ -f "$here/bin/paged-gqa" && ! -x "$here/bin/paged-gqa" ]] && chmod +x "$here/bin/paged-gqa"
+step demo cli_demo cli_demo.log 60 "$here/bin/paged-gqa" demo
+
+# 4. compute-sanitizer over the (small) GPU tests.
+sanitizer=$(command -v compute-sanitizer || true)
+for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
+  ${CUDA_HOME:+"$CUDA_HOME/bin/compute-sanitizer"} /usr/local/cuda-*/bin/compute-sanitizer; do
+  [[ -z "$sanitizer" && -x "$candidate" ]] && sanitizer=$candidate
+done
+for tool in memcheck racecheck; do
+  if [[ -z "$sanitizer" ]]; then
+    echo "### sanitizer $tool: compute-sanitizer not found (PATH, /usr/local/cuda/bin, /usr/local/cuda/compute-sanitizer); recorded as -1" \
+      | tee "$out/$tool.log"
+    printf '%s\t%s\t%s\t%s\t%s\n' "sanitizer-$tool" "" "$tool.log" absent 0 >>"$steps"
+    continue
+  fi
+  for bin in "${binaries[@]}"; do
+    name=$(basename "$bin")
+    step "sanitizer-$tool" "$name" "$tool-$name.log" 150 \
+      "$sanitizer" --tool "$tool" --error-exitcode 1 "$bin" --test-threads=1
+  done
+done
+
+# 5. The record, always; its exit status is the run's.
+python3 "$here/record.py" --staged "$here" --out "$out" --steps "$steps" --gpu-csv "$work/gpu.csv" \
+  --start "$start" --sanitizer "${sanitizer:-}"
+rc=$?
+if [[ ! -f "$out/record.json" ]]; then
+  # record.py itself broke: leave a minimal record that says so.
+  commit=$(sed -n 's/.*"commit": *"\([^"]*\)".*/\1/p' "$here/source.json" | head -n 1)
+  printf '{"commit": "%s", "date": "%s", "error": "record.py failed with exit status %s", "passed": 0, "failed": 1, "tests": {}, "figures": [], "logs": []}\n' \
+    "$commit" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$rc" >"$out/record.json"
+  echo "run.sh: record.py failed (exit status $rc); wrote a minimal $out/record.json" >&2
+  exit 1
+fi
+exit "$rc"
