@@ -122,5 +122,19 @@ impl From<cudarc::driver::DriverError> for Error {
     }
 }
 
+impl Error {
+    /// `Err(BufferLength)` unless buffer `name` has the `expected` length its shape implies.
+    pub(crate) fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
+        if actual != expected {
+            return Err(Error::BufferLength {
+                name,
+                expected,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// `Result` with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

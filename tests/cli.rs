@@ -650,6 +650,12 @@ fn assert_rejected(
     assert_rejected_file(test, &dir, &case_path, needles);
 }
 
+/// A random case built from `geometry` must be rejected, naming every needle.
+fn assert_geometry_rejected(test: &str, geometry: Geometry, needles: &[&str]) {
+    let case = case_of(test, geometry);
+    assert_rejected(test, &case.tensors(), None, needles);
+}
+
 /// A valid random case of `g` in f32, for breaking.
 fn case_of(test: &str, g: Geometry) -> Case {
     Case::random(&mut common::rng(test), g, Dtype::F32)
@@ -721,18 +727,13 @@ fn q_head_dim_differing_from_the_cache_is_rejected() {
 #[test]
 fn n_heads_not_a_multiple_of_n_kv_heads_is_rejected() {
     let test = "n_heads_not_a_multiple_of_n_kv_heads_is_rejected";
-    let case = case_of(
+    assert_geometry_rejected(
         test,
         Geometry {
             n_heads: 6,
             n_kv_heads: 4,
             ..Geometry::default()
         },
-    );
-    assert_rejected(
-        test,
-        &case.tensors(),
-        None,
         &["q", "k_cache", "n_heads 6", "n_kv_heads 4"],
     );
 }
@@ -740,17 +741,12 @@ fn n_heads_not_a_multiple_of_n_kv_heads_is_rejected() {
 #[test]
 fn head_dim_not_a_multiple_of_8_is_rejected() {
     let test = "head_dim_not_a_multiple_of_8_is_rejected";
-    let case = case_of(
+    assert_geometry_rejected(
         test,
         Geometry {
             head_dim: 12,
             ..Geometry::default()
         },
-    );
-    assert_rejected(
-        test,
-        &case.tensors(),
-        None,
         &["head_dim 12", "multiple of 8"],
     );
 }
@@ -823,18 +819,13 @@ fn query_lens_length_differing_from_the_batch_is_rejected() {
 #[test]
 fn negative_context_len_is_rejected() {
     let test = "negative_context_len_is_rejected";
-    let case = case_of(
+    assert_geometry_rejected(
         test,
         Geometry {
             context_lens: vec![1, -16, 37],
             query_lens: vec![1, 0, 4],
             ..Default::default()
         },
-    );
-    assert_rejected(
-        test,
-        &case.tensors(),
-        None,
         &["context_lens[1]", "-16", "negative"],
     );
 }
@@ -842,17 +833,12 @@ fn negative_context_len_is_rejected() {
 #[test]
 fn negative_query_len_is_rejected() {
     let test = "negative_query_len_is_rejected";
-    let case = case_of(
+    assert_geometry_rejected(
         test,
         Geometry {
             query_lens: vec![1, -1, 4],
             ..Default::default()
         },
-    );
-    assert_rejected(
-        test,
-        &case.tensors(),
-        None,
         &["query_lens[1]", "-1", "negative"],
     );
 }
@@ -861,17 +847,12 @@ fn negative_query_len_is_rejected() {
 fn query_len_greater_than_context_len_is_rejected() {
     let test = "query_len_greater_than_context_len_is_rejected";
     // q has 1 + 1 + 4 + 1 rows to match: only query_len > context_len is wrong.
-    let case = case_of(
+    assert_geometry_rejected(
         test,
         Geometry {
             query_lens: vec![2, 1, 4],
             ..Default::default()
         },
-    );
-    assert_rejected(
-        test,
-        &case.tensors(),
-        None,
         &["query_lens[0] = 2", "context_lens[0] = 1"],
     );
 }

@@ -35,13 +35,7 @@ impl<'a> BlockTables<'a> {
         lens: &SeqLens,
     ) -> Result<Self> {
         let expected = lens.batch() * max_blocks;
-        if table.len() != expected {
-            return Err(Error::BufferLength {
-                name: "block_tables",
-                expected,
-                actual: table.len(),
-            });
-        }
+        Error::check_len("block_tables", table.len(), expected)?;
         let block_size = layout.block_size();
         for seq in 0..lens.batch() {
             let context_len = lens.context_len(seq);

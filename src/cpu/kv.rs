@@ -18,17 +18,6 @@ pub trait KvSource<T> {
     fn lens(&self) -> &SeqLens;
 }
 
-fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
-    if actual != expected {
-        return Err(Error::BufferLength {
-            name,
-            expected,
-            actual,
-        });
-    }
-    Ok(())
-}
-
 /// K and V stored contiguously, sequences concatenated: `[total_keys, n_kv_heads, head_dim]`
 /// where sequence `s` owns rows `sum(context_lens[..s]) ..` of length `context_lens[s]`.
 #[derive(Debug, Clone)]
@@ -47,8 +36,8 @@ impl<'a, T> ContiguousKv<'a, T> {
     /// Validates the lengths of `k` and `v` against `shape` and `lens`.
     pub fn new(shape: GqaShape, lens: &'a SeqLens, k: &'a [T], v: &'a [T]) -> Result<Self> {
         let expected = lens.total_keys() * shape.kv_row_len();
-        check_len("k", k.len(), expected)?;
-        check_len("v", v.len(), expected)?;
+        Error::check_len("k", k.len(), expected)?;
+        Error::check_len("v", v.len(), expected)?;
         let key_starts = lens
             .context_lens()
             .iter()
@@ -113,8 +102,8 @@ impl<'a, T> PagedKv<'a, T> {
         k_cache: &'a [T],
         v_cache: &'a [T],
     ) -> Result<Self> {
-        check_len("k_cache", k_cache.len(), layout.cache_len())?;
-        check_len("v_cache", v_cache.len(), layout.cache_len())?;
+        Error::check_len("k_cache", k_cache.len(), layout.cache_len())?;
+        Error::check_len("v_cache", v_cache.len(), layout.cache_len())?;
         let tables = BlockTables::new(block_tables, max_blocks, &layout, lens)?;
         Ok(Self {
             layout,

@@ -41,13 +41,7 @@ where
     let lens = kv.lens();
     let (n_heads, d) = (shape.n_heads(), shape.head_dim());
     let expected = lens.num_tokens() * shape.q_row_len();
-    if q.len() != expected {
-        return Err(Error::BufferLength {
-            name: "q",
-            expected,
-            actual: q.len(),
-        });
-    }
+    Error::check_len("q", q.len(), expected)?;
     let scale = scale.unwrap_or_else(|| shape.default_scale());
     if !scale.is_finite() {
         return Err(Error::InvalidScale { scale });

@@ -20,13 +20,7 @@ use crate::shape::GqaShape;
 /// ```
 pub fn repeat_kv<T: Copy>(x: &[T], shape: GqaShape, num_tokens: usize) -> Result<Vec<T>> {
     let expected = num_tokens * shape.kv_row_len();
-    if x.len() != expected {
-        return Err(Error::BufferLength {
-            name: "x",
-            expected,
-            actual: x.len(),
-        });
-    }
+    Error::check_len("x", x.len(), expected)?;
     let (n_kv, n_rep, d) = (shape.n_kv_heads(), shape.group(), shape.head_dim());
     let mut out = Vec::with_capacity(num_tokens * shape.q_row_len());
     for token in 0..num_tokens {

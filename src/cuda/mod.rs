@@ -64,16 +64,3 @@ pub(crate) fn check_aligned(name: &'static str, address: u64) -> Result<()> {
     }
     Ok(())
 }
-
-/// Checks that a device buffer has the length its shape implies.
-#[cfg_attr(not(paged_gqa_kernels), allow(dead_code))]
-pub(crate) fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
-    if actual != expected {
-        return Err(Error::BufferLength {
-            name,
-            expected,
-            actual,
-        });
-    }
-    Ok(())
-}

@@ -23,11 +23,12 @@ pub fn repeat_kv<T: Element>(
 ) -> Result<()> {
     #[cfg(paged_gqa_kernels)]
     {
-        use crate::cuda::{check_aligned, check_len, launch};
+        use crate::cuda::{check_aligned, launch};
         use crate::ffi;
+        use crate::Error;
 
-        check_len("src", src.len(), num_tokens * shape.kv_row_len())?;
-        check_len("dst", dst.len(), num_tokens * shape.q_row_len())?;
+        Error::check_len("src", src.len(), num_tokens * shape.kv_row_len())?;
+        Error::check_len("dst", dst.len(), num_tokens * shape.q_row_len())?;
         if num_tokens == 0 {
             return Ok(());
         }
