@@ -100,6 +100,54 @@ pub enum Error {
     #[error("{name} is not 16-byte aligned (address {address:#x})")]
     Misaligned { name: &'static str, address: u64 },
 
+    /// Page sizes are powers of two from 1 to 256 (the kernels use shifts and masks).
+    #[error("block_size {block_size} is not a power of two from 1 to 256")]
+    InvalidBlockSize { block_size: usize },
+
+    /// A cache needs at least one layer.
+    #[error("num_layers must be positive, got 0")]
+    ZeroLayers,
+
+    /// A cache needs at least one block.
+    #[error("num_blocks must be positive, got 0")]
+    ZeroBlocks,
+
+    /// A byte budget too small for a single block of every layer's K and V.
+    #[error("a budget of {budget_bytes} bytes holds no block ({block_bytes} bytes per block)")]
+    BudgetTooSmall { budget_bytes: u64, block_bytes: u64 },
+
+    /// A layer index past the last layer.
+    #[error("layer {layer} is out of range for num_layers {num_layers}")]
+    LayerOutOfRange { layer: usize, num_layers: usize },
+
+    /// A sequence id this cache never handed out.
+    #[error("sequence {seq} is unknown to this cache")]
+    UnknownSequence { seq: u64 },
+
+    /// A sequence id that was freed.
+    #[error("sequence {seq} was freed")]
+    FreedSequence { seq: u64 },
+
+    /// The same sequence twice in one step's batch.
+    #[error("sequence {seq} appears twice in the batch")]
+    DuplicateSequence { seq: u64 },
+
+    /// Not enough free blocks for the request; nothing was changed.
+    #[error("out of blocks: {needed} needed, {free} free")]
+    OutOfBlocks { needed: usize, free: usize },
+
+    /// A plan used after the cache changed (or with another cache).
+    #[error(
+        "stale plan: made for cache {plan_cache} at generation {plan_generation}, \
+         the cache is {cache} at generation {generation}"
+    )]
+    StalePlan {
+        plan_cache: u64,
+        plan_generation: u64,
+        cache: u64,
+        generation: u64,
+    },
+
     /// No CUDA: the crate was built without nvcc, libcuda is missing, or there is no GPU.
     #[error("CUDA is unavailable: {reason}")]
     CudaUnavailable { reason: String },

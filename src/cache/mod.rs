@@ -1,8 +1,22 @@
 //! The paged K/V cache: page geometry and block tables (validated on the host, so that no
-//! kernel ever reads outside the cache).
+//! kernel ever reads outside the cache), and the bookkeeping of sequences and blocks.
+//!
+//! Data flows one way: [`BlockManager`] (pure bookkeeping) makes a [`StepPlan`] per engine
+//! step; a storage backend (CPU or CUDA) runs its block copies and writes, and attention reads
+//! the pages through its block tables.
 
+mod allocator;
 mod block_tables;
+mod config;
 mod layout;
+mod manager;
+mod step;
+mod storage;
 
+pub use allocator::BlockAllocator;
 pub use block_tables::BlockTables;
+pub use config::{CacheConfig, MAX_BLOCK_SIZE};
 pub use layout::PagedLayout;
+pub use manager::{BlockManager, SeqId};
+pub use step::{PlanStamp, StepPlan};
+pub use storage::{PageStorage, PagedCache};

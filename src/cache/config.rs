@@ -1,0 +1,96 @@
+//! What a cache holds: heads, layers, page size and element type, and the memory arithmetic.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::shape::GqaShape;
+
+/// Largest page size the kernels are built and tested for.
+pub const MAX_BLOCK_SIZE: usize = 256;
+
+/// The fixed geometry of a paged K/V cache for a whole model.
+///
+/// Every layer has a K and a V tensor `[num_blocks, block_size, n_kv_heads, head_dim]`. Bytes
+/// per token = `2 * num_layers * n_kv_heads * head_dim * dtype size`.
+///
+/// ```
+/// use paged_gqa::{cache::CacheConfig, DType, GqaShape};
+/// // Llama-3-70B: 80 layers, 8 K/V heads of 128, bf16.
+/// let config = CacheConfig::new(GqaShape::new(64, 8, 128)?, 80, 16, DType::BF16)?;
+/// assert_eq!(config.bytes_per_token(), 2 * 80 * 8 * 128 * 2); // 320 KiB
+/// let blocks = config.blocks_for_budget(40 << 30)?;
+/// assert_eq!(blocks * 16, 131_072); // tokens that fit in 40 GiB
+/// # Ok::<(), paged_gqa::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    shape: GqaShape,
+    num_layers: usize,
+    block_size: usize,
+    dtype: DType,
+}
+
+impl CacheConfig {
+    /// Validates: at least one layer, `block_size` a power of two from 1 to 256.
+    pub fn new(
+        shape: GqaShape,
+        num_layers: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        if num_layers == 0 {
+            return Err(Error::ZeroLayers);
+        }
+        if !block_size.is_power_of_two() || block_size > MAX_BLOCK_SIZE {
+            return Err(Error::InvalidBlockSize { block_size });
+        }
+        Ok(Self {
+            shape,
+            num_layers,
+            block_size,
+            dtype,
+        })
+    }
+
+    /// The attention heads the cache serves.
+    pub fn shape(&self) -> GqaShape {
+        self.shape
+    }
+
+    /// Layers of the model.
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    /// Tokens per page.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Element type of the pages.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes one token occupies over all layers, K and V.
+    pub fn bytes_per_token(&self) -> u64 {
+        2 * self.num_layers as u64 * self.shape.kv_row_len() as u64 * self.dtype.size_bytes() as u64
+    }
+
+    /// Bytes one block occupies over all layers, K and V.
+    pub fn bytes_per_block(&self) -> u64 {
+        self.bytes_per_token() * self.block_size as u64
+    }
+
+    /// The most blocks that fit in `budget_bytes`. Errors when not even one fits.
+    pub fn blocks_for_budget(&self, budget_bytes: u64) -> Result<usize> {
+        let blocks = budget_bytes / self.bytes_per_block();
+        if blocks == 0 {
+            return Err(Error::BudgetTooSmall {
+                budget_bytes,
+                block_bytes: self.bytes_per_block(),
+            });
+        }
+        // Block ids travel as i32 in block tables.
+        Ok(blocks.min(i32::MAX as u64) as usize)
+    }
+}

@@ -1,0 +1,325 @@
+//! Sequences, their block tables, fork with copy-on-write, and the per-step reservation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::batch::SeqLens;
+use crate::cache::{BlockAllocator, PlanStamp, StepPlan};
+use crate::error::{Error, Result};
+
+/// Identifies a sequence of one cache. Ids are never reused, so a freed id stays an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sequence {
+    /// Tokens written (or reserved by the last plan).
+    len: usize,
+    /// Pages in token order: token t lives in blocks[t / block_size].
+    blocks: Vec<u32>,
+}
+
+/// Unique id of each manager, so a plan from one cache is rejected by another.
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The bookkeeping of a paged cache: which blocks each sequence holds, shared blocks' counts,
+/// and the reservation of slots for each step. Knows nothing of where the pages live.
+///
+/// ```
+/// use paged_gqa::cache::BlockManager;
+/// let mut cache = BlockManager::new(8, 16)?; // 8 blocks of 16 tokens
+/// let a = cache.add_sequence();
+/// let plan = cache.plan(&[(a, 20)])?; // prefill 20 tokens: 2 blocks
+/// assert_eq!(plan.slot_mapping()[16], plan.block_tables()[1] as i64 * 16);
+/// let b = cache.fork(a)?; // shares both blocks
+/// assert_eq!(cache.num_free_blocks(), 6);
+/// let plan = cache.plan(&[(a, 1), (b, 1)])?; // a copies the shared partial block
+/// assert_eq!(plan.block_copies().len(), 1);
+/// cache.free(a)?;
+/// assert!(cache.plan(&[(a, 1)]).is_err()); // freed
+/// # Ok::<(), paged_gqa::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockManager {
+    id: u64,
+    generation: u64,
+    block_size: usize,
+    allocator: BlockAllocator,
+    sequences: BTreeMap<SeqId, Sequence>,
+    next_seq: u64,
+}
+
+impl BlockManager {
+    /// `num_blocks` free pages of `block_size` tokens (any positive size here; storage
+    /// configurations restrict it to the sizes kernels take).
+    pub fn new(num_blocks: usize, block_size: usize) -> Result<Self> {
+        if block_size == 0 {
+            return Err(Error::ZeroBlockSize);
+        }
+        Ok(Self {
+            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
+            generation: 0,
+            block_size,
+            allocator: BlockAllocator::new(num_blocks)?,
+            sequences: BTreeMap::new(),
+            next_seq: 0,
+        })
+    }
+
+    /// Tokens per page.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Pages in the cache.
+    pub fn num_blocks(&self) -> usize {
+        self.allocator.num_blocks()
+    }
+
+    /// Pages nobody holds.
+    pub fn num_free_blocks(&self) -> usize {
+        self.allocator.num_free()
+    }
+
+    /// Sequences holding `block` (0 when free).
+    pub fn ref_count(&self, block: u32) -> u32 {
+        self.allocator.ref_count(block)
+    }
+
+    /// The live sequences, in id order.
+    pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.sequences.keys().copied()
+    }
+
+    /// The current state; plans carry the one they were made in.
+    pub fn stamp(&self) -> PlanStamp {
+        PlanStamp {
+            cache: self.id,
+            generation: self.generation,
+        }
+    }
+
+    /// `Ok` when `plan` was made by this manager in its current state.
+    pub fn check_plan(&self, plan: &StepPlan) -> Result<()> {
+        let now = self.stamp();
+        if plan.stamp != now {
+            return Err(Error::StalePlan {
+                plan_cache: plan.stamp.cache,
+                plan_generation: plan.stamp.generation,
+                cache: now.cache,
+                generation: now.generation,
+            });
+        }
+        Ok(())
+    }
+
+    fn changed(&mut self) {
+        self.generation += 1;
+    }
+
+    fn sequence(&self, seq: SeqId) -> Result<&Sequence> {
+        self.sequences.get(&seq).ok_or(if seq.0 < self.next_seq {
+            Error::FreedSequence { seq: seq.0 }
+        } else {
+            Error::UnknownSequence { seq: seq.0 }
+        })
+    }
+
+    /// A new, empty sequence.
+    pub fn add_sequence(&mut self) -> SeqId {
+        let id = SeqId(self.next_seq);
+        self.next_seq += 1;
+        self.sequences.insert(
+            id,
+            Sequence {
+                len: 0,
+                blocks: Vec::new(),
+            },
+        );
+        self.changed();
+        id
+    }
+
+    /// Tokens in `seq`.
+    pub fn len(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.sequence(seq)?.len)
+    }
+
+    /// The pages of `seq`, in token order.
+    pub fn block_table(&self, seq: SeqId) -> Result<&[u32]> {
+        Ok(&self.sequence(seq)?.blocks)
+    }
+
+    /// A new sequence sharing every block of `parent` (parallel sampling, beam search). The
+    /// partially filled last block is copied later, by the first plan that writes into it.
+    pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
+        let child = self.sequence(parent)?.clone();
+        for &b in &child.blocks {
+            self.allocator.retain(b);
+        }
+        let id = SeqId(self.next_seq);
+        self.next_seq += 1;
+        self.sequences.insert(id, child);
+        self.changed();
+        Ok(id)
+    }
+
+    /// Releases every block of `seq`; its id becomes an error.
+    pub fn free(&mut self, seq: SeqId) -> Result<()> {
+        self.sequence(seq)?;
+        let removed = self.sequences.remove(&seq).unwrap();
+        for b in removed.blocks {
+            self.allocator.release(b);
+        }
+        self.changed();
+        Ok(())
+    }
+
+    /// Whether the next token of `seq` goes into a partially filled block others share.
+    fn needs_copy(&self, seq: &Sequence, pending_releases: &HashMap<u32, u32>) -> bool {
+        let Some(&last) = seq.blocks.last() else {
+            return false;
+        };
+        seq.len % self.block_size != 0
+            && self.allocator.ref_count(last) - pending_releases.get(&last).copied().unwrap_or(0)
+                > 1
+    }
+
+    /// How many more tokens `seq` can take with the blocks free now.
+    pub fn capacity(&self, seq: SeqId) -> Result<usize> {
+        let s = self.sequence(seq)?;
+        let free_tokens = self.allocator.num_free() * self.block_size;
+        let filled = s.len % self.block_size;
+        Ok(if self.needs_copy(s, &HashMap::new()) {
+            // The shared partial block is replaced by a private copy holding `filled` tokens.
+            free_tokens.saturating_sub(filled)
+        } else if filled == 0 {
+            free_tokens
+        } else {
+            free_tokens + self.block_size - filled
+        })
+    }
+
+    /// Reserves slots for one step: `batch` lists each sequence once with the number of new
+    /// tokens it brings. All-or-nothing: on `OutOfBlocks` (or any error) nothing changes.
+    pub fn plan(&mut self, batch: &[(SeqId, usize)]) -> Result<StepPlan> {
+        // 1. Validate and count the blocks needed, changing nothing.
+        let mut seen = HashSet::with_capacity(batch.len());
+        let mut pending_releases: HashMap<u32, u32> = HashMap::new();
+        let mut needed = 0usize;
+        for &(seq, new_tokens) in batch {
+            if !seen.insert(seq) {
+                return Err(Error::DuplicateSequence { seq: seq.0 });
+            }
+            let s = self.sequence(seq)?;
+            let total = s
+                .len
+                .checked_add(new_tokens)
+                .filter(|&t| t <= i32::MAX as usize)
+                .ok_or(Error::TooLarge {
+                    what: "sequence length",
+                    value: s.len as u128 + new_tokens as u128,
+                    limit: i32::MAX as u128,
+                })?;
+            if new_tokens > 0 && self.needs_copy(s, &pending_releases) {
+                *pending_releases
+                    .entry(*s.blocks.last().unwrap())
+                    .or_default() += 1;
+                needed += 1;
+            }
+            needed += total.div_ceil(self.block_size) - s.blocks.len();
+        }
+        if needed > self.allocator.num_free() {
+            return Err(Error::OutOfBlocks {
+                needed,
+                free: self.allocator.num_free(),
+            });
+        }
+
+        // 2. Reserve: cannot fail from here on.
+        let mut block_copies = Vec::new();
+        let mut slot_mapping = Vec::new();
+        let (mut context_lens, mut query_lens) = (
+            Vec::with_capacity(batch.len()),
+            Vec::with_capacity(batch.len()),
+        );
+        for &(seq, new_tokens) in batch {
+            let mut s = self.sequences.remove(&seq).unwrap();
+            if new_tokens > 0 && self.needs_copy(&s, &HashMap::new()) {
+                let old = s.blocks.pop().unwrap();
+                let new = self.allocator.allocate(1).expect("counted above")[0];
+                self.allocator.release(old);
+                block_copies.push([old as i32, new as i32]);
+                s.blocks.push(new);
+            }
+            let total = s.len + new_tokens;
+            let more = total.div_ceil(self.block_size) - s.blocks.len();
+            s.blocks
+                .extend(self.allocator.allocate(more).expect("counted above"));
+            for pos in s.len..total {
+                let block = s.blocks[pos / self.block_size] as i64;
+                slot_mapping.push(block * self.block_size as i64 + (pos % self.block_size) as i64);
+            }
+            s.len = total;
+            context_lens.push(total);
+            query_lens.push(new_tokens);
+            self.sequences.insert(seq, s);
+        }
+        self.changed();
+
+        let max_blocks = batch
+            .iter()
+            .map(|(seq, _)| self.sequences[seq].blocks.len())
+            .max()
+            .unwrap_or(0);
+        let mut block_tables = vec![-1i32; batch.len() * max_blocks];
+        for (row, (seq, _)) in block_tables.chunks_mut(max_blocks.max(1)).zip(batch) {
+            for (entry, &b) in row.iter_mut().zip(&self.sequences[seq].blocks) {
+                *entry = b as i32;
+            }
+        }
+        Ok(StepPlan {
+            stamp: self.stamp(),
+            seqs: batch.iter().map(|&(seq, _)| seq).collect(),
+            lens: SeqLens::new(&context_lens, &query_lens)?,
+            block_tables,
+            max_blocks,
+            slot_mapping,
+            block_copies,
+        })
+    }
+
+    /// Checks every invariant: the allocator's own, each block's count equals the number of
+    /// sequences holding it, and each sequence holds exactly the blocks its length needs.
+    pub fn audit(&self) -> std::result::Result<(), String> {
+        self.allocator.audit()?;
+        let mut holders = vec![0u32; self.allocator.num_blocks()];
+        for (id, s) in &self.sequences {
+            if s.blocks.len() != s.len.div_ceil(self.block_size) {
+                return Err(format!(
+                    "sequence {id}: {} tokens in {} blocks",
+                    s.len,
+                    s.blocks.len()
+                ));
+            }
+            for &b in &s.blocks {
+                holders[b as usize] += 1;
+            }
+        }
+        for (b, &n) in holders.iter().enumerate() {
+            let count = self.allocator.ref_count(b as u32);
+            if count != n {
+                return Err(format!(
+                    "block {b}: ref count {count}, held by {n} sequences"
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,138 @@
+//! The CPU backend's pages: host memory behind [`PageStorage`].
+
+use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
+use crate::cpu::{attention, Attention, PagedKv};
+use crate::error::{Error, Result};
+
+/// Pages of every layer in host memory, `[num_layers, 2 (K, V), num_blocks, block_size,
+/// n_kv_heads, head_dim]`.
+///
+/// `T` is any plain element: `f32`, `f16`, `bf16`, or an integer in tests that track tokens.
+#[derive(Debug, Clone)]
+pub struct CpuStorage<T> {
+    config: CacheConfig,
+    num_blocks: usize,
+    /// Elements of one (layer, K or V) tensor.
+    tensor_len: usize,
+    /// [num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]
+    pages: Vec<T>,
+}
+
+impl<T: Copy + Default> CpuStorage<T> {
+    /// `num_blocks` pages per tensor, zero-filled.
+    pub fn new(config: CacheConfig, num_blocks: usize) -> Result<Self> {
+        if num_blocks == 0 {
+            return Err(Error::ZeroBlocks);
+        }
+        let tensor_len =
+            crate::cache::PagedLayout::new(config.shape(), num_blocks, config.block_size())?
+                .cache_len();
+        let total = (tensor_len as u128) * 2 * config.num_layers() as u128;
+        if total > isize::MAX as u128 / std::mem::size_of::<T>().max(1) as u128 {
+            return Err(Error::TooLarge {
+                what: "cache elements",
+                value: total,
+                limit: isize::MAX as u128,
+            });
+        }
+        Ok(Self {
+            config,
+            num_blocks,
+            tensor_len,
+            pages: vec![T::default(); total as usize],
+        })
+    }
+
+    /// The most pages that fit in `budget_bytes`.
+    pub fn with_budget(config: CacheConfig, budget_bytes: u64) -> Result<Self> {
+        Self::new(config, config.blocks_for_budget(budget_bytes)?)
+    }
+
+    /// K and V tensors of `layer`, `[num_blocks, block_size, n_kv_heads, head_dim]` each.
+    pub fn layer(&self, layer: usize) -> (&[T], &[T]) {
+        let (k, v) = self.pages[2 * layer * self.tensor_len..][..2 * self.tensor_len]
+            .split_at(self.tensor_len);
+        (k, v)
+    }
+
+    fn layer_mut(&mut self, layer: usize) -> (&mut [T], &mut [T]) {
+        self.pages[2 * layer * self.tensor_len..][..2 * self.tensor_len]
+            .split_at_mut(self.tensor_len)
+    }
+
+    /// Writes rows `[num_new_tokens, n_kv_heads, head_dim]` of K and V into their slots.
+    fn write_rows(&mut self, layer: usize, slot_mapping: &[i64], k_new: &[T], v_new: &[T]) {
+        let row = self.config.shape().kv_row_len();
+        let (k, v) = self.layer_mut(layer);
+        for (token, &slot) in slot_mapping.iter().enumerate() {
+            let at = slot as usize * row;
+            k[at..at + row].copy_from_slice(&k_new[token * row..][..row]);
+            v[at..at + row].copy_from_slice(&v_new[token * row..][..row]);
+        }
+    }
+}
+
+impl<T: Copy + Default> PageStorage for CpuStorage<T> {
+    type Plan = StepPlan;
+
+    fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn prepare(&mut self, plan: StepPlan) -> Result<StepPlan> {
+        let block_len = self.config.block_size() * self.config.shape().kv_row_len();
+        for tensor in self.pages.chunks_mut(self.tensor_len) {
+            for &[src, dst] in plan.block_copies() {
+                let (src, dst) = (src as usize * block_len, dst as usize * block_len);
+                tensor.copy_within(src..src + block_len, dst);
+            }
+        }
+        Ok(plan)
+    }
+}
+
+impl<T: Copy + Default> PagedCache<CpuStorage<T>> {
+    /// Writes the plan's new tokens of `layer`: `k_new`, `v_new` are
+    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]`, rows in batch order.
+    pub fn write(&mut self, layer: usize, plan: &StepPlan, k_new: &[T], v_new: &[T]) -> Result<()> {
+        self.check(layer, plan)?;
+        let expected = plan.num_new_tokens() * self.config().shape().kv_row_len();
+        Error::check_len("k_new", k_new.len(), expected)?;
+        Error::check_len("v_new", v_new.len(), expected)?;
+        self.storage_mut()
+            .write_rows(layer, plan.slot_mapping(), k_new, v_new);
+        Ok(())
+    }
+
+    /// The paged K/V of `layer` as the plan's batch sees it (for attention and read-back).
+    pub fn paged_kv<'a>(&'a self, layer: usize, plan: &'a StepPlan) -> Result<PagedKv<'a, T>> {
+        self.check(layer, plan)?;
+        let (k, v) = self.storage().layer(layer);
+        PagedKv::new(
+            self.storage().layout(),
+            plan.lens(),
+            plan.block_tables(),
+            plan.max_blocks(),
+            k,
+            v,
+        )
+    }
+}
+
+impl<T: Copy + Default + Into<f64>> PagedCache<CpuStorage<T>> {
+    /// Causal GQA attention of the plan's new tokens over `layer`'s pages (the f64 reference):
+    /// `q` is `[plan.num_new_tokens(), n_heads, head_dim]`.
+    pub fn attend(
+        &self,
+        layer: usize,
+        plan: &StepPlan,
+        q: &[T],
+        scale: Option<f64>,
+    ) -> Result<Attention> {
+        attention(q, &self.paged_kv(layer, plan)?, scale)
+    }
+}
