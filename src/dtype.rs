@@ -23,7 +23,15 @@ impl DType {
 /// A type the kernels take (`f32`, [`half::f16`], [`half::bf16`]): plain data on the host and the device,
 /// exactly convertible to `f64` for the reference.
 pub trait Element:
-    Copy + Into<f64> + bytemuck::Pod + cudarc::driver::DeviceRepr + Send + Sync + 'static
+    Copy
+    + Default
+    + Into<f64>
+    + bytemuck::Pod
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + Send
+    + Sync
+    + 'static
 {
     /// The matching [`DType`].
     const DTYPE: DType;

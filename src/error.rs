@@ -148,6 +148,15 @@ pub enum Error {
         generation: u64,
     },
 
+    /// A storage's element type differs from the one its configuration names.
+    #[error(
+        "dtype mismatch: the cache is configured for {expected:?}, the storage holds {actual:?}"
+    )]
+    DTypeMismatch {
+        expected: crate::dtype::DType,
+        actual: crate::dtype::DType,
+    },
+
     /// No CUDA: the crate was built without nvcc, libcuda is missing, or there is no GPU.
     #[error("CUDA is unavailable: {reason}")]
     CudaUnavailable { reason: String },

@@ -77,6 +77,103 @@ unsafe extern "C" {
         cuda_error: *mut i32,
     ) -> pgqa_status;
 }
+#[doc = " Writes the K and V rows of a step's new tokens into their slots of one layer's pages, the\n whole batch in one launch. Slot s is token s % block_size of block s / block_size; a slot\n outside [0, num_slots) is skipped (the host validates slots; this is a second guard)."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pgqa_write_kv_params {
+    #[doc = "< [num_tokens, n_kv_heads, head_dim]"]
+    pub k_new: *const ::core::ffi::c_void,
+    #[doc = "< [num_tokens, n_kv_heads, head_dim]"]
+    pub v_new: *const ::core::ffi::c_void,
+    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim]"]
+    pub k_cache: *mut ::core::ffi::c_void,
+    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim]"]
+    pub v_cache: *mut ::core::ffi::c_void,
+    #[doc = "< [num_tokens]"]
+    pub slot_mapping: *const i64,
+    pub num_tokens: i64,
+    #[doc = "< num_blocks * block_size"]
+    pub num_slots: i64,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
+    pub dtype: pgqa_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pgqa_write_kv_params"][::core::mem::size_of::<pgqa_write_kv_params>() - 72usize];
+    ["Alignment of pgqa_write_kv_params"][::core::mem::align_of::<pgqa_write_kv_params>() - 8usize];
+    ["Offset of field: pgqa_write_kv_params::k_new"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, k_new) - 0usize];
+    ["Offset of field: pgqa_write_kv_params::v_new"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, v_new) - 8usize];
+    ["Offset of field: pgqa_write_kv_params::k_cache"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, k_cache) - 16usize];
+    ["Offset of field: pgqa_write_kv_params::v_cache"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, v_cache) - 24usize];
+    ["Offset of field: pgqa_write_kv_params::slot_mapping"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, slot_mapping) - 32usize];
+    ["Offset of field: pgqa_write_kv_params::num_tokens"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, num_tokens) - 40usize];
+    ["Offset of field: pgqa_write_kv_params::num_slots"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, num_slots) - 48usize];
+    ["Offset of field: pgqa_write_kv_params::n_kv_heads"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, n_kv_heads) - 56usize];
+    ["Offset of field: pgqa_write_kv_params::head_dim"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, head_dim) - 60usize];
+    ["Offset of field: pgqa_write_kv_params::dtype"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, dtype) - 64usize];
+};
+unsafe extern "C" {
+    pub fn pgqa_write_kv(
+        params: *const pgqa_write_kv_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> pgqa_status;
+}
+#[doc = " Copies whole blocks (the copy-on-write step) in every tensor of the cache, all pairs and all\n layers in one launch. Pairs whose ids fall outside [0, num_blocks) are skipped. Pairs run in\n parallel: no dst block may be the src or dst of another pair."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pgqa_copy_blocks_params {
+    #[doc = "< [num_tensors, num_blocks, block_size, n_kv_heads, head_dim]"]
+    pub pages: *mut ::core::ffi::c_void,
+    #[doc = "< [num_copies, 2]: (src block, dst block)"]
+    pub block_copies: *const i32,
+    pub num_copies: i64,
+    #[doc = "< elements per block: block_size * n_kv_heads * head_dim"]
+    pub block_len: i64,
+    #[doc = "< 2 * num_layers (every layer's K and V); at most 65535"]
+    pub num_tensors: i32,
+    pub num_blocks: i32,
+    pub dtype: pgqa_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pgqa_copy_blocks_params"]
+        [::core::mem::size_of::<pgqa_copy_blocks_params>() - 48usize];
+    ["Alignment of pgqa_copy_blocks_params"]
+        [::core::mem::align_of::<pgqa_copy_blocks_params>() - 8usize];
+    ["Offset of field: pgqa_copy_blocks_params::pages"]
+        [::core::mem::offset_of!(pgqa_copy_blocks_params, pages) - 0usize];
+    ["Offset of field: pgqa_copy_blocks_params::block_copies"]
+        [::core::mem::offset_of!(pgqa_copy_blocks_params, block_copies) - 8usize];
+    ["Offset of field: pgqa_copy_blocks_params::num_copies"]
+        [::core::mem::offset_of!(pgqa_copy_blocks_params, num_copies) - 16usize];
+    ["Offset of field: pgqa_copy_blocks_params::block_len"]
+        [::core::mem::offset_of!(pgqa_copy_blocks_params, block_len) - 24usize];
+    ["Offset of field: pgqa_copy_blocks_params::num_tensors"]
+        [::core::mem::offset_of!(pgqa_copy_blocks_params, num_tensors) - 32usize];
+    ["Offset of field: pgqa_copy_blocks_params::num_blocks"]
+        [::core::mem::offset_of!(pgqa_copy_blocks_params, num_blocks) - 36usize];
+    ["Offset of field: pgqa_copy_blocks_params::dtype"]
+        [::core::mem::offset_of!(pgqa_copy_blocks_params, dtype) - 40usize];
+};
+unsafe extern "C" {
+    pub fn pgqa_copy_blocks(
+        params: *const pgqa_copy_blocks_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> pgqa_status;
+}
 unsafe extern "C" {
     #[doc = " The name of a cudaError_t value (\"cudaErrorInvalidValue\"); a static string, never null."]
     pub fn pgqa_cuda_error_name(cuda_error: i32) -> *const ::core::ffi::c_char;

@@ -48,3 +48,8 @@ pub use cache::{BlockTables, PagedLayout};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use shape::GqaShape;
+
+/// The README's Rust examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -57,6 +57,45 @@ typedef struct pgqa_repeat_kv_params {
 pgqa_status pgqa_repeat_kv(const pgqa_repeat_kv_params *params, pgqa_stream stream,
                            int32_t *cuda_error);
 
+/**
+ * Writes the K and V rows of a step's new tokens into their slots of one layer's pages, the
+ * whole batch in one launch. Slot s is token s % block_size of block s / block_size; a slot
+ * outside [0, num_slots) is skipped (the host validates slots; this is a second guard).
+ */
+typedef struct pgqa_write_kv_params {
+  const void *k_new;           /**< [num_tokens, n_kv_heads, head_dim] */
+  const void *v_new;           /**< [num_tokens, n_kv_heads, head_dim] */
+  void *k_cache;               /**< [num_blocks, block_size, n_kv_heads, head_dim] */
+  void *v_cache;               /**< [num_blocks, block_size, n_kv_heads, head_dim] */
+  const int64_t *slot_mapping; /**< [num_tokens] */
+  int64_t num_tokens;
+  int64_t num_slots; /**< num_blocks * block_size */
+  int32_t n_kv_heads;
+  int32_t head_dim;
+  pgqa_dtype dtype;
+} pgqa_write_kv_params;
+
+pgqa_status pgqa_write_kv(const pgqa_write_kv_params *params, pgqa_stream stream,
+                          int32_t *cuda_error);
+
+/**
+ * Copies whole blocks (the copy-on-write step) in every tensor of the cache, all pairs and all
+ * layers in one launch. Pairs whose ids fall outside [0, num_blocks) are skipped. Pairs run in
+ * parallel: no dst block may be the src or dst of another pair.
+ */
+typedef struct pgqa_copy_blocks_params {
+  void *pages;                 /**< [num_tensors, num_blocks, block_size, n_kv_heads, head_dim] */
+  const int32_t *block_copies; /**< [num_copies, 2]: (src block, dst block) */
+  int64_t num_copies;
+  int64_t block_len; /**< elements per block: block_size * n_kv_heads * head_dim */
+  int32_t num_tensors; /**< 2 * num_layers (every layer's K and V); at most 65535 */
+  int32_t num_blocks;
+  pgqa_dtype dtype;
+} pgqa_copy_blocks_params;
+
+pgqa_status pgqa_copy_blocks(const pgqa_copy_blocks_params *params, pgqa_stream stream,
+                             int32_t *cuda_error);
+
 /** The name of a cudaError_t value ("cudaErrorInvalidValue"); a static string, never null. */
 const char *pgqa_cuda_error_name(int32_t cuda_error);
 

@@ -7,12 +7,13 @@
 //! Every entry point returns [`Error::CudaUnavailable`] when the crate was built without nvcc,
 //! when libcuda is missing, or when there is no device; none of them panics.
 
-#[cfg(paged_gqa_kernels)]
+mod cache;
 mod launch;
 mod repeat_kv;
 
 use std::sync::Arc;
 
+pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
 pub use repeat_kv::repeat_kv;
 
@@ -31,10 +32,7 @@ pub const KERNELS_BUILT: bool = cfg!(paged_gqa_kernels);
 /// ```
 pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !KERNELS_BUILT {
-        return Err(Error::CudaUnavailable {
-            reason: "paged-gqa was built without nvcc (run scripts/install-toolchain, or set NVCC / CUDA_HOME, then rebuild)"
-                .into(),
-        });
+        return Err(built_without_kernels());
     }
     // SAFETY: only probes whether the driver library can be loaded.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -53,11 +51,27 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     Ok(CudaContext::new(ordinal)?)
 }
 
+/// The error of every CUDA entry point in a build without kernels.
+pub(crate) fn built_without_kernels() -> Error {
+    Error::CudaUnavailable {
+        reason: "paged-gqa was built without nvcc (run scripts/install-toolchain, or set NVCC / CUDA_HOME, then rebuild)"
+            .into(),
+    }
+}
+
+/// A size the C contract carries as `int32_t`, checked.
+pub(crate) fn to_i32(what: &'static str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::TooLarge {
+        what,
+        value: value as u128,
+        limit: i32::MAX as u128,
+    })
+}
+
 /// Bytes of 16-byte vector alignment every kernel's tensors need.
 pub(crate) const VECTOR_BYTES: u64 = 16;
 
 /// Checks that a device address can take 16-byte vector accesses.
-#[cfg_attr(not(paged_gqa_kernels), allow(dead_code))]
 pub(crate) fn check_aligned(name: &'static str, address: u64) -> Result<()> {
     if address % VECTOR_BYTES != 0 {
         return Err(Error::Misaligned { name, address });

@@ -2,8 +2,10 @@
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
+use crate::cuda::{check_aligned, launch, to_i32};
 use crate::dtype::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::ffi;
 use crate::shape::GqaShape;
 
 /// `repeat_kv` on the GPU, the Llama reference semantics: `dst` head `h` is a copy of `src`
@@ -21,55 +23,26 @@ pub fn repeat_kv<T: Element>(
     src: &impl DevicePtr<T>,
     dst: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    #[cfg(paged_gqa_kernels)]
-    {
-        use crate::cuda::{check_aligned, launch};
-        use crate::ffi;
-        use crate::Error;
-
-        Error::check_len("src", src.len(), num_tokens * shape.kv_row_len())?;
-        Error::check_len("dst", dst.len(), num_tokens * shape.q_row_len())?;
-        if num_tokens == 0 {
-            return Ok(());
-        }
-        stream.context().bind_to_thread()?;
-        let (src_ptr, _src_sync) = src.device_ptr(stream);
-        let (dst_ptr, _dst_sync) = dst.device_ptr_mut(stream);
-        check_aligned("src", src_ptr)?;
-        check_aligned("dst", dst_ptr)?;
-        let params = ffi::pgqa_repeat_kv_params {
-            src: src_ptr as *const _,
-            dst: dst_ptr as *mut _,
-            num_tokens: num_tokens as i64,
-            // GqaShape keeps heads and head_dim small enough for i32 only by convention, so
-            // convert with a check.
-            n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
-            n_rep: to_i32("group", shape.group())?,
-            head_dim: to_i32("head_dim", shape.head_dim())?,
-            dtype: launch::dtype(T::DTYPE),
-        };
-        let mut cuda_error = 0i32;
-        // SAFETY: lengths were checked against the shape above, both pointers are live device
-        // allocations of the stream's context for the duration of the (asynchronous) launch
-        // (the SyncOnDrop guards order later uses after it), and params outlives the call.
-        let status =
-            unsafe { ffi::pgqa_repeat_kv(&params, stream.cu_stream() as _, &mut cuda_error) };
-        launch::check("repeat_kv", status, cuda_error)
+    Error::check_len("src", src.len(), num_tokens * shape.kv_row_len())?;
+    Error::check_len("dst", dst.len(), num_tokens * shape.q_row_len())?;
+    if num_tokens == 0 {
+        return Ok(());
     }
-    #[cfg(not(paged_gqa_kernels))]
-    {
-        let _ = (stream, shape, num_tokens, src, dst);
-        Err(crate::Error::CudaUnavailable {
-            reason: "paged-gqa was built without nvcc".into(),
-        })
-    }
-}
-
-#[cfg(paged_gqa_kernels)]
-fn to_i32(what: &'static str, value: usize) -> Result<i32> {
-    i32::try_from(value).map_err(|_| crate::Error::TooLarge {
-        what,
-        value: value as u128,
-        limit: i32::MAX as u128,
-    })
+    let (src_ptr, _src_sync) = src.device_ptr(stream);
+    let (dst_ptr, _dst_sync) = dst.device_ptr_mut(stream);
+    check_aligned("src", src_ptr)?;
+    check_aligned("dst", dst_ptr)?;
+    let params = ffi::pgqa_repeat_kv_params {
+        src: src_ptr as *const _,
+        dst: dst_ptr as *mut _,
+        num_tokens: num_tokens as i64,
+        n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
+        n_rep: to_i32("group", shape.group())?,
+        head_dim: to_i32("head_dim", shape.head_dim())?,
+        dtype: launch::dtype(T::DTYPE),
+    };
+    // SAFETY: lengths were checked against the shape above; both pointers are live device
+    // allocations until the launched work completes (the SyncOnDrop guards order later uses
+    // after it).
+    unsafe { launch::repeat_kv(&params, stream) }
 }
