@@ -3,7 +3,7 @@
 //! Raw bindings of kernels/include/paged_gqa.h (bindgen output, committed;
 //! tests/ffi_bindings.rs fails when it is stale). Everything here is unsafe to
 //! call: the safe API in `cuda` validates arguments before it calls in.
-#![allow(non_camel_case_types, non_upper_case_globals, clippy::all)]
+#![allow(non_camel_case_types, non_upper_case_globals, clippy::all, rustdoc::broken_intra_doc_links)]
 
 #[repr(C)]
 #[derive(Debug)]

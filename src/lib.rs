@@ -40,6 +40,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+#[rustfmt::skip] // bindgen output, compared verbatim by tests/ffi_bindings.rs
 pub mod ffi;
 pub mod shape;
 

@@ -33,7 +33,8 @@ fn generate() -> String {
         .raw_line("//! Raw bindings of kernels/include/paged_gqa.h (bindgen output, committed;")
         .raw_line("//! tests/ffi_bindings.rs fails when it is stale). Everything here is unsafe to")
         .raw_line("//! call: the safe API in `cuda` validates arguments before it calls in.")
-        .raw_line("#![allow(non_camel_case_types, non_upper_case_globals, clippy::all)]")
+        // Shapes like `[num_tokens]` in the header comments are not links.
+        .raw_line("#![allow(non_camel_case_types, non_upper_case_globals, clippy::all, rustdoc::broken_intra_doc_links)]")
         .generate()
         .expect("bindgen ran on kernels/include/paged_gqa.h")
         .to_string()
