@@ -29,3 +29,87 @@ inline pgqa_status launch_status(int32_t *cuda_error) {
 }
 
 }  // namespace pgqa
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace pgqa {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Eight 2-byte elements (one 16-byte vector) to floats, and back.
+__device__ inline void to_float8(const uint4 &v, float (&f)[8], const __nv_bfloat16 *) {
+  const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __bfloat1622float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+__device__ inline void to_float8(const uint4 &v, float (&f)[8], const __half *) {
+  const __half2 *h = reinterpret_cast<const __half2 *>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __half22float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+__device__ inline uint4 from_float8(const float (&f)[8], const __nv_bfloat16 *) {
+  uint4 v;
+  __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return v;
+}
+__device__ inline uint4 from_float8(const float (&f)[8], const __half *) {
+  uint4 v;
+  __half2 *h = reinterpret_cast<__half2 *>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+  return v;
+}
+__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ inline float to_float(__half x) { return __half2float(x); }
+__device__ inline void store(__nv_bfloat16 *p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ inline void store(__half *p, float x) { *p = __float2half_rn(x); }
+
+// Warp-wide reductions; every lane of the warp must call them.
+__device__ inline float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+__device__ inline float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// 16-byte global -> shared copy: asynchronous (cp.async, sm_80+) or plain on older GPUs.
+__device__ inline void copy16_async(void *smem, const void *gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+#else
+  *static_cast<uint4 *>(smem) = *static_cast<const uint4 *>(gmem);
+#endif
+}
+// Closes the group of copies issued since the last commit.
+__device__ inline void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N committed groups are still in flight (this thread's copies only:
+// a __syncthreads() must follow before other threads read them).
+template <int N>
+__device__ inline void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+}  // namespace pgqa

@@ -29,6 +29,8 @@ impl pgqa_status {
     pub const PGQA_STATUS_MISALIGNED: pgqa_status = pgqa_status(2);
     #[doc = "< the launch failed: see cuda_error"]
     pub const PGQA_STATUS_CUDA_ERROR: pgqa_status = pgqa_status(3);
+    #[doc = "< a head_dim or dtype no kernel is built for"]
+    pub const PGQA_STATUS_UNSUPPORTED: pgqa_status = pgqa_status(4);
 }
 #[repr(transparent)]
 #[doc = " What a launcher returns. PGQA_STATUS_OK means the kernel was enqueued (it has not run yet).\n PGQA_STATUS_CUDA_ERROR means the CUDA runtime refused the launch: the launcher also writes the\n cudaError_t value to *cuda_error when that pointer is not null."]
@@ -170,6 +172,104 @@ const _: () = {
 unsafe extern "C" {
     pub fn pgqa_copy_blocks(
         params: *const pgqa_copy_blocks_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> pgqa_status;
+}
+#[doc = "< threads per block"]
+pub const PGQA_DECODE_THREADS: _bindgen_ty_1 = _bindgen_ty_1(128);
+#[doc = "< 8-element output accumulators per thread"]
+pub const PGQA_DECODE_ACC_ITEMS: _bindgen_ty_1 = _bindgen_ty_1(6);
+pub const PGQA_DECODE_MAX_SPLITS: _bindgen_ty_1 = _bindgen_ty_1(65535);
+#[repr(transparent)]
+#[doc = " Decode kernel geometry, shared with the planner (src/plan.rs)."]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub struct _bindgen_ty_1(pub ::core::ffi::c_uint);
+#[doc = " Fused paged GQA decode: one query row per sequence. One thread block serves one\n (sequence, K/V head, chunk of its group's query heads, split of the context): it reads each\n K and V row of its range once and computes every query head of the chunk from it. A chunk\n holds at most PGQA_DECODE_ACC_ITEMS * PGQA_DECODE_THREADS * 8 / head_dim query heads.\n\n Query head h reads K/V head h / (n_heads / n_kv_heads). Scores are scale * q.k, softmax in\n fp32. With num_splits > 1 each split writes its partial output and log2-sum-exp to the\n workspace and a merge kernel (same launcher) combines them. Sequences with context_len 0\n give output 0 and lse -inf. head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pgqa_decode_params {
+    #[doc = "< [batch, n_heads, head_dim]"]
+    pub q: *const ::core::ffi::c_void,
+    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim] (one layer)"]
+    pub k_cache: *const ::core::ffi::c_void,
+    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim] (one layer)"]
+    pub v_cache: *const ::core::ffi::c_void,
+    #[doc = "< [batch, max_blocks]"]
+    pub block_tables: *const i32,
+    #[doc = "< [batch]: keys per sequence, at most max_blocks * block_size"]
+    pub context_lens: *const i32,
+    #[doc = "< [batch, n_heads, head_dim]"]
+    pub out: *mut ::core::ffi::c_void,
+    #[doc = "< [batch, n_heads], natural log"]
+    pub lse: *mut f32,
+    #[doc = "< [batch, n_heads, num_splits, head_dim] when num_splits > 1"]
+    pub partial_out: *mut f32,
+    #[doc = "< [batch, n_heads, num_splits] when num_splits > 1"]
+    pub partial_lse: *mut f32,
+    pub batch: i32,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
+    #[doc = "< a power of two"]
+    pub block_size: i32,
+    pub max_blocks: i32,
+    #[doc = "< block ids outside [0, num_blocks) are never read"]
+    pub num_blocks: i32,
+    pub num_splits: i32,
+    #[doc = "< split s covers keys [s * keys_per_split, (s + 1) * keys_per_split)"]
+    pub keys_per_split: i32,
+    pub scale: f32,
+    pub dtype: pgqa_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pgqa_decode_params"][::core::mem::size_of::<pgqa_decode_params>() - 120usize];
+    ["Alignment of pgqa_decode_params"][::core::mem::align_of::<pgqa_decode_params>() - 8usize];
+    ["Offset of field: pgqa_decode_params::q"]
+        [::core::mem::offset_of!(pgqa_decode_params, q) - 0usize];
+    ["Offset of field: pgqa_decode_params::k_cache"]
+        [::core::mem::offset_of!(pgqa_decode_params, k_cache) - 8usize];
+    ["Offset of field: pgqa_decode_params::v_cache"]
+        [::core::mem::offset_of!(pgqa_decode_params, v_cache) - 16usize];
+    ["Offset of field: pgqa_decode_params::block_tables"]
+        [::core::mem::offset_of!(pgqa_decode_params, block_tables) - 24usize];
+    ["Offset of field: pgqa_decode_params::context_lens"]
+        [::core::mem::offset_of!(pgqa_decode_params, context_lens) - 32usize];
+    ["Offset of field: pgqa_decode_params::out"]
+        [::core::mem::offset_of!(pgqa_decode_params, out) - 40usize];
+    ["Offset of field: pgqa_decode_params::lse"]
+        [::core::mem::offset_of!(pgqa_decode_params, lse) - 48usize];
+    ["Offset of field: pgqa_decode_params::partial_out"]
+        [::core::mem::offset_of!(pgqa_decode_params, partial_out) - 56usize];
+    ["Offset of field: pgqa_decode_params::partial_lse"]
+        [::core::mem::offset_of!(pgqa_decode_params, partial_lse) - 64usize];
+    ["Offset of field: pgqa_decode_params::batch"]
+        [::core::mem::offset_of!(pgqa_decode_params, batch) - 72usize];
+    ["Offset of field: pgqa_decode_params::n_heads"]
+        [::core::mem::offset_of!(pgqa_decode_params, n_heads) - 76usize];
+    ["Offset of field: pgqa_decode_params::n_kv_heads"]
+        [::core::mem::offset_of!(pgqa_decode_params, n_kv_heads) - 80usize];
+    ["Offset of field: pgqa_decode_params::head_dim"]
+        [::core::mem::offset_of!(pgqa_decode_params, head_dim) - 84usize];
+    ["Offset of field: pgqa_decode_params::block_size"]
+        [::core::mem::offset_of!(pgqa_decode_params, block_size) - 88usize];
+    ["Offset of field: pgqa_decode_params::max_blocks"]
+        [::core::mem::offset_of!(pgqa_decode_params, max_blocks) - 92usize];
+    ["Offset of field: pgqa_decode_params::num_blocks"]
+        [::core::mem::offset_of!(pgqa_decode_params, num_blocks) - 96usize];
+    ["Offset of field: pgqa_decode_params::num_splits"]
+        [::core::mem::offset_of!(pgqa_decode_params, num_splits) - 100usize];
+    ["Offset of field: pgqa_decode_params::keys_per_split"]
+        [::core::mem::offset_of!(pgqa_decode_params, keys_per_split) - 104usize];
+    ["Offset of field: pgqa_decode_params::scale"]
+        [::core::mem::offset_of!(pgqa_decode_params, scale) - 108usize];
+    ["Offset of field: pgqa_decode_params::dtype"]
+        [::core::mem::offset_of!(pgqa_decode_params, dtype) - 112usize];
+};
+unsafe extern "C" {
+    pub fn pgqa_decode(
+        params: *const pgqa_decode_params,
         stream: pgqa_stream,
         cuda_error: *mut i32,
     ) -> pgqa_status;

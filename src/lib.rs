@@ -42,6 +42,7 @@ pub mod dtype;
 pub mod error;
 #[rustfmt::skip] // bindgen output, compared verbatim by tests/ffi_bindings.rs
 pub mod ffi;
+pub mod plan;
 pub mod shape;
 
 pub use batch::SeqLens;

@@ -35,7 +35,8 @@ typedef enum pgqa_status {
   PGQA_STATUS_OK = 0,
   PGQA_STATUS_INVALID_ARGUMENT = 1, /**< null pointer, zero or negative size, bad dtype */
   PGQA_STATUS_MISALIGNED = 2, /**< a pointer or row is not 16-byte aligned */
-  PGQA_STATUS_CUDA_ERROR = 3 /**< the launch failed: see cuda_error */
+  PGQA_STATUS_CUDA_ERROR = 3, /**< the launch failed: see cuda_error */
+  PGQA_STATUS_UNSUPPORTED = 4 /**< a head_dim or dtype no kernel is built for */
 } pgqa_status;
 
 /**
@@ -95,6 +96,50 @@ typedef struct pgqa_copy_blocks_params {
 
 pgqa_status pgqa_copy_blocks(const pgqa_copy_blocks_params *params, pgqa_stream stream,
                              int32_t *cuda_error);
+
+/** Decode kernel geometry, shared with the planner (src/plan.rs). */
+enum {
+  PGQA_DECODE_THREADS = 128,  /**< threads per block */
+  PGQA_DECODE_ACC_ITEMS = 6,  /**< 8-element output accumulators per thread */
+  PGQA_DECODE_MAX_SPLITS = 65535
+};
+
+/**
+ * Fused paged GQA decode: one query row per sequence. One thread block serves one
+ * (sequence, K/V head, chunk of its group's query heads, split of the context): it reads each
+ * K and V row of its range once and computes every query head of the chunk from it. A chunk
+ * holds at most PGQA_DECODE_ACC_ITEMS * PGQA_DECODE_THREADS * 8 / head_dim query heads.
+ *
+ * Query head h reads K/V head h / (n_heads / n_kv_heads). Scores are scale * q.k, softmax in
+ * fp32. With num_splits > 1 each split writes its partial output and log2-sum-exp to the
+ * workspace and a merge kernel (same launcher) combines them. Sequences with context_len 0
+ * give output 0 and lse -inf. head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16.
+ */
+typedef struct pgqa_decode_params {
+  const void *q;               /**< [batch, n_heads, head_dim] */
+  const void *k_cache;         /**< [num_blocks, block_size, n_kv_heads, head_dim] (one layer) */
+  const void *v_cache;         /**< [num_blocks, block_size, n_kv_heads, head_dim] (one layer) */
+  const int32_t *block_tables; /**< [batch, max_blocks] */
+  const int32_t *context_lens; /**< [batch]: keys per sequence, at most max_blocks * block_size */
+  void *out;                   /**< [batch, n_heads, head_dim] */
+  float *lse;                  /**< [batch, n_heads], natural log */
+  float *partial_out;          /**< [batch, n_heads, num_splits, head_dim] when num_splits > 1 */
+  float *partial_lse;          /**< [batch, n_heads, num_splits] when num_splits > 1 */
+  int32_t batch;
+  int32_t n_heads;
+  int32_t n_kv_heads;
+  int32_t head_dim;
+  int32_t block_size; /**< a power of two */
+  int32_t max_blocks;
+  int32_t num_blocks; /**< block ids outside [0, num_blocks) are never read */
+  int32_t num_splits;
+  int32_t keys_per_split; /**< split s covers keys [s * keys_per_split, (s + 1) * keys_per_split) */
+  float scale;
+  pgqa_dtype dtype;
+} pgqa_decode_params;
+
+pgqa_status pgqa_decode(const pgqa_decode_params *params, pgqa_stream stream,
+                        int32_t *cuda_error);
 
 /** The name of a cudaError_t value ("cudaErrorInvalidValue"); a static string, never null. */
 const char *pgqa_cuda_error_name(int32_t cuda_error);

@@ -1,0 +1,304 @@
+// decode.cu: fused paged GQA decode (see pgqa_decode in paged_gqa.h).
+//
+// One thread block = one (sequence, K/V head, chunk of that K/V head's query heads, split).
+// Per tile of kKeys keys it
+//   0. brings the tile's K and V rows into shared memory with cp.async, the next tile's copies
+//      in flight while this one is computed (two buffers);
+//   1. scores s[h][t] = (scale * log2 e) * q_h . k_t for every (query head, key) pair;
+//   2. per query head, one warp: online softmax in the log2 domain (running max m, sum l), the
+//      tile's probabilities written back over the scores, alpha = exp2(m_old - m_new);
+//   3. every thread owns up to kAccItems 8-element slices of the heads' outputs and adds
+//      sum_t p[h][t] * v_t to them (after scaling them by alpha).
+// Each K and V byte of the range is read from global memory once for the whole chunk of heads.
+
+#include "common.cuh"
+#include "merge.cuh"
+
+namespace {
+
+constexpr int kThreads = PGQA_DECODE_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kAccItems = PGQA_DECODE_ACC_ITEMS;
+
+template <int D>
+struct Geometry {
+  static constexpr int kChunks = D / 8;  // 16-byte vectors per row
+  // Keys per tile: about 4096 elements of K (and of V) per buffer.
+  static constexpr int kKeys = 4096 / D >= 64 ? 64 : (4096 / D >= 32 ? 32 : 16);
+  // Shared-memory row stride in elements: 16 bytes of padding shift consecutive rows by one
+  // 16-byte bank group, so the threads of a quarter warp reading different rows never collide.
+  static constexpr int kRowStride = D + 8;
+  static constexpr int kTileElems = kKeys * kRowStride;
+  // Query heads one block serves: kAccItems slices of 8 per thread.
+  static constexpr int kMaxHeads = kAccItems * kThreads / kChunks;
+};
+
+// Shared memory of a block serving `heads` query heads: K and V tiles (two buffers each),
+// then q [heads][D] f32, scores [heads][kKeys] f32, m, l, alpha [heads] f32.
+template <typename T, int D>
+size_t smem_bytes(int heads) {
+  using G = Geometry<D>;
+  return 4 * G::kTileElems * sizeof(T) + static_cast<size_t>(heads) * (D + G::kKeys + 3) * sizeof(float);
+}
+
+// q_h . k over D elements: q from shared f32 (pre-scaled), k a shared row of T.
+template <typename T, int D>
+__device__ inline float dot(const float *q, const T *k) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < D / 8; ++c) {
+    float kf[8];
+    pgqa::to_float8(*reinterpret_cast<const uint4 *>(k + c * 8), kf, k);
+    const float4 q0 = *reinterpret_cast<const float4 *>(q + c * 8);
+    const float4 q1 = *reinterpret_cast<const float4 *>(q + c * 8 + 4);
+    sum += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
+           q1.z * kf[6] + q1.w * kf[7];
+  }
+  return sum;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    decode_kernel(const pgqa_decode_params p, int block_shift, int group, int head_chunks) {
+  using G = Geometry<D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *k_tiles = reinterpret_cast<T *>(smem);  // [2][kKeys][kRowStride]
+  T *v_tiles = k_tiles + 2 * G::kTileElems;   // [2][kKeys][kRowStride]
+
+  const int seq = blockIdx.x;
+  const int kv_head = blockIdx.y / head_chunks;
+  const int chunk = blockIdx.y % head_chunks;
+  const int split = blockIdx.z;
+  const int head0 = kv_head * group + chunk * G::kMaxHeads;  // first query head served
+  const int heads = min(G::kMaxHeads, group - chunk * G::kMaxHeads);
+
+  float *q_s = reinterpret_cast<float *>(v_tiles + 2 * G::kTileElems);  // [heads][D]
+  float *scores = q_s + heads * D;                                        // [heads][kKeys]
+  float *m_s = scores + heads * G::kKeys;                                 // [heads]
+  float *l_s = m_s + heads;                                               // [heads]
+  float *alpha_s = l_s + heads;                                           // [heads]
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int context_len = p.context_lens[seq];
+  const int start = split * p.keys_per_split;
+  const int end = min(context_len, start + p.keys_per_split);
+  const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
+
+  const T *k_cache = static_cast<const T *>(p.k_cache);
+  const T *v_cache = static_cast<const T *>(p.v_cache);
+  const int32_t *block_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+
+  // Issues the copies of tile `tile` into buffer tile % 2 (rows past `end` are not loaded;
+  // they are never read).
+  auto load_tile = [&](int tile) {
+    const int base = start + tile * G::kKeys;
+    const int valid = min(G::kKeys, end - base);
+    T *k_dst = k_tiles + (tile & 1) * G::kTileElems;
+    T *v_dst = v_tiles + (tile & 1) * G::kTileElems;
+    for (int i = threadIdx.x; i < valid * G::kChunks; i += kThreads) {
+      const int row = i / G::kChunks;
+      const int c = i % G::kChunks;
+      const int pos = base + row;
+      const int block = block_table[pos >> block_shift];
+      if (block < 0 || block >= p.num_blocks) continue;  // validated on the host; never read
+      const int slot = pos & (p.block_size - 1);
+      const int64_t offset =
+          ((static_cast<int64_t>(block) * p.block_size + slot) * p.n_kv_heads + kv_head) * D + c * 8;
+      pgqa::copy16_async(k_dst + row * G::kRowStride + c * 8, k_cache + offset);
+      pgqa::copy16_async(v_dst + row * G::kRowStride + c * 8, v_cache + offset);
+    }
+    pgqa::copy_async_commit();
+  };
+
+  if (num_tiles > 0) load_tile(0);
+
+  const float q_scale = p.scale * pgqa::kLog2e;
+  const T *q = static_cast<const T *>(p.q) + (static_cast<int64_t>(seq) * p.n_heads + head0) * D;
+  for (int i = threadIdx.x; i < heads * D; i += kThreads) q_s[i] = pgqa::to_float(q[i]) * q_scale;
+  for (int h = threadIdx.x; h < heads; h += kThreads) {
+    m_s[h] = -INFINITY;
+    l_s[h] = 0.0f;
+  }
+
+  float acc[kAccItems][8];
+#pragma unroll
+  for (int k = 0; k < kAccItems; ++k)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[k][j] = 0.0f;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    if (tile + 1 < num_tiles) {
+      load_tile(tile + 1);  // its buffer was last read before the previous iteration's end barrier
+      pgqa::copy_async_wait<1>();
+    } else {
+      pgqa::copy_async_wait<0>();
+    }
+    __syncthreads();  // tile `tile` (and, first time, q_s, m_s, l_s) visible to every thread
+
+    const int valid = min(G::kKeys, end - (start + tile * G::kKeys));  // >= 1
+    const T *k_tile = k_tiles + (tile & 1) * G::kTileElems;
+    const T *v_tile = v_tiles + (tile & 1) * G::kTileElems;
+
+    // 1. Scores; keys past `valid` are masked.
+    for (int i = threadIdx.x; i < heads * G::kKeys; i += kThreads) {
+      const int h = i / G::kKeys;
+      const int t = i % G::kKeys;
+      scores[i] = t < valid ? dot<T, D>(q_s + h * D, k_tile + t * G::kRowStride) : -INFINITY;
+    }
+    __syncthreads();
+
+    // 2. Online softmax, one warp per head. m_new is finite: the tile has a valid key.
+    for (int h = warp; h < heads; h += kWarps) {
+      float *row = scores + h * G::kKeys;
+      float tile_max = -INFINITY;
+      for (int t = lane; t < G::kKeys; t += 32) tile_max = fmaxf(tile_max, row[t]);
+      tile_max = pgqa::warp_max(tile_max);
+      const float m_old = m_s[h];
+      const float m_new = fmaxf(m_old, tile_max);
+      float sum = 0.0f;
+      for (int t = lane; t < G::kKeys; t += 32) {
+        const float e = exp2f(row[t] - m_new);  // masked keys: exp2(-inf) = 0
+        row[t] = e;
+        sum += e;
+      }
+      sum = pgqa::warp_sum(sum);
+      if (lane == 0) {
+        const float alpha = exp2f(m_old - m_new);  // m_old = -inf on the first tile: 0
+        alpha_s[h] = alpha;
+        l_s[h] = l_s[h] * alpha + sum;
+        m_s[h] = m_new;
+      }
+    }
+    __syncthreads();
+
+    // 3. Outputs: item = (head, 8-element slice).
+#pragma unroll
+    for (int k = 0; k < kAccItems; ++k) {
+      const int item = threadIdx.x + k * kThreads;
+      const int h = item / G::kChunks;
+      const int c = item % G::kChunks;
+      if (h < heads) {
+        const float alpha = alpha_s[h];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[k][j] *= alpha;
+        const float *prob = scores + h * G::kKeys;
+        for (int t = 0; t < valid; ++t) {
+          float vf[8];
+          pgqa::to_float8(*reinterpret_cast<const uint4 *>(v_tile + t * G::kRowStride + c * 8), vf,
+                          v_tile);
+          const float pt = prob[t];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[k][j] += pt * vf[j];
+        }
+      }
+    }
+    __syncthreads();  // this tile's buffers, scores and alpha are free for the next iteration
+  }
+  __syncthreads();  // m_s, l_s final (also when this split has no key)
+
+  // Normalise and store: the final output, or this split's partial for the merge.
+  const int64_t row0 = static_cast<int64_t>(seq) * p.n_heads + head0;  // (seq, head0) row
+#pragma unroll
+  for (int k = 0; k < kAccItems; ++k) {
+    const int item = threadIdx.x + k * kThreads;
+    const int h = item / G::kChunks;
+    const int c = item % G::kChunks;
+    if (h < heads) {
+      const float l = l_s[h];
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      float o[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[j] = acc[k][j] * inv;
+      if (p.num_splits == 1) {
+        T *out = static_cast<T *>(p.out) + (row0 + h) * D + c * 8;
+        *reinterpret_cast<uint4 *>(out) = pgqa::from_float8(o, out);
+      } else {
+        float *out = p.partial_out + ((row0 + h) * p.num_splits + split) * D + c * 8;
+        *reinterpret_cast<float4 *>(out) = make_float4(o[0], o[1], o[2], o[3]);
+        *reinterpret_cast<float4 *>(out + 4) = make_float4(o[4], o[5], o[6], o[7]);
+      }
+    }
+  }
+  for (int h = threadIdx.x; h < heads; h += kThreads) {
+    const float l = l_s[h];
+    const float lse_log2 = l > 0.0f ? m_s[h] + log2f(l) : -INFINITY;
+    if (p.num_splits == 1) {
+      p.lse[row0 + h] = lse_log2 * pgqa::kLn2;
+    } else {
+      p.partial_lse[(row0 + h) * p.num_splits + split] = lse_log2;
+    }
+  }
+}
+
+template <typename T, int D>
+pgqa_status launch(const pgqa_decode_params &p, cudaStream_t stream, int32_t *cuda_error) {
+  using G = Geometry<D>;
+  const int group = p.n_heads / p.n_kv_heads;
+  const int head_chunks = (group + G::kMaxHeads - 1) / G::kMaxHeads;
+  const int64_t grid_y = static_cast<int64_t>(p.n_kv_heads) * head_chunks;
+  if (grid_y > 65535) return PGQA_STATUS_INVALID_ARGUMENT;
+  const size_t smem = smem_bytes<T, D>(min(group, G::kMaxHeads));
+  auto kernel = decode_kernel<T, D>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) {
+      if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+      return PGQA_STATUS_CUDA_ERROR;
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(grid_y),
+                  static_cast<unsigned>(p.num_splits));
+  const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
+  kernel<<<grid, kThreads, smem, stream>>>(p, block_shift, group, head_chunks);
+  pgqa_status status = pgqa::launch_status(cuda_error);
+  if (status != PGQA_STATUS_OK || p.num_splits == 1) return status;
+  const cudaError_t err = pgqa::merge_splits(p.partial_out, p.partial_lse, p.out, p.lse,
+                                             static_cast<int64_t>(p.batch) * p.n_heads,
+                                             p.num_splits, D, p.dtype, stream);
+  if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+  return err == cudaSuccess ? PGQA_STATUS_OK : PGQA_STATUS_CUDA_ERROR;
+}
+
+template <typename T>
+pgqa_status launch_for_dim(const pgqa_decode_params &p, cudaStream_t stream, int32_t *cuda_error) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, stream, cuda_error);
+    case 80: return launch<T, 80>(p, stream, cuda_error);
+    case 96: return launch<T, 96>(p, stream, cuda_error);
+    case 128: return launch<T, 128>(p, stream, cuda_error);
+    case 256: return launch<T, 256>(p, stream, cuda_error);
+  }
+  return PGQA_STATUS_UNSUPPORTED;
+}
+
+bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
+
+}  // namespace
+
+extern "C" pgqa_status pgqa_decode(const pgqa_decode_params *params, pgqa_stream stream,
+                                   int32_t *cuda_error) {
+  if (cuda_error != nullptr) *cuda_error = 0;
+  if (params == nullptr) return PGQA_STATUS_INVALID_ARGUMENT;
+  const pgqa_decode_params &p = *params;
+  if (p.batch < 0 || p.batch > 0x7fffffff || p.n_heads <= 0 || p.n_kv_heads <= 0 ||
+      p.n_heads % p.n_kv_heads != 0 || p.head_dim <= 0 || !is_power_of_two(p.block_size) ||
+      p.max_blocks < 0 || p.num_blocks <= 0 || p.num_splits < 1 ||
+      p.num_splits > PGQA_DECODE_MAX_SPLITS || p.keys_per_split < 1)
+    return PGQA_STATUS_INVALID_ARGUMENT;
+  if (p.batch == 0) return PGQA_STATUS_OK;
+  if (p.q == nullptr || p.k_cache == nullptr || p.v_cache == nullptr || p.block_tables == nullptr ||
+      p.context_lens == nullptr || p.out == nullptr || p.lse == nullptr ||
+      (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
+    return PGQA_STATUS_INVALID_ARGUMENT;
+  if (!pgqa::aligned16(p.q) || !pgqa::aligned16(p.k_cache) || !pgqa::aligned16(p.v_cache) ||
+      !pgqa::aligned16(p.out) || (p.num_splits > 1 && !pgqa::aligned16(p.partial_out)))
+    return PGQA_STATUS_MISALIGNED;
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case PGQA_DTYPE_BF16: return launch_for_dim<__nv_bfloat16>(p, s, cuda_error);
+    case PGQA_DTYPE_F16: return launch_for_dim<__half>(p, s, cuda_error);
+    default: return PGQA_STATUS_UNSUPPORTED;
+  }
+}
