@@ -157,6 +157,25 @@ pub enum Error {
         actual: crate::dtype::DType,
     },
 
+    /// Decode takes one query row per sequence.
+    #[error("decode takes one query row per sequence: sequence {seq} has query_len {query_len}")]
+    NotDecode { seq: usize, query_len: usize },
+
+    /// No kernel is built for this head size.
+    #[error("head_dim {head_dim} has no {kernel} kernel (built for {supported})")]
+    UnsupportedHeadDim {
+        kernel: &'static str,
+        head_dim: usize,
+        supported: &'static str,
+    },
+
+    /// No kernel is built for this element type.
+    #[error("the {kernel} kernel takes f16 or bf16, not {dtype:?}")]
+    UnsupportedDType {
+        kernel: &'static str,
+        dtype: crate::dtype::DType,
+    },
+
     /// No CUDA: the crate was built without nvcc, libcuda is missing, or there is no GPU.
     #[error("CUDA is unavailable: {reason}")]
     CudaUnavailable { reason: String },

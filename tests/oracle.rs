@@ -5,10 +5,9 @@
 
 mod common;
 
+use common::PagedCase;
 use paged_gqa::cpu::{self, Attention, ContiguousKv, PagedKv};
-use paged_gqa::{Error, GqaShape, PagedLayout, SeqLens};
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
+use paged_gqa::{Error, GqaShape, SeqLens};
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -239,65 +238,6 @@ fn matches_a_textbook_formulation_on_random_chunks() {
             shape.default_scale(),
         );
         assert!(max_abs_diff(&att.out, &reference) < 1e-12);
-    }
-}
-
-/// A random paged batch: pages handed out in shuffled order, tables padded with -1.
-struct PagedCase {
-    layout: PagedLayout,
-    lens: SeqLens,
-    tables: Vec<i32>,
-    max_blocks: usize,
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
-    q: Vec<f32>,
-}
-
-impl PagedCase {
-    fn random(
-        rng: &mut StdRng,
-        shape: GqaShape,
-        block_size: usize,
-        context_lens: &[usize],
-        query_lens: &[usize],
-    ) -> Self {
-        let lens = SeqLens::new(context_lens, query_lens).unwrap();
-        let pages: Vec<usize> = context_lens
-            .iter()
-            .map(|l| l.div_ceil(block_size))
-            .collect();
-        let max_blocks = pages.iter().copied().max().unwrap_or(0) + 1; // one padding entry
-        let num_blocks = pages.iter().sum::<usize>() + 2; // two pages nobody uses
-        let layout = PagedLayout::new(shape, num_blocks, block_size).unwrap();
-        let mut free: Vec<i32> = (0..num_blocks as i32).collect();
-        free.shuffle(rng);
-        let mut tables = vec![-1; context_lens.len() * max_blocks];
-        for (seq, &n) in pages.iter().enumerate() {
-            for index in 0..n {
-                tables[seq * max_blocks + index] = free.pop().unwrap();
-            }
-        }
-        Self {
-            k_cache: common::uniform(rng, layout.cache_len()),
-            v_cache: common::uniform(rng, layout.cache_len()),
-            q: common::uniform(rng, lens.num_tokens() * shape.q_row_len()),
-            layout,
-            lens,
-            tables,
-            max_blocks,
-        }
-    }
-
-    fn kv(&self) -> PagedKv<'_, f32> {
-        PagedKv::new(
-            self.layout,
-            &self.lens,
-            &self.tables,
-            self.max_blocks,
-            &self.k_cache,
-            &self.v_cache,
-        )
-        .unwrap()
     }
 }
 

@@ -123,6 +123,22 @@ impl<T: Copy + Default> PagedCache<CpuStorage<T>> {
     }
 }
 
+impl<T: Copy + Default + Into<f32> + Sync> PagedCache<CpuStorage<T>> {
+    /// Fused GQA decode of `layer` (the f32 fallback; see [`crate::cpu::decode`]): `q`, `out`
+    /// `[batch, n_heads, head_dim]`, `lse` `[batch, n_heads]`, one new token per sequence.
+    pub fn decode(
+        &self,
+        layer: usize,
+        plan: &StepPlan,
+        q: &[T],
+        out: &mut [f32],
+        lse: &mut [f32],
+        scale: Option<f64>,
+    ) -> Result<()> {
+        crate::cpu::decode(q, &self.paged_kv(layer, plan)?, scale, out, lse)
+    }
+}
+
 impl<T: Copy + Default + Into<f64>> PagedCache<CpuStorage<T>> {
     /// Causal GQA attention of the plan's new tokens over `layer`'s pages (the f64 reference):
     /// `q` is `[plan.num_new_tokens(), n_heads, head_dim]`.

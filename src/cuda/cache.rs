@@ -5,10 +5,12 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::cache::{CacheConfig, PageStorage, PagedCache, PagedLayout, StepPlan};
+use crate::cuda::decode::{sm_count, DecodeTables};
 use crate::cuda::{check_aligned, launch, to_i32, KERNELS_BUILT};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
+use crate::plan::DecodeSchedule;
 
 /// Pages of every layer on the GPU, `[num_layers, 2 (K, V), num_blocks, block_size,
 /// n_kv_heads, head_dim]` in one allocation, and a workspace for each step's tables.
@@ -25,6 +27,10 @@ pub struct CudaStorage<T: Element> {
     pages: CudaSlice<T>,
     /// The current step's tables (see [`CudaStepPlan`]); grows, never shrinks.
     workspace: CudaSlice<u8>,
+    /// The current step's split-KV partials (sized by the decode schedule); grows.
+    split_workspace: CudaSlice<f32>,
+    /// Multiprocessors of the device, for the decode schedule.
+    sm_count: usize,
 }
 
 impl<T: Element> CudaStorage<T> {
@@ -62,6 +68,8 @@ impl<T: Element> CudaStorage<T> {
             })?;
         let pages = stream.alloc_zeros::<T>(total)?;
         let workspace = stream.alloc_zeros::<u8>(4096)?;
+        let split_workspace = stream.alloc_zeros::<f32>(1024)?;
+        let sm_count = sm_count(&stream)?;
         Ok(Self {
             config,
             num_blocks,
@@ -69,6 +77,8 @@ impl<T: Element> CudaStorage<T> {
             stream,
             pages,
             workspace,
+            split_workspace,
+            sm_count,
         })
     }
 
@@ -91,6 +101,35 @@ impl<T: Element> CudaStorage<T> {
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
+
+    /// Device address of the first element of `layer`'s K (`v = false`) or V tensor.
+    fn tensor_ptr(&self, layer: usize, v: bool) -> u64 {
+        // The pages are only touched on `self.stream`, so stream order is the synchronisation.
+        let (base, _sync) = self.pages.device_ptr(&self.stream);
+        base + ((2 * layer + v as usize) * self.tensor_len * std::mem::size_of::<T>()) as u64
+    }
+
+    /// One layer's K and V addresses and the plan's decode tables.
+    pub(crate) fn decode_tables(
+        &self,
+        layer: usize,
+        plan: &CudaStepPlan,
+    ) -> (u64, u64, DecodeTables) {
+        let tables = DecodeTables {
+            layout: self.layout(),
+            batch: plan.plan.lens().batch(),
+            max_blocks: plan.plan.max_blocks(),
+            schedule: plan.schedule,
+            block_tables: plan.block_tables,
+            context_lens: plan.context_lens,
+            split_workspace: plan.split_workspace,
+        };
+        (
+            self.tensor_ptr(layer, false),
+            self.tensor_ptr(layer, true),
+            tables,
+        )
+    }
 }
 
 /// A [`StepPlan`] whose tables are on the device, in the storage's workspace:
@@ -105,6 +144,9 @@ pub struct CudaStepPlan {
     context_lens: u64,
     query_starts: u64,
     slot_mapping: u64,
+    /// The decode split plan and its workspace.
+    schedule: DecodeSchedule,
+    split_workspace: u64,
 }
 
 impl CudaStepPlan {
@@ -123,6 +165,10 @@ impl CudaStepPlan {
     /// Device address of the slot mapping, `[num_new_tokens]` i64.
     pub fn slot_mapping_ptr(&self) -> u64 {
         self.slot_mapping
+    }
+    /// How a decode of this step is split.
+    pub fn decode_schedule(&self) -> DecodeSchedule {
+        self.schedule
     }
 }
 
@@ -199,12 +245,22 @@ impl<T: Element> PageStorage for CudaStorage<T> {
             // and were uploaded above to the workspace, which lives as long as this storage.
             unsafe { launch::copy_blocks(&params, &self.stream)? };
         }
+        let max_len = lens.context_lens().iter().copied().max().unwrap_or(0);
+        let schedule =
+            DecodeSchedule::new(self.sm_count, lens.batch(), self.config.shape(), max_len);
+        let floats = schedule.workspace_floats(lens.batch(), self.config.shape());
+        if floats > self.split_workspace.len() {
+            self.split_workspace = self.stream.alloc_zeros::<f32>(floats.next_power_of_two())?;
+        }
+        let (split_workspace, _sync) = self.split_workspace.device_ptr(&self.stream);
         Ok(CudaStepPlan {
             plan,
             block_tables,
             context_lens,
             query_starts,
             slot_mapping,
+            schedule,
+            split_workspace,
         })
     }
 }

@@ -53,6 +53,11 @@ launcher!(
     copy_blocks, pgqa_copy_blocks, ffi::pgqa_copy_blocks_params
 );
 
+launcher!(
+    /// `pgqa_decode` (the decode kernel, then the split merge when there are splits).
+    decode, pgqa_decode, ffi::pgqa_decode_params
+);
+
 /// Turns what a launcher returned into a `Result`.
 #[cfg_attr(not(paged_gqa_kernels), allow(dead_code))]
 fn check(kernel: &'static str, status: ffi::pgqa_status, cuda_error: i32) -> Result<()> {
@@ -65,6 +70,9 @@ fn check(kernel: &'static str, status: ffi::pgqa_status, cuda_error: i32) -> Res
             "a pointer or row is not 16-byte aligned".to_string()
         }
         ffi::pgqa_status::PGQA_STATUS_CUDA_ERROR => cuda_error_detail(cuda_error),
+        ffi::pgqa_status::PGQA_STATUS_UNSUPPORTED => {
+            "no kernel is built for this head_dim or dtype".to_string()
+        }
         other => format!("unknown status {}", other.0),
     };
     Err(Error::Launch { kernel, detail })

@@ -8,6 +8,7 @@
 //! when libcuda is missing, or when there is no device; none of them panics.
 
 mod cache;
+mod decode;
 mod launch;
 mod repeat_kv;
 
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
+pub use decode::{DecodeBatch, DECODE_HEAD_DIMS};
 pub use repeat_kv::repeat_kv;
 
 use crate::error::{Error, Result};

@@ -4,8 +4,11 @@
 use std::io::Write;
 use std::sync::Arc;
 
+use paged_gqa::cpu::PagedKv;
 use paged_gqa::cuda::CudaContext;
+use paged_gqa::{GqaShape, PagedLayout, SeqLens};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// A fresh random generator; its seed is printed so a failure can be replayed with
@@ -46,4 +49,66 @@ pub fn gpu_or_skip(test: &str) -> Option<Arc<CudaContext>> {
 /// Whether a test that needs nvcc at build time must fail (not skip) when it is missing.
 pub fn require_nvcc() -> bool {
     std::env::var("PAGED_GQA_REQUIRE_NVCC").is_ok_and(|v| v == "1")
+}
+
+/// A random paged batch: pages handed out in shuffled order, tables padded with -1.
+pub struct PagedCase {
+    pub layout: PagedLayout,
+    pub lens: SeqLens,
+    /// [batch, max_blocks], -1 padded
+    pub tables: Vec<i32>,
+    pub max_blocks: usize,
+    /// [num_blocks, block_size, n_kv_heads, head_dim]
+    pub k_cache: Vec<f32>,
+    pub v_cache: Vec<f32>,
+    /// [num_tokens, n_heads, head_dim]
+    pub q: Vec<f32>,
+}
+
+impl PagedCase {
+    pub fn random(
+        rng: &mut StdRng,
+        shape: GqaShape,
+        block_size: usize,
+        context_lens: &[usize],
+        query_lens: &[usize],
+    ) -> Self {
+        let lens = SeqLens::new(context_lens, query_lens).unwrap();
+        let pages: Vec<usize> = context_lens
+            .iter()
+            .map(|l| l.div_ceil(block_size))
+            .collect();
+        let max_blocks = pages.iter().copied().max().unwrap_or(0) + 1; // one padding entry
+        let num_blocks = pages.iter().sum::<usize>() + 2; // two pages nobody uses
+        let layout = PagedLayout::new(shape, num_blocks, block_size).unwrap();
+        let mut free: Vec<i32> = (0..num_blocks as i32).collect();
+        free.shuffle(rng);
+        let mut tables = vec![-1; context_lens.len() * max_blocks];
+        for (seq, &n) in pages.iter().enumerate() {
+            for index in 0..n {
+                tables[seq * max_blocks + index] = free.pop().unwrap();
+            }
+        }
+        Self {
+            k_cache: uniform(rng, layout.cache_len()),
+            v_cache: uniform(rng, layout.cache_len()),
+            q: uniform(rng, lens.num_tokens() * shape.q_row_len()),
+            layout,
+            lens,
+            tables,
+            max_blocks,
+        }
+    }
+
+    pub fn kv(&self) -> PagedKv<'_, f32> {
+        PagedKv::new(
+            self.layout,
+            &self.lens,
+            &self.tables,
+            self.max_blocks,
+            &self.k_cache,
+            &self.v_cache,
+        )
+        .unwrap()
+    }
 }

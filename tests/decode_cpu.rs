@@ -1,0 +1,182 @@
+//! The CPU fallback decode (f32, each K/V row read once per group) against the f64 oracle on
+//! the shapes of real models, mixed context lengths in one batch, and page sizes 1 to 256.
+
+mod common;
+
+use common::PagedCase;
+use half::bf16;
+use paged_gqa::cache::{CacheConfig, PagedCache};
+use paged_gqa::cpu::{self, CpuStorage, PagedKv};
+use paged_gqa::{DType, Error, GqaShape};
+
+/// (model, n_heads, n_kv_heads, head_dim)
+pub const MODELS: [(&str, usize, usize, usize); 9] = [
+    ("Llama-3-8B", 32, 8, 128),
+    ("Llama-3-70B", 64, 8, 128),
+    ("Qwen2-7B", 28, 4, 128),
+    ("Qwen2.5-0.5B", 14, 2, 64),
+    ("Gemma-2-9B", 16, 8, 256),
+    ("Falcon-7B", 71, 1, 64),
+    ("Phi-3-medium", 40, 10, 128),
+    ("Phi-3-mini-like d96", 32, 8, 96),
+    ("MHA", 16, 16, 128),
+];
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|w| w * w).sum();
+    (diff / norm).sqrt()
+}
+
+/// CPU decode of a random bf16 case equals the oracle within f32 rounding.
+fn check(test: &str, model: &str, shape: GqaShape, block_size: usize, context_lens: &[usize]) {
+    let mut rng = common::rng(test);
+    let case = PagedCase::random(
+        &mut rng,
+        shape,
+        block_size,
+        context_lens,
+        &vec![1; context_lens.len()],
+    );
+    let round = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+    let (q, k, v) = (round(&case.q), round(&case.k_cache), round(&case.v_cache));
+    let kv = PagedKv::new(
+        case.layout,
+        &case.lens,
+        &case.tables,
+        case.max_blocks,
+        &k,
+        &v,
+    )
+    .unwrap();
+    let oracle = cpu::attention(&q, &kv, None).unwrap();
+
+    let rows = context_lens.len() * shape.n_heads();
+    let mut out = vec![f32::NAN; rows * shape.head_dim()]; // poisoned: every element must be written
+    let mut lse = vec![f32::NAN; rows];
+    cpu::decode(&q, &kv, None, &mut out, &mut lse).unwrap();
+    let err = rel_l2(&out, &oracle.out);
+    assert!(
+        err < 1e-5,
+        "{model} block {block_size}: relative L2 {err:e}"
+    );
+    let lse_err = lse
+        .iter()
+        .zip(&oracle.lse)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        lse_err < 1e-4,
+        "{model} block {block_size}: lse error {lse_err:e}"
+    );
+}
+
+#[test]
+fn cpu_decode_matches_the_oracle_on_real_model_shapes() {
+    for (i, &(model, n_heads, n_kv_heads, head_dim)) in MODELS.iter().enumerate() {
+        let shape = GqaShape::new(n_heads, n_kv_heads, head_dim).unwrap();
+        let block_size = [16, 1, 256][i % 3];
+        // 1 key, exactly one page, a partial last page, several pages.
+        let lens = [
+            1,
+            block_size,
+            block_size + block_size / 2 + 1,
+            3 * block_size + 5,
+        ];
+        check(
+            "cpu_decode_matches_the_oracle_on_real_model_shapes",
+            model,
+            shape,
+            block_size,
+            &lens,
+        );
+    }
+}
+
+#[test]
+fn cpu_decode_matches_the_oracle_at_32k_context() {
+    let shape = GqaShape::new(32, 8, 128).unwrap();
+    check(
+        "cpu_decode_matches_the_oracle_at_32k_context",
+        "Llama-3-8B",
+        shape,
+        16,
+        &[1, 32_768, 17],
+    );
+}
+
+#[test]
+fn cpu_decode_rejects_more_than_one_query_row() {
+    let mut rng = common::rng("cpu_decode_rejects_more_than_one_query_row");
+    let case = PagedCase::random(
+        &mut rng,
+        GqaShape::new(4, 2, 8).unwrap(),
+        4,
+        &[5, 6],
+        &[1, 2],
+    );
+    let (mut out, mut lse) = (vec![0.0; 3 * 32], vec![0.0; 12]);
+    let err = cpu::decode(&case.q, &case.kv(), None, &mut out, &mut lse).unwrap_err();
+    assert_eq!(
+        err,
+        Error::NotDecode {
+            seq: 1,
+            query_len: 2
+        }
+    );
+}
+
+#[test]
+fn cpu_decode_rejects_outputs_of_the_wrong_length() {
+    let mut rng = common::rng("cpu_decode_rejects_outputs_of_the_wrong_length");
+    let case = PagedCase::random(
+        &mut rng,
+        GqaShape::new(4, 2, 8).unwrap(),
+        4,
+        &[5, 6],
+        &[1, 1],
+    );
+    let (mut out, mut lse) = (vec![0.0; 2 * 32 - 1], vec![0.0; 8]);
+    let err = cpu::decode(&case.q, &case.kv(), None, &mut out, &mut lse).unwrap_err();
+    assert!(
+        matches!(err, Error::BufferLength { name: "out", .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn cache_decode_after_writes_matches_the_oracle() {
+    let mut rng = common::rng("cache_decode_after_writes_matches_the_oracle");
+    let shape = GqaShape::new(8, 2, 64).unwrap();
+    let config = CacheConfig::new(shape, 2, 16, DType::F32).unwrap();
+    let mut cache = PagedCache::new(CpuStorage::<f32>::new(config, 16).unwrap()).unwrap();
+    let (a, b) = (cache.add_sequence(), cache.add_sequence());
+    for (step, batch) in [[(a, 20), (b, 3)], [(a, 1), (b, 1)], [(a, 1), (b, 1)]]
+        .iter()
+        .enumerate()
+    {
+        let plan = cache.plan(batch).unwrap();
+        let n = plan.num_new_tokens();
+        for layer in 0..2 {
+            let (k, v) = (
+                common::uniform(&mut rng, n * 128),
+                common::uniform(&mut rng, n * 128),
+            );
+            cache.write(layer, &plan, &k, &v).unwrap();
+        }
+        if step == 0 {
+            continue; // the prefill step is not a decode
+        }
+        let q = common::uniform(&mut rng, 2 * 8 * 64);
+        let (mut out, mut lse) = (vec![f32::NAN; 2 * 8 * 64], vec![f32::NAN; 16]);
+        cache
+            .decode(1, &plan, &q, &mut out, &mut lse, None)
+            .unwrap();
+        let oracle = cache.attend(1, &plan, &q, None).unwrap();
+        assert!(rel_l2(&out, &oracle.out) < 1e-5);
+    }
+}
