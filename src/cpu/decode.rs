@@ -40,7 +40,7 @@ where
     let (group, d, n_kv) = (shape.group(), shape.head_dim(), shape.n_kv_heads());
 
     // Work item i = (seq, kv_head) = (i / n_kv, i % n_kv) owns `group` consecutive output rows.
-    let items: Vec<(usize, (&mut [f32], &mut [f32]))> = out
+    let items: Vec<(usize, GroupOutput)> = out
         .chunks_mut(group * d)
         .zip(lse.chunks_mut(group))
         .enumerate()
@@ -66,6 +66,9 @@ where
     });
     Ok(())
 }
+
+/// The output rows `[group, head_dim]` and lse `[group]` of one (sequence, K/V head).
+type GroupOutput<'a> = (&'a mut [f32], &'a mut [f32]);
 
 /// Online-softmax state of one (sequence, K/V head): `group` query heads.
 struct GroupState {
