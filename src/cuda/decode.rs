@@ -237,7 +237,9 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
     /// Fused GQA decode of `layer` for the plan's batch (one new token per sequence, written
     /// with [`write`](PagedCache::write) first): `q`, `out` `[batch, n_heads, head_dim]`, `lse`
     /// `[batch, n_heads]` f32 (natural log), on the cache's stream. Launches only: no
-    /// allocation, no host synchronisation, so a step can be captured in a CUDA graph.
+    /// allocation, no host synchronisation, so a step can be captured in a CUDA graph (with
+    /// cudarc's event tracking off, `CudaContext::disable_event_tracking`, as any capture
+    /// through cudarc needs, since its cross-stream waits would reach outside the capture).
     pub fn decode(
         &self,
         layer: usize,
