@@ -4,7 +4,8 @@
 //! Valid cases: `out` and `lse` match an f64 computation of the definition written in this file
 //! (not the crate's oracle), from the values the case file holds, for f32, f16 and bf16 inputs.
 //! Malformed cases: exit code 2, a message on stderr naming the offending tensor (and the numbers),
-//! and no output file. `--backend cuda`: exit code 1, a plain message, no output file.
+//! and no output file. `--backend cuda` runs the decode kernel on f16/bf16 decode cases; what it
+//! cannot run (or with no GPU) is exit code 1, a plain message, no output file.
 #![cfg(feature = "cli")] // the binary needs the `cli` feature
 
 mod common;
@@ -569,11 +570,9 @@ fn minus_one_padding_past_the_used_blocks_is_accepted() {
 // ---------------------------------------------------------------------------------------------
 // --backend cuda.
 
-#[test]
-fn cuda_backend_says_the_kernel_does_not_exist_yet_and_writes_nothing() {
-    let test = "cuda_backend_says_the_kernel_does_not_exist_yet_and_writes_nothing";
-    let mut rng = common::rng(test);
-    let case = Case::random(&mut rng, Geometry::default(), Dtype::BF16);
+/// Runs `case` with `--backend cuda` where the CLI must refuse it: exit 1, every needle on
+/// stderr, no output file.
+fn assert_cuda_refuses(test: &str, case: &Case, needles: &[&str]) {
     let dir = Workdir::new(test);
     let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
     write_case(&case_path, &case.tensors(), None);
@@ -586,10 +585,12 @@ fn cuda_backend_says_the_kernel_does_not_exist_yet_and_writes_nothing() {
         "{test}: exit code; stderr:\n{message}"
     );
     assert_plain(test, &message);
-    assert!(
-        message.contains("GPU attention kernel does not exist yet"),
-        "{test}: stderr should say the GPU attention kernel does not exist yet:\n{message}"
-    );
+    for needle in needles {
+        assert!(
+            message.contains(needle),
+            "{test}: stderr does not mention {needle:?}:\n{message}"
+        );
+    }
     assert!(
         !out_path.exists(),
         "{test}: {} was written",
@@ -600,6 +601,53 @@ fn cuda_backend_says_the_kernel_does_not_exist_yet_and_writes_nothing() {
         [CASE],
         "{test}: files left in the output directory"
     );
+}
+
+fn decode_geometry() -> Geometry {
+    Geometry {
+        query_lens: vec![1, 1, 1],
+        ..Geometry::default()
+    }
+}
+
+#[test]
+fn cuda_backend_refuses_multi_token_queries() {
+    let test = "cuda_backend_refuses_multi_token_queries";
+    let case = Case::random(&mut common::rng(test), Geometry::default(), Dtype::BF16);
+    assert_cuda_refuses(
+        test,
+        &case,
+        &["sequence 2 has query_len 4", "prefill", "--backend cpu"],
+    );
+}
+
+#[test]
+fn cuda_backend_refuses_f32_cases() {
+    let test = "cuda_backend_refuses_f32_cases";
+    let case = Case::random(&mut common::rng(test), decode_geometry(), Dtype::F32);
+    assert_cuda_refuses(test, &case, &["F16 or all BF16", "F32"]);
+}
+
+/// With a GPU, the CUDA decode of a bf16 case matches the definition (bf16 tolerance);
+/// without one, the CLI says CUDA is unavailable and writes nothing.
+#[test]
+fn cuda_backend_decodes_on_a_gpu_or_says_cuda_is_unavailable() {
+    let test = "cuda_backend_decodes_on_a_gpu_or_says_cuda_is_unavailable";
+    let case = Case::random(&mut common::rng(test), decode_geometry(), Dtype::BF16);
+    match paged_gqa::cuda::context(0) {
+        Err(_) => assert_cuda_refuses(test, &case, &["CUDA is unavailable"]),
+        Ok(_) => {
+            let dir = Workdir::new(test);
+            let (out, lse) = run_valid(test, &dir, &case, None, &["--backend", "cuda"]);
+            let expected = reference(&case, case.default_scale());
+            let out_err = relative_l2(&out, &expected.out);
+            let lse_err = max_abs(&lse, &expected.lse);
+            assert!(
+                out_err < 1e-2 && lse_err < 1e-3,
+                "{test}: out {out_err:e}, lse {lse_err:e}"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

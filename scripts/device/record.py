@@ -128,18 +128,18 @@ def build(args, record, notes):
         entries += [(binary, test, result) for test, result in results]
     record["binaries"] = binaries
 
-    # The CLI demo: its exit status, and whether repeat_kv ran on the GPU.
+    # The CLI demo: its exit status, and whether the fused decode ran on the GPU.
     demo = next((s for s in steps if s["kind"] == "demo"), None)
     if demo is not None:
         text = read(os.path.join(out, demo["log"]))
-        ran_on = next((l.split(":", 1)[1].strip() for l in text.splitlines() if "repeat_kv ran on:" in l), None)
+        ran_on = next((l.split(":", 1)[1].strip() for l in text.splitlines() if "fused decode ran on:" in l), None)
         agreement = [l.strip() for l in text.splitlines() if "max |diff|" in l or l.strip().startswith("agree")]
-        record["demo"] = {"exit": demo["status"], "repeat_kv_ran_on": ran_on, "agreement": agreement, "log": demo["log"]}
+        record["demo"] = {"exit": demo["status"], "decode_ran_on": ran_on, "agreement": agreement, "log": demo["log"]}
         entries.append(("paged-gqa", "cli_demo", "pass" if demo["status"] == "0" else "fail"))
         used_gpu = bool(ran_on and ran_on.startswith("GPU"))
         entries.append(("paged-gqa", "cli_demo_used_gpu", "pass" if used_gpu else "fail"))
         if not used_gpu:
-            notes.append(f"cli_demo: repeat_kv did not run on the GPU ({ran_on or 'no such line'})")
+            notes.append(f"cli_demo: the decode did not run on the GPU ({ran_on or 'no such line'})")
 
     # name -> result; a name two binaries share is qualified as binary::name.
     count = {}

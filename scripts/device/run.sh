@@ -6,7 +6,7 @@
 # uses nvidia-smi and compute-sanitizer when present. Runs from any cwd, in a few minutes:
 #   1. nvidia-smi -L and the GPU name and driver version;
 #   2. every staged GPU test binary, PAGED_GQA_REQUIRE_GPU=1, --test-threads=1;
-#   3. `paged-gqa demo` (the test `cli_demo`; `cli_demo_used_gpu` checks repeat_kv ran on the GPU);
+#   3. `paged-gqa demo` (the test `cli_demo`; `cli_demo_used_gpu` checks the decode ran on the GPU);
 #   4. compute-sanitizer memcheck and racecheck over every staged GPU test binary;
 #   5. record.py: OUTDIR/record.json (always), OUTDIR/device-check.log (all logs in one file).
 # Each step's output is teed to OUTDIR/<step>.log and to stdout. At most 8 files come back from

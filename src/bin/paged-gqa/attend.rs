@@ -2,20 +2,39 @@
 
 use std::path::Path;
 
-use paged_gqa::cpu;
+use half::{bf16, f16};
+use paged_gqa::cuda::{self, DecodeBatch};
+use paged_gqa::{cpu, DType, Element};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
+use crate::case::Case;
 use crate::{case, Backend, Failure};
+
+/// `out` [num_tokens, n_heads, head_dim] and `lse` [num_tokens, n_heads], f32.
+struct Output {
+    out: Vec<f32>,
+    lse: Vec<f32>,
+}
 
 pub fn run(case_path: &Path, out_path: &Path, backend: Backend) -> Result<(), Failure> {
     let case = case::load(case_path)?;
-    if backend == Backend::Cuda {
-        return Err(Failure::runtime(
-            "--backend cuda: the GPU attention kernel does not exist yet (it lands with the fused \
-             decode kernel); only repeat_kv runs on the GPU today. Use --backend cpu.",
-        ));
-    }
+    let output = match backend {
+        Backend::Cpu => {
+            run_cpu(&case).map_err(|e| Failure::input(format!("{}: {e}", case_path.display())))?
+        }
+        Backend::Cuda => run_cuda(&case)?,
+    };
+    let shape = case.layout.shape();
+    write(
+        out_path,
+        &output,
+        [case.lens.num_tokens(), shape.n_heads(), shape.head_dim()],
+    )
+}
+
+/// The definition, in f64, from the case's values.
+fn run_cpu(case: &Case) -> paged_gqa::Result<Output> {
     let kv = cpu::PagedKv::new(
         case.layout,
         &case.lens,
@@ -23,29 +42,96 @@ pub fn run(case_path: &Path, out_path: &Path, backend: Backend) -> Result<(), Fa
         case.max_blocks,
         &case.k_cache,
         &case.v_cache,
-    )
-    .map_err(|e| Failure::input(format!("{}: {e}", case_path.display())))?;
-    let result = cpu::attention(&case.q, &kv, case.scale)
-        .map_err(|e| Failure::input(format!("{}: {e}", case_path.display())))?;
-    let shape = case.layout.shape();
-    let tokens = case.lens.num_tokens();
-    write(
-        out_path,
-        &result,
-        [tokens, shape.n_heads(), shape.head_dim()],
-    )
+    )?;
+    let result = cpu::attention(&case.q, &kv, case.scale)?;
+    let narrow = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect();
+    Ok(Output {
+        out: narrow(result.out),
+        lse: narrow(result.lse),
+    })
 }
 
-fn f32_bytes(values: &[f64]) -> Vec<u8> {
-    values
-        .iter()
-        .flat_map(|&v| (v as f32).to_le_bytes())
-        .collect()
+/// The fused decode kernel. Takes decode cases (one query row per sequence) in f16 or bf16.
+fn run_cuda(case: &Case) -> Result<Output, Failure> {
+    if let Some(seq) = (0..case.lens.batch()).find(|&s| case.lens.query_len(s) != 1) {
+        return Err(Failure::runtime(format!(
+            "--backend cuda runs the decode kernel, one query row per sequence; sequence {seq} has query_len {} \
+             (multi-token queries need the prefill kernel, not built yet). Use --backend cpu.",
+            case.lens.query_len(seq)
+        )));
+    }
+    match case.dtype {
+        Some(DType::BF16) => run_cuda_typed::<bf16>(case),
+        Some(DType::F16) => run_cuda_typed::<f16>(case),
+        other => Err(Failure::runtime(format!(
+            "--backend cuda takes cases whose q, k_cache and v_cache are all F16 or all BF16 (this one: {}). \
+             Use --backend cpu.",
+            other.map_or("mixed".to_string(), |d| format!("{d:?}"))
+        ))),
+    }
+}
+
+fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
+    let fail = Failure::runtime;
+    let ctx = cuda::context(0).map_err(fail)?;
+    let stream = ctx.default_stream();
+    let batch = DecodeBatch::new(
+        &stream,
+        case.layout,
+        T::DTYPE,
+        &case.lens,
+        &case.block_tables,
+        case.max_blocks,
+    )
+    .map_err(fail)?;
+    // The case's values came from T, so the conversion back is exact.
+    let to_t = |x: &[f64]| x.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<T>>();
+    let upload = |x: &[f64]| {
+        stream
+            .clone_htod(&to_t(x))
+            .map_err(|e| fail(paged_gqa::Error::from(e)))
+    };
+    let (q, k, v) = (
+        upload(&case.q)?,
+        upload(&case.k_cache)?,
+        upload(&case.v_cache)?,
+    );
+    let mut out = stream
+        .alloc_zeros::<T>(case.q.len())
+        .map_err(|e| fail(paged_gqa::Error::from(e)))?;
+    let mut lse = stream
+        .alloc_zeros::<f32>(case.q.len() / case.layout.shape().head_dim())
+        .map_err(|e| fail(paged_gqa::Error::from(e)))?;
+    batch
+        .run(
+            &stream,
+            &k,
+            &v,
+            &q,
+            &mut out,
+            &mut lse,
+            case.scale.map(|s| s as f32),
+        )
+        .map_err(fail)?;
+    let out: Vec<T> = stream
+        .clone_dtoh(&out)
+        .map_err(|e| fail(paged_gqa::Error::from(e)))?;
+    let lse = stream
+        .clone_dtoh(&lse)
+        .map_err(|e| fail(paged_gqa::Error::from(e)))?;
+    Ok(Output {
+        out: out.into_iter().map(|x| x.into() as f32).collect(),
+        lse,
+    })
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 /// Writes `out` and `lse` as f32 to a temporary file, then renames it into place, so a failure
 /// never leaves a partial output.
-fn write(path: &Path, result: &cpu::Attention, out_shape: [usize; 3]) -> Result<(), Failure> {
+fn write(path: &Path, result: &Output, out_shape: [usize; 3]) -> Result<(), Failure> {
     let out_bytes = f32_bytes(&result.out);
     let lse_bytes = f32_bytes(&result.lse);
     let view = |shape: Vec<usize>, bytes| {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use paged_gqa::{GqaShape, PagedLayout, SeqLens};
+use paged_gqa::{DType, GqaShape, PagedLayout, SeqLens};
 use safetensors::{Dtype, SafeTensors};
 
 /// A validated case, floats widened to f64 exactly.
@@ -20,6 +20,8 @@ pub struct Case {
     pub block_tables: Vec<i32>,
     pub max_blocks: usize,
     pub scale: Option<f64>,
+    /// The element type of `q`, `k_cache` and `v_cache` when they share one.
+    pub dtype: Option<DType>,
 }
 
 fn tensor<'a>(
@@ -129,6 +131,16 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
         SafeTensors::read_metadata(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
     let scale = scale(metadata.metadata().as_ref())?;
 
+    let float_dtypes: Vec<Dtype> = ["q", "k_cache", "v_cache"]
+        .iter()
+        .filter_map(|name| st.tensor(name).ok().map(|t| t.dtype()))
+        .collect();
+    let dtype = match float_dtypes[..] {
+        [Dtype::F32, Dtype::F32, Dtype::F32] => Some(DType::F32),
+        [Dtype::F16, Dtype::F16, Dtype::F16] => Some(DType::F16),
+        [Dtype::BF16, Dtype::BF16, Dtype::BF16] => Some(DType::BF16),
+        _ => None,
+    };
     let (q_shape, q) = floats(&st, "q", 3, "[num_tokens, n_heads, head_dim]")?;
     let cache_layout = "[num_blocks, block_size, n_kv_heads, head_dim]";
     let (k_shape, k_cache) = floats(&st, "k_cache", 4, cache_layout)?;
@@ -182,6 +194,7 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
         .map_err(|e| e.to_string())?;
 
     Ok(Case {
+        dtype,
         layout,
         lens,
         q,

@@ -1,9 +1,13 @@
-//! `paged-gqa demo`: a random paged case, fused GQA vs the naive repeat_kv path.
+//! `paged-gqa demo`: a random paged decode batch; the fused GQA decode (the CUDA kernel when
+//! there is a GPU, else the CPU fallback) against the naive path (gather, repeat_kv, per-head
+//! attention in f64).
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use half::bf16;
-use paged_gqa::{cpu, cuda, GqaShape, PagedLayout, SeqLens};
+use paged_gqa::cuda::{self, CudaContext, DecodeBatch};
+use paged_gqa::{cpu, DType, GqaShape, PagedLayout, SeqLens};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -16,11 +20,10 @@ const N_KV_HEADS: usize = 8;
 const HEAD_DIM: usize = 128;
 const BLOCK_SIZE: usize = 16;
 /// One token, a page boundary, a partial last page, a longer context.
-const CONTEXT_LENS: [usize; 4] = [1, 16, 37, 300];
-/// Decode for the first sequences, a 5-token chunk for the last.
-const QUERY_LENS: [usize; 4] = [1, 1, 1, 5];
-/// The fused and naive paths compute the same sums in f64; anything above this is a bug.
-const AGREEMENT: f64 = 1e-10;
+const CONTEXT_LENS: [usize; 4] = [1, 16, 37, 3000];
+/// The bf16 tolerance of the GPU tests: relative L2 of the output, max |error| of the lse.
+const REL_L2: f64 = 1e-2;
+const LSE_ABS: f64 = 1e-3;
 
 fn random_bf16(rng: &mut StdRng, n: usize) -> Vec<bf16> {
     (0..n)
@@ -35,28 +38,24 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
             .map_or(0, |d| d.as_nanos() as u64)
     });
     let mut rng = StdRng::seed_from_u64(seed);
-    let err = |e: paged_gqa::Error| Failure::runtime(e);
+    let err = Failure::runtime;
 
     let shape = GqaShape::new(N_HEADS, N_KV_HEADS, HEAD_DIM).map_err(err)?;
-    let lens = SeqLens::new(&CONTEXT_LENS, &QUERY_LENS).map_err(err)?;
-    let max_blocks = CONTEXT_LENS
+    let lens = SeqLens::decode(&CONTEXT_LENS).map_err(err)?;
+    let pages: Vec<usize> = CONTEXT_LENS
         .iter()
         .map(|l| l.div_ceil(BLOCK_SIZE))
-        .max()
-        .unwrap();
-    let num_blocks = CONTEXT_LENS
-        .iter()
-        .map(|l| l.div_ceil(BLOCK_SIZE))
-        .sum::<usize>()
-        + 3;
+        .collect();
+    let max_blocks = *pages.iter().max().unwrap();
+    let num_blocks = pages.iter().sum::<usize>() + 3;
     let layout = PagedLayout::new(shape, num_blocks, BLOCK_SIZE).map_err(err)?;
 
     // Pages handed out in a random order, as a real allocator would after some churn.
     let mut free: Vec<i32> = (0..num_blocks as i32).collect();
     free.shuffle(&mut rng);
     let mut block_tables = vec![-1i32; CONTEXT_LENS.len() * max_blocks];
-    for (seq, len) in CONTEXT_LENS.iter().enumerate() {
-        for index in 0..len.div_ceil(BLOCK_SIZE) {
+    for (seq, &n) in pages.iter().enumerate() {
+        for index in 0..n {
             block_tables[seq * max_blocks + index] = free.pop().unwrap();
         }
     }
@@ -67,85 +66,122 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
         .map_err(err)?;
 
     println!(
-        "paged-gqa demo (seed {seed}): n_heads {N_HEADS}, n_kv_heads {N_KV_HEADS} (group {}), head_dim {HEAD_DIM}, \
-         bf16, pages of {BLOCK_SIZE} tokens",
+        "paged-gqa demo (seed {seed}): decode, n_heads {N_HEADS}, n_kv_heads {N_KV_HEADS} (group {}), \
+         head_dim {HEAD_DIM}, bf16, pages of {BLOCK_SIZE} tokens, context_lens {CONTEXT_LENS:?}",
         shape.group()
     );
-    println!("  sequences: context_lens {CONTEXT_LENS:?}, query_lens {QUERY_LENS:?}");
 
-    let fused = cpu::attention(&q, &kv, None).map_err(err)?;
-
-    // Naive path: gather the pages, materialise repeat_kv (on the GPU when there is one),
-    // then per-head attention.
+    // The naive path: gather the pages, materialise repeat_kv, per-head attention (f64).
     let (k, v) = cpu::gather_paged(&kv);
     let keys = lens.total_keys();
-    let (k_rep, v_rep, where_ran) = match cuda::context(0) {
-        Ok(ctx) => {
-            let name = ctx.name().unwrap_or_else(|_| "GPU".into());
-            let k_rep = repeat_kv_on_gpu(&ctx, shape, keys, &k).map_err(err)?;
-            let v_rep = repeat_kv_on_gpu(&ctx, shape, keys, &v).map_err(err)?;
-            // The GPU copy must equal the CPU definition bit for bit.
-            let exact = k_rep == cpu::repeat_kv(&k, shape, keys).map_err(err)?
-                && v_rep == cpu::repeat_kv(&v, shape, keys).map_err(err)?;
-            if !exact {
-                return Err(Failure::runtime(
-                    "repeat_kv on the GPU differs from the CPU definition",
-                ));
-            }
-            (
-                k_rep,
-                v_rep,
-                format!("GPU ({name}); bit-identical to the CPU repeat_kv"),
-            )
-        }
-        Err(why) => {
-            let k_rep = cpu::repeat_kv(&k, shape, keys).map_err(err)?;
-            let v_rep = cpu::repeat_kv(&v, shape, keys).map_err(err)?;
-            (k_rep, v_rep, format!("CPU ({why})"))
-        }
+    let gpu = cuda::context(0);
+    let (k_rep, v_rep) = match &gpu {
+        Ok(ctx) => (
+            repeat_kv_on_gpu(ctx, shape, keys, &k).map_err(err)?,
+            repeat_kv_on_gpu(ctx, shape, keys, &v).map_err(err)?,
+        ),
+        Err(_) => (
+            cpu::repeat_kv(&k, shape, keys).map_err(err)?,
+            cpu::repeat_kv(&v, shape, keys).map_err(err)?,
+        ),
     };
+    if k_rep != cpu::repeat_kv(&k, shape, keys).map_err(err)?
+        || v_rep != cpu::repeat_kv(&v, shape, keys).map_err(err)?
+    {
+        return Err(Failure::runtime(
+            "repeat_kv on the GPU differs from the CPU definition",
+        ));
+    }
     let mha = cpu::ContiguousKv::new(shape.repeated(), &lens, &k_rep, &v_rep).map_err(err)?;
     let naive = cpu::attention(&q, &mha, Some(shape.default_scale())).map_err(err)?;
 
-    let max_abs = fused
-        .out
+    // The fused path: each K/V row read once for its group of query heads.
+    let rows = lens.batch() * shape.n_heads();
+    let (mut out, mut lse) = (vec![f32::NAN; rows * HEAD_DIM], vec![f32::NAN; rows]);
+    let where_ran = match &gpu {
+        Ok(ctx) => {
+            let stream = ctx.default_stream();
+            let batch = DecodeBatch::new(
+                &stream,
+                layout,
+                DType::BF16,
+                &lens,
+                &block_tables,
+                max_blocks,
+            )
+            .map_err(err)?;
+            let upload = |x: &[bf16]| {
+                stream
+                    .clone_htod(x)
+                    .map_err(|e| err(paged_gqa::Error::from(e)))
+            };
+            let (k_dev, v_dev, q_dev) = (upload(&k_cache)?, upload(&v_cache)?, upload(&q)?);
+            let mut out_dev = upload(&vec![bf16::NAN; rows * HEAD_DIM])?;
+            let mut lse_dev = stream
+                .clone_htod(&lse)
+                .map_err(|e| err(paged_gqa::Error::from(e)))?;
+            batch
+                .run(
+                    &stream,
+                    &k_dev,
+                    &v_dev,
+                    &q_dev,
+                    &mut out_dev,
+                    &mut lse_dev,
+                    None,
+                )
+                .map_err(err)?;
+            let out_bf16 = stream
+                .clone_dtoh(&out_dev)
+                .map_err(|e| err(paged_gqa::Error::from(e)))?;
+            out = out_bf16.into_iter().map(f32::from).collect();
+            lse = stream
+                .clone_dtoh(&lse_dev)
+                .map_err(|e| err(paged_gqa::Error::from(e)))?;
+            let name = ctx.name().unwrap_or_else(|_| "GPU".into());
+            format!("GPU ({name}): CUDA decode kernel, {} split(s); repeat_kv kernel bit-identical to the CPU", batch.schedule().num_splits)
+        }
+        Err(why) => {
+            cpu::decode(&q, &kv, None, &mut out, &mut lse).map_err(err)?;
+            format!("CPU fallback decode, f32 ({why})")
+        }
+    };
+
+    let diff: f64 = out
         .iter()
         .zip(&naive.out)
-        .map(|(a, b)| (a - b).abs())
+        .map(|(&a, b)| (a as f64 - b).powi(2))
+        .sum();
+    let norm: f64 = naive.out.iter().map(|b| b * b).sum();
+    let rel_l2 = (diff / norm).sqrt();
+    let max_abs = out
+        .iter()
+        .zip(&naive.out)
+        .map(|(&a, b)| (a as f64 - b).abs())
         .fold(0.0, f64::max);
-    let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let diff: Vec<f64> = fused
-        .out
-        .iter()
-        .zip(&naive.out)
-        .map(|(a, b)| a - b)
-        .collect();
-    let rel_l2 = norm(&diff) / norm(&naive.out);
-    let lse_max = fused
-        .lse
+    let lse_max = lse
         .iter()
         .zip(&naive.lse)
-        .map(|(a, b)| (a - b).abs())
+        .map(|(&a, b)| (a as f64 - b).abs())
         .fold(0.0, f64::max);
-    println!("  repeat_kv ran on: {where_ran}");
-    println!("  attention ran on: CPU (f64 reference; the GPU attention kernel is not built yet)");
+    println!("  fused decode ran on: {where_ran}");
     println!(
-        "  fused (query head h reads K/V head h/{}) vs naive repeat_kv:",
+        "  fused (query head h reads K/V head h/{}) vs naive repeat_kv + per-head attention (f64):",
         shape.group()
     );
-    println!("    out: max |diff| {max_abs:.3e}, relative L2 {rel_l2:.3e}; lse: max |diff| {lse_max:.3e}");
-    if max_abs <= AGREEMENT && lse_max <= AGREEMENT {
-        println!("  agree (tolerance {AGREEMENT:e})");
+    println!("    out: relative L2 {rel_l2:.3e}, max |diff| {max_abs:.3e}; lse: max |diff| {lse_max:.3e}");
+    if rel_l2 < REL_L2 && lse_max < LSE_ABS && out.iter().all(|x| x.is_finite()) {
+        println!("  agree (relative L2 < {REL_L2:e}, lse < {LSE_ABS:e})");
         Ok(())
     } else {
         Err(Failure::runtime(format!(
-            "fused and naive disagree beyond {AGREEMENT:e}"
+            "fused and naive disagree (bounds: relative L2 {REL_L2:e}, lse {LSE_ABS:e})"
         )))
     }
 }
 
 fn repeat_kv_on_gpu(
-    ctx: &std::sync::Arc<cuda::CudaContext>,
+    ctx: &Arc<CudaContext>,
     shape: GqaShape,
     num_tokens: usize,
     x: &[bf16],
