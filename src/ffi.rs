@@ -274,6 +274,137 @@ unsafe extern "C" {
         cuda_error: *mut i32,
     ) -> pgqa_status;
 }
+#[doc = " The naive baseline, step 1: gathers each sequence's K and V rows out of the pages into\n contiguous tensors, sequences concatenated (sequence s owns rows key_starts[s] ..\n key_starts[s] + context_lens[s])."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pgqa_gather_kv_params {
+    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim]"]
+    pub k_cache: *const ::core::ffi::c_void,
+    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim]"]
+    pub v_cache: *const ::core::ffi::c_void,
+    #[doc = "< [batch, max_blocks]"]
+    pub block_tables: *const i32,
+    #[doc = "< [batch]"]
+    pub context_lens: *const i32,
+    #[doc = "< [batch]: first row of each sequence in k_out, v_out"]
+    pub key_starts: *const i64,
+    #[doc = "< [total_keys, n_kv_heads, head_dim]"]
+    pub k_out: *mut ::core::ffi::c_void,
+    #[doc = "< [total_keys, n_kv_heads, head_dim]"]
+    pub v_out: *mut ::core::ffi::c_void,
+    #[doc = "< at most 65535"]
+    pub batch: i32,
+    pub max_context_len: i32,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
+    #[doc = "< a power of two"]
+    pub block_size: i32,
+    pub max_blocks: i32,
+    pub num_blocks: i32,
+    pub dtype: pgqa_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pgqa_gather_kv_params"][::core::mem::size_of::<pgqa_gather_kv_params>() - 88usize];
+    ["Alignment of pgqa_gather_kv_params"]
+        [::core::mem::align_of::<pgqa_gather_kv_params>() - 8usize];
+    ["Offset of field: pgqa_gather_kv_params::k_cache"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, k_cache) - 0usize];
+    ["Offset of field: pgqa_gather_kv_params::v_cache"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, v_cache) - 8usize];
+    ["Offset of field: pgqa_gather_kv_params::block_tables"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, block_tables) - 16usize];
+    ["Offset of field: pgqa_gather_kv_params::context_lens"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, context_lens) - 24usize];
+    ["Offset of field: pgqa_gather_kv_params::key_starts"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, key_starts) - 32usize];
+    ["Offset of field: pgqa_gather_kv_params::k_out"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, k_out) - 40usize];
+    ["Offset of field: pgqa_gather_kv_params::v_out"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, v_out) - 48usize];
+    ["Offset of field: pgqa_gather_kv_params::batch"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, batch) - 56usize];
+    ["Offset of field: pgqa_gather_kv_params::max_context_len"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, max_context_len) - 60usize];
+    ["Offset of field: pgqa_gather_kv_params::n_kv_heads"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, n_kv_heads) - 64usize];
+    ["Offset of field: pgqa_gather_kv_params::head_dim"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, head_dim) - 68usize];
+    ["Offset of field: pgqa_gather_kv_params::block_size"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, block_size) - 72usize];
+    ["Offset of field: pgqa_gather_kv_params::max_blocks"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, max_blocks) - 76usize];
+    ["Offset of field: pgqa_gather_kv_params::num_blocks"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, num_blocks) - 80usize];
+    ["Offset of field: pgqa_gather_kv_params::dtype"]
+        [::core::mem::offset_of!(pgqa_gather_kv_params, dtype) - 84usize];
+};
+unsafe extern "C" {
+    pub fn pgqa_gather_kv(
+        params: *const pgqa_gather_kv_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> pgqa_status;
+}
+#[doc = " The naive baseline, step 3 (after repeat_kv): plain multi-head decode attention over\n contiguous K/V with one K/V head per query head. One thread block per (sequence, head), no\n sharing between heads: each K/V byte is read once per query head."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pgqa_naive_decode_params {
+    #[doc = "< [batch, n_heads, head_dim]"]
+    pub q: *const ::core::ffi::c_void,
+    #[doc = "< [total_keys, n_heads, head_dim] (repeat_kv output)"]
+    pub k: *const ::core::ffi::c_void,
+    #[doc = "< [total_keys, n_heads, head_dim]"]
+    pub v: *const ::core::ffi::c_void,
+    #[doc = "< [batch]"]
+    pub context_lens: *const i32,
+    #[doc = "< [batch]"]
+    pub key_starts: *const i64,
+    #[doc = "< [batch, n_heads, head_dim]"]
+    pub out: *mut ::core::ffi::c_void,
+    pub batch: i32,
+    pub n_heads: i32,
+    #[doc = "< at most 256"]
+    pub head_dim: i32,
+    pub scale: f32,
+    pub dtype: pgqa_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pgqa_naive_decode_params"]
+        [::core::mem::size_of::<pgqa_naive_decode_params>() - 72usize];
+    ["Alignment of pgqa_naive_decode_params"]
+        [::core::mem::align_of::<pgqa_naive_decode_params>() - 8usize];
+    ["Offset of field: pgqa_naive_decode_params::q"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, q) - 0usize];
+    ["Offset of field: pgqa_naive_decode_params::k"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, k) - 8usize];
+    ["Offset of field: pgqa_naive_decode_params::v"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, v) - 16usize];
+    ["Offset of field: pgqa_naive_decode_params::context_lens"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, context_lens) - 24usize];
+    ["Offset of field: pgqa_naive_decode_params::key_starts"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, key_starts) - 32usize];
+    ["Offset of field: pgqa_naive_decode_params::out"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, out) - 40usize];
+    ["Offset of field: pgqa_naive_decode_params::batch"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, batch) - 48usize];
+    ["Offset of field: pgqa_naive_decode_params::n_heads"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, n_heads) - 52usize];
+    ["Offset of field: pgqa_naive_decode_params::head_dim"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, head_dim) - 56usize];
+    ["Offset of field: pgqa_naive_decode_params::scale"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, scale) - 60usize];
+    ["Offset of field: pgqa_naive_decode_params::dtype"]
+        [::core::mem::offset_of!(pgqa_naive_decode_params, dtype) - 64usize];
+};
+unsafe extern "C" {
+    pub fn pgqa_naive_decode(
+        params: *const pgqa_naive_decode_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> pgqa_status;
+}
 unsafe extern "C" {
     #[doc = " The name of a cudaError_t value (\"cudaErrorInvalidValue\"); a static string, never null."]
     pub fn pgqa_cuda_error_name(cuda_error: i32) -> *const ::core::ffi::c_char;

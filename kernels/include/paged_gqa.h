@@ -141,6 +141,54 @@ typedef struct pgqa_decode_params {
 pgqa_status pgqa_decode(const pgqa_decode_params *params, pgqa_stream stream,
                         int32_t *cuda_error);
 
+/**
+ * The naive baseline, step 1: gathers each sequence's K and V rows out of the pages into
+ * contiguous tensors, sequences concatenated (sequence s owns rows key_starts[s] ..
+ * key_starts[s] + context_lens[s]).
+ */
+typedef struct pgqa_gather_kv_params {
+  const void *k_cache;         /**< [num_blocks, block_size, n_kv_heads, head_dim] */
+  const void *v_cache;         /**< [num_blocks, block_size, n_kv_heads, head_dim] */
+  const int32_t *block_tables; /**< [batch, max_blocks] */
+  const int32_t *context_lens; /**< [batch] */
+  const int64_t *key_starts;   /**< [batch]: first row of each sequence in k_out, v_out */
+  void *k_out;                 /**< [total_keys, n_kv_heads, head_dim] */
+  void *v_out;                 /**< [total_keys, n_kv_heads, head_dim] */
+  int32_t batch;               /**< at most 65535 */
+  int32_t max_context_len;
+  int32_t n_kv_heads;
+  int32_t head_dim;
+  int32_t block_size; /**< a power of two */
+  int32_t max_blocks;
+  int32_t num_blocks;
+  pgqa_dtype dtype;
+} pgqa_gather_kv_params;
+
+pgqa_status pgqa_gather_kv(const pgqa_gather_kv_params *params, pgqa_stream stream,
+                           int32_t *cuda_error);
+
+/**
+ * The naive baseline, step 3 (after repeat_kv): plain multi-head decode attention over
+ * contiguous K/V with one K/V head per query head. One thread block per (sequence, head), no
+ * sharing between heads: each K/V byte is read once per query head.
+ */
+typedef struct pgqa_naive_decode_params {
+  const void *q;             /**< [batch, n_heads, head_dim] */
+  const void *k;             /**< [total_keys, n_heads, head_dim] (repeat_kv output) */
+  const void *v;             /**< [total_keys, n_heads, head_dim] */
+  const int32_t *context_lens; /**< [batch] */
+  const int64_t *key_starts;   /**< [batch] */
+  void *out;                 /**< [batch, n_heads, head_dim] */
+  int32_t batch;
+  int32_t n_heads;
+  int32_t head_dim; /**< at most 256 */
+  float scale;
+  pgqa_dtype dtype;
+} pgqa_naive_decode_params;
+
+pgqa_status pgqa_naive_decode(const pgqa_naive_decode_params *params, pgqa_stream stream,
+                              int32_t *cuda_error);
+
 /** The name of a cudaError_t value ("cudaErrorInvalidValue"); a static string, never null. */
 const char *pgqa_cuda_error_name(int32_t cuda_error);
 
