@@ -180,3 +180,23 @@ fn cache_decode_after_writes_matches_the_oracle() {
         assert!(rel_l2(&out, &oracle.out) < 1e-5);
     }
 }
+
+#[test]
+fn cpu_naive_decode_agrees_with_the_fused_one() {
+    let mut rng = common::rng("cpu_naive_decode_agrees_with_the_fused_one");
+    let shape = GqaShape::new(28, 4, 128).unwrap(); // group 7
+    let case = PagedCase::random(&mut rng, shape, 16, &[1, 16, 45, 300], &[1; 4]);
+    let rows = 4 * 28;
+    let (mut fused, mut fused_lse) = (vec![f32::NAN; rows * 128], vec![f32::NAN; rows]);
+    let (mut naive, mut naive_lse) = (vec![f32::NAN; rows * 128], vec![f32::NAN; rows]);
+    cpu::decode(&case.q, &case.kv(), None, &mut fused, &mut fused_lse).unwrap();
+    cpu::decode_naive(&case.q, &case.kv(), None, &mut naive, &mut naive_lse).unwrap();
+    let oracle = cpu::attention(&case.q, &case.kv(), None).unwrap();
+    assert!(rel_l2(&naive, &oracle.out) < 1e-5);
+    let max_diff = fused
+        .iter()
+        .zip(&naive)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max_diff < 1e-5, "fused and naive differ by {max_diff}");
+}

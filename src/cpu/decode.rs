@@ -5,21 +5,22 @@
 use std::num::NonZeroUsize;
 use std::thread;
 
-use crate::cpu::{KvSource, PagedKv};
+use crate::cpu::{gather_paged, repeat_kv, ContiguousKv, KvSource, PagedKv};
 use crate::error::{Error, Result};
 
-/// Decode attention of `q` (`[batch, n_heads, head_dim]`, one row per sequence) over `kv`,
-/// into `out` (`[batch, n_heads, head_dim]`) and `lse` (`[batch, n_heads]`, natural log).
-/// `scale` defaults to `1/sqrt(head_dim)`. A sequence with no key gives 0 and `-inf`.
-pub fn decode<T>(
+/// Decode attention of `q` (`[batch, n_heads, head_dim]`, one row per sequence) over `kv`
+/// (paged or contiguous), into `out` (`[batch, n_heads, head_dim]`) and `lse`
+/// (`[batch, n_heads]`, natural log). `scale` defaults to `1/sqrt(head_dim)`.
+pub fn decode<T, K>(
     q: &[T],
-    kv: &PagedKv<'_, T>,
+    kv: &K,
     scale: Option<f64>,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()>
 where
     T: Copy + Into<f32> + Sync,
+    K: KvSource<T> + Sync,
 {
     let shape = kv.shape();
     let lens = kv.lens();
@@ -101,7 +102,7 @@ impl GroupState {
         &mut self,
         q_rows: &[T],
         scale: f32,
-        kv: &PagedKv<'_, T>,
+        kv: &impl KvSource<T>,
         seq: usize,
         kv_head: usize,
         out: &mut [f32],
@@ -154,4 +155,32 @@ impl GroupState {
             }
         }
     }
+}
+
+/// The naive path on the CPU, the benchmarks' baseline: gather the pages into contiguous K/V,
+/// materialise `repeat_kv`, then decode with one K/V head per query head (each head reads its
+/// own copy). Same contract and result as [`decode`].
+pub fn decode_naive<T>(
+    q: &[T],
+    kv: &PagedKv<'_, T>,
+    scale: Option<f64>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()>
+where
+    T: Copy + Into<f32> + Sync,
+{
+    let shape = kv.shape();
+    let lens = kv.lens();
+    let (k, v) = gather_paged(kv);
+    let k = repeat_kv(&k, shape, lens.total_keys())?;
+    let v = repeat_kv(&v, shape, lens.total_keys())?;
+    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?;
+    decode(
+        q,
+        &mha,
+        Some(scale.unwrap_or_else(|| shape.default_scale())),
+        out,
+        lse,
+    )
 }

@@ -9,7 +9,7 @@ mod reference;
 mod repeat_kv;
 
 pub use cache::CpuStorage;
-pub use decode::decode;
+pub use decode::{decode, decode_naive};
 pub use kv::{ContiguousKv, KvSource, PagedKv};
 pub use reference::{attention, Attention};
 pub use repeat_kv::{attention_naive, gather_paged, repeat_kv};

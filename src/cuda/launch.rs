@@ -58,6 +58,15 @@ launcher!(
     decode, pgqa_decode, ffi::pgqa_decode_params
 );
 
+launcher!(
+    /// `pgqa_gather_kv`.
+    gather_kv, pgqa_gather_kv, ffi::pgqa_gather_kv_params
+);
+launcher!(
+    /// `pgqa_naive_decode`.
+    naive_decode, pgqa_naive_decode, ffi::pgqa_naive_decode_params
+);
+
 /// Turns what a launcher returned into a `Result`.
 #[cfg_attr(not(paged_gqa_kernels), allow(dead_code))]
 fn check(kernel: &'static str, status: ffi::pgqa_status, cuda_error: i32) -> Result<()> {

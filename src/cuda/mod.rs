@@ -7,6 +7,7 @@
 //! Every entry point returns [`Error::CudaUnavailable`] when the crate was built without nvcc,
 //! when libcuda is missing, or when there is no device; none of them panics.
 
+mod baseline;
 mod cache;
 mod decode;
 mod launch;
@@ -14,6 +15,7 @@ mod repeat_kv;
 
 use std::sync::Arc;
 
+pub use baseline::NaiveDecode;
 pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
 pub use decode::{DecodeBatch, DECODE_HEAD_DIMS};

@@ -1,0 +1,104 @@
+//! The naive baseline on the GPU (gather, repeat_kv, per-head decode) against the oracle, so
+//! that the benchmarks compare the fused kernel with a correct baseline. Skips (printing why)
+//! without a GPU; fails instead with PAGED_GQA_REQUIRE_GPU=1.
+
+mod common;
+
+use common::PagedCase;
+use half::{bf16, f16};
+use paged_gqa::cpu::{self, PagedKv};
+use paged_gqa::cuda::NaiveDecode;
+use paged_gqa::{Element, GqaShape};
+
+fn check<T: Element>(test: &str, shape: GqaShape, block_size: usize, lens: &[usize], bound: f64) {
+    let Some(ctx) = common::gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = common::rng(test);
+    let case = PagedCase::random(&mut rng, shape, block_size, lens, &vec![1; lens.len()]);
+    let to_t = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let (q, k, v) = (to_t(&case.q), to_t(&case.k_cache), to_t(&case.v_cache));
+    let kv = PagedKv::new(
+        case.layout,
+        &case.lens,
+        &case.tables,
+        case.max_blocks,
+        &k,
+        &v,
+    )
+    .unwrap();
+    let oracle = cpu::attention(&q, &kv, None).unwrap();
+
+    let stream = ctx.new_stream().unwrap();
+    let mut naive = NaiveDecode::<T>::new(
+        &stream,
+        case.layout,
+        &case.lens,
+        &case.tables,
+        case.max_blocks,
+    )
+    .unwrap();
+    let (k_dev, v_dev, q_dev) = (
+        stream.clone_htod(&k).unwrap(),
+        stream.clone_htod(&v).unwrap(),
+        stream.clone_htod(&q).unwrap(),
+    );
+    let poison: T = bytemuck::pod_read_unaligned(&[0xffu8; 2]);
+    let mut out = stream.clone_htod(&vec![poison; q.len()]).unwrap();
+    naive
+        .run(&stream, &k_dev, &v_dev, &q_dev, &mut out, None)
+        .unwrap();
+    let out: Vec<f64> = stream
+        .clone_dtoh(&out)
+        .unwrap()
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    assert!(
+        out.iter().all(|x| x.is_finite()),
+        "{test}: unwritten output"
+    );
+    let diff: f64 = out
+        .iter()
+        .zip(&oracle.out)
+        .map(|(g, w)| (g - w).powi(2))
+        .sum();
+    let norm: f64 = oracle.out.iter().map(|w| w * w).sum();
+    assert!(
+        (diff / norm).sqrt() < bound,
+        "{test}: relative L2 {:e}",
+        (diff / norm).sqrt()
+    );
+}
+
+#[test]
+fn gpu_naive_decode_matches_oracle_llama3_8b_bf16() {
+    let shape = GqaShape::new(32, 8, 128).unwrap();
+    check::<bf16>(
+        "gpu_naive_decode_matches_oracle_llama3_8b_bf16",
+        shape,
+        16,
+        &[1, 16, 37, 2000],
+        1e-2,
+    );
+}
+
+#[test]
+fn gpu_naive_decode_matches_oracle_falcon_and_gemma_f16() {
+    let falcon = GqaShape::new(71, 1, 64).unwrap();
+    check::<f16>(
+        "gpu_naive_decode_matches_oracle_falcon_f16",
+        falcon,
+        1,
+        &[1, 5, 130],
+        2e-3,
+    );
+    let gemma = GqaShape::new(16, 8, 256).unwrap();
+    check::<f16>(
+        "gpu_naive_decode_matches_oracle_gemma_f16",
+        gemma,
+        256,
+        &[300, 1, 256],
+        2e-3,
+    );
+}
