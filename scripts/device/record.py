@@ -141,6 +141,12 @@ def build(args, record, notes):
         if not used_gpu:
             notes.append(f"cli_demo: the decode did not run on the GPU ({ran_on or 'no such line'})")
 
+    # The benchmark sweep: it must finish and write its records.
+    bench = next((s for s in steps if s["kind"] == "bench"), None)
+    if bench is not None:
+        wrote = os.path.exists(os.path.join(out, "bench.json"))
+        entries.append(("paged-gqa", "bench_sweep", "pass" if bench["status"] == "0" and wrote else "fail"))
+
     # name -> result; a name two binaries share is qualified as binary::name.
     count = {}
     for _, test, _ in entries:
@@ -247,6 +253,13 @@ def main():
     except (OSError, ValueError) as e:
         notes.append(f"source.json unreadable: {e}")
     record["host"] = {"node": platform.node(), "kernel": platform.release()}
+    # The benchmark sweep's records (paged-gqa bench --json), when the bench step ran.
+    try:
+        bench = read(os.path.join(out, "bench.json"))
+        if bench:
+            record["figures"] = json.loads(bench)
+    except ValueError as e:
+        notes.append(f"bench.json unreadable: {e}")
 
     step_logs = []
     try:

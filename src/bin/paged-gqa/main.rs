@@ -4,6 +4,7 @@
 //! arguments (nothing is written then).
 
 mod attend;
+mod bench;
 mod case;
 mod demo;
 
@@ -53,6 +54,9 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// The fused decode against the naive repeat_kv path over real model shapes: a table of
+    /// times, speedups and achieved KV bandwidth (GPU if present, else CPU).
+    Bench(bench::BenchArgs),
 }
 
 /// A failure and the exit code it maps to.
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Attend { case, out, backend } => attend::run(&case, &out, backend),
         Command::Demo { seed } => demo::run(seed),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

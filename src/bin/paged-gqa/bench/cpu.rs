@@ -1,0 +1,106 @@
+//! The sweep on the CPU backend: the fused f32 decode against the naive path, wall-clock
+//! medians, and the host's measured copy bandwidth.
+
+use std::time::Instant;
+
+use half::{bf16, f16};
+use paged_gqa::cpu::{self, ContiguousKv, PagedKv};
+use paged_gqa::{DType, Element};
+
+use super::{data, report::Record, Case};
+use crate::Failure;
+
+/// Median wall-clock milliseconds of `iters` runs after one warm-up.
+fn time_ms(iters: usize, mut f: impl FnMut() -> paged_gqa::Result<()>) -> Result<f64, Failure> {
+    f().map_err(Failure::runtime)?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let start = Instant::now();
+        f().map_err(Failure::runtime)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Host copy bandwidth in GB/s: bytes read plus bytes written by a 256 MiB `copy_from_slice`,
+/// best of 5.
+fn copy_bandwidth_gbs() -> f64 {
+    let n = 256 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    2.0 * n as f64 / best / 1e9
+}
+
+pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
+    let copy_gbs = copy_bandwidth_gbs();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let device = format!("CPU ({threads} threads)");
+    eprintln!("bench: {device}, measured copy bandwidth {copy_gbs:.1} GB/s (read + write)");
+    let mut records = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        eprintln!(
+            "bench [{}/{}] {} batch {} context {}",
+            i + 1,
+            cases.len(),
+            case.model,
+            case.batch,
+            case.context
+        );
+        let times = match case.dtype {
+            DType::F16 => measure::<f16>(case, iters)?,
+            _ => measure::<bf16>(case, iters)?,
+        };
+        records.push(Record::new(
+            case,
+            "cpu",
+            &device,
+            times,
+            copy_gbs,
+            &format!("wall clock, median of {iters} after 1 warm-up"),
+        ));
+    }
+    Ok(records)
+}
+
+/// (fused, naive whole path, naive attention alone), milliseconds.
+fn measure<T: Element + Into<f32>>(case: &Case, iters: usize) -> Result<(f64, f64, f64), Failure> {
+    let mut rng = data::rng();
+    let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
+    let (k, v): (Vec<T>, Vec<T>) = (
+        data::random(&mut rng, t.layout.cache_len()),
+        data::random(&mut rng, t.layout.cache_len()),
+    );
+    let q: Vec<T> = data::random(&mut rng, case.batch * case.shape.q_row_len());
+    let kv = PagedKv::new(t.layout, &t.lens, &t.block_tables, t.max_blocks, &k, &v)
+        .map_err(Failure::runtime)?;
+    let rows = case.batch * case.shape.n_heads();
+    let (mut out, mut lse) = (
+        vec![0.0f32; rows * case.shape.head_dim()],
+        vec![0.0f32; rows],
+    );
+
+    let fused = time_ms(iters, || cpu::decode(&q, &kv, None, &mut out, &mut lse))?;
+    let naive = time_ms(iters, || {
+        cpu::decode_naive(&q, &kv, None, &mut out, &mut lse)
+    })?;
+    // The attention step alone, over K/V materialised beforehand.
+    let (kc, vc) = cpu::gather_paged(&kv);
+    let keys = t.lens.total_keys();
+    let (kr, vr) = (
+        cpu::repeat_kv(&kc, case.shape, keys).map_err(Failure::runtime)?,
+        cpu::repeat_kv(&vc, case.shape, keys).map_err(Failure::runtime)?,
+    );
+    let mha =
+        ContiguousKv::new(case.shape.repeated(), &t.lens, &kr, &vr).map_err(Failure::runtime)?;
+    let scale = Some(case.shape.default_scale());
+    let attention = time_ms(iters, || cpu::decode(&q, &mha, scale, &mut out, &mut lse))?;
+    Ok((fused, naive, attention))
+}

@@ -1,0 +1,206 @@
+//! `paged-gqa bench`: the fused decode against the naive repeat_kv path over a sweep of real
+//! model shapes, batches and context lengths, on the GPU when there is one, else the CPU.
+//! Prints a table, and writes JSON records and an SVG plot on request.
+
+mod cpu;
+mod data;
+mod gpu;
+mod report;
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use paged_gqa::{DType, GqaShape};
+
+use crate::Failure;
+
+/// Models the sweep knows: (name, n_heads, n_kv_heads, head_dim).
+pub const MODELS: [(&str, usize, usize, usize); 8] = [
+    ("Llama-3-8B", 32, 8, 128),
+    ("Llama-3-70B", 64, 8, 128),
+    ("Qwen2-7B", 28, 4, 128),
+    ("Qwen2.5-0.5B", 14, 2, 64),
+    ("Mistral-7B", 32, 8, 128),
+    ("Gemma-2-9B", 16, 8, 256),
+    ("Falcon-7B", 71, 1, 64),
+    ("Phi-3-medium", 40, 10, 128),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackend {
+    /// The GPU when one is usable, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchDType {
+    Bf16,
+    F16,
+}
+
+impl BenchDType {
+    pub fn dtype(self) -> DType {
+        match self {
+            BenchDType::Bf16 => DType::BF16,
+            BenchDType::F16 => DType::F16,
+        }
+    }
+}
+
+/// Options of `paged-gqa bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BenchBackend,
+    /// A short sweep (the default on the CPU): Llama-3-8B, batch 1 and 4, contexts 1k and 4k
+    /// on the CPU; Llama-3-8B and -70B, batch 1/16/64, contexts 1k/8k/32k on the GPU.
+    #[arg(long, conflicts_with = "full")]
+    pub quick: bool,
+    /// Every model of the table, more batches and contexts.
+    #[arg(long)]
+    pub full: bool,
+    /// Model names (repeatable), e.g. --model Llama-3-8B.
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// Batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Context lengths (keys per sequence), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub context: Vec<usize>,
+    /// Tokens per page (a power of two up to 256).
+    #[arg(long, default_value_t = 16)]
+    pub page_size: usize,
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: BenchDType,
+    /// Timed runs per measurement (after warm-up).
+    #[arg(long)]
+    pub iters: Option<usize>,
+    /// Writes the records as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Draws bandwidth against context length as SVG.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+/// One point of the sweep.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub model: &'static str,
+    pub shape: GqaShape,
+    pub batch: usize,
+    pub context: usize,
+    pub page_size: usize,
+    pub dtype: DType,
+}
+
+impl Case {
+    /// Bytes of K and V the batch must read: the floor of a decode step's memory traffic.
+    pub fn kv_bytes(&self) -> u64 {
+        2 * (self.batch * self.context * self.shape.kv_row_len() * self.dtype.size_bytes()) as u64
+    }
+}
+
+fn model(name: &str) -> Result<(&'static str, GqaShape), Failure> {
+    let &(name, h, kv, d) = MODELS
+        .iter()
+        .find(|m| m.0.eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            Failure::input(format!(
+                "unknown model `{name}`; known: {}",
+                MODELS.iter().map(|m| m.0).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+    Ok((name, GqaShape::new(h, kv, d).map_err(Failure::input)?))
+}
+
+fn sweep(args: &BenchArgs, on_gpu: bool) -> Result<Vec<Case>, Failure> {
+    let (models, batches, contexts): (Vec<&str>, Vec<usize>, Vec<usize>) = match (on_gpu, args.full)
+    {
+        (false, false) => (vec!["Llama-3-8B"], vec![1, 4], vec![1024, 4096]),
+        (false, true) => (
+            vec!["Llama-3-8B", "Qwen2-7B", "Falcon-7B"],
+            vec![1, 8],
+            vec![1024, 4096, 16_384],
+        ),
+        (true, false) => (
+            vec!["Llama-3-8B", "Llama-3-70B"],
+            vec![1, 16, 64],
+            vec![1024, 8192, 32_768],
+        ),
+        (true, true) => (
+            MODELS.iter().map(|m| m.0).collect(),
+            vec![1, 16, 64, 128],
+            vec![1024, 4096, 8192, 32_768],
+        ),
+    };
+    let models: Vec<String> = if args.models.is_empty() {
+        models.into_iter().map(String::from).collect()
+    } else {
+        args.models.clone()
+    };
+    let batches = if args.batch.is_empty() {
+        batches
+    } else {
+        args.batch.clone()
+    };
+    let contexts = if args.context.is_empty() {
+        contexts
+    } else {
+        args.context.clone()
+    };
+    if !args.page_size.is_power_of_two() || args.page_size > 256 {
+        return Err(Failure::input(format!(
+            "--page-size {} is not a power of two from 1 to 256",
+            args.page_size
+        )));
+    }
+    if let Some(&bad) = batches.iter().chain(&contexts).find(|&&x| x == 0) {
+        return Err(Failure::input(format!(
+            "batch sizes and contexts must be positive, got {bad}"
+        )));
+    }
+    let mut cases = Vec::new();
+    for name in &models {
+        let (model, shape) = model(name)?;
+        for &batch in &batches {
+            for &context in &contexts {
+                cases.push(Case {
+                    model,
+                    shape,
+                    batch,
+                    context,
+                    page_size: args.page_size,
+                    dtype: args.dtype.dtype(),
+                });
+            }
+        }
+    }
+    Ok(cases)
+}
+
+pub fn run(args: BenchArgs) -> Result<(), Failure> {
+    let gpu = match args.backend {
+        BenchBackend::Cpu => None,
+        BenchBackend::Cuda => Some(paged_gqa::cuda::context(0).map_err(Failure::runtime)?),
+        BenchBackend::Auto => paged_gqa::cuda::context(0).ok(),
+    };
+    let cases = sweep(&args, gpu.is_some())?;
+    let records = match &gpu {
+        Some(ctx) => gpu::run(ctx, &cases, args.iters.unwrap_or(20))?,
+        None => cpu::run(&cases, args.iters.unwrap_or(3))?,
+    };
+    report::print_table(&records);
+    if let Some(path) = &args.json {
+        report::write_json(path, &records)?;
+        println!("records: {}", path.display());
+    }
+    if let Some(path) = &args.svg {
+        report::write_svg(path, &records)?;
+        println!("plot: {}", path.display());
+    }
+    Ok(())
+}

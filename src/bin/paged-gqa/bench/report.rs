@@ -1,0 +1,218 @@
+//! Benchmark records: the table, JSON, and the SVG plot.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::Case;
+use crate::Failure;
+
+/// One measured point of the sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub model: String,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub batch: usize,
+    pub context: usize,
+    pub page_size: usize,
+    pub dtype: String,
+    pub backend: String,
+    pub device: String,
+    /// The fused decode, milliseconds per step (one layer).
+    pub fused_ms: f64,
+    /// The naive path whole: gather, repeat_kv, per-head attention.
+    pub baseline_ms: f64,
+    /// The naive path's attention step alone (K/V already materialised).
+    pub baseline_attention_ms: f64,
+    /// baseline_ms / fused_ms
+    pub speedup: f64,
+    /// K and V bytes the batch must read.
+    pub kv_bytes: u64,
+    /// kv_bytes / fused time.
+    pub bandwidth_gbs: f64,
+    /// bandwidth_gbs / copy_bandwidth_gbs.
+    pub bandwidth_frac: f64,
+    /// Copy bandwidth measured in the same run (bytes read + written per second).
+    pub copy_bandwidth_gbs: f64,
+    pub timing: String,
+    pub crate_version: String,
+}
+
+impl Record {
+    pub fn new(
+        case: &Case,
+        backend: &str,
+        device: &str,
+        (fused_ms, baseline_ms, baseline_attention_ms): (f64, f64, f64),
+        copy_gbs: f64,
+        timing: &str,
+    ) -> Self {
+        let bandwidth_gbs = case.kv_bytes() as f64 / (fused_ms * 1e-3) / 1e9;
+        Self {
+            model: case.model.to_string(),
+            n_heads: case.shape.n_heads(),
+            n_kv_heads: case.shape.n_kv_heads(),
+            head_dim: case.shape.head_dim(),
+            batch: case.batch,
+            context: case.context,
+            page_size: case.page_size,
+            dtype: format!("{:?}", case.dtype).to_lowercase(),
+            backend: backend.to_string(),
+            device: device.to_string(),
+            fused_ms,
+            baseline_ms,
+            baseline_attention_ms,
+            speedup: baseline_ms / fused_ms,
+            kv_bytes: case.kv_bytes(),
+            bandwidth_gbs,
+            bandwidth_frac: bandwidth_gbs / copy_gbs,
+            copy_bandwidth_gbs: copy_gbs,
+            timing: timing.to_string(),
+            crate_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+pub fn print_table(records: &[Record]) {
+    println!(
+        "{:<13} {:>5} {:>7} {:>4} {:>5} {:>11} {:>11} {:>11} {:>8} {:>9} {:>10} {:>6}",
+        "model",
+        "batch",
+        "context",
+        "page",
+        "dtype",
+        "fused ms",
+        "naive ms",
+        "naive attn",
+        "speedup",
+        "KV MB",
+        "GB/s",
+        "of copy"
+    );
+    for r in records {
+        println!(
+            "{:<13} {:>5} {:>7} {:>4} {:>5} {:>11.3} {:>11.3} {:>11.3} {:>7.2}x {:>9.1} {:>10.1} {:>5.1}%",
+            r.model,
+            r.batch,
+            r.context,
+            r.page_size,
+            r.dtype,
+            r.fused_ms,
+            r.baseline_ms,
+            r.baseline_attention_ms,
+            r.speedup,
+            r.kv_bytes as f64 / 1e6,
+            r.bandwidth_gbs,
+            100.0 * r.bandwidth_frac
+        );
+    }
+    if let Some(r) = records.first() {
+        println!(
+            "device: {}; copy bandwidth {:.1} GB/s (read + write); timing: {}",
+            r.device, r.copy_bandwidth_gbs, r.timing
+        );
+    }
+}
+
+pub fn write_json(path: &Path, records: &[Record]) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(records)
+        .map_err(|e| Failure::runtime(format!("JSON: {e}")))?;
+    std::fs::write(path, text)
+        .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Achieved bandwidth against context length: one line per (model, batch), fused solid,
+/// naive dashed (the naive path's K/V bytes over its time).
+pub fn write_svg(path: &Path, records: &[Record]) -> Result<(), Failure> {
+    let fail =
+        |e: &dyn std::fmt::Display| Failure::runtime(format!("plot {}: {e}", path.display()));
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let max_ctx = records.iter().map(|r| r.context).max().unwrap_or(1) as f64;
+    let min_ctx = records.iter().map(|r| r.context).min().unwrap_or(1) as f64;
+    let max_bw = records
+        .iter()
+        .map(|r| r.bandwidth_gbs.max(r.copy_bandwidth_gbs))
+        .fold(1.0, f64::max);
+    let title = records.first().map_or(String::new(), |r| {
+        format!("decode bandwidth, {} ({})", r.device, r.dtype)
+    });
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(
+            (min_ctx * 0.8..max_ctx * 1.25).log_scale(),
+            0.0..max_bw * 1.1,
+        )
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("context length (keys)")
+        .y_desc("KV bytes / time (GB/s)")
+        .draw()
+        .map_err(|e| fail(&e))?;
+
+    let mut series: Vec<(String, usize)> =
+        records.iter().map(|r| (r.model.clone(), r.batch)).collect();
+    series.dedup();
+    series.sort();
+    series.dedup();
+    for (i, (model, batch)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let mut points: Vec<&Record> = records
+            .iter()
+            .filter(|r| &r.model == model && r.batch == *batch)
+            .collect();
+        points.sort_by_key(|r| r.context);
+        let fused: Vec<(f64, f64)> = points
+            .iter()
+            .map(|r| (r.context as f64, r.bandwidth_gbs))
+            .collect();
+        let naive: Vec<(f64, f64)> = points
+            .iter()
+            .map(|r| {
+                (
+                    r.context as f64,
+                    r.bandwidth_gbs * r.fused_ms / r.baseline_ms,
+                )
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(fused, color.stroke_width(2)))
+            .map_err(|e| fail(&e))?
+            .label(format!("{model} b{batch} fused"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(DashedLineSeries::new(naive, 6, 4, color.stroke_width(1)))
+            .map_err(|e| fail(&e))?
+            .label(format!("{model} b{batch} naive repeat_kv"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
+            });
+    }
+    if let Some(r) = records.first() {
+        let copy = r.copy_bandwidth_gbs;
+        chart
+            .draw_series(LineSeries::new(
+                vec![(min_ctx * 0.8, copy), (max_ctx * 1.25, copy)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(|e| fail(&e))?
+            .label("measured copy bandwidth")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
+}
