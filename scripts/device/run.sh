@@ -7,13 +7,15 @@
 #   1. nvidia-smi -L and the GPU name and driver version;
 #   2. every staged GPU test binary, PAGED_GQA_REQUIRE_GPU=1, --test-threads=1;
 #   3. `paged-gqa demo` (the test `cli_demo`; `cli_demo_used_gpu` checks the decode ran on the GPU);
-#   4. compute-sanitizer memcheck and racecheck over every staged GPU test binary;
+#   4. compute-sanitizer memcheck and racecheck over every staged GPU test binary (small cases),
+#      then `paged-gqa bench --quick` (records: OUTDIR/bench.json, plot: OUTDIR/bench.svg) and
+#      the PyTorch peers on the same shapes (torch_peers.py, when torch imports);
 #   5. record.py: OUTDIR/record.json (always), OUTDIR/device-check.log (all logs in one file).
 # Each step's output is teed to OUTDIR/<step>.log and to stdout. At most 8 files come back from
 # the device tool's $OUT, so when the step logs would make OUTDIR hold more than 8 files they are
 # packed into OUTDIR/logs.tar.gz (device-check.log holds them all anyway).
 # Exit status: 0 when every test passed and the sanitizers found no error; 1 otherwise; 2 for
-# bad usage. DEVICE_CHECK_BUDGET_S (default 290) bounds the whole run: a step that would start
+# bad usage. DEVICE_CHECK_BUDGET_S (default 300) bounds the whole run: a step that would start
 # past it is skipped and counted as failed.
 set -uo pipefail # not -e: every step runs and its failure is recorded
 
@@ -27,7 +29,7 @@ mkdir -p "$1" && out=$(cd "$1" && pwd) || {
   exit 2
 }
 start=$(date +%s)
-deadline=$((start + ${DEVICE_CHECK_BUDGET_S:-290}))
+deadline=$((start + ${DEVICE_CHECK_BUDGET_S:-300}))
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 steps="$work/steps.tsv" # kind, name, log, exit status (or "skipped"), seconds
@@ -84,11 +86,6 @@ done
 # 3. The CLI demo.
 [[ -f "$here/bin/paged-gqa" && ! -x "$here/bin/paged-gqa" ]] && chmod +x "$here/bin/paged-gqa"
 step demo cli_demo cli_demo.log 60 "$here/bin/paged-gqa" demo
-# The benchmark sweep (its records become the record's figures): fused vs naive, Llama-3-8B
-# and -70B, batch 1/16/64, context 1k/8k/32k.
-step bench bench bench.log 120 "$here/bin/paged-gqa" bench --quick --iters 10 \
-  --json "$out/bench.json" --svg "$out/bench.svg"
-
 # 4. compute-sanitizer over the (small) GPU tests.
 sanitizer=$(command -v compute-sanitizer || true)
 for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
@@ -109,6 +106,15 @@ for tool in memcheck racecheck; do
       --skip 32k --skip batch_fills --skip cuda_graph # small cases only: the sanitizers are slow
   done
 done
+
+# 4b. After the checks of correctness, the benchmark sweep (its records become the record's
+# figures): fused vs naive, Llama-3-8B and -70B, batch 1/16/64, context 1k/8k/32k.
+step bench bench bench.log 90 "$here/bin/paged-gqa" bench --quick --iters 10 \
+  --json "$out/bench.json" --svg "$out/bench.svg"
+# PyTorch peers on the same shapes, added to bench.json (when torch and the records are there).
+if [[ -f "$out/bench.json" ]] && python3 -c "import torch" 2>/dev/null; then
+  step peers torch_peers torch_peers.log 60 python3 "$here/torch_peers.py" --records "$out/bench.json"
+fi
 
 # 5. The record, always; its exit status is the run's.
 python3 "$here/record.py" --staged "$here" --out "$out" --steps "$steps" --gpu-csv "$work/gpu.csv" \
