@@ -59,7 +59,10 @@ fn main() {
         Err(message) => panic!("paged-gqa: {message}"),
     };
     let archs = match parse_archs(
-        &env::var("PAGED_GQA_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()),
+        &env::var("PAGED_GQA_CUDA_ARCHS")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_ARCHS.into()),
     ) {
         Ok(archs) => archs,
         Err(message) => panic!("paged-gqa: PAGED_GQA_CUDA_ARCHS: {message}"),

@@ -14,7 +14,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaStream};
 use half::bf16;
 use paged_gqa::cpu::{self, PagedKv};
-use paged_gqa::cuda::{DecodeBatch, NaiveDecode};
+use paged_gqa::cuda::{AttendBatch, NaiveDecode};
 use paged_gqa::{DType, GqaShape, PagedLayout, SeqLens};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -102,7 +102,7 @@ fn gpu(c: &mut Criterion) {
         .alloc_zeros::<bf16>(16 * b.layout.shape().q_row_len())
         .unwrap();
     let mut lse = stream.alloc_zeros::<f32>(16 * SHAPE.0).unwrap();
-    let fused = DecodeBatch::new(
+    let fused = AttendBatch::new(
         &stream,
         b.layout,
         DType::BF16,
@@ -150,10 +150,10 @@ fn cpu(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_cpu_llama3_8b_b2_ctx2048_bf16");
     group.sample_size(10);
     group.bench_function("fused", |bench| {
-        bench.iter(|| cpu::decode(&q, &kv, None, &mut out, &mut lse).unwrap())
+        bench.iter(|| cpu::attend(&q, &kv, None, &mut out, &mut lse).unwrap())
     });
     group.bench_function("naive_repeat_kv", |bench| {
-        bench.iter(|| cpu::decode_naive(&q, &kv, None, &mut out, &mut lse).unwrap())
+        bench.iter(|| cpu::attend_naive(&q, &kv, None, &mut out, &mut lse).unwrap())
     });
     group.finish();
 }

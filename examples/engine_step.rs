@@ -28,7 +28,8 @@ fn projections(
     )
 }
 
-/// One engine step: plan once, then per layer write the new K/V and attend.
+/// One engine step: plan once, then per layer write the new K/V and attend (any mix of prompt
+/// chunks and decode tokens).
 fn step(
     cache: &mut PagedCache<CpuStorage<f32>>,
     batch: &[(SeqId, usize)],
@@ -39,8 +40,9 @@ fn step(
     for layer in 0..config.num_layers() {
         let (k_new, v_new, q) = projections(&config, plan.num_new_tokens(), layer, step);
         cache.write(layer, &plan, &k_new, &v_new)?;
-        let attention = cache.attend(layer, &plan, &q, None)?; // out [tokens, n_heads, head_dim]
-        assert_eq!(attention.out.len(), q.len());
+        let rows = plan.num_new_tokens() * config.shape().n_heads();
+        let (mut out, mut lse) = (vec![0.0f32; q.len()], vec![0.0f32; rows]); // [tokens, n_heads, (head_dim)]
+        cache.attend(layer, &plan, &q, &mut out, &mut lse, None)?; // prompts and decode tokens alike
     }
     let lens: Vec<String> = batch
         .iter()

@@ -177,19 +177,19 @@ unsafe extern "C" {
     ) -> pgqa_status;
 }
 #[doc = "< threads per block"]
-pub const PGQA_DECODE_THREADS: _bindgen_ty_1 = _bindgen_ty_1(128);
+pub const PGQA_ATTEND_THREADS: _bindgen_ty_1 = _bindgen_ty_1(128);
 #[doc = "< 8-element output accumulators per thread"]
-pub const PGQA_DECODE_ACC_ITEMS: _bindgen_ty_1 = _bindgen_ty_1(6);
-pub const PGQA_DECODE_MAX_SPLITS: _bindgen_ty_1 = _bindgen_ty_1(65535);
+pub const PGQA_ATTEND_ACC_ITEMS: _bindgen_ty_1 = _bindgen_ty_1(6);
+pub const PGQA_ATTEND_MAX_SPLITS: _bindgen_ty_1 = _bindgen_ty_1(65535);
 #[repr(transparent)]
-#[doc = " Decode kernel geometry, shared with the planner (src/plan.rs)."]
+#[doc = " Attention kernel geometry, shared with the planner (src/plan.rs)."]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct _bindgen_ty_1(pub ::core::ffi::c_uint);
-#[doc = " Fused paged GQA decode: one query row per sequence. One thread block serves one\n (sequence, K/V head, chunk of its group's query heads, split of the context): it reads each\n K and V row of its range once and computes every query head of the chunk from it. A chunk\n holds at most PGQA_DECODE_ACC_ITEMS * PGQA_DECODE_THREADS * 8 / head_dim query heads.\n\n Query head h reads K/V head h / (n_heads / n_kv_heads). Scores are scale * q.k, softmax in\n fp32. With num_splits > 1 each split writes its partial output and log2-sum-exp to the\n workspace and a merge kernel (same launcher) combines them. Sequences with context_len 0\n give output 0 and lse -inf. head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16."]
+#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts), causal bottom-right: query row j of a sequence with L keys and n\n query rows sits at position L - n + j and sees keys 0 ..= L - n + j.\n\n One thread block serves one work item (a sequence and up to tokens_per_work of its query\n rows), one K/V head (or a chunk of its query heads when the group is large) and one split of\n the keys. Its rows are (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS *\n PGQA_ATTEND_THREADS * 8 / head_dim of them; it reads each K and V row of its range once, stops\n at its last row's causal limit (tiles above the diagonal are skipped), and masks inside.\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them. A row with no visible key gives 0 and lse -inf. CUDA cores (no tensor cores yet).\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
-pub struct pgqa_decode_params {
-    #[doc = "< [batch, n_heads, head_dim]"]
+pub struct pgqa_attend_params {
+    #[doc = "< [num_tokens, n_heads, head_dim]"]
     pub q: *const ::core::ffi::c_void,
     #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim] (one layer)"]
     pub k_cache: *const ::core::ffi::c_void,
@@ -199,15 +199,20 @@ pub struct pgqa_decode_params {
     pub block_tables: *const i32,
     #[doc = "< [batch]: keys per sequence, at most max_blocks * block_size"]
     pub context_lens: *const i32,
-    #[doc = "< [batch, n_heads, head_dim]"]
+    #[doc = "< [batch + 1]: sequence b's query rows are [starts[b], starts[b+1])"]
+    pub query_starts: *const i32,
+    #[doc = "< [num_work, 2]: (sequence, its first query row of the item)"]
+    pub work: *const i32,
+    #[doc = "< [num_tokens, n_heads, head_dim]"]
     pub out: *mut ::core::ffi::c_void,
-    #[doc = "< [batch, n_heads], natural log"]
+    #[doc = "< [num_tokens, n_heads], natural log"]
     pub lse: *mut f32,
-    #[doc = "< [batch, n_heads, num_splits, head_dim] when num_splits > 1"]
+    #[doc = "< [num_tokens, n_heads, num_splits, head_dim] when num_splits > 1"]
     pub partial_out: *mut f32,
-    #[doc = "< [batch, n_heads, num_splits] when num_splits > 1"]
+    #[doc = "< [num_tokens, n_heads, num_splits] when num_splits > 1"]
     pub partial_lse: *mut f32,
-    pub batch: i32,
+    pub num_work: i32,
+    pub num_tokens: i32,
     pub n_heads: i32,
     pub n_kv_heads: i32,
     pub head_dim: i32,
@@ -216,6 +221,8 @@ pub struct pgqa_decode_params {
     pub max_blocks: i32,
     #[doc = "< block ids outside [0, num_blocks) are never read"]
     pub num_blocks: i32,
+    #[doc = "< query rows per work item; 1 when the group exceeds a block"]
+    pub tokens_per_work: i32,
     pub num_splits: i32,
     #[doc = "< split s covers keys [s * keys_per_split, (s + 1) * keys_per_split)"]
     pub keys_per_split: i32,
@@ -224,52 +231,60 @@ pub struct pgqa_decode_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pgqa_decode_params"][::core::mem::size_of::<pgqa_decode_params>() - 120usize];
-    ["Alignment of pgqa_decode_params"][::core::mem::align_of::<pgqa_decode_params>() - 8usize];
-    ["Offset of field: pgqa_decode_params::q"]
-        [::core::mem::offset_of!(pgqa_decode_params, q) - 0usize];
-    ["Offset of field: pgqa_decode_params::k_cache"]
-        [::core::mem::offset_of!(pgqa_decode_params, k_cache) - 8usize];
-    ["Offset of field: pgqa_decode_params::v_cache"]
-        [::core::mem::offset_of!(pgqa_decode_params, v_cache) - 16usize];
-    ["Offset of field: pgqa_decode_params::block_tables"]
-        [::core::mem::offset_of!(pgqa_decode_params, block_tables) - 24usize];
-    ["Offset of field: pgqa_decode_params::context_lens"]
-        [::core::mem::offset_of!(pgqa_decode_params, context_lens) - 32usize];
-    ["Offset of field: pgqa_decode_params::out"]
-        [::core::mem::offset_of!(pgqa_decode_params, out) - 40usize];
-    ["Offset of field: pgqa_decode_params::lse"]
-        [::core::mem::offset_of!(pgqa_decode_params, lse) - 48usize];
-    ["Offset of field: pgqa_decode_params::partial_out"]
-        [::core::mem::offset_of!(pgqa_decode_params, partial_out) - 56usize];
-    ["Offset of field: pgqa_decode_params::partial_lse"]
-        [::core::mem::offset_of!(pgqa_decode_params, partial_lse) - 64usize];
-    ["Offset of field: pgqa_decode_params::batch"]
-        [::core::mem::offset_of!(pgqa_decode_params, batch) - 72usize];
-    ["Offset of field: pgqa_decode_params::n_heads"]
-        [::core::mem::offset_of!(pgqa_decode_params, n_heads) - 76usize];
-    ["Offset of field: pgqa_decode_params::n_kv_heads"]
-        [::core::mem::offset_of!(pgqa_decode_params, n_kv_heads) - 80usize];
-    ["Offset of field: pgqa_decode_params::head_dim"]
-        [::core::mem::offset_of!(pgqa_decode_params, head_dim) - 84usize];
-    ["Offset of field: pgqa_decode_params::block_size"]
-        [::core::mem::offset_of!(pgqa_decode_params, block_size) - 88usize];
-    ["Offset of field: pgqa_decode_params::max_blocks"]
-        [::core::mem::offset_of!(pgqa_decode_params, max_blocks) - 92usize];
-    ["Offset of field: pgqa_decode_params::num_blocks"]
-        [::core::mem::offset_of!(pgqa_decode_params, num_blocks) - 96usize];
-    ["Offset of field: pgqa_decode_params::num_splits"]
-        [::core::mem::offset_of!(pgqa_decode_params, num_splits) - 100usize];
-    ["Offset of field: pgqa_decode_params::keys_per_split"]
-        [::core::mem::offset_of!(pgqa_decode_params, keys_per_split) - 104usize];
-    ["Offset of field: pgqa_decode_params::scale"]
-        [::core::mem::offset_of!(pgqa_decode_params, scale) - 108usize];
-    ["Offset of field: pgqa_decode_params::dtype"]
-        [::core::mem::offset_of!(pgqa_decode_params, dtype) - 112usize];
+    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 144usize];
+    ["Alignment of pgqa_attend_params"][::core::mem::align_of::<pgqa_attend_params>() - 8usize];
+    ["Offset of field: pgqa_attend_params::q"]
+        [::core::mem::offset_of!(pgqa_attend_params, q) - 0usize];
+    ["Offset of field: pgqa_attend_params::k_cache"]
+        [::core::mem::offset_of!(pgqa_attend_params, k_cache) - 8usize];
+    ["Offset of field: pgqa_attend_params::v_cache"]
+        [::core::mem::offset_of!(pgqa_attend_params, v_cache) - 16usize];
+    ["Offset of field: pgqa_attend_params::block_tables"]
+        [::core::mem::offset_of!(pgqa_attend_params, block_tables) - 24usize];
+    ["Offset of field: pgqa_attend_params::context_lens"]
+        [::core::mem::offset_of!(pgqa_attend_params, context_lens) - 32usize];
+    ["Offset of field: pgqa_attend_params::query_starts"]
+        [::core::mem::offset_of!(pgqa_attend_params, query_starts) - 40usize];
+    ["Offset of field: pgqa_attend_params::work"]
+        [::core::mem::offset_of!(pgqa_attend_params, work) - 48usize];
+    ["Offset of field: pgqa_attend_params::out"]
+        [::core::mem::offset_of!(pgqa_attend_params, out) - 56usize];
+    ["Offset of field: pgqa_attend_params::lse"]
+        [::core::mem::offset_of!(pgqa_attend_params, lse) - 64usize];
+    ["Offset of field: pgqa_attend_params::partial_out"]
+        [::core::mem::offset_of!(pgqa_attend_params, partial_out) - 72usize];
+    ["Offset of field: pgqa_attend_params::partial_lse"]
+        [::core::mem::offset_of!(pgqa_attend_params, partial_lse) - 80usize];
+    ["Offset of field: pgqa_attend_params::num_work"]
+        [::core::mem::offset_of!(pgqa_attend_params, num_work) - 88usize];
+    ["Offset of field: pgqa_attend_params::num_tokens"]
+        [::core::mem::offset_of!(pgqa_attend_params, num_tokens) - 92usize];
+    ["Offset of field: pgqa_attend_params::n_heads"]
+        [::core::mem::offset_of!(pgqa_attend_params, n_heads) - 96usize];
+    ["Offset of field: pgqa_attend_params::n_kv_heads"]
+        [::core::mem::offset_of!(pgqa_attend_params, n_kv_heads) - 100usize];
+    ["Offset of field: pgqa_attend_params::head_dim"]
+        [::core::mem::offset_of!(pgqa_attend_params, head_dim) - 104usize];
+    ["Offset of field: pgqa_attend_params::block_size"]
+        [::core::mem::offset_of!(pgqa_attend_params, block_size) - 108usize];
+    ["Offset of field: pgqa_attend_params::max_blocks"]
+        [::core::mem::offset_of!(pgqa_attend_params, max_blocks) - 112usize];
+    ["Offset of field: pgqa_attend_params::num_blocks"]
+        [::core::mem::offset_of!(pgqa_attend_params, num_blocks) - 116usize];
+    ["Offset of field: pgqa_attend_params::tokens_per_work"]
+        [::core::mem::offset_of!(pgqa_attend_params, tokens_per_work) - 120usize];
+    ["Offset of field: pgqa_attend_params::num_splits"]
+        [::core::mem::offset_of!(pgqa_attend_params, num_splits) - 124usize];
+    ["Offset of field: pgqa_attend_params::keys_per_split"]
+        [::core::mem::offset_of!(pgqa_attend_params, keys_per_split) - 128usize];
+    ["Offset of field: pgqa_attend_params::scale"]
+        [::core::mem::offset_of!(pgqa_attend_params, scale) - 132usize];
+    ["Offset of field: pgqa_attend_params::dtype"]
+        [::core::mem::offset_of!(pgqa_attend_params, dtype) - 136usize];
 };
 unsafe extern "C" {
-    pub fn pgqa_decode(
-        params: *const pgqa_decode_params,
+    pub fn pgqa_attend(
+        params: *const pgqa_attend_params,
         stream: pgqa_stream,
         cuda_error: *mut i32,
     ) -> pgqa_status;

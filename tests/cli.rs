@@ -4,7 +4,7 @@
 //! Valid cases: `out` and `lse` match an f64 computation of the definition written in this file
 //! (not the crate's oracle), from the values the case file holds, for f32, f16 and bf16 inputs.
 //! Malformed cases: exit code 2, a message on stderr naming the offending tensor (and the numbers),
-//! and no output file. `--backend cuda` runs the decode kernel on f16/bf16 decode cases; what it
+//! and no output file. `--backend cuda` runs the attention kernel on f16/bf16 cases; what it
 //! cannot run (or with no GPU) is exit code 1, a plain message, no output file.
 #![cfg(feature = "cli")] // the binary needs the `cli` feature
 
@@ -611,29 +611,18 @@ fn decode_geometry() -> Geometry {
 }
 
 #[test]
-fn cuda_backend_refuses_multi_token_queries() {
-    let test = "cuda_backend_refuses_multi_token_queries";
-    let case = Case::random(&mut common::rng(test), Geometry::default(), Dtype::BF16);
-    assert_cuda_refuses(
-        test,
-        &case,
-        &["sequence 2 has query_len 4", "prefill", "--backend cpu"],
-    );
-}
-
-#[test]
 fn cuda_backend_refuses_f32_cases() {
     let test = "cuda_backend_refuses_f32_cases";
     let case = Case::random(&mut common::rng(test), decode_geometry(), Dtype::F32);
     assert_cuda_refuses(test, &case, &["F16 or all BF16", "F32"]);
 }
 
-/// With a GPU, the CUDA decode of a bf16 case matches the definition (bf16 tolerance);
-/// without one, the CLI says CUDA is unavailable and writes nothing.
+/// With a GPU, the CUDA attention of a bf16 case (decode rows and a 4-token chunk) matches the
+/// definition (bf16 tolerance); without one, the CLI says CUDA is unavailable and writes nothing.
 #[test]
-fn cuda_backend_decodes_on_a_gpu_or_says_cuda_is_unavailable() {
-    let test = "cuda_backend_decodes_on_a_gpu_or_says_cuda_is_unavailable";
-    let case = Case::random(&mut common::rng(test), decode_geometry(), Dtype::BF16);
+fn cuda_backend_attends_on_a_gpu_or_says_cuda_is_unavailable() {
+    let test = "cuda_backend_attends_on_a_gpu_or_says_cuda_is_unavailable";
+    let case = Case::random(&mut common::rng(test), Geometry::default(), Dtype::BF16);
     match paged_gqa::cuda::context(0) {
         Err(_) => assert_cuda_refuses(test, &case, &["CUDA is unavailable"]),
         Ok(_) => {

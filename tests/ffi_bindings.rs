@@ -22,7 +22,7 @@ fn generate() -> String {
     let header = root().join("kernels/include/paged_gqa.h");
     bindgen::Builder::default()
         .header(header.to_str().unwrap())
-        .allowlist_item("(pgqa|PGQA)_.*")
+       .allowlist_item("(pgqa|PGQA)_.*")
         .default_enum_style(bindgen::EnumVariation::NewType {
             is_bitfield: false,
             is_global: false,

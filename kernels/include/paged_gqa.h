@@ -97,48 +97,56 @@ typedef struct pgqa_copy_blocks_params {
 pgqa_status pgqa_copy_blocks(const pgqa_copy_blocks_params *params, pgqa_stream stream,
                              int32_t *cuda_error);
 
-/** Decode kernel geometry, shared with the planner (src/plan.rs). */
+/** Attention kernel geometry, shared with the planner (src/plan.rs). */
 enum {
-  PGQA_DECODE_THREADS = 128,  /**< threads per block */
-  PGQA_DECODE_ACC_ITEMS = 6,  /**< 8-element output accumulators per thread */
-  PGQA_DECODE_MAX_SPLITS = 65535
+  PGQA_ATTEND_THREADS = 128, /**< threads per block */
+  PGQA_ATTEND_ACC_ITEMS = 6, /**< 8-element output accumulators per thread */
+  PGQA_ATTEND_MAX_SPLITS = 65535
 };
 
 /**
- * Fused paged GQA decode: one query row per sequence. One thread block serves one
- * (sequence, K/V head, chunk of its group's query heads, split of the context): it reads each
- * K and V row of its range once and computes every query head of the chunk from it. A chunk
- * holds at most PGQA_DECODE_ACC_ITEMS * PGQA_DECODE_THREADS * 8 / head_dim query heads.
+ * Fused paged GQA attention for any mix of query lengths (decode, speculative verification,
+ * chunked prefill, prompts), causal bottom-right: query row j of a sequence with L keys and n
+ * query rows sits at position L - n + j and sees keys 0 ..= L - n + j.
  *
- * Query head h reads K/V head h / (n_heads / n_kv_heads). Scores are scale * q.k, softmax in
- * fp32. With num_splits > 1 each split writes its partial output and log2-sum-exp to the
- * workspace and a merge kernel (same launcher) combines them. Sequences with context_len 0
- * give output 0 and lse -inf. head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16.
+ * One thread block serves one work item (a sequence and up to tokens_per_work of its query
+ * rows), one K/V head (or a chunk of its query heads when the group is large) and one split of
+ * the keys. Its rows are (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS *
+ * PGQA_ATTEND_THREADS * 8 / head_dim of them; it reads each K and V row of its range once, stops
+ * at its last row's causal limit (tiles above the diagonal are skipped), and masks inside.
+ * Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1
+ * each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges
+ * them. A row with no visible key gives 0 and lse -inf. CUDA cores (no tensor cores yet).
+ * head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16.
  */
-typedef struct pgqa_decode_params {
-  const void *q;               /**< [batch, n_heads, head_dim] */
+typedef struct pgqa_attend_params {
+  const void *q;               /**< [num_tokens, n_heads, head_dim] */
   const void *k_cache;         /**< [num_blocks, block_size, n_kv_heads, head_dim] (one layer) */
   const void *v_cache;         /**< [num_blocks, block_size, n_kv_heads, head_dim] (one layer) */
   const int32_t *block_tables; /**< [batch, max_blocks] */
   const int32_t *context_lens; /**< [batch]: keys per sequence, at most max_blocks * block_size */
-  void *out;                   /**< [batch, n_heads, head_dim] */
-  float *lse;                  /**< [batch, n_heads], natural log */
-  float *partial_out;          /**< [batch, n_heads, num_splits, head_dim] when num_splits > 1 */
-  float *partial_lse;          /**< [batch, n_heads, num_splits] when num_splits > 1 */
-  int32_t batch;
+  const int32_t *query_starts; /**< [batch + 1]: sequence b's query rows are [starts[b], starts[b+1]) */
+  const int32_t *work;         /**< [num_work, 2]: (sequence, its first query row of the item) */
+  void *out;                   /**< [num_tokens, n_heads, head_dim] */
+  float *lse;                  /**< [num_tokens, n_heads], natural log */
+  float *partial_out;          /**< [num_tokens, n_heads, num_splits, head_dim] when num_splits > 1 */
+  float *partial_lse;          /**< [num_tokens, n_heads, num_splits] when num_splits > 1 */
+  int32_t num_work;
+  int32_t num_tokens;
   int32_t n_heads;
   int32_t n_kv_heads;
   int32_t head_dim;
   int32_t block_size; /**< a power of two */
   int32_t max_blocks;
   int32_t num_blocks; /**< block ids outside [0, num_blocks) are never read */
+  int32_t tokens_per_work; /**< query rows per work item; 1 when the group exceeds a block */
   int32_t num_splits;
   int32_t keys_per_split; /**< split s covers keys [s * keys_per_split, (s + 1) * keys_per_split) */
   float scale;
   pgqa_dtype dtype;
-} pgqa_decode_params;
+} pgqa_attend_params;
 
-pgqa_status pgqa_decode(const pgqa_decode_params *params, pgqa_stream stream,
+pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream stream,
                         int32_t *cuda_error);
 
 /**

@@ -124,9 +124,10 @@ impl<T: Copy + Default> PagedCache<CpuStorage<T>> {
 }
 
 impl<T: Copy + Default + Into<f32> + Sync> PagedCache<CpuStorage<T>> {
-    /// Fused GQA decode of `layer` (the f32 fallback; see [`crate::cpu::decode`]): `q`, `out`
-    /// `[batch, n_heads, head_dim]`, `lse` `[batch, n_heads]`, one new token per sequence.
-    pub fn decode(
+    /// Fused GQA attention of `layer` for the plan's batch, any mix of decode tokens and prompt
+    /// chunks (the f32 fallback; see [`crate::cpu::attend`]): `q`, `out`
+    /// `[plan.num_new_tokens(), n_heads, head_dim]`, `lse` `[plan.num_new_tokens(), n_heads]`.
+    pub fn attend(
         &self,
         layer: usize,
         plan: &StepPlan,
@@ -135,14 +136,14 @@ impl<T: Copy + Default + Into<f32> + Sync> PagedCache<CpuStorage<T>> {
         lse: &mut [f32],
         scale: Option<f64>,
     ) -> Result<()> {
-        crate::cpu::decode(q, &self.paged_kv(layer, plan)?, scale, out, lse)
+        crate::cpu::attend(q, &self.paged_kv(layer, plan)?, scale, out, lse)
     }
 }
 
 impl<T: Copy + Default + Into<f64>> PagedCache<CpuStorage<T>> {
-    /// Causal GQA attention of the plan's new tokens over `layer`'s pages (the f64 reference):
-    /// `q` is `[plan.num_new_tokens(), n_heads, head_dim]`.
-    pub fn attend(
+    /// The f64 reference attention of the plan's new tokens over `layer`'s pages (the oracle,
+    /// for tests): `q` is `[plan.num_new_tokens(), n_heads, head_dim]`.
+    pub fn reference(
         &self,
         layer: usize,
         plan: &StepPlan,

@@ -46,7 +46,13 @@ impl<T: Element> NaiveDecode<T> {
             return Err(crate::cuda::built_without_kernels());
         }
         BlockTables::new(block_tables, max_blocks, &layout, lens)?;
-        crate::cuda::decode::check_decodable(layout.shape(), T::DTYPE, lens)?;
+        crate::cuda::attend::check_supported("naive decode", layout.shape(), T::DTYPE)?;
+        if let Some(seq) = (0..lens.batch()).find(|&s| lens.query_len(s) != 1) {
+            return Err(Error::NotDecode {
+                seq,
+                query_len: lens.query_len(seq),
+            });
+        }
         if layout.shape().head_dim() > 256 {
             return Err(Error::UnsupportedHeadDim {
                 kernel: "naive decode",

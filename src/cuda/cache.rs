@@ -5,12 +5,12 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::cache::{CacheConfig, PageStorage, PagedCache, PagedLayout, StepPlan};
-use crate::cuda::decode::{sm_count, DecodeTables};
+use crate::cuda::attend::{query_starts, sm_count, AttendTables};
 use crate::cuda::{check_aligned, launch, to_i32, KERNELS_BUILT};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::plan::DecodeSchedule;
+use crate::plan::AttendSchedule;
 
 /// Pages of every layer on the GPU, `[num_layers, 2 (K, V), num_blocks, block_size,
 /// n_kv_heads, head_dim]` in one allocation, and a workspace for each step's tables.
@@ -109,19 +109,21 @@ impl<T: Element> CudaStorage<T> {
         base + ((2 * layer + v as usize) * self.tensor_len * std::mem::size_of::<T>()) as u64
     }
 
-    /// One layer's K and V addresses and the plan's decode tables.
-    pub(crate) fn decode_tables(
+    /// One layer's K and V addresses and the plan's attention tables.
+    pub(crate) fn attend_tables<'a>(
         &self,
         layer: usize,
-        plan: &CudaStepPlan,
-    ) -> (u64, u64, DecodeTables) {
-        let tables = DecodeTables {
+        plan: &'a CudaStepPlan,
+    ) -> (u64, u64, AttendTables<'a>) {
+        let tables = AttendTables {
             layout: self.layout(),
-            batch: plan.plan.lens().batch(),
+            num_tokens: plan.plan.num_new_tokens(),
             max_blocks: plan.plan.max_blocks(),
-            schedule: plan.schedule,
+            schedule: &plan.schedule,
             block_tables: plan.block_tables,
             context_lens: plan.context_lens,
+            query_starts: plan.query_starts,
+            work: plan.work,
             split_workspace: plan.split_workspace,
         };
         (
@@ -144,8 +146,9 @@ pub struct CudaStepPlan {
     context_lens: u64,
     query_starts: u64,
     slot_mapping: u64,
-    /// The decode split plan and its workspace.
-    schedule: DecodeSchedule,
+    /// The attention launch plan, its work list and its split workspace.
+    schedule: AttendSchedule,
+    work: u64,
     split_workspace: u64,
 }
 
@@ -166,9 +169,9 @@ impl CudaStepPlan {
     pub fn slot_mapping_ptr(&self) -> u64 {
         self.slot_mapping
     }
-    /// How a decode of this step is split.
-    pub fn decode_schedule(&self) -> DecodeSchedule {
-        self.schedule
+    /// How attention over this step is launched.
+    pub fn schedule(&self) -> &AttendSchedule {
+        &self.schedule
     }
 }
 
@@ -201,17 +204,15 @@ impl<T: Element> PageStorage for CudaStorage<T> {
     fn prepare(&mut self, plan: StepPlan) -> Result<CudaStepPlan> {
         let lens = plan.lens();
         let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
-        let query_starts: Vec<i32> = (0..lens.batch())
-            .map(|s| lens.query_rows(s).start as i32)
-            .chain([lens.num_tokens() as i32])
-            .collect();
+        let schedule = AttendSchedule::new(self.sm_count, lens, self.config.shape());
         let mut bytes = Vec::new();
         let offsets = [
             push_section(&mut bytes, plan.block_tables()),
             push_section(&mut bytes, &context_lens),
-            push_section(&mut bytes, &query_starts),
+            push_section(&mut bytes, &query_starts(lens)),
             push_section(&mut bytes, plan.slot_mapping()),
             push_section(&mut bytes, plan.block_copies()),
+            push_section(&mut bytes, &schedule.work),
         ];
         if bytes.len() > self.workspace.len() {
             self.workspace = self
@@ -226,7 +227,7 @@ impl<T: Element> PageStorage for CudaStorage<T> {
             let (ptr, _sync) = self.workspace.device_ptr(&self.stream);
             ptr
         };
-        let [block_tables, context_lens, query_starts, slot_mapping, block_copies] =
+        let [block_tables, context_lens, query_starts, slot_mapping, block_copies, work] =
             offsets.map(|o| base + o as u64);
 
         if !plan.block_copies().is_empty() {
@@ -245,10 +246,7 @@ impl<T: Element> PageStorage for CudaStorage<T> {
             // and were uploaded above to the workspace, which lives as long as this storage.
             unsafe { launch::copy_blocks(&params, &self.stream)? };
         }
-        let max_len = lens.context_lens().iter().copied().max().unwrap_or(0);
-        let schedule =
-            DecodeSchedule::new(self.sm_count, lens.batch(), self.config.shape(), max_len);
-        let floats = schedule.workspace_floats(lens.batch(), self.config.shape());
+        let floats = schedule.workspace_floats(lens.num_tokens(), self.config.shape());
         if floats > self.split_workspace.len() {
             self.split_workspace = self.stream.alloc_zeros::<f32>(floats.next_power_of_two())?;
         }
@@ -260,6 +258,7 @@ impl<T: Element> PageStorage for CudaStorage<T> {
             query_starts,
             slot_mapping,
             schedule,
+            work,
             split_workspace,
         })
     }

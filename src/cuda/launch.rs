@@ -54,8 +54,8 @@ launcher!(
 );
 
 launcher!(
-    /// `pgqa_decode` (the decode kernel, then the split merge when there are splits).
-    decode, pgqa_decode, ffi::pgqa_decode_params
+    /// `pgqa_attend` (the attention kernel, then the split merge when there are splits).
+    attend, pgqa_attend, ffi::pgqa_attend_params
 );
 
 launcher!(

@@ -7,18 +7,18 @@
 //! Every entry point returns [`Error::CudaUnavailable`] when the crate was built without nvcc,
 //! when libcuda is missing, or when there is no device; none of them panics.
 
+mod attend;
 mod baseline;
 mod cache;
-mod decode;
 mod launch;
 mod repeat_kv;
 
 use std::sync::Arc;
 
+pub use attend::{AttendBatch, ATTEND_HEAD_DIMS};
 pub use baseline::NaiveDecode;
 pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
-pub use decode::{DecodeBatch, DECODE_HEAD_DIMS};
 pub use repeat_kv::repeat_kv;
 
 use crate::error::{Error, Result};

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use half::{bf16, f16};
-use paged_gqa::cuda::{self, DecodeBatch};
+use paged_gqa::cuda::{self, AttendBatch};
 use paged_gqa::{cpu, DType, Element};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -51,15 +51,8 @@ fn run_cpu(case: &Case) -> paged_gqa::Result<Output> {
     })
 }
 
-/// The fused decode kernel. Takes decode cases (one query row per sequence) in f16 or bf16.
+/// The fused attention kernel, any query lengths. Takes f16 and bf16 cases.
 fn run_cuda(case: &Case) -> Result<Output, Failure> {
-    if let Some(seq) = (0..case.lens.batch()).find(|&s| case.lens.query_len(s) != 1) {
-        return Err(Failure::runtime(format!(
-            "--backend cuda runs the decode kernel, one query row per sequence; sequence {seq} has query_len {} \
-             (multi-token queries need the prefill kernel, not built yet). Use --backend cpu.",
-            case.lens.query_len(seq)
-        )));
-    }
     match case.dtype {
         Some(DType::BF16) => run_cuda_typed::<bf16>(case),
         Some(DType::F16) => run_cuda_typed::<f16>(case),
@@ -75,7 +68,7 @@ fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
     let fail = Failure::runtime;
     let ctx = cuda::context(0).map_err(fail)?;
     let stream = ctx.default_stream();
-    let batch = DecodeBatch::new(
+    let batch = AttendBatch::new(
         &stream,
         case.layout,
         T::DTYPE,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use half::bf16;
-use paged_gqa::cuda::{self, CudaContext, DecodeBatch};
+use paged_gqa::cuda::{self, AttendBatch, CudaContext};
 use paged_gqa::{cpu, DType, GqaShape, PagedLayout, SeqLens};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -101,7 +101,7 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
     let where_ran = match &gpu {
         Ok(ctx) => {
             let stream = ctx.default_stream();
-            let batch = DecodeBatch::new(
+            let batch = AttendBatch::new(
                 &stream,
                 layout,
                 DType::BF16,
@@ -142,7 +142,7 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
             format!("GPU ({name}): CUDA decode kernel, {} split(s); repeat_kv kernel bit-identical to the CPU", batch.schedule().num_splits)
         }
         Err(why) => {
-            cpu::decode(&q, &kv, None, &mut out, &mut lse).map_err(err)?;
+            cpu::attend(&q, &kv, None, &mut out, &mut lse).map_err(err)?;
             format!("CPU fallback decode, f32 ({why})")
         }
     };

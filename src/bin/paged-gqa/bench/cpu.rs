@@ -87,9 +87,9 @@ fn measure<T: Element + Into<f32>>(case: &Case, iters: usize) -> Result<(f64, f6
         vec![0.0f32; rows],
     );
 
-    let fused = time_ms(iters, || cpu::decode(&q, &kv, None, &mut out, &mut lse))?;
+    let fused = time_ms(iters, || cpu::attend(&q, &kv, None, &mut out, &mut lse))?;
     let naive = time_ms(iters, || {
-        cpu::decode_naive(&q, &kv, None, &mut out, &mut lse)
+        cpu::attend_naive(&q, &kv, None, &mut out, &mut lse)
     })?;
     // The attention step alone, over K/V materialised beforehand.
     let (kc, vc) = cpu::gather_paged(&kv);
@@ -101,6 +101,6 @@ fn measure<T: Element + Into<f32>>(case: &Case, iters: usize) -> Result<(f64, f6
     let mha =
         ContiguousKv::new(case.shape.repeated(), &t.lens, &kr, &vr).map_err(Failure::runtime)?;
     let scale = Some(case.shape.default_scale());
-    let attention = time_ms(iters, || cpu::decode(&q, &mha, scale, &mut out, &mut lse))?;
+    let attention = time_ms(iters, || cpu::attend(&q, &mha, scale, &mut out, &mut lse))?;
     Ok((fused, naive, attention))
 }

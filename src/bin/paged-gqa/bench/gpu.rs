@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
-use paged_gqa::cuda::{DecodeBatch, NaiveDecode};
+use paged_gqa::cuda::{AttendBatch, NaiveDecode};
 use paged_gqa::{DType, Element};
 
 use super::{data, report::Record, Case};
@@ -144,7 +144,7 @@ fn measure<T: Element>(
     let mut lse = stream
         .alloc_zeros::<f32>(case.batch * case.shape.n_heads())
         .map_err(driver)?;
-    let fused = DecodeBatch::new(
+    let fused = AttendBatch::new(
         stream,
         t.layout,
         T::DTYPE,

@@ -1,5 +1,6 @@
-//! The CPU fallback decode (f32, each K/V row read once per group) against the f64 oracle on
-//! the shapes of real models, mixed context lengths in one batch, and page sizes 1 to 256.
+//! The CPU fallback attention (f32, each K/V row read once per group) against the f64 oracle:
+//! decode on the shapes of real models with mixed context lengths and page sizes 1 to 256, and
+//! prompts, varlen batches, chunked prefill and speculative verification.
 
 mod common;
 
@@ -34,14 +35,27 @@ fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
 
 /// CPU decode of a random bf16 case equals the oracle within f32 rounding.
 fn check(test: &str, model: &str, shape: GqaShape, block_size: usize, context_lens: &[usize]) {
-    let mut rng = common::rng(test);
-    let case = PagedCase::random(
-        &mut rng,
+    check_queries(
+        test,
+        model,
         shape,
         block_size,
         context_lens,
         &vec![1; context_lens.len()],
     );
+}
+
+/// CPU attention of a random bf16 case (any query lengths) equals the oracle.
+fn check_queries(
+    test: &str,
+    model: &str,
+    shape: GqaShape,
+    block_size: usize,
+    context_lens: &[usize],
+    query_lens: &[usize],
+) {
+    let mut rng = common::rng(test);
+    let case = PagedCase::random(&mut rng, shape, block_size, context_lens, query_lens);
     let round = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
     let (q, k, v) = (round(&case.q), round(&case.k_cache), round(&case.v_cache));
     let kv = PagedKv::new(
@@ -55,10 +69,10 @@ fn check(test: &str, model: &str, shape: GqaShape, block_size: usize, context_le
     .unwrap();
     let oracle = cpu::attention(&q, &kv, None).unwrap();
 
-    let rows = context_lens.len() * shape.n_heads();
+    let rows = case.lens.num_tokens() * shape.n_heads();
     let mut out = vec![f32::NAN; rows * shape.head_dim()]; // poisoned: every element must be written
     let mut lse = vec![f32::NAN; rows];
-    cpu::decode(&q, &kv, None, &mut out, &mut lse).unwrap();
+    cpu::attend(&q, &kv, None, &mut out, &mut lse).unwrap();
     let err = rel_l2(&out, &oracle.out);
     assert!(
         err < 1e-5,
@@ -110,24 +124,39 @@ fn cpu_decode_matches_the_oracle_at_32k_context() {
 }
 
 #[test]
-fn cpu_decode_rejects_more_than_one_query_row() {
-    let mut rng = common::rng("cpu_decode_rejects_more_than_one_query_row");
-    let case = PagedCase::random(
-        &mut rng,
-        GqaShape::new(4, 2, 8).unwrap(),
-        4,
-        &[5, 6],
-        &[1, 2],
+fn cpu_attend_matches_the_oracle_on_a_long_prompt() {
+    let shape = GqaShape::new(32, 8, 128).unwrap();
+    check_queries(
+        "cpu_attend_matches_the_oracle_on_a_long_prompt",
+        "Llama-3-8B",
+        shape,
+        16,
+        &[1024],
+        &[1024],
     );
-    let (mut out, mut lse) = (vec![0.0; 3 * 32], vec![0.0; 12]);
-    let err = cpu::decode(&case.q, &case.kv(), None, &mut out, &mut lse).unwrap_err();
-    assert_eq!(
-        err,
-        Error::NotDecode {
-            seq: 1,
-            query_len: 2
-        }
+}
+
+#[test]
+fn cpu_attend_matches_the_oracle_on_a_varlen_batch() {
+    let shape = GqaShape::new(28, 4, 128).unwrap();
+    check_queries(
+        "cpu_attend_matches_the_oracle_on_a_varlen_batch",
+        "Qwen2-7B",
+        shape,
+        16,
+        &[1, 17, 500, 300],
+        &[1, 17, 500, 4],
     );
+}
+
+#[test]
+fn cpu_attend_matches_the_oracle_on_chunked_prefill_and_speculation() {
+    let test = "cpu_attend_matches_the_oracle_on_chunked_prefill_and_speculation";
+    // A chunk of 128 on 1000 cached keys, and speculative verification of 2..8 tokens.
+    let falcon = GqaShape::new(71, 1, 64).unwrap();
+    check_queries(test, "Falcon-7B", falcon, 32, &[1128, 40, 90], &[128, 2, 8]);
+    let gemma = GqaShape::new(16, 8, 256).unwrap();
+    check_queries(test, "Gemma-2-9B", gemma, 1, &[300, 7], &[64, 5]);
 }
 
 #[test]
@@ -141,7 +170,7 @@ fn cpu_decode_rejects_outputs_of_the_wrong_length() {
         &[1, 1],
     );
     let (mut out, mut lse) = (vec![0.0; 2 * 32 - 1], vec![0.0; 8]);
-    let err = cpu::decode(&case.q, &case.kv(), None, &mut out, &mut lse).unwrap_err();
+    let err = cpu::attend(&case.q, &case.kv(), None, &mut out, &mut lse).unwrap_err();
     assert!(
         matches!(err, Error::BufferLength { name: "out", .. }),
         "{err}"
@@ -149,8 +178,9 @@ fn cpu_decode_rejects_outputs_of_the_wrong_length() {
 }
 
 #[test]
-fn cache_decode_after_writes_matches_the_oracle() {
-    let mut rng = common::rng("cache_decode_after_writes_matches_the_oracle");
+fn cache_attend_after_writes_matches_the_oracle_for_prefill_and_decode() {
+    let mut rng =
+        common::rng("cache_attend_after_writes_matches_the_oracle_for_prefill_and_decode");
     let shape = GqaShape::new(8, 2, 64).unwrap();
     let config = CacheConfig::new(shape, 2, 16, DType::F32).unwrap();
     let mut cache = PagedCache::new(CpuStorage::<f32>::new(config, 16).unwrap()).unwrap();
@@ -168,29 +198,26 @@ fn cache_decode_after_writes_matches_the_oracle() {
             );
             cache.write(layer, &plan, &k, &v).unwrap();
         }
-        if step == 0 {
-            continue; // the prefill step is not a decode
-        }
-        let q = common::uniform(&mut rng, 2 * 8 * 64);
-        let (mut out, mut lse) = (vec![f32::NAN; 2 * 8 * 64], vec![f32::NAN; 16]);
+        let q = common::uniform(&mut rng, n * 8 * 64);
+        let (mut out, mut lse) = (vec![f32::NAN; n * 8 * 64], vec![f32::NAN; n * 8]);
         cache
-            .decode(1, &plan, &q, &mut out, &mut lse, None)
+            .attend(1, &plan, &q, &mut out, &mut lse, None)
             .unwrap();
-        let oracle = cache.attend(1, &plan, &q, None).unwrap();
-        assert!(rel_l2(&out, &oracle.out) < 1e-5);
+        let oracle = cache.reference(1, &plan, &q, None).unwrap();
+        assert!(rel_l2(&out, &oracle.out) < 1e-5, "step {step}");
     }
 }
 
 #[test]
-fn cpu_naive_decode_agrees_with_the_fused_one() {
-    let mut rng = common::rng("cpu_naive_decode_agrees_with_the_fused_one");
+fn cpu_naive_attend_agrees_with_the_fused_one() {
+    let mut rng = common::rng("cpu_naive_attend_agrees_with_the_fused_one");
     let shape = GqaShape::new(28, 4, 128).unwrap(); // group 7
     let case = PagedCase::random(&mut rng, shape, 16, &[1, 16, 45, 300], &[1; 4]);
     let rows = 4 * 28;
     let (mut fused, mut fused_lse) = (vec![f32::NAN; rows * 128], vec![f32::NAN; rows]);
     let (mut naive, mut naive_lse) = (vec![f32::NAN; rows * 128], vec![f32::NAN; rows]);
-    cpu::decode(&case.q, &case.kv(), None, &mut fused, &mut fused_lse).unwrap();
-    cpu::decode_naive(&case.q, &case.kv(), None, &mut naive, &mut naive_lse).unwrap();
+    cpu::attend(&case.q, &case.kv(), None, &mut fused, &mut fused_lse).unwrap();
+    cpu::attend_naive(&case.q, &case.kv(), None, &mut naive, &mut naive_lse).unwrap();
     let oracle = cpu::attention(&case.q, &case.kv(), None).unwrap();
     assert!(rel_l2(&naive, &oracle.out) < 1e-5);
     let max_diff = fused

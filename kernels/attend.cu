@@ -1,24 +1,29 @@
-// decode.cu: fused paged GQA decode (see pgqa_decode in paged_gqa.h).
+// attend.cu: fused paged GQA attention for any query lengths (see pgqa_attend in paged_gqa.h).
 //
-// One thread block = one (sequence, K/V head, chunk of that K/V head's query heads, split).
-// Per tile of kKeys keys it
+// One thread block = one (work item: a sequence and up to tokens_per_work of its query rows,
+// K/V head or chunk of its query heads, split of the keys). Its rows are (query row, query
+// head) pairs: row r is query row j0 + r / heads, head head0 + r % heads. Per tile of kKeys
+// keys it
 //   0. brings the tile's K and V rows into shared memory with cp.async, the next tile's copies
 //      in flight while this one is computed (two buffers);
-//   1. scores s[h][t] = (scale * log2 e) * q_h . k_t for every (query head, key) pair;
-//   2. per query head, one warp: online softmax in the log2 domain (running max m, sum l), the
-//      tile's probabilities written back over the scores, alpha = exp2(m_old - m_new);
-//   3. every thread owns up to kAccItems 8-element slices of the heads' outputs and adds
-//      sum_t p[h][t] * v_t to them (after scaling them by alpha).
-// Each K and V byte of the range is read from global memory once for the whole chunk of heads.
+//   1. scores s[r][t] = (scale * log2 e) * q_r . k_t for every (row, key) pair, -inf past the
+//      row's causal limit;
+//   2. per row, one warp: online softmax in the log2 domain (running max m, sum l), the tile's
+//      probabilities written back over the scores, alpha = exp2(m_old - m_new) (a row that has
+//      seen no key yet keeps m = -inf, p = 0: no NaN from -inf - -inf);
+//   3. every thread owns up to kAccItems 8-element slices of the rows' outputs and adds
+//      sum_t p[r][t] * v_t to them (after scaling them by alpha).
+// Each K and V byte of the block's range is read from global memory once for all its rows;
+// the range ends at the last row's causal limit, so tiles above the diagonal are never loaded.
 
 #include "common.cuh"
 #include "merge.cuh"
 
 namespace {
 
-constexpr int kThreads = PGQA_DECODE_THREADS;
+constexpr int kThreads = PGQA_ATTEND_THREADS;
 constexpr int kWarps = kThreads / 32;
-constexpr int kAccItems = PGQA_DECODE_ACC_ITEMS;
+constexpr int kAccItems = PGQA_ATTEND_ACC_ITEMS;
 
 template <int D>
 struct Geometry {
@@ -29,16 +34,16 @@ struct Geometry {
   // 16-byte bank group, so the threads of a quarter warp reading different rows never collide.
   static constexpr int kRowStride = D + 8;
   static constexpr int kTileElems = kKeys * kRowStride;
-  // Query heads one block serves: kAccItems slices of 8 per thread.
-  static constexpr int kMaxHeads = kAccItems * kThreads / kChunks;
+  // Rows one block serves: kAccItems slices of 8 per thread.
+  static constexpr int kMaxRows = kAccItems * kThreads / kChunks;
 };
 
-// Shared memory of a block serving `heads` query heads: K and V tiles (two buffers each),
-// then q [heads][D] f32, scores [heads][kKeys] f32, m, l, alpha [heads] f32.
+// Shared memory of a block serving `rows` rows: K and V tiles (two buffers each),
+// then q [rows][D] f32, scores [rows][kKeys] f32, m, l, alpha [rows] f32.
 template <typename T, int D>
-size_t smem_bytes(int heads) {
+size_t smem_bytes(int rows) {
   using G = Geometry<D>;
-  return 4 * G::kTileElems * sizeof(T) + static_cast<size_t>(heads) * (D + G::kKeys + 3) * sizeof(float);
+  return 4 * G::kTileElems * sizeof(T) + static_cast<size_t>(rows) * (D + G::kKeys + 3) * sizeof(float);
 }
 
 // q_h . k over D elements: q from shared f32 (pre-scaled), k a shared row of T.
@@ -59,30 +64,38 @@ __device__ inline float dot(const float *q, const T *k) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
-    decode_kernel(const pgqa_decode_params p, int block_shift, int group, int head_chunks) {
+    attend_kernel(const pgqa_attend_params p, int block_shift, int group, int head_chunks) {
   using G = Geometry<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   T *k_tiles = reinterpret_cast<T *>(smem);  // [2][kKeys][kRowStride]
   T *v_tiles = k_tiles + 2 * G::kTileElems;   // [2][kKeys][kRowStride]
 
-  const int seq = blockIdx.x;
+  const int seq = p.work[2 * static_cast<int64_t>(blockIdx.x)];
+  const int j0 = p.work[2 * static_cast<int64_t>(blockIdx.x) + 1];  // first query row (of seq)
   const int kv_head = blockIdx.y / head_chunks;
   const int chunk = blockIdx.y % head_chunks;
   const int split = blockIdx.z;
-  const int head0 = kv_head * group + chunk * G::kMaxHeads;  // first query head served
-  const int heads = min(G::kMaxHeads, group - chunk * G::kMaxHeads);
+  const int head0 = kv_head * group + chunk * G::kMaxRows;  // first query head served
+  const int heads = min(G::kMaxRows, group - chunk * G::kMaxRows);
+  const int q_begin = p.query_starts[seq];
+  const int query_len = p.query_starts[seq + 1] - q_begin;
+  const int tokens = min(p.tokens_per_work, query_len - j0);
+  const int rows = tokens * heads;
 
-  float *q_s = reinterpret_cast<float *>(v_tiles + 2 * G::kTileElems);  // [heads][D]
-  float *scores = q_s + heads * D;                                        // [heads][kKeys]
-  float *m_s = scores + heads * G::kKeys;                                 // [heads]
-  float *l_s = m_s + heads;                                               // [heads]
-  float *alpha_s = l_s + heads;                                           // [heads]
+  float *q_s = reinterpret_cast<float *>(v_tiles + 2 * G::kTileElems);  // [rows][D]
+  float *scores = q_s + rows * D;                                         // [rows][kKeys]
+  float *m_s = scores + rows * G::kKeys;                                  // [rows]
+  float *l_s = m_s + rows;                                                // [rows]
+  float *alpha_s = l_s + rows;                                            // [rows]
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int context_len = p.context_lens[seq];
+  // Row r sees keys [0, first_limit + r / heads): causal, bottom-right.
+  const int first_limit = context_len - query_len + j0 + 1;
+  const int last_limit = first_limit + tokens - 1;  // the block's last row sees the most
   const int start = split * p.keys_per_split;
-  const int end = min(context_len, start + p.keys_per_split);
+  const int end = min(min(context_len, last_limit), start + p.keys_per_split);
   const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
 
   const T *k_cache = static_cast<const T *>(p.k_cache);
@@ -114,11 +127,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (num_tiles > 0) load_tile(0);
 
   const float q_scale = p.scale * pgqa::kLog2e;
-  const T *q = static_cast<const T *>(p.q) + (static_cast<int64_t>(seq) * p.n_heads + head0) * D;
-  for (int i = threadIdx.x; i < heads * D; i += kThreads) q_s[i] = pgqa::to_float(q[i]) * q_scale;
-  for (int h = threadIdx.x; h < heads; h += kThreads) {
-    m_s[h] = -INFINITY;
-    l_s[h] = 0.0f;
+  const T *q = static_cast<const T *>(p.q);
+  for (int i = threadIdx.x; i < rows * D; i += kThreads) {
+    const int r = i / D;
+    const int64_t token = q_begin + j0 + r / heads;
+    q_s[i] = pgqa::to_float(q[(token * p.n_heads + head0 + r % heads) * D + i % D]) * q_scale;
+  }
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    m_s[r] = -INFINITY;
+    l_s[r] = 0.0f;
   }
 
   float acc[kAccItems][8];
@@ -136,53 +153,56 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // tile `tile` (and, first time, q_s, m_s, l_s) visible to every thread
 
-    const int valid = min(G::kKeys, end - (start + tile * G::kKeys));  // >= 1
+    const int base = start + tile * G::kKeys;
+    const int valid = min(G::kKeys, end - base);  // >= 1
     const T *k_tile = k_tiles + (tile & 1) * G::kTileElems;
     const T *v_tile = v_tiles + (tile & 1) * G::kTileElems;
 
-    // 1. Scores; keys past `valid` are masked.
-    for (int i = threadIdx.x; i < heads * G::kKeys; i += kThreads) {
-      const int h = i / G::kKeys;
+    // 1. Scores; keys past the tile or past the row's causal limit are masked.
+    for (int i = threadIdx.x; i < rows * G::kKeys; i += kThreads) {
+      const int r = i / G::kKeys;
       const int t = i % G::kKeys;
-      scores[i] = t < valid ? dot<T, D>(q_s + h * D, k_tile + t * G::kRowStride) : -INFINITY;
+      const bool visible = t < valid && base + t < first_limit + r / heads;
+      scores[i] = visible ? dot<T, D>(q_s + r * D, k_tile + t * G::kRowStride) : -INFINITY;
     }
     __syncthreads();
 
-    // 2. Online softmax, one warp per head. m_new is finite: the tile has a valid key.
-    for (int h = warp; h < heads; h += kWarps) {
-      float *row = scores + h * G::kKeys;
+    // 2. Online softmax, one warp per row. A row whose keys all lie past its limit so far has
+    //    m = -inf: its probabilities are 0 and alpha is irrelevant (its accumulators are 0).
+    for (int r = warp; r < rows; r += kWarps) {
+      float *row = scores + r * G::kKeys;
       float tile_max = -INFINITY;
       for (int t = lane; t < G::kKeys; t += 32) tile_max = fmaxf(tile_max, row[t]);
       tile_max = pgqa::warp_max(tile_max);
-      const float m_old = m_s[h];
+      const float m_old = m_s[r];
       const float m_new = fmaxf(m_old, tile_max);
       float sum = 0.0f;
       for (int t = lane; t < G::kKeys; t += 32) {
-        const float e = exp2f(row[t] - m_new);  // masked keys: exp2(-inf) = 0
+        const float e = row[t] == -INFINITY ? 0.0f : exp2f(row[t] - m_new);
         row[t] = e;
         sum += e;
       }
       sum = pgqa::warp_sum(sum);
       if (lane == 0) {
-        const float alpha = exp2f(m_old - m_new);  // m_old = -inf on the first tile: 0
-        alpha_s[h] = alpha;
-        l_s[h] = l_s[h] * alpha + sum;
-        m_s[h] = m_new;
+        const float alpha = m_old == -INFINITY ? 0.0f : exp2f(m_old - m_new);
+        alpha_s[r] = alpha;
+        l_s[r] = l_s[r] * alpha + sum;
+        m_s[r] = m_new;
       }
     }
     __syncthreads();
 
-    // 3. Outputs: item = (head, 8-element slice).
+    // 3. Outputs: item = (row, 8-element slice).
 #pragma unroll
     for (int k = 0; k < kAccItems; ++k) {
       const int item = threadIdx.x + k * kThreads;
-      const int h = item / G::kChunks;
+      const int r = item / G::kChunks;
       const int c = item % G::kChunks;
-      if (h < heads) {
-        const float alpha = alpha_s[h];
+      if (r < rows) {
+        const float alpha = alpha_s[r];
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[k][j] *= alpha;
-        const float *prob = scores + h * G::kKeys;
+        const float *prob = scores + r * G::kKeys;
         for (int t = 0; t < valid; ++t) {
           float vf[8];
           pgqa::to_float8(*reinterpret_cast<const uint4 *>(v_tile + t * G::kRowStride + c * 8), vf,
@@ -198,48 +218,55 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();  // m_s, l_s final (also when this split has no key)
 
   // Normalise and store: the final output, or this split's partial for the merge.
-  const int64_t row0 = static_cast<int64_t>(seq) * p.n_heads + head0;  // (seq, head0) row
+  // Row r's output row is (token q_begin + j0 + r / heads, head head0 + r % heads).
+  auto out_row = [&](int r) {
+    return (static_cast<int64_t>(q_begin) + j0 + r / heads) * p.n_heads + head0 + r % heads;
+  };
 #pragma unroll
   for (int k = 0; k < kAccItems; ++k) {
     const int item = threadIdx.x + k * kThreads;
-    const int h = item / G::kChunks;
+    const int r = item / G::kChunks;
     const int c = item % G::kChunks;
-    if (h < heads) {
-      const float l = l_s[h];
+    if (r < rows) {
+      const float l = l_s[r];
       const float inv = l > 0.0f ? 1.0f / l : 0.0f;
       float o[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) o[j] = acc[k][j] * inv;
+      const int64_t row = out_row(r);
       if (p.num_splits == 1) {
-        T *out = static_cast<T *>(p.out) + (row0 + h) * D + c * 8;
+        T *out = static_cast<T *>(p.out) + row * D + c * 8;
         *reinterpret_cast<uint4 *>(out) = pgqa::from_float8(o, out);
       } else {
-        float *out = p.partial_out + ((row0 + h) * p.num_splits + split) * D + c * 8;
+        float *out = p.partial_out + (row * p.num_splits + split) * D + c * 8;
         *reinterpret_cast<float4 *>(out) = make_float4(o[0], o[1], o[2], o[3]);
         *reinterpret_cast<float4 *>(out + 4) = make_float4(o[4], o[5], o[6], o[7]);
       }
     }
   }
-  for (int h = threadIdx.x; h < heads; h += kThreads) {
-    const float l = l_s[h];
-    const float lse_log2 = l > 0.0f ? m_s[h] + log2f(l) : -INFINITY;
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    const float l = l_s[r];
+    const float lse_log2 = l > 0.0f ? m_s[r] + log2f(l) : -INFINITY;
+    const int64_t row = out_row(r);
     if (p.num_splits == 1) {
-      p.lse[row0 + h] = lse_log2 * pgqa::kLn2;
+      p.lse[row] = lse_log2 * pgqa::kLn2;
     } else {
-      p.partial_lse[(row0 + h) * p.num_splits + split] = lse_log2;
+      p.partial_lse[row * p.num_splits + split] = lse_log2;
     }
   }
 }
 
 template <typename T, int D>
-pgqa_status launch(const pgqa_decode_params &p, cudaStream_t stream, int32_t *cuda_error) {
+pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
   using G = Geometry<D>;
   const int group = p.n_heads / p.n_kv_heads;
-  const int head_chunks = (group + G::kMaxHeads - 1) / G::kMaxHeads;
+  const int head_chunks = (group + G::kMaxRows - 1) / G::kMaxRows;
+  const int heads = min(group, G::kMaxRows);
   const int64_t grid_y = static_cast<int64_t>(p.n_kv_heads) * head_chunks;
-  if (grid_y > 65535) return PGQA_STATUS_INVALID_ARGUMENT;
-  const size_t smem = smem_bytes<T, D>(min(group, G::kMaxHeads));
-  auto kernel = decode_kernel<T, D>;
+  const int64_t max_rows = static_cast<int64_t>(p.tokens_per_work) * heads;
+  if (grid_y > 65535 || max_rows > G::kMaxRows) return PGQA_STATUS_INVALID_ARGUMENT;
+  const size_t smem = smem_bytes<T, D>(static_cast<int>(max_rows));
+  auto kernel = attend_kernel<T, D>;
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -248,21 +275,21 @@ pgqa_status launch(const pgqa_decode_params &p, cudaStream_t stream, int32_t *cu
       return PGQA_STATUS_CUDA_ERROR;
     }
   }
-  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(grid_y),
+  const dim3 grid(static_cast<unsigned>(p.num_work), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(p.num_splits));
   const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
   kernel<<<grid, kThreads, smem, stream>>>(p, block_shift, group, head_chunks);
   pgqa_status status = pgqa::launch_status(cuda_error);
   if (status != PGQA_STATUS_OK || p.num_splits == 1) return status;
   const cudaError_t err = pgqa::merge_splits(p.partial_out, p.partial_lse, p.out, p.lse,
-                                             static_cast<int64_t>(p.batch) * p.n_heads,
+                                             static_cast<int64_t>(p.num_tokens) * p.n_heads,
                                              p.num_splits, D, p.dtype, stream);
   if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
   return err == cudaSuccess ? PGQA_STATUS_OK : PGQA_STATUS_CUDA_ERROR;
 }
 
 template <typename T>
-pgqa_status launch_for_dim(const pgqa_decode_params &p, cudaStream_t stream, int32_t *cuda_error) {
+pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
   switch (p.head_dim) {
     case 64: return launch<T, 64>(p, stream, cuda_error);
     case 80: return launch<T, 80>(p, stream, cuda_error);
@@ -277,19 +304,20 @@ bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
 
 }  // namespace
 
-extern "C" pgqa_status pgqa_decode(const pgqa_decode_params *params, pgqa_stream stream,
+extern "C" pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream stream,
                                    int32_t *cuda_error) {
   if (cuda_error != nullptr) *cuda_error = 0;
   if (params == nullptr) return PGQA_STATUS_INVALID_ARGUMENT;
-  const pgqa_decode_params &p = *params;
-  if (p.batch < 0 || p.batch > 0x7fffffff || p.n_heads <= 0 || p.n_kv_heads <= 0 ||
+  const pgqa_attend_params &p = *params;
+  if (p.num_work < 0 || p.num_tokens < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 ||
       p.n_heads % p.n_kv_heads != 0 || p.head_dim <= 0 || !is_power_of_two(p.block_size) ||
-      p.max_blocks < 0 || p.num_blocks <= 0 || p.num_splits < 1 ||
-      p.num_splits > PGQA_DECODE_MAX_SPLITS || p.keys_per_split < 1)
+      p.max_blocks < 0 || p.num_blocks <= 0 || p.tokens_per_work < 1 || p.num_splits < 1 ||
+      p.num_splits > PGQA_ATTEND_MAX_SPLITS || p.keys_per_split < 1)
     return PGQA_STATUS_INVALID_ARGUMENT;
-  if (p.batch == 0) return PGQA_STATUS_OK;
+  if (p.num_work == 0 || p.num_tokens == 0) return PGQA_STATUS_OK;
   if (p.q == nullptr || p.k_cache == nullptr || p.v_cache == nullptr || p.block_tables == nullptr ||
-      p.context_lens == nullptr || p.out == nullptr || p.lse == nullptr ||
+      p.context_lens == nullptr || p.query_starts == nullptr || p.work == nullptr ||
+      p.out == nullptr || p.lse == nullptr ||
       (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
     return PGQA_STATUS_INVALID_ARGUMENT;
   if (!pgqa::aligned16(p.q) || !pgqa::aligned16(p.k_cache) || !pgqa::aligned16(p.v_cache) ||

@@ -1,7 +1,8 @@
-//! The fused decode kernel on the GPU against the f64 oracle: real model shapes, bf16 and f16,
-//! mixed context lengths (1, a page boundary, a partial page, 32k), splits on and off, the
-//! cache path, and a decode step captured in a CUDA graph. Outputs are poisoned first. Skips
-//! (printing why) without a GPU; fails instead with PAGED_GQA_REQUIRE_GPU=1.
+//! The fused attention kernel on the GPU against the f64 oracle: decode on real model shapes in
+//! bf16 and f16 with mixed context lengths (1, a page boundary, a partial page, 32k), splits on
+//! and off; prompts, varlen batches, chunked prefill and speculative verification; the cache
+//! path, and a step captured in a CUDA graph. Outputs are poisoned first. Skips (printing why)
+//! without a GPU; fails instead with PAGED_GQA_REQUIRE_GPU=1.
 
 mod common;
 
@@ -11,7 +12,7 @@ use common::PagedCase;
 use half::{bf16, f16};
 use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::cpu::{self, CpuStorage, PagedKv};
-use paged_gqa::cuda::{CudaContext, CudaStorage, DecodeBatch};
+use paged_gqa::cuda::{AttendBatch, CudaContext, CudaStorage};
 use paged_gqa::{Element, GqaShape};
 
 const MODELS: [(&str, usize, usize, usize); 9] = [
@@ -39,7 +40,7 @@ fn poison<T: Element>(n: usize) -> Vec<T> {
     vec![bytemuck::pod_read_unaligned(&[0xffu8; 2]); n] // NaN in f16 and bf16
 }
 
-/// Runs one case through DecodeBatch and compares with the oracle; returns the split count.
+/// Runs one case through AttendBatch and compares with the oracle; returns the split count.
 fn check_case<T: Element>(ctx: &Arc<CudaContext>, what: &str, case: &PagedCase) -> usize {
     let stream = ctx.new_stream().unwrap();
     let shape = case.layout.shape();
@@ -56,7 +57,7 @@ fn check_case<T: Element>(ctx: &Arc<CudaContext>, what: &str, case: &PagedCase) 
     .unwrap();
     let oracle = cpu::attention(&q, &kv, None).unwrap();
 
-    let batch = DecodeBatch::new(
+    let batch = AttendBatch::new(
         &stream,
         case.layout,
         T::DTYPE,
@@ -65,7 +66,7 @@ fn check_case<T: Element>(ctx: &Arc<CudaContext>, what: &str, case: &PagedCase) 
         case.max_blocks,
     )
     .unwrap();
-    let rows = case.lens.batch() * shape.n_heads();
+    let rows = case.lens.num_tokens() * shape.n_heads();
     let (k_dev, v_dev, q_dev) = (
         stream.clone_htod(&k).unwrap(),
         stream.clone_htod(&v).unwrap(),
@@ -141,6 +142,46 @@ fn gpu_decode_matches_oracle_on_model_shapes_f16() {
     models::<f16>("gpu_decode_matches_oracle_on_model_shapes_f16");
 }
 
+/// Small enough for compute-sanitizer: decode rows, a prompt, a chunk, speculation.
+#[test]
+fn gpu_attend_small_varlen_batch() {
+    let test = "gpu_attend_small_varlen_batch";
+    let Some(ctx) = common::gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = common::rng(test);
+    let shape = GqaShape::new(8, 2, 64).unwrap();
+    let case = PagedCase::random(&mut rng, shape, 16, &[1, 40, 70, 33], &[1, 40, 13, 3]);
+    check_case::<bf16>(&ctx, "small varlen", &case);
+}
+
+#[test]
+fn gpu_attend_matches_oracle_on_prompts_chunks_and_speculation() {
+    let test = "gpu_attend_matches_oracle_on_prompts_chunks_and_speculation";
+    let Some(ctx) = common::gpu_or_skip(test) else {
+        return;
+    };
+    let mut rng = common::rng(test);
+    let llama = GqaShape::new(32, 8, 128).unwrap();
+    // One long prompt.
+    let case = PagedCase::random(&mut rng, llama, 16, &[1024], &[1024]);
+    check_case::<bf16>(&ctx, "Llama-3-8B prompt 1024", &case);
+    // A varlen batch: decode, a short prompt, a long chunk, speculative verification.
+    let case = PagedCase::random(&mut rng, llama, 16, &[1, 17, 600, 300], &[1, 17, 500, 6]);
+    check_case::<f16>(&ctx, "Llama-3-8B varlen", &case);
+    // Chunked prefill (a chunk of 128 on 2000 cached keys) on every model shape.
+    for (i, &(model, n_heads, n_kv_heads, head_dim)) in MODELS.iter().enumerate() {
+        let shape = GqaShape::new(n_heads, n_kv_heads, head_dim).unwrap();
+        let block_size = [16, 1, 256, 32][i % 4];
+        let case = PagedCase::random(&mut rng, shape, block_size, &[2128, 9, 40], &[128, 2, 8]);
+        check_case::<bf16>(
+            &ctx,
+            &format!("{model} chunked prefill, pages of {block_size}"),
+            &case,
+        );
+    }
+}
+
 #[test]
 fn gpu_decode_splits_a_32k_context_and_merges_exactly() {
     let test = "gpu_decode_splits_a_32k_context_and_merges_exactly";
@@ -171,8 +212,8 @@ fn gpu_decode_without_splits_when_the_batch_fills_the_gpu() {
 
 /// A decode step on a PagedCache (write, then decode), also replayed from a CUDA graph.
 #[test]
-fn gpu_cache_decode_matches_cpu_and_replays_from_a_cuda_graph() {
-    let test = "gpu_cache_decode_matches_cpu_and_replays_from_a_cuda_graph";
+fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
+    let test = "gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph";
     let Some(ctx) = common::gpu_or_skip(test) else {
         return;
     };
@@ -197,10 +238,10 @@ fn gpu_cache_decode_matches_cpu_and_replays_from_a_cuda_graph() {
             .collect::<Vec<_>>()
     };
 
-    for (step, new_tokens) in [[200, 17, 5], [1, 1, 1]].iter().enumerate() {
+    for new_tokens in [[200, 17, 5], [1, 1, 1]] {
         let batch: Vec<_> = seqs
             .iter()
-            .zip(new_tokens)
+            .zip(&new_tokens)
             .map(|(s, &n)| (s.0, n))
             .collect();
         let gpu_plan = gpu.plan(&batch).unwrap();
@@ -217,15 +258,14 @@ fn gpu_cache_decode_matches_cpu_and_replays_from_a_cuda_graph() {
             .unwrap();
             cpu_cache.write(layer, &cpu_plan, &k, &v).unwrap();
         }
-        if step == 0 {
-            continue;
-        }
-        let q = random(&mut rng, 3 * shape.q_row_len());
-        let oracle = cpu_cache.attend(1, &cpu_plan, &q, None).unwrap();
+        // Step 0 is a prefill of three prompts, step 1 a decode: one call for both.
+        let tokens = cpu_plan.num_new_tokens();
+        let q = random(&mut rng, tokens * shape.q_row_len());
+        let oracle = cpu_cache.reference(1, &cpu_plan, &q, None).unwrap();
         let q_dev = stream.clone_htod(&q).unwrap();
         let mut out = stream.clone_htod(&poison::<bf16>(q.len())).unwrap();
-        let mut lse = stream.alloc_zeros::<f32>(3 * 32).unwrap();
-        gpu.decode(1, &gpu_plan, &q_dev, &mut out, &mut lse, None)
+        let mut lse = stream.alloc_zeros::<f32>(tokens * 32).unwrap();
+        gpu.attend(1, &gpu_plan, &q_dev, &mut out, &mut lse, None)
             .unwrap();
         let direct: Vec<f64> = stream
             .clone_dtoh(&out)
@@ -253,7 +293,7 @@ fn gpu_cache_decode_matches_cpu_and_replays_from_a_cuda_graph() {
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
             .unwrap();
-        gpu.decode(1, &gpu_plan, &q_dev, &mut replayed, &mut lse, None)
+        gpu.attend(1, &gpu_plan, &q_dev, &mut replayed, &mut lse, None)
             .unwrap();
         let graph = stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))

@@ -1,0 +1,177 @@
+//! Fused GQA attention on the CPU: the fallback backend, for any mix of query lengths. f32
+//! arithmetic, threads over (sequence, K/V head) pairs, and, like the GPU kernel, each K and V
+//! row is read and converted once for every query row and head of the group that sees it.
+
+use std::num::NonZeroUsize;
+use std::thread;
+
+use crate::batch::SeqLens;
+use crate::cpu::{gather_paged, repeat_kv, ContiguousKv, KvSource, PagedKv};
+use crate::error::{Error, Result};
+
+/// Causal GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, the query rows of the
+/// sequences of `kv.lens()` in batch order) over `kv` (paged or contiguous), into `out`
+/// (`[num_tokens, n_heads, head_dim]`) and `lse` (`[num_tokens, n_heads]`, natural log).
+/// `scale` defaults to `1/sqrt(head_dim)`.
+pub fn attend<T, K>(
+    q: &[T],
+    kv: &K,
+    scale: Option<f64>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()>
+where
+    T: Copy + Into<f32> + Sync,
+    K: KvSource<T> + Sync,
+{
+    let shape = kv.shape();
+    let lens = kv.lens();
+    let rows = lens.num_tokens() * shape.n_heads();
+    Error::check_len("q", q.len(), rows * shape.head_dim())?;
+    Error::check_len("out", out.len(), rows * shape.head_dim())?;
+    Error::check_len("lse", lse.len(), rows)?;
+    let scale = scale.unwrap_or_else(|| shape.default_scale());
+    if !scale.is_finite() {
+        return Err(Error::InvalidScale { scale });
+    }
+    let n_kv = shape.n_kv_heads();
+    let items: Vec<usize> = (0..lens.batch() * n_kv)
+        .filter(|i| lens.query_len(i / n_kv) > 0)
+        .collect();
+    let threads = thread::available_parallelism()
+        .map_or(1, NonZeroUsize::get)
+        .min(items.len())
+        .max(1);
+    let per_thread = items.len().div_ceil(threads);
+    // Each thread returns its items' rows; they are scattered into `out` afterwards.
+    let results: Vec<Vec<(usize, Group)>> = thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(per_thread.max(1))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|&i| (i, Group::run(q, scale as f32, kv, i / n_kv, i % n_kv)))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("attention thread"))
+            .collect()
+    });
+    let (d, group) = (shape.head_dim(), shape.group());
+    for (item, result) in results.into_iter().flatten() {
+        let (seq, kv_head) = (item / n_kv, item % n_kv);
+        for (j, token) in lens.query_rows(seq).enumerate() {
+            for g in 0..group {
+                let row = token * shape.n_heads() + kv_head * group + g;
+                let r = j * group + g;
+                out[row * d..][..d].copy_from_slice(&result.out[r * d..][..d]);
+                lse[row] = result.lse[r];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The outputs of one (sequence, K/V head): rows (query row j, head g) at `j * group + g`.
+struct Group {
+    /// [rows, d]
+    out: Vec<f32>,
+    /// [rows]
+    lse: Vec<f32>,
+}
+
+impl Group {
+    fn run<T: Copy + Into<f32>>(
+        q: &[T],
+        scale: f32,
+        kv: &impl KvSource<T>,
+        seq: usize,
+        kv_head: usize,
+    ) -> Self {
+        let (shape, lens): (_, &SeqLens) = (kv.shape(), kv.lens());
+        let (d, group, n_heads) = (shape.head_dim(), shape.group(), shape.n_heads());
+        let query_len = lens.query_len(seq);
+        let first_position = lens.context_len(seq) - query_len; // of query row 0
+        let rows = query_len * group;
+        let mut qs = vec![0.0f32; rows * d];
+        for (j, token) in lens.query_rows(seq).enumerate() {
+            for g in 0..group {
+                let src = &q[(token * n_heads + kv_head * group + g) * d..][..d];
+                for (dst, &x) in qs[(j * group + g) * d..][..d].iter_mut().zip(src) {
+                    *dst = x.into() * scale;
+                }
+            }
+        }
+        let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
+        let mut out = vec![0.0f32; rows * d];
+        let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
+        for t in 0..lens.context_len(seq) {
+            for (dst, &x) in k.iter_mut().zip(kv.key(seq, t, kv_head)) {
+                *dst = x.into();
+            }
+            for (dst, &x) in v.iter_mut().zip(kv.value(seq, t, kv_head)) {
+                *dst = x.into();
+            }
+            // Query row j (position first_position + j) sees key t when t <= its position.
+            let first_row = t.saturating_sub(first_position) * group;
+            for r in first_row..rows {
+                let score: f32 = qs[r * d..][..d].iter().zip(&k).map(|(a, b)| a * b).sum();
+                let acc = &mut out[r * d..][..d];
+                if score > m[r] {
+                    let alpha = (m[r] - score).exp(); // 0 on the row's first key (m = -inf)
+                    l[r] = l[r] * alpha + 1.0;
+                    for (a, &x) in acc.iter_mut().zip(&v) {
+                        *a = *a * alpha + x;
+                    }
+                    m[r] = score;
+                } else {
+                    let p = (score - m[r]).exp();
+                    l[r] += p;
+                    for (a, &x) in acc.iter_mut().zip(&v) {
+                        *a += p * x;
+                    }
+                }
+            }
+        }
+        let mut lse = vec![f32::NEG_INFINITY; rows];
+        for r in 0..rows {
+            if l[r] > 0.0 {
+                out[r * d..][..d].iter_mut().for_each(|a| *a /= l[r]);
+                lse[r] = m[r] + l[r].ln();
+            }
+        }
+        Self { out, lse }
+    }
+}
+
+/// The naive path on the CPU, the benchmarks' baseline: gather the pages into contiguous K/V,
+/// materialise `repeat_kv`, then attention with one K/V head per query head (each head reads
+/// its own copy). Same contract and result as [`attend`].
+pub fn attend_naive<T>(
+    q: &[T],
+    kv: &PagedKv<'_, T>,
+    scale: Option<f64>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()>
+where
+    T: Copy + Into<f32> + Sync,
+{
+    let shape = kv.shape();
+    let lens = kv.lens();
+    let (k, v) = gather_paged(kv);
+    let k = repeat_kv(&k, shape, lens.total_keys())?;
+    let v = repeat_kv(&v, shape, lens.total_keys())?;
+    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?;
+    attend(
+        q,
+        &mha,
+        Some(scale.unwrap_or_else(|| shape.default_scale())),
+        out,
+        lse,
+    )
+}
