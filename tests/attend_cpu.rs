@@ -56,8 +56,12 @@ fn check_queries(
 ) {
     let mut rng = common::rng(test);
     let case = PagedCase::random(&mut rng, shape, block_size, context_lens, query_lens);
-    let round = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
-    let (q, k, v) = (round(&case.q), round(&case.k_cache), round(&case.v_cache));
+    let common::Typed {
+        q,
+        k_cache: k,
+        v_cache: v,
+        oracle,
+    } = case.typed::<bf16>();
     let kv = PagedKv::new(
         case.layout,
         &case.lens,
@@ -67,7 +71,6 @@ fn check_queries(
         &v,
     )
     .unwrap();
-    let oracle = cpu::attention(&q, &kv, None).unwrap();
 
     let rows = case.lens.num_tokens() * shape.n_heads();
     let mut out = vec![f32::NAN; rows * shape.head_dim()]; // poisoned: every element must be written

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::PagedCase;
 use half::{bf16, f16};
 use paged_gqa::cache::{CacheConfig, PagedCache};
-use paged_gqa::cpu::{self, CpuStorage, PagedKv};
+use paged_gqa::cpu::CpuStorage;
 use paged_gqa::cuda::{AttendBatch, CudaContext, CudaStorage};
 use paged_gqa::{Element, GqaShape};
 
@@ -44,18 +44,12 @@ fn poison<T: Element>(n: usize) -> Vec<T> {
 fn check_case<T: Element>(ctx: &Arc<CudaContext>, what: &str, case: &PagedCase) -> usize {
     let stream = ctx.new_stream().unwrap();
     let shape = case.layout.shape();
-    let to_t = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
-    let (q, k, v) = (to_t(&case.q), to_t(&case.k_cache), to_t(&case.v_cache));
-    let kv = PagedKv::new(
-        case.layout,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-        &k,
-        &v,
-    )
-    .unwrap();
-    let oracle = cpu::attention(&q, &kv, None).unwrap();
+    let common::Typed {
+        q,
+        k_cache: k,
+        v_cache: v,
+        oracle,
+    } = case.typed::<T>();
 
     let batch = AttendBatch::new(
         &stream,
@@ -92,13 +86,7 @@ fn check_case<T: Element>(ctx: &Arc<CudaContext>, what: &str, case: &PagedCase) 
         out.iter().all(|x| x.is_finite()),
         "{what}: unwritten or non-finite output"
     );
-    let diff: f64 = out
-        .iter()
-        .zip(&oracle.out)
-        .map(|(g, w)| (g - w).powi(2))
-        .sum();
-    let norm: f64 = oracle.out.iter().map(|w| w * w).sum();
-    let rel = (diff / norm).sqrt();
+    let rel = common::rel_l2(&out, &oracle.out);
     assert!(
         rel < out_bound,
         "{what}: relative L2 {rel:e} (bound {out_bound:e})"
@@ -273,17 +261,8 @@ fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
             .into_iter()
             .map(Into::into)
             .collect();
-        let diff: f64 = direct
-            .iter()
-            .zip(&oracle.out)
-            .map(|(g, w)| (g - w).powi(2))
-            .sum();
-        let norm: f64 = oracle.out.iter().map(|w| w * w).sum();
-        assert!(
-            (diff / norm).sqrt() < 1e-2,
-            "cache decode: relative L2 {:e}",
-            (diff / norm).sqrt()
-        );
+        let rel = common::rel_l2(&direct, &oracle.out);
+        assert!(rel < 1e-2, "cache decode: relative L2 {:e}", rel);
 
         // Capture the same decode in a graph, poison the output, replay, compare bit for bit.
         let mut replayed = stream.clone_htod(&poison::<bf16>(q.len())).unwrap();

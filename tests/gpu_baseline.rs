@@ -6,7 +6,6 @@ mod common;
 
 use common::PagedCase;
 use half::{bf16, f16};
-use paged_gqa::cpu::{self, PagedKv};
 use paged_gqa::cuda::NaiveDecode;
 use paged_gqa::{Element, GqaShape};
 
@@ -16,18 +15,12 @@ fn check<T: Element>(test: &str, shape: GqaShape, block_size: usize, lens: &[usi
     };
     let mut rng = common::rng(test);
     let case = PagedCase::random(&mut rng, shape, block_size, lens, &vec![1; lens.len()]);
-    let to_t = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
-    let (q, k, v) = (to_t(&case.q), to_t(&case.k_cache), to_t(&case.v_cache));
-    let kv = PagedKv::new(
-        case.layout,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-        &k,
-        &v,
-    )
-    .unwrap();
-    let oracle = cpu::attention(&q, &kv, None).unwrap();
+    let common::Typed {
+        q,
+        k_cache: k,
+        v_cache: v,
+        oracle,
+    } = case.typed::<T>();
 
     let stream = ctx.new_stream().unwrap();
     let mut naive = NaiveDecode::<T>::new(
@@ -58,17 +51,8 @@ fn check<T: Element>(test: &str, shape: GqaShape, block_size: usize, lens: &[usi
         out.iter().all(|x| x.is_finite()),
         "{test}: unwritten output"
     );
-    let diff: f64 = out
-        .iter()
-        .zip(&oracle.out)
-        .map(|(g, w)| (g - w).powi(2))
-        .sum();
-    let norm: f64 = oracle.out.iter().map(|w| w * w).sum();
-    assert!(
-        (diff / norm).sqrt() < bound,
-        "{test}: relative L2 {:e}",
-        (diff / norm).sqrt()
-    );
+    let rel = common::rel_l2(&out, &oracle.out);
+    assert!(rel < bound, "{test}: relative L2 {:e}", rel);
 }
 
 #[test]

@@ -162,7 +162,11 @@ pub struct AttendBatch {
 }
 
 /// Uploads `values`, or one `fill` element when empty (a zero-length allocation has no address).
-fn upload(stream: &Arc<CudaStream>, values: &[i32], fill: i32) -> Result<CudaSlice<i32>> {
+pub(crate) fn upload<V: cudarc::driver::DeviceRepr + Copy>(
+    stream: &Arc<CudaStream>,
+    values: &[V],
+    fill: V,
+) -> Result<CudaSlice<V>> {
     let fill = [fill];
     Ok(stream.clone_htod(if values.is_empty() { &fill[..] } else { values })?)
 }

@@ -7,6 +7,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::batch::SeqLens;
 use crate::cache::{BlockTables, PagedLayout};
+use crate::cuda::attend::upload;
 use crate::cuda::{check_aligned, launch, repeat_kv, to_i32};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -77,22 +78,13 @@ impl<T: Element> NaiveDecode<T> {
             })
             .collect();
         let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
-        let nonempty = |v: Vec<i64>| if v.is_empty() { vec![0] } else { v };
         Ok(Self {
             layout,
             lens: lens.clone(),
             max_blocks,
-            block_tables: stream.clone_htod(if block_tables.is_empty() {
-                &[-1][..]
-            } else {
-                block_tables
-            })?,
-            context_lens: stream.clone_htod(&if context_lens.is_empty() {
-                vec![0]
-            } else {
-                context_lens
-            })?,
-            key_starts: stream.clone_htod(&nonempty(starts))?,
+            block_tables: upload(stream, block_tables, -1)?,
+            context_lens: upload(stream, &context_lens, 0)?,
+            key_starts: upload(stream, &starts, 0)?,
             k: stream.alloc_zeros(keys * shape.kv_row_len())?,
             v: stream.alloc_zeros(keys * shape.kv_row_len())?,
             k_repeated: stream.alloc_zeros(keys * shape.q_row_len())?,

@@ -112,3 +112,43 @@ impl PagedCase {
         .unwrap()
     }
 }
+
+/// A case's values rounded to an element type, and the f64 oracle's attention over them.
+pub struct Typed<T> {
+    pub q: Vec<T>,
+    pub k_cache: Vec<T>,
+    pub v_cache: Vec<T>,
+    pub oracle: paged_gqa::cpu::Attention,
+}
+
+impl PagedCase {
+    /// The values as `T` (what a kernel sees) and the oracle computed from exactly those.
+    pub fn typed<T: paged_gqa::Element>(&self) -> Typed<T> {
+        let to_t = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+        let (q, k_cache, v_cache) = (to_t(&self.q), to_t(&self.k_cache), to_t(&self.v_cache));
+        let kv = PagedKv::new(
+            self.layout,
+            &self.lens,
+            &self.tables,
+            self.max_blocks,
+            &k_cache,
+            &v_cache,
+        )
+        .unwrap();
+        let oracle = paged_gqa::cpu::attention(&q, &kv, None).unwrap();
+        Typed {
+            q,
+            k_cache,
+            v_cache,
+            oracle,
+        }
+    }
+}
+
+/// `||got - want|| / ||want||`.
+pub fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let diff: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
+    let norm: f64 = want.iter().map(|w| w * w).sum();
+    (diff / norm).sqrt()
+}
