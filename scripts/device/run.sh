@@ -113,7 +113,13 @@ step bench bench bench.log 90 "$here/bin/paged-gqa" bench --quick --iters 10 \
   --json "$out/bench.json" --svg "$out/bench.svg"
 # PyTorch peers on the same shapes, added to bench.json (when torch and the records are there).
 if [[ -f "$out/bench.json" ]] && python3 -c "import torch" 2>/dev/null; then
-  step peers torch_peers torch_peers.log 60 python3 "$here/torch_peers.py" --records "$out/bench.json"
+  # The staged FlashInfer wheels, installed for this run only (no network there).
+  if compgen -G "$here/peers/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/pk" "$here"/peers/*.whl \
+      >"$out/peers-install.log" 2>&1 || echo "run.sh: staged peer wheels did not install" >&2
+    export PYTHONPATH="$work/pk${PYTHONPATH:+:$PYTHONPATH}" PATH="$work/pk/bin:$PATH" FLASHINFER_CUDA_ARCH_LIST=9.0
+  fi
+  step peers torch_peers torch_peers.log 90 python3 "$here/torch_peers.py" --records "$out/bench.json"
 fi
 
 # 5. The record, always; its exit status is the run's.

@@ -6,7 +6,10 @@ batch, context, dtype) timed with
   - sdpa_gqa: torch scaled_dot_product_attention(q, k, v, enable_gqa=True) on contiguous K/V
     (a dense upper bound: no paging);
   - repeat_kv_sdpa: the Llama reference path, repeat_interleave of K and V to every query
-    head, then SDPA; timed whole.
+    head, then SDPA; timed whole;
+  - flashinfer_decode: FlashInfer's paged decode (BatchDecodeWithPagedKVCacheWrapper, CUDA-core
+    kernel, NHD pages of the record's page size, pages in shuffled order), when the staged
+    flashinfer wheels import (run.sh installs them; the kernel is JIT-compiled on first use).
 
 Random data from torch (fresh each run; the shapes, not the values, are the binary's), CUDA
 events, warm-up, inputs rotated over two sets when a set is smaller than 2x L2. The results
@@ -54,6 +57,29 @@ def main():
         torch.cuda.synchronize()
         return start.elapsed_time(end) / args.iters
 
+    try:
+        import flashinfer
+        print(f"torch_peers: flashinfer {flashinfer.__version__}", file=sys.stderr)
+    except Exception as e:  # not staged, or it does not import here
+        flashinfer = None
+        print(f"torch_peers: no flashinfer ({e}); that peer is skipped", file=sys.stderr)
+
+    def flashinfer_decode_ms(r, dtype):
+        b, hq, hkv, d, ctx, page = r["batch"], r["n_heads"], r["n_kv_heads"], r["head_dim"], r["context"], r["page_size"]
+        pages_per_seq = (ctx + page - 1) // page
+        num_pages = b * pages_per_seq
+        kv_indices = torch.randperm(num_pages, dtype=torch.int32, device=dev)
+        kv_indptr = torch.arange(0, b + 1, dtype=torch.int32, device=dev) * pages_per_seq
+        kv_last = torch.full((b,), (ctx - 1) % page + 1, dtype=torch.int32, device=dev)
+        k_cache = torch.rand(num_pages, page, hkv, d, dtype=dtype, device=dev) * 2 - 1
+        v_cache = torch.rand(num_pages, page, hkv, d, dtype=dtype, device=dev) * 2 - 1
+        workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=False)
+        wrapper.plan(kv_indptr, kv_indices, kv_last, hq, hkv, d, page, pos_encoding_mode="NONE",
+                     q_data_type=dtype, kv_data_type=dtype)
+        q = torch.rand(b, hq, d, dtype=dtype, device=dev) * 2 - 1
+        return time_ms(lambda q, k, v: wrapper.run(q, (k, v)), [(q, k_cache, v_cache)])
+
     def sdpa_gqa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
@@ -80,6 +106,14 @@ def main():
                     peers[name] = {"error": "out of memory"}
                     torch.cuda.empty_cache()
             del sets
+            if flashinfer is not None:
+                try:
+                    ms = flashinfer_decode_ms(r, dtype)
+                    peers["flashinfer_decode"] = {"ms": ms, "bandwidth_gbs": kv_bytes / (ms * 1e-3) / 1e9,
+                                                  "fused_speedup": ms / r["fused_ms"]}
+                except Exception as e:  # JIT failure, out of memory, API drift: record, go on
+                    peers["flashinfer_decode"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    torch.cuda.empty_cache()
         except torch.OutOfMemoryError:
             peers["error"] = "out of memory allocating the inputs"
         torch.cuda.empty_cache()
