@@ -152,3 +152,16 @@ pub fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
     let norm: f64 = want.iter().map(|w| w * w).sum();
     (diff / norm).sqrt()
 }
+
+/// Attention shapes of real models: (name, n_heads, n_kv_heads, head_dim).
+pub const MODELS: [(&str, usize, usize, usize); 9] = [
+    ("Llama-3-8B", 32, 8, 128),
+    ("Llama-3-70B", 64, 8, 128),
+    ("Qwen2-7B", 28, 4, 128),
+    ("Qwen2.5-0.5B", 14, 2, 64),
+    ("Gemma-2-9B", 16, 8, 256),
+    ("Falcon-7B", 71, 1, 64),
+    ("Phi-3-medium", 40, 10, 128),
+    ("Phi-3-mini-like d96", 32, 8, 96),
+    ("MHA", 16, 16, 128),
+];

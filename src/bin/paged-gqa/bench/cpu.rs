@@ -46,14 +46,7 @@ pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
     eprintln!("bench: {device}, measured copy bandwidth {copy_gbs:.1} GB/s (read + write)");
     let mut records = Vec::new();
     for (i, case) in cases.iter().enumerate() {
-        eprintln!(
-            "bench [{}/{}] {} batch {} context {}",
-            i + 1,
-            cases.len(),
-            case.model,
-            case.batch,
-            case.context
-        );
+        eprintln!("bench [{}/{}] {case}", i + 1, cases.len());
         let times = match case.dtype {
             DType::F16 => measure::<f16>(case, iters)?,
             _ => measure::<bf16>(case, iters)?,

@@ -91,14 +91,7 @@ pub fn run(ctx: &Arc<CudaContext>, cases: &[Case], iters: usize) -> Result<Vec<R
         format!("CUDA events, mean of {iters} after {WARMUP} warm-up, input sets rotated past L2");
     let mut records = Vec::new();
     for (i, case) in cases.iter().enumerate() {
-        eprintln!(
-            "bench [{}/{}] {} batch {} context {}",
-            i + 1,
-            cases.len(),
-            case.model,
-            case.batch,
-            case.context
-        );
+        eprintln!("bench [{}/{}] {case}", i + 1, cases.len());
         let sets = ((2 * l2).div_ceil(case.kv_bytes().max(1)) as usize).clamp(1, MAX_SETS);
         let result = match case.dtype {
             DType::F16 => measure::<f16>(ctx, &stream, case, sets, iters),
@@ -106,10 +99,7 @@ pub fn run(ctx: &Arc<CudaContext>, cases: &[Case], iters: usize) -> Result<Vec<R
         };
         match result {
             Ok(times) => records.push(Record::new(case, "cuda", &name, times, copy_gbs, &timing)),
-            Err(e) => eprintln!(
-                "bench: skipped {} batch {} context {}: {}",
-                case.model, case.batch, case.context, e.message
-            ),
+            Err(e) => eprintln!("bench: skipped {case}: {}", e.message),
         }
     }
     Ok(records)

@@ -97,6 +97,16 @@ pub struct Case {
     pub dtype: DType,
 }
 
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} batch {} context {}",
+            self.model, self.batch, self.context
+        )
+    }
+}
+
 impl Case {
     /// Bytes of K and V the batch must read: the floor of a decode step's memory traffic.
     pub fn kv_bytes(&self) -> u64 {
