@@ -86,6 +86,45 @@ fn a_cpu_sweep_prints_the_table_and_writes_json_and_svg() {
 }
 
 #[test]
+fn a_cpu_prefill_sweep_reports_tflops() {
+    let json = temp("prefill.json");
+    let output = bench(&[
+        "--backend",
+        "cpu",
+        "--mode",
+        "prefill",
+        "--model",
+        "Qwen2.5-0.5B",
+        "--batch",
+        "1",
+        "--context",
+        "40,100",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for r in records.as_array().unwrap() {
+        assert_eq!(r["mode"], "prefill");
+        // The causal region of an n-token prompt: n (n + 1) / 2 pairs, 4 * head_dim * n_heads each.
+        let n = r["context"].as_f64().unwrap();
+        assert_eq!(
+            r["flops"].as_f64().unwrap(),
+            4.0 * 64.0 * 14.0 * n * (n + 1.0) / 2.0
+        );
+        assert!(r["tflops"].as_f64().unwrap() > 0.0);
+    }
+    let _ = std::fs::remove_file(json);
+}
+
+#[test]
 fn bad_bench_options_are_errors() {
     for (args, needle) in [
         (

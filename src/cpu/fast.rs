@@ -9,6 +9,9 @@ use crate::batch::SeqLens;
 use crate::cpu::{gather_paged, repeat_kv, ContiguousKv, KvSource, PagedKv};
 use crate::error::{Error, Result};
 
+/// Query rows (tokens) per tile of a sequence's prompt in the CPU attention.
+const TILE_TOKENS: usize = 16;
+
 /// Causal GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, the query rows of the
 /// sequences of `kv.lens()` in batch order) over `kv` (paged or contiguous), into `out`
 /// (`[num_tokens, n_heads, head_dim]`) and `lse` (`[num_tokens, n_heads]`, natural log).
@@ -109,32 +112,31 @@ impl Group {
         let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
         let mut out = vec![0.0f32; rows * d];
         let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
-        for t in 0..lens.context_len(seq) {
-            for (dst, &x) in k.iter_mut().zip(kv.key(seq, t, kv_head)) {
-                *dst = x.into();
-            }
-            for (dst, &x) in v.iter_mut().zip(kv.value(seq, t, kv_head)) {
-                *dst = x.into();
-            }
-            // Query row j (position first_position + j) sees key t when t <= its position.
-            let first_row = t.saturating_sub(first_position) * group;
-            for r in first_row..rows {
-                let score = dot(&qs[r * d..][..d], &k);
-                let acc = &mut out[r * d..][..d];
-                if score > m[r] {
-                    let alpha = (m[r] - score).exp(); // 0 on the row's first key (m = -inf)
-                    l[r] = l[r] * alpha + 1.0;
-                    for (a, &x) in acc.iter_mut().zip(&v) {
-                        *a = *a * alpha + x;
-                    }
-                    m[r] = score;
-                } else {
-                    let p = (score - m[r]).exp();
-                    l[r] += p;
-                    for (a, &x) in acc.iter_mut().zip(&v) {
-                        *a += p * x;
-                    }
+        // Query rows in tiles of TILE_TOKENS, so a tile's queries and outputs stay in cache
+        // while every key it sees streams past (a prompt's rows would not fit at once); each
+        // tile stops at its last row's causal limit.
+        for j_start in (0..query_len).step_by(TILE_TOKENS) {
+            let j_end = (j_start + TILE_TOKENS).min(query_len);
+            let (tile_first_row, tile_end_row) = (j_start * group, j_end * group);
+            for t in 0..first_position + j_end {
+                for (dst, &x) in k.iter_mut().zip(kv.key(seq, t, kv_head)) {
+                    *dst = x.into();
                 }
+                for (dst, &x) in v.iter_mut().zip(kv.value(seq, t, kv_head)) {
+                    *dst = x.into();
+                }
+                // Query row j (position first_position + j) sees key t when t <= its position.
+                let first_row = (t.saturating_sub(first_position) * group).max(tile_first_row);
+                update_rows(
+                    first_row..tile_end_row,
+                    d,
+                    &qs,
+                    &k,
+                    &v,
+                    &mut m,
+                    &mut l,
+                    &mut out,
+                );
             }
         }
         let mut lse = vec![f32::NEG_INFINITY; rows];
@@ -145,6 +147,39 @@ impl Group {
             }
         }
         Self { out, lse }
+    }
+}
+
+/// Online-softmax update of `rows` (each `d` wide in `qs` and `out`) with one key `k` and its
+/// value `v`: running max `m`, running sum `l`, unnormalised output.
+#[allow(clippy::too_many_arguments)]
+fn update_rows(
+    rows: std::ops::Range<usize>,
+    d: usize,
+    qs: &[f32],
+    k: &[f32],
+    v: &[f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    out: &mut [f32],
+) {
+    for r in rows {
+        let score = dot(&qs[r * d..][..d], k);
+        let acc = &mut out[r * d..][..d];
+        if score > m[r] {
+            let alpha = (m[r] - score).exp(); // 0 on the row's first key (m = -inf)
+            l[r] = l[r] * alpha + 1.0;
+            for (a, &x) in acc.iter_mut().zip(v) {
+                *a = *a * alpha + x;
+            }
+            m[r] = score;
+        } else {
+            let p = (score - m[r]).exp();
+            l[r] += p;
+            for (a, &x) in acc.iter_mut().zip(v) {
+                *a += p * x;
+            }
+        }
     }
 }
 

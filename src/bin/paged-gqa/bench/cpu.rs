@@ -64,17 +64,20 @@ pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
 }
 
 /// (fused, naive whole path, naive attention alone), milliseconds.
-fn measure<T: Element + Into<f32>>(case: &Case, iters: usize) -> Result<(f64, f64, f64), Failure> {
+fn measure<T: Element + Into<f32>>(
+    case: &Case,
+    iters: usize,
+) -> Result<(f64, Option<f64>, Option<f64>), Failure> {
     let mut rng = data::rng();
     let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
     let (k, v): (Vec<T>, Vec<T>) = (
         data::random(&mut rng, t.layout.cache_len()),
         data::random(&mut rng, t.layout.cache_len()),
     );
-    let q: Vec<T> = data::random(&mut rng, case.batch * case.shape.q_row_len());
+    let q: Vec<T> = data::random(&mut rng, t.lens.num_tokens() * case.shape.q_row_len());
     let kv = PagedKv::new(t.layout, &t.lens, &t.block_tables, t.max_blocks, &k, &v)
         .map_err(Failure::runtime)?;
-    let rows = case.batch * case.shape.n_heads();
+    let rows = t.lens.num_tokens() * case.shape.n_heads();
     let (mut out, mut lse) = (
         vec![0.0f32; rows * case.shape.head_dim()],
         vec![0.0f32; rows],
@@ -95,5 +98,5 @@ fn measure<T: Element + Into<f32>>(case: &Case, iters: usize) -> Result<(f64, f6
         ContiguousKv::new(case.shape.repeated(), &t.lens, &kr, &vr).map_err(Failure::runtime)?;
     let scale = Some(case.shape.default_scale());
     let attention = time_ms(iters, || cpu::attend(&q, &mha, scale, &mut out, &mut lse))?;
-    Ok((fused, naive, attention))
+    Ok((fused, Some(naive), Some(attention)))
 }

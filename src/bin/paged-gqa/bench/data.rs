@@ -8,7 +8,8 @@ use rand::{Rng, SeedableRng};
 
 use super::Case;
 
-/// The bookkeeping of a case: every sequence `context` keys long, one query row each.
+/// The bookkeeping of a case: every sequence `context` keys long, with `case.query_len()` query
+/// rows each (1 for decode, all of them for prefill).
 pub struct Tables {
     pub layout: PagedLayout,
     pub lens: SeqLens,
@@ -25,7 +26,10 @@ pub fn tables(case: &Case, rng: &mut StdRng) -> paged_gqa::Result<Tables> {
     let max_blocks = case.context.div_ceil(case.page_size);
     let num_blocks = case.batch * max_blocks;
     let layout = PagedLayout::new(case.shape, num_blocks, case.page_size)?;
-    let lens = SeqLens::decode(&vec![case.context; case.batch])?;
+    let lens = SeqLens::new(
+        &vec![case.context; case.batch],
+        &vec![case.query_len(); case.batch],
+    )?;
     let mut block_tables: Vec<i32> = (0..num_blocks as i32).collect();
     block_tables.shuffle(rng);
     Ok(Tables {

@@ -10,7 +10,7 @@ use half::{bf16, f16};
 use paged_gqa::cuda::{AttendBatch, NaiveDecode};
 use paged_gqa::{DType, Element};
 
-use super::{data, report::Record, Case};
+use super::{data, report::Record, BenchMode, Case};
 use crate::Failure;
 
 const WARMUP: usize = 3;
@@ -105,18 +105,19 @@ pub fn run(ctx: &Arc<CudaContext>, cases: &[Case], iters: usize) -> Result<Vec<R
     Ok(records)
 }
 
-/// (fused, naive whole path, naive attention alone), milliseconds per step.
+/// (fused, naive whole path, naive attention alone), milliseconds per step. The naive kernels
+/// are decode-only: a prefill case has no naive figures.
 fn measure<T: Element>(
     ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
     case: &Case,
     sets: usize,
     iters: usize,
-) -> Result<(f64, f64, f64), Failure> {
+) -> Result<(f64, Option<f64>, Option<f64>), Failure> {
     let mut rng = data::rng();
     let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
     let pattern: Vec<T> = data::random(&mut rng, t.layout.cache_len().min(16 << 20));
-    let q_len = case.batch * case.shape.q_row_len();
+    let q_len = t.lens.num_tokens() * case.shape.q_row_len();
     let mut inputs = Vec::with_capacity(sets);
     for s in 0..sets {
         let offset = s * 7919 % pattern.len().max(1); // a different pattern phase per set
@@ -132,7 +133,7 @@ fn measure<T: Element>(
     }
     let mut out = stream.alloc_zeros::<T>(q_len).map_err(driver)?;
     let mut lse = stream
-        .alloc_zeros::<f32>(case.batch * case.shape.n_heads())
+        .alloc_zeros::<f32>(t.lens.num_tokens() * case.shape.n_heads())
         .map_err(driver)?;
     let fused = AttendBatch::new(
         stream,
@@ -147,6 +148,9 @@ fn measure<T: Element>(
         let (k, v, q) = &inputs[i % sets];
         fused.run(stream, k, v, q, &mut out, &mut lse, None)
     })?;
+    if case.mode == BenchMode::Prefill {
+        return Ok((fused_ms, None, None));
+    }
     let mut naive = NaiveDecode::<T>::new(stream, t.layout, &t.lens, &t.block_tables, t.max_blocks)
         .map_err(Failure::runtime)?;
     let naive_ms = time_ms(ctx, stream, iters, |i| {
@@ -156,5 +160,5 @@ fn measure<T: Element>(
     let attention_ms = time_ms(ctx, stream, iters, |i| {
         naive.attention(stream, &inputs[i % sets].2, &mut out, None)
     })?;
-    Ok((fused_ms, naive_ms, attention_ms))
+    Ok((fused_ms, Some(naive_ms), Some(attention_ms)))
 }

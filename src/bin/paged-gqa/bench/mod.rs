@@ -34,6 +34,15 @@ pub enum BenchBackend {
     Cuda,
 }
 
+/// What is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// One new token per sequence over `context` cached keys: KV bandwidth.
+    Decode,
+    /// Whole prompts of `context` tokens, causal: TFLOP/s.
+    Prefill,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchDType {
     Bf16,
@@ -54,6 +63,9 @@ impl BenchDType {
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BenchBackend,
+    /// Decode steps (bandwidth) or whole causal prompts (TFLOP/s).
+    #[arg(long, value_enum, default_value = "decode")]
+    pub mode: BenchMode,
     /// A short sweep (the default on the CPU): Llama-3-8B, batch 1 and 4, contexts 1k and 4k
     /// on the CPU; Llama-3-8B and -70B, batch 1/16/64, contexts 1k/8k/32k on the GPU.
     #[arg(long, conflicts_with = "full")]
@@ -95,6 +107,7 @@ pub struct Case {
     pub context: usize,
     pub page_size: usize,
     pub dtype: DType,
+    pub mode: BenchMode,
 }
 
 impl std::fmt::Display for Case {
@@ -112,6 +125,24 @@ impl Case {
     pub fn kv_bytes(&self) -> u64 {
         2 * (self.batch * self.context * self.shape.kv_row_len() * self.dtype.size_bytes()) as u64
     }
+
+    /// Query rows per sequence: 1 for decode, the whole prompt for prefill.
+    pub fn query_len(&self) -> usize {
+        match self.mode {
+            BenchMode::Decode => 1,
+            BenchMode::Prefill => self.context,
+        }
+    }
+
+    /// Floating-point operations of the attention actually computed (the causal region):
+    /// 4 * head_dim * n_heads per visible (query row, key) pair (QK^T and PV, 2 each).
+    pub fn flops(&self) -> f64 {
+        let pairs = match self.mode {
+            BenchMode::Decode => self.context as f64,
+            BenchMode::Prefill => self.context as f64 * (self.context as f64 + 1.0) / 2.0,
+        };
+        4.0 * (self.shape.head_dim() * self.shape.n_heads() * self.batch) as f64 * pairs
+    }
 }
 
 fn model(name: &str) -> Result<(&'static str, GqaShape), Failure> {
@@ -128,25 +159,41 @@ fn model(name: &str) -> Result<(&'static str, GqaShape), Failure> {
 }
 
 fn sweep(args: &BenchArgs, on_gpu: bool) -> Result<Vec<Case>, Failure> {
-    let (models, batches, contexts): (Vec<&str>, Vec<usize>, Vec<usize>) = match (on_gpu, args.full)
-    {
-        (false, false) => (vec!["Llama-3-8B"], vec![1, 4], vec![1024, 4096]),
-        (false, true) => (
-            vec!["Llama-3-8B", "Qwen2-7B", "Falcon-7B"],
-            vec![1, 8],
-            vec![1024, 4096, 16_384],
-        ),
-        (true, false) => (
-            vec!["Llama-3-8B", "Llama-3-70B"],
-            vec![1, 16, 64],
-            vec![1024, 8192, 32_768],
-        ),
-        (true, true) => (
-            MODELS.iter().map(|m| m.0).collect(),
-            vec![1, 16, 64, 128],
-            vec![1024, 4096, 8192, 32_768],
-        ),
-    };
+    let (models, batches, contexts): (Vec<&str>, Vec<usize>, Vec<usize>) =
+        match (on_gpu, args.full, args.mode) {
+            (false, false, BenchMode::Prefill) => (vec!["Llama-3-8B"], vec![1], vec![256, 1024]),
+            (false, true, BenchMode::Prefill) => (
+                vec!["Llama-3-8B", "Qwen2-7B"],
+                vec![1, 2],
+                vec![256, 1024, 2048],
+            ),
+            (true, false, BenchMode::Prefill) => (
+                vec!["Llama-3-8B", "Llama-3-70B"],
+                vec![1],
+                vec![1024, 4096, 8192],
+            ),
+            (true, true, BenchMode::Prefill) => (
+                MODELS.iter().map(|m| m.0).collect(),
+                vec![1, 4],
+                vec![1024, 4096, 8192, 16_384],
+            ),
+            (false, false, BenchMode::Decode) => (vec!["Llama-3-8B"], vec![1, 4], vec![1024, 4096]),
+            (false, true, BenchMode::Decode) => (
+                vec!["Llama-3-8B", "Qwen2-7B", "Falcon-7B"],
+                vec![1, 8],
+                vec![1024, 4096, 16_384],
+            ),
+            (true, false, BenchMode::Decode) => (
+                vec!["Llama-3-8B", "Llama-3-70B"],
+                vec![1, 16, 64],
+                vec![1024, 8192, 32_768],
+            ),
+            (true, true, BenchMode::Decode) => (
+                MODELS.iter().map(|m| m.0).collect(),
+                vec![1, 16, 64, 128],
+                vec![1024, 4096, 8192, 32_768],
+            ),
+        };
     let models: Vec<String> = if args.models.is_empty() {
         models.into_iter().map(String::from).collect()
     } else {
@@ -185,6 +232,7 @@ fn sweep(args: &BenchArgs, on_gpu: bool) -> Result<Vec<Case>, Failure> {
                     context,
                     page_size: args.page_size,
                     dtype: args.dtype.dtype(),
+                    mode: args.mode,
                 });
             }
         }

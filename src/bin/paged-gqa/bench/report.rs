@@ -19,16 +19,23 @@ pub struct Record {
     pub context: usize,
     pub page_size: usize,
     pub dtype: String,
+    /// "decode" (one new token per sequence) or "prefill" (whole causal prompts).
+    pub mode: String,
     pub backend: String,
     pub device: String,
     /// The fused decode, milliseconds per step (one layer).
     pub fused_ms: f64,
-    /// The naive path whole: gather, repeat_kv, per-head attention.
-    pub baseline_ms: f64,
+    /// The naive path whole: gather, repeat_kv, per-head attention (none for prefill on the
+    /// GPU: the naive kernels are decode-only).
+    pub baseline_ms: Option<f64>,
     /// The naive path's attention step alone (K/V already materialised).
-    pub baseline_attention_ms: f64,
+    pub baseline_attention_ms: Option<f64>,
     /// baseline_ms / fused_ms
-    pub speedup: f64,
+    pub speedup: Option<f64>,
+    /// Attention FLOPs of the causal region computed (4 * head_dim * n_heads per visible pair).
+    pub flops: f64,
+    /// flops / fused time, in TFLOP/s.
+    pub tflops: f64,
     /// K and V bytes the batch must read.
     pub kv_bytes: u64,
     /// kv_bytes / fused time.
@@ -46,7 +53,7 @@ impl Record {
         case: &Case,
         backend: &str,
         device: &str,
-        (fused_ms, baseline_ms, baseline_attention_ms): (f64, f64, f64),
+        (fused_ms, baseline_ms, baseline_attention_ms): (f64, Option<f64>, Option<f64>),
         copy_gbs: f64,
         timing: &str,
     ) -> Self {
@@ -60,12 +67,15 @@ impl Record {
             context: case.context,
             page_size: case.page_size,
             dtype: format!("{:?}", case.dtype).to_lowercase(),
+            mode: format!("{:?}", case.mode).to_lowercase(),
             backend: backend.to_string(),
             device: device.to_string(),
             fused_ms,
             baseline_ms,
             baseline_attention_ms,
-            speedup: baseline_ms / fused_ms,
+            speedup: baseline_ms.map(|b| b / fused_ms),
+            flops: case.flops(),
+            tflops: case.flops() / (fused_ms * 1e-3) / 1e12,
             kv_bytes: case.kv_bytes(),
             bandwidth_gbs,
             bandwidth_frac: bandwidth_gbs / copy_gbs,
@@ -76,10 +86,15 @@ impl Record {
     }
 }
 
+fn ms(x: Option<f64>) -> String {
+    x.map_or("-".to_string(), |v| format!("{v:.3}"))
+}
+
 pub fn print_table(records: &[Record]) {
     println!(
-        "{:<13} {:>5} {:>7} {:>4} {:>5} {:>11} {:>11} {:>11} {:>8} {:>9} {:>10} {:>6}",
+        "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>11} {:>11} {:>11} {:>8} {:>9} {:>8} {:>8} {:>7}",
         "model",
+        "mode",
         "batch",
         "context",
         "page",
@@ -90,23 +105,26 @@ pub fn print_table(records: &[Record]) {
         "speedup",
         "KV MB",
         "GB/s",
-        "of copy"
+        "of copy",
+        "TFLOP/s"
     );
     for r in records {
         println!(
-            "{:<13} {:>5} {:>7} {:>4} {:>5} {:>11.3} {:>11.3} {:>11.3} {:>7.2}x {:>9.1} {:>10.1} {:>5.1}%",
+            "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>11.3} {:>11} {:>11} {:>8} {:>9.1} {:>8.1} {:>7.1}% {:>7.3}",
             r.model,
+            r.mode,
             r.batch,
             r.context,
             r.page_size,
             r.dtype,
             r.fused_ms,
-            r.baseline_ms,
-            r.baseline_attention_ms,
-            r.speedup,
+            ms(r.baseline_ms),
+            ms(r.baseline_attention_ms),
+            r.speedup.map_or("-".to_string(), |s| format!("{s:.2}x")),
             r.kv_bytes as f64 / 1e6,
             r.bandwidth_gbs,
-            100.0 * r.bandwidth_frac
+            100.0 * r.bandwidth_frac,
+            r.tflops
         );
     }
     if let Some(r) = records.first() {
@@ -124,42 +142,61 @@ pub fn write_json(path: &Path, records: &[Record]) -> Result<(), Failure> {
         .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))
 }
 
-/// Achieved bandwidth against context length: one line per (model, batch), fused solid,
-/// naive dashed (the naive path's K/V bytes over its time).
+/// Decode: achieved KV bandwidth against context length, with the copy bandwidth measured in
+/// the same run. Prefill: TFLOP/s against prompt length. One line per (model, batch): fused
+/// solid, naive dashed (its K/V bytes or FLOPs over its time) where there is one.
 pub fn write_svg(path: &Path, records: &[Record]) -> Result<(), Failure> {
     let fail =
         |e: &dyn std::fmt::Display| Failure::runtime(format!("plot {}: {e}", path.display()));
+    let prefill = records.first().is_some_and(|r| r.mode == "prefill");
+    let metric = |r: &Record| if prefill { r.tflops } else { r.bandwidth_gbs };
     let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let max_ctx = records.iter().map(|r| r.context).max().unwrap_or(1) as f64;
     let min_ctx = records.iter().map(|r| r.context).min().unwrap_or(1) as f64;
-    let max_bw = records
+    let top = records
         .iter()
-        .map(|r| r.bandwidth_gbs.max(r.copy_bandwidth_gbs))
-        .fold(1.0, f64::max);
+        .map(|r| {
+            if prefill {
+                r.tflops
+            } else {
+                r.bandwidth_gbs.max(r.copy_bandwidth_gbs)
+            }
+        })
+        .fold(f64::MIN_POSITIVE, f64::max);
     let title = records.first().map_or(String::new(), |r| {
-        format!("decode bandwidth, {} ({})", r.device, r.dtype)
+        format!(
+            "{} {}, {} ({})",
+            r.mode,
+            if prefill { "throughput" } else { "bandwidth" },
+            r.device,
+            r.dtype
+        )
     });
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(
-            (min_ctx * 0.8..max_ctx * 1.25).log_scale(),
-            0.0..max_bw * 1.1,
-        )
+        .build_cartesian_2d((min_ctx * 0.8..max_ctx * 1.25).log_scale(), 0.0..top * 1.1)
         .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
-        .x_desc("context length (keys)")
-        .y_desc("KV bytes / time (GB/s)")
+        .x_desc(if prefill {
+            "prompt length (tokens)"
+        } else {
+            "context length (keys)"
+        })
+        .y_desc(if prefill {
+            "attention TFLOP/s (causal region)"
+        } else {
+            "KV bytes / time (GB/s)"
+        })
         .draw()
         .map_err(|e| fail(&e))?;
 
     let mut series: Vec<(String, usize)> =
         records.iter().map(|r| (r.model.clone(), r.batch)).collect();
-    series.dedup();
     series.sort();
     series.dedup();
     for (i, (model, batch)) in series.iter().enumerate() {
@@ -171,15 +208,13 @@ pub fn write_svg(path: &Path, records: &[Record]) -> Result<(), Failure> {
         points.sort_by_key(|r| r.context);
         let fused: Vec<(f64, f64)> = points
             .iter()
-            .map(|r| (r.context as f64, r.bandwidth_gbs))
+            .map(|r| (r.context as f64, metric(r)))
             .collect();
         let naive: Vec<(f64, f64)> = points
             .iter()
-            .map(|r| {
-                (
-                    r.context as f64,
-                    r.bandwidth_gbs * r.fused_ms / r.baseline_ms,
-                )
+            .filter_map(|r| {
+                r.baseline_ms
+                    .map(|b| (r.context as f64, metric(r) * r.fused_ms / b))
             })
             .collect();
         chart
@@ -189,15 +224,17 @@ pub fn write_svg(path: &Path, records: &[Record]) -> Result<(), Failure> {
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
-        chart
-            .draw_series(DashedLineSeries::new(naive, 6, 4, color.stroke_width(1)))
-            .map_err(|e| fail(&e))?
-            .label(format!("{model} b{batch} naive repeat_kv"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
-            });
+        if !naive.is_empty() {
+            chart
+                .draw_series(DashedLineSeries::new(naive, 6, 4, color.stroke_width(1)))
+                .map_err(|e| fail(&e))?
+                .label(format!("{model} b{batch} naive repeat_kv"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
+                });
+        }
     }
-    if let Some(r) = records.first() {
+    if let (Some(r), false) = (records.first(), prefill) {
         let copy = r.copy_bandwidth_gbs;
         chart
             .draw_series(LineSeries::new(
