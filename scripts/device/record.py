@@ -142,10 +142,10 @@ def build(args, record, notes):
             notes.append(f"cli_demo: the decode did not run on the GPU ({ran_on or 'no such line'})")
 
     # The benchmark sweep: it must finish and write its records.
-    bench = next((s for s in steps if s["kind"] == "bench"), None)
-    if bench is not None:
-        wrote = os.path.exists(os.path.join(out, "bench.json"))
-        entries.append(("paged-gqa", "bench_sweep", "pass" if bench["status"] == "0" and wrote else "fail"))
+    for bench in (s for s in steps if s["kind"] == "bench"):
+        records = "bench.json" if bench["name"] == "bench" else "bench-prefill.json"
+        wrote = os.path.exists(os.path.join(out, records))
+        entries.append(("paged-gqa", f"{bench['name']}_sweep", "pass" if bench["status"] == "0" and wrote else "fail"))
 
     # name -> result; a name two binaries share is qualified as binary::name.
     count = {}
@@ -253,13 +253,14 @@ def main():
     except (OSError, ValueError) as e:
         notes.append(f"source.json unreadable: {e}")
     record["host"] = {"node": platform.node(), "kernel": platform.release()}
-    # The benchmark sweep's records (paged-gqa bench --json), when the bench step ran.
-    try:
-        bench = read(os.path.join(out, "bench.json"))
-        if bench:
-            record["figures"] = json.loads(bench)
-    except ValueError as e:
-        notes.append(f"bench.json unreadable: {e}")
+    # The benchmark sweeps' records (paged-gqa bench --json: decode, then prefill).
+    for name in ("bench.json", "bench-prefill.json"):
+        try:
+            bench = read(os.path.join(out, name))
+            if bench:
+                record["figures"] += json.loads(bench)
+        except ValueError as e:
+            notes.append(f"{name} unreadable: {e}")
 
     step_logs = []
     try:

@@ -111,6 +111,9 @@ done
 # figures): fused vs naive, Llama-3-8B and -70B, batch 1/16/64, context 1k/8k/32k.
 step bench bench bench.log 90 "$here/bin/paged-gqa" bench --quick --iters 10 \
   --json "$out/bench.json" --svg "$out/bench.svg"
+# Prefill: whole causal prompts of 1k/4k/8k (Llama-3-8B and -70B heads), TFLOP/s.
+step bench bench_prefill bench-prefill.log 60 "$here/bin/paged-gqa" bench --mode prefill --quick \
+  --iters 5 --json "$out/bench-prefill.json"
 # PyTorch peers on the same shapes, added to bench.json (when torch and the records are there).
 if [[ -f "$out/bench.json" ]] && python3 -c "import torch" 2>/dev/null; then
   # The staged FlashInfer wheels, installed for this run only (no network there).
@@ -119,7 +122,8 @@ if [[ -f "$out/bench.json" ]] && python3 -c "import torch" 2>/dev/null; then
       >"$out/peers-install.log" 2>&1 || echo "run.sh: staged peer wheels did not install" >&2
     export PYTHONPATH="$work/pk${PYTHONPATH:+:$PYTHONPATH}" PATH="$work/pk/bin:$PATH" FLASHINFER_CUDA_ARCH_LIST=9.0
   fi
-  step peers torch_peers torch_peers.log 90 python3 "$here/torch_peers.py" --records "$out/bench.json"
+  step peers torch_peers torch_peers.log 90 python3 "$here/torch_peers.py" --records "$out/bench.json" \
+    --records "$out/bench-prefill.json"
 fi
 
 # 5. The record, always; its exit status is the run's.
