@@ -225,16 +225,16 @@ fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
         let gpu_plan = gpu.plan(&batch).unwrap();
         let cpu_plan = cpu_cache.plan(&batch).unwrap();
         let n = cpu_plan.num_new_tokens() * shape.kv_row_len();
+        let mut rows_dev = Vec::new(); // each layer's new K and V on the device, kept for the graph
         for layer in 0..2 {
             let (k, v) = (random(&mut rng, n), random(&mut rng, n));
-            gpu.write(
-                layer,
-                &gpu_plan,
-                &stream.clone_htod(&k).unwrap(),
-                &stream.clone_htod(&v).unwrap(),
-            )
-            .unwrap();
+            let (k_dev, v_dev) = (
+                stream.clone_htod(&k).unwrap(),
+                stream.clone_htod(&v).unwrap(),
+            );
+            gpu.write(layer, &gpu_plan, &k_dev, &v_dev).unwrap();
             cpu_cache.write(layer, &cpu_plan, &k, &v).unwrap();
+            rows_dev.push((k_dev, v_dev));
         }
         // Step 0 is a prefill of three prompts, step 1 a decode: one call for both.
         let tokens = cpu_plan.num_new_tokens();
@@ -254,7 +254,8 @@ fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
         let rel = common::rel_l2(&direct, &oracle.out);
         assert!(rel < 1e-2, "cache decode: relative L2 {:e}", rel);
 
-        // Capture the same decode in a graph, poison the output, replay, compare bit for bit.
+        // Capture the step's per-layer work (both layers' writes, which rewrite the same rows,
+        // then the attention) in a graph, poison the output, replay, compare bit for bit.
         let mut replayed = stream.clone_htod(&poison::<bf16>(q.len())).unwrap();
         stream.synchronize().unwrap();
         stream
@@ -262,6 +263,9 @@ fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
             .unwrap();
+        for (layer, (k_dev, v_dev)) in rows_dev.iter().enumerate() {
+            gpu.write(layer, &gpu_plan, k_dev, v_dev).unwrap();
+        }
         gpu.attend(1, &gpu_plan, &q_dev, &mut replayed, &mut lse, None)
             .unwrap();
         let graph = stream
