@@ -1,5 +1,6 @@
 //! What a cache holds: heads, layers, page size and element type, and the memory arithmetic.
 
+use crate::cache::PagedLayout;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::GqaShape;
@@ -79,6 +80,26 @@ impl CacheConfig {
     /// Bytes one block occupies over all layers, K and V.
     pub fn bytes_per_block(&self) -> u64 {
         self.bytes_per_token() * self.block_size as u64
+    }
+
+    /// Element counts of a storage with `num_blocks` pages of `elem_bytes`-byte elements:
+    /// one (layer, K or V) tensor, and all `2 * num_layers` of them. Errors: zero blocks, or a
+    /// total that no allocation could hold.
+    pub fn page_lens(&self, num_blocks: usize, elem_bytes: usize) -> Result<(usize, usize)> {
+        if num_blocks == 0 {
+            return Err(Error::ZeroBlocks);
+        }
+        let tensor_len = PagedLayout::new(self.shape, num_blocks, self.block_size)?.cache_len();
+        let total = tensor_len as u128 * 2 * self.num_layers as u128;
+        let limit = isize::MAX as u128 / elem_bytes.max(1) as u128;
+        if total > limit {
+            return Err(Error::TooLarge {
+                what: "cache elements",
+                value: total,
+                limit,
+            });
+        }
+        Ok((tensor_len, total as usize))
     }
 
     /// The most blocks that fit in `budget_bytes`. Errors when not even one fits.

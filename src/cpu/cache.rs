@@ -21,25 +21,12 @@ pub struct CpuStorage<T> {
 impl<T: Copy + Default> CpuStorage<T> {
     /// `num_blocks` pages per tensor, zero-filled.
     pub fn new(config: CacheConfig, num_blocks: usize) -> Result<Self> {
-        if num_blocks == 0 {
-            return Err(Error::ZeroBlocks);
-        }
-        let tensor_len =
-            crate::cache::PagedLayout::new(config.shape(), num_blocks, config.block_size())?
-                .cache_len();
-        let total = (tensor_len as u128) * 2 * config.num_layers() as u128;
-        if total > isize::MAX as u128 / std::mem::size_of::<T>().max(1) as u128 {
-            return Err(Error::TooLarge {
-                what: "cache elements",
-                value: total,
-                limit: isize::MAX as u128,
-            });
-        }
+        let (tensor_len, total) = config.page_lens(num_blocks, std::mem::size_of::<T>())?;
         Ok(Self {
             config,
             num_blocks,
             tensor_len,
-            pages: vec![T::default(); total as usize],
+            pages: vec![T::default(); total],
         })
     }
 

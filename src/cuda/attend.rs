@@ -39,6 +39,23 @@ pub(crate) fn check_supported(kernel: &'static str, shape: GqaShape, dtype: DTyp
     Ok(())
 }
 
+/// The checks every caller-managed batch (`AttendBatch`, `NaiveDecode`) starts with: kernels
+/// built, block tables valid for the layout and lengths, a kernel for this shape and dtype.
+pub(crate) fn check_batch(
+    kernel: &'static str,
+    layout: &PagedLayout,
+    dtype: DType,
+    lens: &SeqLens,
+    block_tables: &[i32],
+    max_blocks: usize,
+) -> Result<()> {
+    if !crate::cuda::KERNELS_BUILT {
+        return Err(crate::cuda::built_without_kernels());
+    }
+    BlockTables::new(block_tables, max_blocks, layout, lens)?;
+    check_supported(kernel, layout.shape(), dtype)
+}
+
 /// `query_starts` `[batch + 1]` as the kernel reads them.
 pub(crate) fn query_starts(lens: &SeqLens) -> Vec<i32> {
     (0..lens.batch())
@@ -182,11 +199,7 @@ impl AttendBatch {
         block_tables: &[i32],
         max_blocks: usize,
     ) -> Result<Self> {
-        if !crate::cuda::KERNELS_BUILT {
-            return Err(crate::cuda::built_without_kernels());
-        }
-        BlockTables::new(block_tables, max_blocks, &layout, lens)?;
-        check_supported("attention", layout.shape(), dtype)?;
+        check_batch("attention", &layout, dtype, lens, block_tables, max_blocks)?;
         let schedule = AttendSchedule::new(sm_count(stream)?, lens, layout.shape());
         let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
         let floats = schedule

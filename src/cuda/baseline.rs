@@ -6,8 +6,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::batch::SeqLens;
-use crate::cache::{BlockTables, PagedLayout};
-use crate::cuda::attend::upload;
+use crate::cache::PagedLayout;
+use crate::cuda::attend::{check_batch, upload};
 use crate::cuda::{check_aligned, launch, repeat_kv, to_i32};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -43,11 +43,14 @@ impl<T: Element> NaiveDecode<T> {
         block_tables: &[i32],
         max_blocks: usize,
     ) -> Result<Self> {
-        if !crate::cuda::KERNELS_BUILT {
-            return Err(crate::cuda::built_without_kernels());
-        }
-        BlockTables::new(block_tables, max_blocks, &layout, lens)?;
-        crate::cuda::attend::check_supported("naive decode", layout.shape(), T::DTYPE)?;
+        check_batch(
+            "naive decode",
+            &layout,
+            T::DTYPE,
+            lens,
+            block_tables,
+            max_blocks,
+        )?;
         if let Some(seq) = (0..lens.batch()).find(|&s| lens.query_len(s) != 1) {
             return Err(Error::NotDecode {
                 seq,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::cache::{CacheConfig, PageStorage, PagedCache, PagedLayout, StepPlan};
+use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
 use crate::cuda::attend::{query_starts, sm_count, AttendTables};
 use crate::cuda::{check_aligned, launch, to_i32, KERNELS_BUILT};
 use crate::dtype::Element;
@@ -39,9 +39,6 @@ impl<T: Element> CudaStorage<T> {
         if !KERNELS_BUILT {
             return Err(crate::cuda::built_without_kernels());
         }
-        if num_blocks == 0 {
-            return Err(Error::ZeroBlocks);
-        }
         if config.dtype() != T::DTYPE {
             return Err(Error::DTypeMismatch {
                 expected: config.dtype(),
@@ -57,15 +54,7 @@ impl<T: Element> CudaStorage<T> {
                 limit: 65535,
             });
         }
-        let tensor_len =
-            PagedLayout::new(config.shape(), num_blocks, config.block_size())?.cache_len();
-        let total = tensor_len
-            .checked_mul(2 * config.num_layers())
-            .ok_or(Error::TooLarge {
-                what: "cache elements",
-                value: tensor_len as u128 * 2 * config.num_layers() as u128,
-                limit: usize::MAX as u128,
-            })?;
+        let (tensor_len, total) = config.page_lens(num_blocks, std::mem::size_of::<T>())?;
         let pages = stream.alloc_zeros::<T>(total)?;
         let workspace = stream.alloc_zeros::<u8>(4096)?;
         let split_workspace = stream.alloc_zeros::<f32>(1024)?;
