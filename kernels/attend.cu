@@ -1,4 +1,6 @@
-// attend.cu: fused paged GQA attention for any query lengths (see pgqa_attend in paged_gqa.h).
+// attend.cu: fused paged GQA attention for any query lengths (see pgqa_attend in paged_gqa.h):
+// the CUDA-core kernel for work items with few rows, and the entry point that also launches the
+// tensor-core kernel (prefill.cu) and the split merge (merge.cu).
 //
 // One thread block = one (work item: a sequence and up to tokens_per_work of its query rows,
 // K/V head or chunk of its query heads, split of the keys). Its rows are (query row, query
@@ -18,6 +20,7 @@
 
 #include "common.cuh"
 #include "merge.cuh"
+#include "prefill.cuh"
 
 namespace {
 
@@ -256,8 +259,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// Launches the CUDA-core kernel over params.work (nothing when it is empty).
 template <typename T, int D>
 pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+  if (p.num_work == 0) return PGQA_STATUS_OK;
   using G = Geometry<D>;
   const int group = p.n_heads / p.n_kv_heads;
   const int head_chunks = (group + G::kMaxRows - 1) / G::kMaxRows;
@@ -279,13 +284,7 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
                   static_cast<unsigned>(p.num_splits));
   const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
   kernel<<<grid, kThreads, smem, stream>>>(p, block_shift, group, head_chunks);
-  pgqa_status status = pgqa::launch_status(cuda_error);
-  if (status != PGQA_STATUS_OK || p.num_splits == 1) return status;
-  const cudaError_t err = pgqa::merge_splits(p.partial_out, p.partial_lse, p.out, p.lse,
-                                             static_cast<int64_t>(p.num_tokens) * p.n_heads,
-                                             p.num_splits, D, p.dtype, stream);
-  if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
-  return err == cudaSuccess ? PGQA_STATUS_OK : PGQA_STATUS_CUDA_ERROR;
+  return pgqa::launch_status(cuda_error);
 }
 
 template <typename T>
@@ -302,6 +301,19 @@ pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int
 
 bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
 
+// The CUDA-core kernel, the tensor-core kernel, then the merge of the splits.
+template <typename T>
+pgqa_status launch_all(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+  pgqa_status status = launch_for_dim<T>(p, stream, cuda_error);
+  if (status == PGQA_STATUS_OK) status = pgqa::launch_prefill(p, stream, cuda_error);
+  if (status != PGQA_STATUS_OK || p.num_splits == 1) return status;
+  const cudaError_t err = pgqa::merge_splits(p.partial_out, p.partial_lse, p.out, p.lse,
+                                             static_cast<int64_t>(p.num_tokens) * p.n_heads,
+                                             p.num_splits, p.head_dim, p.dtype, stream);
+  if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+  return err == cudaSuccess ? PGQA_STATUS_OK : PGQA_STATUS_CUDA_ERROR;
+}
+
 }  // namespace
 
 extern "C" pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream stream,
@@ -309,14 +321,16 @@ extern "C" pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream
   if (cuda_error != nullptr) *cuda_error = 0;
   if (params == nullptr) return PGQA_STATUS_INVALID_ARGUMENT;
   const pgqa_attend_params &p = *params;
-  if (p.num_work < 0 || p.num_tokens < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 ||
+  if (p.num_work < 0 || p.num_mma_work < 0 || p.num_tokens < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 ||
       p.n_heads % p.n_kv_heads != 0 || p.head_dim <= 0 || !is_power_of_two(p.block_size) ||
-      p.max_blocks < 0 || p.num_blocks <= 0 || p.tokens_per_work < 1 || p.num_splits < 1 ||
+      p.max_blocks < 0 || p.num_blocks <= 0 || p.tokens_per_work < 1 ||
+      (p.num_mma_work > 0 && p.mma_tokens_per_work < 1) || p.num_splits < 1 ||
       p.num_splits > PGQA_ATTEND_MAX_SPLITS || p.keys_per_split < 1)
     return PGQA_STATUS_INVALID_ARGUMENT;
-  if (p.num_work == 0 || p.num_tokens == 0) return PGQA_STATUS_OK;
+  if ((p.num_work == 0 && p.num_mma_work == 0) || p.num_tokens == 0) return PGQA_STATUS_OK;
   if (p.q == nullptr || p.k_cache == nullptr || p.v_cache == nullptr || p.block_tables == nullptr ||
-      p.context_lens == nullptr || p.query_starts == nullptr || p.work == nullptr ||
+      p.context_lens == nullptr || p.query_starts == nullptr ||
+      (p.num_work > 0 && p.work == nullptr) || (p.num_mma_work > 0 && p.mma_work == nullptr) ||
       p.out == nullptr || p.lse == nullptr ||
       (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
     return PGQA_STATUS_INVALID_ARGUMENT;
@@ -325,8 +339,8 @@ extern "C" pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream
     return PGQA_STATUS_MISALIGNED;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case PGQA_DTYPE_BF16: return launch_for_dim<__nv_bfloat16>(p, s, cuda_error);
-    case PGQA_DTYPE_F16: return launch_for_dim<__half>(p, s, cuda_error);
+    case PGQA_DTYPE_BF16: return launch_all<__nv_bfloat16>(p, s, cuda_error);
+    case PGQA_DTYPE_F16: return launch_all<__half>(p, s, cuda_error);
     default: return PGQA_STATUS_UNSUPPORTED;
   }
 }

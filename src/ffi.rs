@@ -180,12 +180,14 @@ unsafe extern "C" {
 pub const PGQA_ATTEND_THREADS: _bindgen_ty_1 = _bindgen_ty_1(128);
 #[doc = "< 8-element output accumulators per thread"]
 pub const PGQA_ATTEND_ACC_ITEMS: _bindgen_ty_1 = _bindgen_ty_1(6);
+#[doc = "< rows of a tensor-core block (4 warps of 16)"]
+pub const PGQA_ATTEND_MMA_ROWS: _bindgen_ty_1 = _bindgen_ty_1(64);
 pub const PGQA_ATTEND_MAX_SPLITS: _bindgen_ty_1 = _bindgen_ty_1(65535);
 #[repr(transparent)]
 #[doc = " Attention kernel geometry, shared with the planner (src/plan.rs)."]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct _bindgen_ty_1(pub ::core::ffi::c_uint);
-#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts), causal bottom-right: query row j of a sequence with L keys and n\n query rows sits at position L - n + j and sees keys 0 ..= L - n + j.\n\n One thread block serves one work item (a sequence and up to tokens_per_work of its query\n rows), one K/V head (or a chunk of its query heads when the group is large) and one split of\n the keys. Its rows are (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS *\n PGQA_ATTEND_THREADS * 8 / head_dim of them; it reads each K and V row of its range once, stops\n at its last row's causal limit (tiles above the diagonal are skipped), and masks inside.\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them. A row with no visible key gives 0 and lse -inf. CUDA cores (no tensor cores yet).\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16."]
+#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts), causal bottom-right: query row j of a sequence with L keys and n\n query rows sits at position L - n + j and sees keys 0 ..= L - n + j.\n\n Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and\n every query row of every sequence must be in exactly one of them:\n - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are\n   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /\n   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).\n - `mma_work`: the tensor-core kernel (mma.sync m16n8k16, sm_80 or newer), for items with many\n   rows (prompts, chunks, large groups): PGQA_ATTEND_MMA_ROWS rows per block,\n   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).\n\n Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and\n one split of the keys; it reads each K and V row of its range once for all its rows, stops at\n its last row's causal limit (tiles above the diagonal are skipped), and masks inside.\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them. A row with no visible key gives 0 and lse -inf.\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when\n mma_work is not empty on a GPU older than sm_80."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pgqa_attend_params {
@@ -203,6 +205,8 @@ pub struct pgqa_attend_params {
     pub query_starts: *const i32,
     #[doc = "< [num_work, 2]: (sequence, its first query row of the item)"]
     pub work: *const i32,
+    #[doc = "< [num_mma_work, 2]: the same, for the tensor-core kernel"]
+    pub mma_work: *const i32,
     #[doc = "< [num_tokens, n_heads, head_dim]"]
     pub out: *mut ::core::ffi::c_void,
     #[doc = "< [num_tokens, n_heads], natural log"]
@@ -212,6 +216,7 @@ pub struct pgqa_attend_params {
     #[doc = "< [num_tokens, n_heads, num_splits] when num_splits > 1"]
     pub partial_lse: *mut f32,
     pub num_work: i32,
+    pub num_mma_work: i32,
     pub num_tokens: i32,
     pub n_heads: i32,
     pub n_kv_heads: i32,
@@ -223,6 +228,8 @@ pub struct pgqa_attend_params {
     pub num_blocks: i32,
     #[doc = "< query rows per work item; 1 when the group exceeds a block"]
     pub tokens_per_work: i32,
+    #[doc = "< query rows per mma_work item (times min(group, 64) <= 64)"]
+    pub mma_tokens_per_work: i32,
     pub num_splits: i32,
     #[doc = "< split s covers keys [s * keys_per_split, (s + 1) * keys_per_split)"]
     pub keys_per_split: i32,
@@ -231,7 +238,7 @@ pub struct pgqa_attend_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 144usize];
+    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 160usize];
     ["Alignment of pgqa_attend_params"][::core::mem::align_of::<pgqa_attend_params>() - 8usize];
     ["Offset of field: pgqa_attend_params::q"]
         [::core::mem::offset_of!(pgqa_attend_params, q) - 0usize];
@@ -247,40 +254,46 @@ const _: () = {
         [::core::mem::offset_of!(pgqa_attend_params, query_starts) - 40usize];
     ["Offset of field: pgqa_attend_params::work"]
         [::core::mem::offset_of!(pgqa_attend_params, work) - 48usize];
+    ["Offset of field: pgqa_attend_params::mma_work"]
+        [::core::mem::offset_of!(pgqa_attend_params, mma_work) - 56usize];
     ["Offset of field: pgqa_attend_params::out"]
-        [::core::mem::offset_of!(pgqa_attend_params, out) - 56usize];
+        [::core::mem::offset_of!(pgqa_attend_params, out) - 64usize];
     ["Offset of field: pgqa_attend_params::lse"]
-        [::core::mem::offset_of!(pgqa_attend_params, lse) - 64usize];
+        [::core::mem::offset_of!(pgqa_attend_params, lse) - 72usize];
     ["Offset of field: pgqa_attend_params::partial_out"]
-        [::core::mem::offset_of!(pgqa_attend_params, partial_out) - 72usize];
+        [::core::mem::offset_of!(pgqa_attend_params, partial_out) - 80usize];
     ["Offset of field: pgqa_attend_params::partial_lse"]
-        [::core::mem::offset_of!(pgqa_attend_params, partial_lse) - 80usize];
+        [::core::mem::offset_of!(pgqa_attend_params, partial_lse) - 88usize];
     ["Offset of field: pgqa_attend_params::num_work"]
-        [::core::mem::offset_of!(pgqa_attend_params, num_work) - 88usize];
+        [::core::mem::offset_of!(pgqa_attend_params, num_work) - 96usize];
+    ["Offset of field: pgqa_attend_params::num_mma_work"]
+        [::core::mem::offset_of!(pgqa_attend_params, num_mma_work) - 100usize];
     ["Offset of field: pgqa_attend_params::num_tokens"]
-        [::core::mem::offset_of!(pgqa_attend_params, num_tokens) - 92usize];
+        [::core::mem::offset_of!(pgqa_attend_params, num_tokens) - 104usize];
     ["Offset of field: pgqa_attend_params::n_heads"]
-        [::core::mem::offset_of!(pgqa_attend_params, n_heads) - 96usize];
+        [::core::mem::offset_of!(pgqa_attend_params, n_heads) - 108usize];
     ["Offset of field: pgqa_attend_params::n_kv_heads"]
-        [::core::mem::offset_of!(pgqa_attend_params, n_kv_heads) - 100usize];
+        [::core::mem::offset_of!(pgqa_attend_params, n_kv_heads) - 112usize];
     ["Offset of field: pgqa_attend_params::head_dim"]
-        [::core::mem::offset_of!(pgqa_attend_params, head_dim) - 104usize];
+        [::core::mem::offset_of!(pgqa_attend_params, head_dim) - 116usize];
     ["Offset of field: pgqa_attend_params::block_size"]
-        [::core::mem::offset_of!(pgqa_attend_params, block_size) - 108usize];
+        [::core::mem::offset_of!(pgqa_attend_params, block_size) - 120usize];
     ["Offset of field: pgqa_attend_params::max_blocks"]
-        [::core::mem::offset_of!(pgqa_attend_params, max_blocks) - 112usize];
+        [::core::mem::offset_of!(pgqa_attend_params, max_blocks) - 124usize];
     ["Offset of field: pgqa_attend_params::num_blocks"]
-        [::core::mem::offset_of!(pgqa_attend_params, num_blocks) - 116usize];
+        [::core::mem::offset_of!(pgqa_attend_params, num_blocks) - 128usize];
     ["Offset of field: pgqa_attend_params::tokens_per_work"]
-        [::core::mem::offset_of!(pgqa_attend_params, tokens_per_work) - 120usize];
+        [::core::mem::offset_of!(pgqa_attend_params, tokens_per_work) - 132usize];
+    ["Offset of field: pgqa_attend_params::mma_tokens_per_work"]
+        [::core::mem::offset_of!(pgqa_attend_params, mma_tokens_per_work) - 136usize];
     ["Offset of field: pgqa_attend_params::num_splits"]
-        [::core::mem::offset_of!(pgqa_attend_params, num_splits) - 124usize];
+        [::core::mem::offset_of!(pgqa_attend_params, num_splits) - 140usize];
     ["Offset of field: pgqa_attend_params::keys_per_split"]
-        [::core::mem::offset_of!(pgqa_attend_params, keys_per_split) - 128usize];
+        [::core::mem::offset_of!(pgqa_attend_params, keys_per_split) - 144usize];
     ["Offset of field: pgqa_attend_params::scale"]
-        [::core::mem::offset_of!(pgqa_attend_params, scale) - 132usize];
+        [::core::mem::offset_of!(pgqa_attend_params, scale) - 148usize];
     ["Offset of field: pgqa_attend_params::dtype"]
-        [::core::mem::offset_of!(pgqa_attend_params, dtype) - 136usize];
+        [::core::mem::offset_of!(pgqa_attend_params, dtype) - 152usize];
 };
 unsafe extern "C" {
     pub fn pgqa_attend(

@@ -1,6 +1,7 @@
-//! Launch planning for the attention kernel, in plain Rust so it is unit-tested on the CPU:
-//! which query rows each thread block serves, how many blocks serve each K/V head, and into how
-//! many splits (flash-decoding) the keys are cut when the batch alone cannot fill the GPU.
+//! Launch planning for the attention kernels, in plain Rust so it is unit-tested on the CPU:
+//! which kernel serves each sequence (CUDA cores for few rows, tensor cores for many), which
+//! query rows each thread block serves, how many blocks serve each K/V head, and into how many
+//! splits (flash-decoding) the keys are cut when the batch alone cannot fill the GPU.
 
 use crate::batch::SeqLens;
 use crate::ffi;
@@ -19,9 +20,61 @@ pub const SPLIT_ALIGN: usize = 64;
 /// Resident blocks per SM to aim for: enough loads in flight to cover HBM latency.
 pub const BLOCKS_PER_SM: usize = 4;
 
-/// Rows (query row, query head) one attention block computes for `head_dim`.
+/// Rows (query row, query head) one CUDA-core attention block computes for `head_dim`.
 pub fn max_rows_per_block(head_dim: usize) -> usize {
     ATTEND_ACC_ITEMS * ATTEND_THREADS * 8 / head_dim
+}
+
+/// Rows (query row, query head) of one tensor-core attention block (kernels/prefill.cu).
+pub const MMA_ROWS: usize = ffi::PGQA_ATTEND_MMA_ROWS.0 as usize;
+/// With [`KernelChoice::Auto`], a sequence whose rows (query rows x group) reach this many goes
+/// to the tensor-core kernel: from half a tensor-core tile on, the tile's wasted rows cost less
+/// than the CUDA-core kernel's scalar dot products. (A choice made from the arithmetic, not yet
+/// from a measurement.)
+pub const MMA_MIN_ROWS: usize = 32;
+
+/// Which attention kernels a schedule may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelChoice {
+    /// Per sequence: tensor cores from [`MMA_MIN_ROWS`] rows on, CUDA cores below.
+    #[default]
+    Auto,
+    /// Every sequence on CUDA cores (GPUs older than sm_80; comparisons).
+    CudaCores,
+    /// Every sequence on tensor cores (sm_80 or newer).
+    TensorCores,
+}
+
+/// One kernel's share of a launch: the grid's x dimension and how its blocks cover the rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelWork {
+    /// Blocks per K/V head: `ceil(group / rows per block)`.
+    pub head_chunks: usize,
+    /// Query rows of one sequence per block (each with all the group's heads of the chunk).
+    pub tokens_per_work: usize,
+    /// (sequence, first query row of the sequence) per block row.
+    pub work: Vec<[i32; 2]>,
+}
+
+impl KernelWork {
+    fn new(rows_per_block: usize, group: usize) -> Self {
+        Self {
+            head_chunks: group.div_ceil(rows_per_block),
+            tokens_per_work: (rows_per_block / group.min(rows_per_block)).max(1),
+            work: Vec::new(),
+        }
+    }
+
+    /// Adds the work items of a sequence's `query_len` rows.
+    fn push(&mut self, seq: usize, query_len: usize) {
+        for j0 in (0..query_len).step_by(self.tokens_per_work) {
+            self.work.push([seq as i32, j0 as i32]);
+        }
+    }
+
+    fn blocks(&self, n_kv_heads: usize) -> usize {
+        self.work.len() * n_kv_heads * self.head_chunks
+    }
 }
 
 /// How one attention launch is cut into thread blocks.
@@ -34,42 +87,62 @@ pub fn max_rows_per_block(head_dim: usize) -> usize {
 /// assert!(one.num_splits > 1);
 /// // 128 requests of 8k: 1024 blocks fill it already; splitting would only add the merge.
 /// assert_eq!(AttendSchedule::new(132, &SeqLens::decode(&[8192; 128])?, llama3_8b).num_splits, 1);
-/// // A 100-token prompt: 12 query rows (x 4 heads = 48 rows) per block.
+/// // A 100-token prompt goes to the tensor cores: 16 query rows (x 4 heads = 64 rows) per block.
 /// let prompt = AttendSchedule::new(132, &SeqLens::new(&[100], &[100])?, llama3_8b);
-/// assert_eq!((prompt.tokens_per_work, prompt.work.len()), (12, 9));
+/// assert_eq!((prompt.tensor_cores.tokens_per_work, prompt.tensor_cores.work.len()), (16, 7));
+/// assert!(prompt.cuda_cores.work.is_empty());
 /// # Ok::<(), paged_gqa::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttendSchedule {
-    /// Blocks per K/V head: `ceil(group / max_rows_per_block(head_dim))`.
-    pub head_chunks: usize,
-    /// Query rows of one sequence per block (each with all the group's heads of the chunk).
-    pub tokens_per_work: usize,
-    /// The grid's x dimension: (sequence, first query row of the sequence) per block row.
-    pub work: Vec<[i32; 2]>,
-    /// Splits of the keys (1: no split, no merge).
+    /// Work of the CUDA-core kernel (kernels/attend.cu): few rows per sequence.
+    pub cuda_cores: KernelWork,
+    /// Work of the tensor-core kernel (kernels/prefill.cu): many rows per sequence.
+    pub tensor_cores: KernelWork,
+    /// Splits of the keys (1: no split, no merge); both kernels use the same.
     pub num_splits: usize,
     /// Keys per split: split `s` covers keys `[s * keys_per_split, (s + 1) * keys_per_split)`.
     pub keys_per_split: usize,
 }
 
 impl AttendSchedule {
-    /// Plans attention for the batch `lens` on a GPU with `sm_count` multiprocessors.
+    /// Plans attention for the batch `lens` on a GPU with `sm_count` multiprocessors, with
+    /// [`KernelChoice::Auto`].
     pub fn new(sm_count: usize, lens: &SeqLens, shape: GqaShape) -> Self {
-        let max_rows = max_rows_per_block(shape.head_dim());
-        let head_chunks = shape.group().div_ceil(max_rows);
-        let tokens_per_work = (max_rows / shape.group().min(max_rows)).max(1);
-        let mut work = Vec::new();
+        Self::with_kernels(sm_count, lens, shape, KernelChoice::Auto)
+    }
+
+    /// Plans attention, sending each sequence to the kernel `choice` picks.
+    pub fn with_kernels(
+        sm_count: usize,
+        lens: &SeqLens,
+        shape: GqaShape,
+        choice: KernelChoice,
+    ) -> Self {
+        let group = shape.group();
+        let mut cuda_cores = KernelWork::new(max_rows_per_block(shape.head_dim()), group);
+        let mut tensor_cores = KernelWork::new(MMA_ROWS, group);
         let mut max_context_len = 0;
         for seq in 0..lens.batch() {
-            if lens.query_len(seq) > 0 {
-                max_context_len = max_context_len.max(lens.context_len(seq));
+            let query_len = lens.query_len(seq);
+            if query_len == 0 {
+                continue;
             }
-            for j0 in (0..lens.query_len(seq)).step_by(tokens_per_work) {
-                work.push([seq as i32, j0 as i32]);
-            }
+            max_context_len = max_context_len.max(lens.context_len(seq));
+            let on_tensor_cores = match choice {
+                KernelChoice::Auto => query_len * group >= MMA_MIN_ROWS,
+                KernelChoice::CudaCores => false,
+                KernelChoice::TensorCores => true,
+            };
+            let kernel = if on_tensor_cores {
+                &mut tensor_cores
+            } else {
+                &mut cuda_cores
+            };
+            kernel.push(seq, query_len);
         }
-        let blocks = work.len() * shape.n_kv_heads() * head_chunks;
+        let blocks =
+            cuda_cores.blocks(shape.n_kv_heads()) + tensor_cores.blocks(shape.n_kv_heads());
         let target = sm_count.max(1) * BLOCKS_PER_SM;
         let wanted = if blocks == 0 {
             1
@@ -85,12 +158,16 @@ impl AttendSchedule {
         // Rounding up may leave trailing splits empty: drop them.
         let num_splits = max_context_len.div_ceil(keys_per_split).max(1);
         Self {
-            head_chunks,
-            tokens_per_work,
-            work,
+            cuda_cores,
+            tensor_cores,
             num_splits,
             keys_per_split,
         }
+    }
+
+    /// True when no block has anything to do (no query rows).
+    pub fn is_empty(&self) -> bool {
+        self.cuda_cores.work.is_empty() && self.tensor_cores.work.is_empty()
     }
 
     /// f32 elements of the split workspace: partial outputs `[num_tokens, n_heads, num_splits,

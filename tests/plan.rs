@@ -1,7 +1,10 @@
 //! The attention planner: which rows each block serves, when to split the keys, how, and how
 //! much workspace that takes.
 
-use paged_gqa::plan::{max_rows_per_block, AttendSchedule, MAX_SPLITS, MIN_KEYS_PER_SPLIT};
+use paged_gqa::plan::{
+    max_rows_per_block, AttendSchedule, KernelChoice, KernelWork, MAX_SPLITS, MIN_KEYS_PER_SPLIT,
+    MMA_MIN_ROWS, MMA_ROWS,
+};
 use paged_gqa::{GqaShape, SeqLens};
 use rand::Rng;
 
@@ -28,16 +31,24 @@ fn assert_covers(s: &AttendSchedule, max_len: usize) {
     );
 }
 
-/// Every query row of every sequence in exactly one work item, in order.
+/// Every query row of every sequence in exactly one work item of one kernel, in order.
 fn assert_rows_covered(s: &AttendSchedule, lens: &SeqLens) {
     let mut next = vec![0usize; lens.batch()];
-    for &[seq, j0] in &s.work {
-        let (seq, j0) = (seq as usize, j0 as usize);
-        assert_eq!(
-            j0, next[seq],
-            "work items of sequence {seq} out of order or overlapping"
-        );
-        next[seq] = (j0 + s.tokens_per_work).min(lens.query_len(seq));
+    let mut kernel_of = vec![None; lens.batch()];
+    for (name, kernel) in [("cuda", &s.cuda_cores), ("mma", &s.tensor_cores)] {
+        for &[seq, j0] in &kernel.work {
+            let (seq, j0) = (seq as usize, j0 as usize);
+            let first_kernel = *kernel_of[seq].get_or_insert(name);
+            assert_eq!(
+                first_kernel, name,
+                "sequence {seq} is split between the two kernels"
+            );
+            assert_eq!(
+                j0, next[seq],
+                "work items of sequence {seq} out of order or overlapping"
+            );
+            next[seq] = (j0 + kernel.tokens_per_work).min(lens.query_len(seq));
+        }
     }
     for (seq, &covered) in next.iter().enumerate() {
         assert_eq!(
@@ -54,7 +65,12 @@ fn a_batch_that_fills_the_gpu_is_not_split() {
     assert_eq!(s.num_splits, 1);
     assert!(s.keys_per_split >= 8192);
     assert_eq!(s.workspace_floats(128, llama3_8b()), 0);
-    assert_eq!(s.work.len(), 128, "one work item per decoding sequence");
+    assert_eq!(
+        s.cuda_cores.work.len(),
+        128,
+        "one work item per decoding sequence"
+    );
+    assert!(s.tensor_cores.work.is_empty(), "group 4 decode: 4 rows");
 }
 
 #[test]
@@ -81,7 +97,7 @@ fn short_contexts_are_not_split_below_the_minimum() {
 #[test]
 fn an_empty_batch_plans_no_work_and_one_split() {
     let s = decode(H200_SMS, 0, 0, llama3_8b());
-    assert!(s.work.is_empty());
+    assert!(s.is_empty());
     assert_eq!(s.num_splits, 1);
     assert!(s.keys_per_split >= 1);
 }
@@ -92,19 +108,85 @@ fn large_groups_are_served_in_chunks_of_heads() {
     assert_eq!(max_rows_per_block(128), 48);
     assert_eq!(max_rows_per_block(256), 24);
     let falcon_7b = GqaShape::new(71, 1, 64).unwrap();
-    let s = decode(H200_SMS, 1, 100, falcon_7b);
-    assert_eq!((s.head_chunks, s.tokens_per_work), (1, 1));
+    let lens = SeqLens::decode(&[100]).unwrap();
+    let s = AttendSchedule::with_kernels(H200_SMS, &lens, falcon_7b, KernelChoice::CudaCores);
+    assert_eq!(
+        (s.cuda_cores.head_chunks, s.cuda_cores.tokens_per_work),
+        (1, 1)
+    );
     let wide = GqaShape::new(71, 1, 128).unwrap();
-    assert_eq!(decode(H200_SMS, 1, 100, wide).head_chunks, 2);
+    let s = AttendSchedule::with_kernels(H200_SMS, &lens, wide, KernelChoice::CudaCores);
+    assert_eq!(s.cuda_cores.head_chunks, 2);
+    // Tensor cores: 64 heads, then 7.
+    let s = AttendSchedule::new(H200_SMS, &lens, wide);
+    assert_eq!(
+        (s.tensor_cores.head_chunks, s.tensor_cores.tokens_per_work),
+        (2, 1)
+    );
+}
+
+#[test]
+fn auto_sends_many_rows_to_tensor_cores_and_few_to_cuda_cores() {
+    // Group 4: decode (4 rows) and speculation of 7 (28 rows) on CUDA cores; 8 query rows
+    // (32 rows) and prompts on tensor cores.
+    let lens = SeqLens::new(&[900, 900, 900, 900], &[1, 7, 8, 500]).unwrap();
+    let s = AttendSchedule::new(H200_SMS, &lens, llama3_8b());
+    let seqs = |k: &KernelWork| {
+        let mut v: Vec<i32> = k.work.iter().map(|&[seq, _]| seq).collect();
+        v.dedup();
+        v
+    };
+    assert_eq!(seqs(&s.cuda_cores), [0, 1]);
+    assert_eq!(seqs(&s.tensor_cores), [2, 3]);
+    assert_eq!(MMA_MIN_ROWS, 32);
+    // Falcon-7B decodes on tensor cores: 71 rows per token.
+    let falcon_7b = GqaShape::new(71, 1, 64).unwrap();
+    let s = decode(H200_SMS, 3, 100, falcon_7b);
+    assert!(s.cuda_cores.work.is_empty());
+    assert_eq!(s.tensor_cores.work.len(), 3);
+}
+
+#[test]
+fn a_forced_choice_puts_every_sequence_on_one_kernel() {
+    let lens = SeqLens::new(&[900, 900, 40], &[1, 500, 40]).unwrap();
+    let cuda = AttendSchedule::with_kernels(H200_SMS, &lens, llama3_8b(), KernelChoice::CudaCores);
+    assert!(cuda.tensor_cores.work.is_empty());
+    assert_rows_covered(&cuda, &lens);
+    let mma = AttendSchedule::with_kernels(H200_SMS, &lens, llama3_8b(), KernelChoice::TensorCores);
+    assert!(mma.cuda_cores.work.is_empty());
+    assert_rows_covered(&mma, &lens);
+}
+
+#[test]
+fn tensor_core_blocks_pack_whole_groups_into_64_rows() {
+    assert_eq!(MMA_ROWS, 64);
+    for (group, tokens) in [(1, 64), (4, 16), (5, 12), (7, 9), (8, 8), (64, 1), (71, 1)] {
+        let shape = GqaShape::new(group * 2, 2, 128).unwrap();
+        let lens = SeqLens::new(&[1000], &[1000]).unwrap();
+        let s = AttendSchedule::new(H200_SMS, &lens, shape);
+        assert_eq!(s.tensor_cores.tokens_per_work, tokens, "group {group}");
+        assert_eq!(
+            s.tensor_cores.head_chunks,
+            group.div_ceil(64),
+            "group {group}"
+        );
+        assert_eq!(s.tensor_cores.work.len(), 1000_usize.div_ceil(tokens));
+    }
 }
 
 #[test]
 fn prompts_pack_several_query_rows_per_block() {
-    // Group 4, d128: 48 rows = 12 query rows x 4 heads.
+    // Group 4, d128, CUDA cores: 48 rows = 12 query rows x 4 heads.
     let lens = SeqLens::new(&[4096, 30, 7], &[4096, 17, 1]).unwrap();
+    let s = AttendSchedule::with_kernels(H200_SMS, &lens, llama3_8b(), KernelChoice::CudaCores);
+    assert_eq!(s.cuda_cores.tokens_per_work, 12);
+    assert_eq!(s.cuda_cores.work.len(), 4096_usize.div_ceil(12) + 2 + 1);
+    assert_rows_covered(&s, &lens);
+    // Tensor cores: 64 rows = 16 query rows x 4 heads; the decode token stays on CUDA cores.
     let s = AttendSchedule::new(H200_SMS, &lens, llama3_8b());
-    assert_eq!(s.tokens_per_work, 12);
-    assert_eq!(s.work.len(), 4096_usize.div_ceil(12) + 2 + 1);
+    assert_eq!(s.tensor_cores.tokens_per_work, 16);
+    assert_eq!(s.tensor_cores.work.len(), 4096 / 16 + 2);
+    assert_eq!(s.cuda_cores.work, [[2, 0]]);
     assert_rows_covered(&s, &lens);
 }
 
@@ -112,7 +194,8 @@ fn prompts_pack_several_query_rows_per_block() {
 fn sequences_without_query_rows_get_no_work() {
     let lens = SeqLens::new(&[50, 9000, 3], &[1, 0, 2]).unwrap();
     let s = AttendSchedule::new(H200_SMS, &lens, llama3_8b());
-    assert!(s.work.iter().all(|&[seq, _]| seq != 1));
+    assert!(s.cuda_cores.work.iter().all(|&[seq, _]| seq != 1));
+    assert!(s.tensor_cores.work.iter().all(|&[seq, _]| seq != 1));
     // The idle long sequence does not stretch the splits.
     assert!(s.num_splits * s.keys_per_split < 9000);
 }
@@ -131,7 +214,7 @@ fn workspace_holds_partial_outputs_and_lse() {
 fn random_plans_cover_every_key_and_row() {
     let mut rng = rand::rng();
     for _ in 0..5_000 {
-        let group = rng.random_range(1..=16);
+        let group = [1, 2, 4, 5, 7, 8, 16, 64, 71][rng.random_range(0..9)];
         let n_kv = rng.random_range(1..=16);
         let shape = GqaShape::new(
             group * n_kv,
@@ -152,7 +235,12 @@ fn random_plans_cover_every_key_and_row() {
             })
             .collect();
         let lens = SeqLens::new(&context, &query).unwrap();
-        let s = AttendSchedule::new(rng.random_range(1..=200), &lens, shape);
+        let choice = [
+            KernelChoice::Auto,
+            KernelChoice::CudaCores,
+            KernelChoice::TensorCores,
+        ][rng.random_range(0..3)];
+        let s = AttendSchedule::with_kernels(rng.random_range(1..=200), &lens, shape, choice);
         let max_len = (0..batch)
             .filter(|&b| query[b] > 0)
             .map(|b| context[b])
@@ -161,9 +249,13 @@ fn random_plans_cover_every_key_and_row() {
         assert_covers(&s, max_len);
         assert_rows_covered(&s, &lens);
         assert_eq!(s.keys_per_split % 64, 0);
-        assert!(
-            s.tokens_per_work * shape.group().min(max_rows_per_block(shape.head_dim()))
-                <= max_rows_per_block(shape.head_dim())
-        );
+        let rows_fit = |k: &KernelWork, rows_per_block: usize| {
+            k.tokens_per_work * shape.group().min(rows_per_block) <= rows_per_block
+        };
+        assert!(rows_fit(
+            &s.cuda_cores,
+            max_rows_per_block(shape.head_dim())
+        ));
+        assert!(rows_fit(&s.tensor_cores, MMA_ROWS));
     }
 }

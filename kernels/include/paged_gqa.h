@@ -101,6 +101,7 @@ pgqa_status pgqa_copy_blocks(const pgqa_copy_blocks_params *params, pgqa_stream 
 enum {
   PGQA_ATTEND_THREADS = 128, /**< threads per block */
   PGQA_ATTEND_ACC_ITEMS = 6, /**< 8-element output accumulators per thread */
+  PGQA_ATTEND_MMA_ROWS = 64,  /**< rows of a tensor-core block (4 warps of 16) */
   PGQA_ATTEND_MAX_SPLITS = 65535
 };
 
@@ -109,15 +110,23 @@ enum {
  * chunked prefill, prompts), causal bottom-right: query row j of a sequence with L keys and n
  * query rows sits at position L - n + j and sees keys 0 ..= L - n + j.
  *
- * One thread block serves one work item (a sequence and up to tokens_per_work of its query
- * rows), one K/V head (or a chunk of its query heads when the group is large) and one split of
- * the keys. Its rows are (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS *
- * PGQA_ATTEND_THREADS * 8 / head_dim of them; it reads each K and V row of its range once, stops
- * at its last row's causal limit (tiles above the diagonal are skipped), and masks inside.
+ * Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and
+ * every query row of every sequence must be in exactly one of them:
+ * - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are
+ *   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /
+ *   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).
+ * - `mma_work`: the tensor-core kernel (mma.sync m16n8k16, sm_80 or newer), for items with many
+ *   rows (prompts, chunks, large groups): PGQA_ATTEND_MMA_ROWS rows per block,
+ *   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).
+ *
+ * Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and
+ * one split of the keys; it reads each K and V row of its range once for all its rows, stops at
+ * its last row's causal limit (tiles above the diagonal are skipped), and masks inside.
  * Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1
  * each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges
- * them. A row with no visible key gives 0 and lse -inf. CUDA cores (no tensor cores yet).
- * head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16.
+ * them. A row with no visible key gives 0 and lse -inf.
+ * head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when
+ * mma_work is not empty on a GPU older than sm_80.
  */
 typedef struct pgqa_attend_params {
   const void *q;               /**< [num_tokens, n_heads, head_dim] */
@@ -127,11 +136,13 @@ typedef struct pgqa_attend_params {
   const int32_t *context_lens; /**< [batch]: keys per sequence, at most max_blocks * block_size */
   const int32_t *query_starts; /**< [batch + 1]: sequence b's query rows are [starts[b], starts[b+1]) */
   const int32_t *work;         /**< [num_work, 2]: (sequence, its first query row of the item) */
+  const int32_t *mma_work;     /**< [num_mma_work, 2]: the same, for the tensor-core kernel */
   void *out;                   /**< [num_tokens, n_heads, head_dim] */
   float *lse;                  /**< [num_tokens, n_heads], natural log */
   float *partial_out;          /**< [num_tokens, n_heads, num_splits, head_dim] when num_splits > 1 */
   float *partial_lse;          /**< [num_tokens, n_heads, num_splits] when num_splits > 1 */
   int32_t num_work;
+  int32_t num_mma_work;
   int32_t num_tokens;
   int32_t n_heads;
   int32_t n_kv_heads;
@@ -140,6 +151,7 @@ typedef struct pgqa_attend_params {
   int32_t max_blocks;
   int32_t num_blocks; /**< block ids outside [0, num_blocks) are never read */
   int32_t tokens_per_work; /**< query rows per work item; 1 when the group exceeds a block */
+  int32_t mma_tokens_per_work; /**< query rows per mma_work item (times min(group, 64) <= 64) */
   int32_t num_splits;
   int32_t keys_per_split; /**< split s covers keys [s * keys_per_split, (s + 1) * keys_per_split) */
   float scale;

@@ -10,7 +10,7 @@ use crate::cuda::{check_aligned, launch, to_i32, CudaStepPlan, CudaStorage};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::plan::AttendSchedule;
+use crate::plan::{AttendSchedule, KernelChoice};
 use crate::shape::GqaShape;
 
 /// Head sizes the attention kernel is built for.
@@ -22,6 +22,18 @@ pub(crate) fn sm_count(stream: &CudaStream) -> Result<usize> {
         .context()
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
     Ok(count.max(1) as usize)
+}
+
+/// The kernels the stream's device runs: both from sm_80 on, CUDA cores only before.
+pub(crate) fn device_kernels(stream: &CudaStream) -> Result<KernelChoice> {
+    let major = stream
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    Ok(if major >= 8 {
+        KernelChoice::Auto
+    } else {
+        KernelChoice::CudaCores
+    })
 }
 
 /// Checks that the attention kernel exists for this shape and element type.
@@ -77,8 +89,10 @@ pub(crate) struct AttendTables<'a> {
     pub context_lens: u64,
     /// [batch + 1] i32
     pub query_starts: u64,
-    /// [num_work, 2] i32
+    /// [num_work, 2] i32: the CUDA-core kernel's work items
     pub work: u64,
+    /// [num_mma_work, 2] i32: the tensor-core kernel's work items
+    pub mma_work: u64,
     /// [num_tokens, n_heads, num_splits, head_dim] f32 then [num_tokens, n_heads, num_splits] f32
     pub split_workspace: u64,
 }
@@ -107,7 +121,7 @@ pub(crate) fn launch_attend<T: Element>(
         });
     }
     let schedule = tables.schedule;
-    if schedule.work.is_empty() {
+    if schedule.is_empty() {
         return Ok(());
     }
     let (q_ptr, _q_sync) = q.device_ptr(stream);
@@ -131,11 +145,13 @@ pub(crate) fn launch_attend<T: Element>(
         context_lens: tables.context_lens as *const i32,
         query_starts: tables.query_starts as *const i32,
         work: tables.work as *const i32,
+        mma_work: tables.mma_work as *const i32,
         out: out_ptr as *mut _,
         lse: lse_ptr as *mut f32,
         partial_out: tables.split_workspace as *mut f32,
         partial_lse: partial_lse as *mut f32,
-        num_work: to_i32("work items", schedule.work.len())?,
+        num_work: to_i32("work items", schedule.cuda_cores.work.len())?,
+        num_mma_work: to_i32("tensor-core work items", schedule.tensor_cores.work.len())?,
         num_tokens: to_i32("num_tokens", tables.num_tokens)?,
         n_heads: to_i32("n_heads", shape.n_heads())?,
         n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
@@ -143,7 +159,8 @@ pub(crate) fn launch_attend<T: Element>(
         block_size: to_i32("block_size", tables.layout.block_size())?,
         max_blocks: to_i32("max_blocks", tables.max_blocks)?,
         num_blocks: to_i32("num_blocks", tables.layout.num_blocks())?,
-        tokens_per_work: to_i32("tokens_per_work", schedule.tokens_per_work)?,
+        tokens_per_work: to_i32("tokens_per_work", schedule.cuda_cores.tokens_per_work)?,
+        mma_tokens_per_work: to_i32("mma_tokens_per_work", schedule.tensor_cores.tokens_per_work)?,
         num_splits: to_i32("num_splits", schedule.num_splits)?,
         keys_per_split: to_i32("keys_per_split", schedule.keys_per_split)?,
         scale,
@@ -172,8 +189,10 @@ pub struct AttendBatch {
     context_lens: CudaSlice<i32>,
     /// [batch + 1]
     query_starts: CudaSlice<i32>,
-    /// [num_work, 2]
+    /// [num_work, 2]: the CUDA-core kernel's work items
     work: CudaSlice<i32>,
+    /// [num_mma_work, 2]: the tensor-core kernel's work items
+    mma_work: CudaSlice<i32>,
     /// partial outputs and lse of the splits
     workspace: CudaSlice<f32>,
 }
@@ -199,13 +218,44 @@ impl AttendBatch {
         block_tables: &[i32],
         max_blocks: usize,
     ) -> Result<Self> {
+        let choice = device_kernels(stream)?;
+        Self::with_kernels(
+            stream,
+            layout,
+            dtype,
+            lens,
+            block_tables,
+            max_blocks,
+            choice,
+        )
+    }
+
+    /// [`new`](AttendBatch::new) with the kernel choice made by the caller (tests, benchmarks:
+    /// one kernel against the other). [`KernelChoice::TensorCores`] needs sm_80 or newer.
+    pub fn with_kernels(
+        stream: &Arc<CudaStream>,
+        layout: PagedLayout,
+        dtype: DType,
+        lens: &SeqLens,
+        block_tables: &[i32],
+        max_blocks: usize,
+        choice: KernelChoice,
+    ) -> Result<Self> {
         check_batch("attention", &layout, dtype, lens, block_tables, max_blocks)?;
-        let schedule = AttendSchedule::new(sm_count(stream)?, lens, layout.shape());
+        let schedule =
+            AttendSchedule::with_kernels(sm_count(stream)?, lens, layout.shape(), choice);
         let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
         let floats = schedule
             .workspace_floats(lens.num_tokens(), layout.shape())
             .max(4);
-        let work: Vec<i32> = schedule.work.iter().flatten().copied().collect();
+        let work: Vec<i32> = schedule.cuda_cores.work.iter().flatten().copied().collect();
+        let mma_work: Vec<i32> = schedule
+            .tensor_cores
+            .work
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
         Ok(Self {
             layout,
             num_tokens: lens.num_tokens(),
@@ -214,6 +264,7 @@ impl AttendBatch {
             context_lens: upload(stream, &context_lens, 0)?,
             query_starts: upload(stream, &query_starts(lens), 0)?,
             work: upload(stream, &work, 0)?,
+            mma_work: upload(stream, &mma_work, 0)?,
             workspace: stream.alloc_zeros::<f32>(floats)?,
             schedule,
         })
@@ -246,6 +297,7 @@ impl AttendBatch {
         let (context_lens, _c) = self.context_lens.device_ptr(stream);
         let (query_starts, _s) = self.query_starts.device_ptr(stream);
         let (work, _w) = self.work.device_ptr(stream);
+        let (mma_work, _mw) = self.mma_work.device_ptr(stream);
         let (split_workspace, _ws) = self.workspace.device_ptr(stream);
         let tables = AttendTables {
             layout: self.layout,
@@ -256,6 +308,7 @@ impl AttendBatch {
             context_lens,
             query_starts,
             work,
+            mma_work,
             split_workspace,
         };
         launch_attend(stream, &tables, k_ptr, v_ptr, q, out, lse, scale)

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
-use crate::cuda::attend::{query_starts, sm_count, AttendTables};
+use crate::cuda::attend::{device_kernels, query_starts, sm_count, AttendTables};
 use crate::cuda::{check_aligned, launch, to_i32, KERNELS_BUILT};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::plan::AttendSchedule;
+use crate::plan::{AttendSchedule, KernelChoice};
 
 /// Pages of every layer on the GPU, `[num_layers, 2 (K, V), num_blocks, block_size,
 /// n_kv_heads, head_dim]` in one allocation, and a workspace for each step's tables.
@@ -29,8 +29,10 @@ pub struct CudaStorage<T: Element> {
     workspace: CudaSlice<u8>,
     /// The current step's split-KV partials (sized by the decode schedule); grows.
     split_workspace: CudaSlice<f32>,
-    /// Multiprocessors of the device, for the decode schedule.
+    /// Multiprocessors of the device, for the attention schedule.
     sm_count: usize,
+    /// The attention kernels the device runs.
+    kernels: KernelChoice,
 }
 
 impl<T: Element> CudaStorage<T> {
@@ -59,6 +61,7 @@ impl<T: Element> CudaStorage<T> {
         let workspace = stream.alloc_zeros::<u8>(4096)?;
         let split_workspace = stream.alloc_zeros::<f32>(1024)?;
         let sm_count = sm_count(&stream)?;
+        let kernels = device_kernels(&stream)?;
         Ok(Self {
             config,
             num_blocks,
@@ -68,6 +71,7 @@ impl<T: Element> CudaStorage<T> {
             workspace,
             split_workspace,
             sm_count,
+            kernels,
         })
     }
 
@@ -113,6 +117,7 @@ impl<T: Element> CudaStorage<T> {
             context_lens: plan.context_lens,
             query_starts: plan.query_starts,
             work: plan.work,
+            mma_work: plan.mma_work,
             split_workspace: plan.split_workspace,
         };
         (
@@ -135,9 +140,10 @@ pub struct CudaStepPlan {
     context_lens: u64,
     query_starts: u64,
     slot_mapping: u64,
-    /// The attention launch plan, its work list and its split workspace.
+    /// The attention launch plan, its two work lists and its split workspace.
     schedule: AttendSchedule,
     work: u64,
+    mma_work: u64,
     split_workspace: u64,
 }
 
@@ -193,7 +199,8 @@ impl<T: Element> PageStorage for CudaStorage<T> {
     fn prepare(&mut self, plan: StepPlan) -> Result<CudaStepPlan> {
         let lens = plan.lens();
         let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
-        let schedule = AttendSchedule::new(self.sm_count, lens, self.config.shape());
+        let schedule =
+            AttendSchedule::with_kernels(self.sm_count, lens, self.config.shape(), self.kernels);
         let mut bytes = Vec::new();
         let offsets = [
             push_section(&mut bytes, plan.block_tables()),
@@ -201,7 +208,8 @@ impl<T: Element> PageStorage for CudaStorage<T> {
             push_section(&mut bytes, &query_starts(lens)),
             push_section(&mut bytes, plan.slot_mapping()),
             push_section(&mut bytes, plan.block_copies()),
-            push_section(&mut bytes, &schedule.work),
+            push_section(&mut bytes, &schedule.cuda_cores.work),
+            push_section(&mut bytes, &schedule.tensor_cores.work),
         ];
         if bytes.len() > self.workspace.len() {
             self.workspace = self
@@ -216,7 +224,7 @@ impl<T: Element> PageStorage for CudaStorage<T> {
             let (ptr, _sync) = self.workspace.device_ptr(&self.stream);
             ptr
         };
-        let [block_tables, context_lens, query_starts, slot_mapping, block_copies, work] =
+        let [block_tables, context_lens, query_starts, slot_mapping, block_copies, work, mma_work] =
             offsets.map(|o| base + o as u64);
 
         if !plan.block_copies().is_empty() {
@@ -248,6 +256,7 @@ impl<T: Element> PageStorage for CudaStorage<T> {
             slot_mapping,
             schedule,
             work,
+            mma_work,
             split_workspace,
         })
     }

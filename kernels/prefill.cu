@@ -1,0 +1,363 @@
+// prefill.cu: the tensor-core kernel of pgqa_attend (see paged_gqa.h), for work items with many
+// rows: prompts, prompt chunks, and large groups.
+//
+// One thread block = one (work item, K/V head or chunk of 64 of its query heads, split of the
+// keys). Its kRows = 64 rows are (query row, query head) pairs packed as in attend.cu: row r is
+// query row j0 + r / heads, head head0 + r % heads; rows from tokens * heads on are padding
+// (their Q is zero and they are never stored). Warp w owns rows 16 w .. 16 w + 15; in the MMA
+// fragments (mma.cuh) lane 4 g + t holds rows g and g + 8 of them. Per tile of kKeys keys:
+//   0. cp.async brings the tile's K and V rows into shared memory (two buffers: the next tile's
+//      copies fly while this one is computed). Rows past the range are zero-filled: P V must
+//      never multiply a zero probability by stale bits that happen to be NaN;
+//   1. S = Q K^T on tensor cores (ldmatrix of Q and of K rows, m16n8k16, f32), then
+//      S *= scale * log2 e, -inf past each row's causal limit;
+//   2. online softmax in registers: running max m (a quad of lanes shares a row: max over the
+//      quad by shuffles), P = exp2(S - m), alpha = exp2(m_old - m_new); a row that has seen no
+//      key keeps m = -inf and uses 0 as the base, so P = 0 and alpha = 0, never NaN;
+//   3. O = alpha O + P V: P re-packed from the S accumulators as the A operand, V by
+//      ldmatrix.trans as the B operand.
+// The sum l of P stays per lane (its columns) and is summed over the quad at the end. The
+// block's key range ends at its last row's causal limit: tiles above the diagonal are never
+// loaded or computed. Each K and V byte of the range crosses HBM once for all 64 rows.
+
+#include "mma.cuh"
+#include "prefill.cuh"
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kRows = PGQA_ATTEND_MMA_ROWS;  // 16 per warp
+static_assert(kRows == 16 * (kThreads / 32), "one 16-row MMA tile per warp");
+
+template <int D>
+struct TileGeometry {
+  static_assert(D % 16 == 0, "head_dim must be a multiple of 16 for m16n8k16");
+  static constexpr int kChunks = D / 8;               // 16-byte vectors per row
+  static constexpr int kKeys = D <= 128 ? 64 : 32;    // keys per tile
+  // Row stride in elements: 16 bytes of padding move consecutive rows by 4 banks, so the 8 row
+  // addresses of an ldmatrix (or of a quarter warp's 16-byte copies) hit distinct banks.
+  static constexpr int kStride = D + 8;
+  static constexpr int kTileElems = kKeys * kStride;
+  static constexpr int kQElems = kRows * kStride;
+};
+
+// Shared memory: Q [kRows][kStride], K tiles [2][kKeys][kStride], V tiles [2][kKeys][kStride].
+template <typename T, int D>
+constexpr size_t smem_bytes() {
+  using G = TileGeometry<D>;
+  return (G::kQElems + 4 * G::kTileElems) * sizeof(T);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    prefill_kernel(const pgqa_attend_params p, int block_shift, int group, int head_chunks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using G = TileGeometry<D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *q_s = reinterpret_cast<T *>(smem);       // [kRows][kStride]
+  T *k_tiles = q_s + G::kQElems;              // [2][kKeys][kStride]
+  T *v_tiles = k_tiles + 2 * G::kTileElems;   // [2][kKeys][kStride]
+
+  const int seq = p.mma_work[2 * static_cast<int64_t>(blockIdx.x)];
+  const int j0 = p.mma_work[2 * static_cast<int64_t>(blockIdx.x) + 1];  // first query row
+  const int kv_head = blockIdx.y / head_chunks;
+  const int chunk = blockIdx.y % head_chunks;
+  const int split = blockIdx.z;
+  const int head0 = kv_head * group + chunk * kRows;  // first query head served
+  const int heads = min(kRows, group - chunk * kRows);
+  const int q_begin = p.query_starts[seq];
+  const int query_len = p.query_starts[seq + 1] - q_begin;
+  const int tokens = min(p.mma_tokens_per_work, query_len - j0);
+  const int rows = tokens * heads;  // <= kRows (checked by the launcher)
+
+  const int context_len = p.context_lens[seq];
+  // Row r sees keys [0, first_limit + r / heads): causal, bottom-right.
+  const int first_limit = context_len - query_len + j0 + 1;
+  const int last_limit = first_limit + tokens - 1;
+  const int start = split * p.keys_per_split;
+  const int end = min(min(context_len, last_limit), start + p.keys_per_split);
+  const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
+
+  const T *k_cache = static_cast<const T *>(p.k_cache);
+  const T *v_cache = static_cast<const T *>(p.v_cache);
+  const int32_t *block_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+
+  // Q rows of the block (zero for padding rows), in the same copy group as tile 0.
+  const T *q = static_cast<const T *>(p.q);
+  for (int i = threadIdx.x; i < kRows * G::kChunks; i += kThreads) {
+    const int r = i / G::kChunks;
+    const int c = i % G::kChunks;
+    T *dst = q_s + r * G::kStride + c * 8;
+    if (r < rows) {
+      const int64_t token = q_begin + j0 + r / heads;
+      pgqa::copy16_async(dst, q + (token * p.n_heads + head0 + r % heads) * D + c * 8);
+    } else {
+      *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // Issues the copies of tile `tile` into buffer tile % 2; rows past `end` become zeros.
+  auto load_tile = [&](int tile) {
+    const int base = start + tile * G::kKeys;
+    const int valid = min(G::kKeys, end - base);
+    T *k_dst = k_tiles + (tile & 1) * G::kTileElems;
+    T *v_dst = v_tiles + (tile & 1) * G::kTileElems;
+    for (int i = threadIdx.x; i < G::kKeys * G::kChunks; i += kThreads) {
+      const int row = i / G::kChunks;
+      const int c = i % G::kChunks;
+      T *k_row = k_dst + row * G::kStride + c * 8;
+      T *v_row = v_dst + row * G::kStride + c * 8;
+      const int pos = base + row;
+      const int block = row < valid ? block_table[pos >> block_shift] : -1;
+      if (block >= 0 && block < p.num_blocks) {  // ids were validated on the host
+        const int slot = pos & (p.block_size - 1);
+        const int64_t offset =
+            ((static_cast<int64_t>(block) * p.block_size + slot) * p.n_kv_heads + kv_head) * D +
+            c * 8;
+        pgqa::copy16_async(k_row, k_cache + offset);
+        pgqa::copy16_async(v_row, v_cache + offset);
+      } else {
+        *reinterpret_cast<uint4 *>(k_row) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4 *>(v_row) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    pgqa::copy_async_commit();
+  };
+
+  if (num_tiles > 0) {
+    load_tile(0);
+  } else {
+    pgqa::copy_async_commit();  // the Q copies
+  }
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int quad_lane = lane % 4;                // t: this lane's column pair in a fragment
+  const int row_lo = warp * 16 + lane / 4;        // block row of c0, c1 (and a0, a2)
+  const int row_hi = row_lo + 8;                  // block row of c2, c3
+  const bool warp_has_rows = warp * 16 < rows;    // all-padding warps skip the arithmetic
+  const int limit_lo = min(first_limit + row_lo / heads, end);  // keys < limit are visible
+  const int limit_hi = min(first_limit + row_hi / heads, end);
+  const float s_scale = p.scale * pgqa::kLog2e;
+  const T *tag = nullptr;  // selects the dtype's overloads
+
+  float o[D / 8][4];  // O rows (lo, hi) x D columns: 8-column tiles in the C layout
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+  float m_lo = -INFINITY, m_hi = -INFINITY;  // running max (log2 domain, scaled)
+  float l_lo = 0.0f, l_hi = 0.0f;            // this lane's part of the running sum
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    if (tile + 1 < num_tiles) {
+      load_tile(tile + 1);  // its buffer was last read before the previous iteration's barrier
+      pgqa::copy_async_wait<1>();
+    } else {
+      pgqa::copy_async_wait<0>();
+    }
+    __syncthreads();  // tile `tile` (and, the first time, Q) visible to every thread
+
+    const int base = start + tile * G::kKeys;
+    const T *k_tile = k_tiles + (tile & 1) * G::kTileElems;
+    const T *v_tile = v_tiles + (tile & 1) * G::kTileElems;
+
+    if (warp_has_rows) {
+      // 1. S = Q K^T: 16 rows x kKeys keys per warp.
+      float s[G::kKeys / 8][4];
+#pragma unroll
+      for (int n = 0; n < G::kKeys / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+#pragma unroll
+      for (int kt = 0; kt < D / 16; ++kt) {
+        uint32_t a[4];  // Q rows 16 w .. 16 w + 15, dims 16 kt .. 16 kt + 15
+        pgqa::ldmatrix_x4(a, q_s + (warp * 16 + (lane & 15)) * G::kStride + kt * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int np = 0; np < G::kKeys / 16; ++np) {
+          // Matrices: keys 16 np + (0-7 | 8-15) x dims (0-7 | 8-15) of the k-step; registers
+          // 0, 1 are b0, b1 of key tile 2 np and 2, 3 those of key tile 2 np + 1.
+          uint32_t b[4];
+          pgqa::ldmatrix_x4(b, k_tile + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * G::kStride +
+                                   kt * 16 + ((lane >> 3) & 1) * 8);
+          pgqa::mma_16816(s[2 * np], a, b[0], b[1], tag);
+          pgqa::mma_16816(s[2 * np + 1], a, b[2], b[3], tag);
+        }
+      }
+
+      // 2. Scale, mask, online softmax. Key of s[n][e]: base + 8 n + 2 t + (e & 1).
+      float max_lo = -INFINITY, max_hi = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < G::kKeys / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = base + 8 * n + 2 * quad_lane + e;
+          s[n][e] = key < limit_lo ? s[n][e] * s_scale : -INFINITY;
+          s[n][2 + e] = key < limit_hi ? s[n][2 + e] * s_scale : -INFINITY;
+          max_lo = fmaxf(max_lo, s[n][e]);
+          max_hi = fmaxf(max_hi, s[n][2 + e]);
+        }
+      }
+#pragma unroll
+      for (int offset = 1; offset < 4; offset *= 2) {  // over the quad that shares the rows
+        max_lo = fmaxf(max_lo, __shfl_xor_sync(0xffffffffu, max_lo, offset));
+        max_hi = fmaxf(max_hi, __shfl_xor_sync(0xffffffffu, max_hi, offset));
+      }
+      const float m_new_lo = fmaxf(m_lo, max_lo);
+      const float m_new_hi = fmaxf(m_hi, max_hi);
+      const float base_lo = m_new_lo == -INFINITY ? 0.0f : m_new_lo;  // no key yet: P = 0
+      const float base_hi = m_new_hi == -INFINITY ? 0.0f : m_new_hi;
+      const float alpha_lo = exp2f(m_lo - base_lo);  // m_lo = -inf: 0 (O and l are 0 anyway)
+      const float alpha_hi = exp2f(m_hi - base_hi);
+      m_lo = m_new_lo;
+      m_hi = m_new_hi;
+      float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+      for (int n = 0; n < G::kKeys / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[n][e] = exp2f(s[n][e] - base_lo);
+          s[n][2 + e] = exp2f(s[n][2 + e] - base_hi);
+          sum_lo += s[n][e];
+          sum_hi += s[n][2 + e];
+        }
+      }
+      l_lo = l_lo * alpha_lo + sum_lo;
+      l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= alpha_lo;
+        o[n][1] *= alpha_lo;
+        o[n][2] *= alpha_hi;
+        o[n][3] *= alpha_hi;
+      }
+
+      // 3. O += P V, 16 keys per step.
+#pragma unroll
+      for (int kk = 0; kk < G::kKeys / 16; ++kk) {
+        // A = P rows x keys 16 kk .. 16 kk + 15: key tiles 2 kk (a0, a1) and 2 kk + 1 (a2, a3).
+        const uint32_t a[4] = {pgqa::pack2(s[2 * kk][0], s[2 * kk][1], tag),
+                               pgqa::pack2(s[2 * kk][2], s[2 * kk][3], tag),
+                               pgqa::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], tag),
+                               pgqa::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], tag)};
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          // Matrices (transposed): keys (0-7 | 8-15) x dims 16 dp + (0-7 | 8-15); registers
+          // 0, 1 are b0, b1 of dim tile 2 dp and 2, 3 those of dim tile 2 dp + 1.
+          uint32_t b[4];
+          pgqa::ldmatrix_x4_trans(b, v_tile + (kk * 16 + (lane & 15)) * G::kStride + dp * 16 +
+                                         (lane >> 4) * 8);
+          pgqa::mma_16816(o[2 * dp], a, b[0], b[1], tag);
+          pgqa::mma_16816(o[2 * dp + 1], a, b[2], b[3], tag);
+        }
+      }
+    }
+    __syncthreads();  // this tile's buffers are free for the load two iterations on
+  }
+  pgqa::copy_async_wait<0>();  // the Q copies, when there was no tile
+
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, offset);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, offset);
+  }
+
+  // Normalise and store: the final output, or this split's partial for the merge. Row r's output
+  // row is (token q_begin + j0 + r / heads, head head0 + r % heads).
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half == 0 ? row_lo : row_hi;
+    if (r >= rows) continue;
+    const float l = half == 0 ? l_lo : l_hi;
+    const float m = half == 0 ? m_lo : m_hi;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const int64_t row = (static_cast<int64_t>(q_begin) + j0 + r / heads) * p.n_heads + head0 + r % heads;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int d = 8 * n + 2 * quad_lane;
+      const float x0 = o[n][2 * half] * inv;
+      const float x1 = o[n][2 * half + 1] * inv;
+      if (p.num_splits == 1) {
+        T *out = static_cast<T *>(p.out) + row * D + d;
+        *reinterpret_cast<uint32_t *>(out) = pgqa::pack2(x0, x1, tag);
+      } else {
+        float *out = p.partial_out + (row * p.num_splits + split) * D + d;
+        *reinterpret_cast<float2 *>(out) = make_float2(x0, x1);
+      }
+    }
+    if (quad_lane == 0) {
+      const float lse_log2 = l > 0.0f ? m + log2f(l) : -INFINITY;
+      if (p.num_splits == 1) {
+        p.lse[row] = lse_log2 * pgqa::kLn2;
+      } else {
+        p.partial_lse[row * p.num_splits + split] = lse_log2;
+      }
+    }
+  }
+#endif
+}
+
+template <typename T, int D>
+pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+  const int group = p.n_heads / p.n_kv_heads;
+  const int head_chunks = (group + kRows - 1) / kRows;
+  const int64_t grid_y = static_cast<int64_t>(p.n_kv_heads) * head_chunks;
+  const int64_t max_rows = static_cast<int64_t>(p.mma_tokens_per_work) * min(group, kRows);
+  if (grid_y > 65535 || max_rows > kRows) return PGQA_STATUS_INVALID_ARGUMENT;
+  constexpr size_t smem = smem_bytes<T, D>();
+  auto kernel = prefill_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) {
+    if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+    return PGQA_STATUS_CUDA_ERROR;
+  }
+  const dim3 grid(static_cast<unsigned>(p.num_mma_work), static_cast<unsigned>(grid_y),
+                  static_cast<unsigned>(p.num_splits));
+  const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
+  kernel<<<grid, kThreads, smem, stream>>>(p, block_shift, group, head_chunks);
+  return pgqa::launch_status(cuda_error);
+}
+
+template <typename T>
+pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, stream, cuda_error);
+    case 80: return launch<T, 80>(p, stream, cuda_error);
+    case 96: return launch<T, 96>(p, stream, cuda_error);
+    case 128: return launch<T, 128>(p, stream, cuda_error);
+    case 256: return launch<T, 256>(p, stream, cuda_error);
+  }
+  return PGQA_STATUS_UNSUPPORTED;
+}
+
+// OK when the current device runs mma.sync m16n8k16 on bf16 and f16 (sm_80 or newer).
+pgqa_status check_device_has_mma(int32_t *cuda_error) {
+  int device = 0;
+  int major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) {
+    if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+    return PGQA_STATUS_CUDA_ERROR;
+  }
+  return major >= 8 ? PGQA_STATUS_OK : PGQA_STATUS_UNSUPPORTED;
+}
+
+}  // namespace
+
+namespace pgqa {
+
+pgqa_status launch_prefill(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+  if (p.num_mma_work == 0) return PGQA_STATUS_OK;
+  if (p.mma_work == nullptr || p.mma_tokens_per_work < 1) return PGQA_STATUS_INVALID_ARGUMENT;
+  const pgqa_status device_status = check_device_has_mma(cuda_error);
+  if (device_status != PGQA_STATUS_OK) return device_status;
+  switch (p.dtype) {
+    case PGQA_DTYPE_BF16: return launch_for_dim<__nv_bfloat16>(p, stream, cuda_error);
+    case PGQA_DTYPE_F16: return launch_for_dim<__half>(p, stream, cuda_error);
+    default: return PGQA_STATUS_UNSUPPORTED;
+  }
+}
+
+}  // namespace pgqa
