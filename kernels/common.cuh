@@ -21,6 +21,26 @@ __host__ __device__ inline int dtype_bytes(pgqa_dtype dtype) {
 // True when `ptr` may be read or written with 16-byte vector accesses.
 inline bool aligned16(const void *ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// Lets `kernel` take `bytes` of dynamic shared memory. The limit is one value per kernel for the
+// whole process, so it is raised to the most any launch of the kernel asks (`max_bytes`): two
+// host threads launching with different sizes then never lower it under each other. Devices
+// with less shared memory get `bytes`. A refusal is cleared from the runtime's last error (it
+// would otherwise fail the next, unrelated launcher) and returned.
+template <typename Kernel>
+pgqa_status allow_shared_memory(Kernel kernel, size_t max_bytes, size_t bytes, int32_t *cuda_error) {
+  if (bytes <= 48 * 1024) return PGQA_STATUS_OK;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(max_bytes)) == cudaSuccess)
+    return PGQA_STATUS_OK;
+  cudaGetLastError();
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) return PGQA_STATUS_OK;
+  cudaGetLastError();
+  if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+  return PGQA_STATUS_CUDA_ERROR;
+}
+
 // Reads the launch status after `kernel<<<...>>>` and turns it into the launcher's result.
 inline pgqa_status launch_status(int32_t *cuda_error) {
   const cudaError_t err = cudaGetLastError();
@@ -92,7 +112,7 @@ __device__ inline float warp_sum(float x) {
 __device__ inline void copy16_async(void *smem, const void *gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 #else
   *static_cast<uint4 *>(smem) = *static_cast<const uint4 *>(gmem);
 #endif
@@ -100,7 +120,7 @@ __device__ inline void copy16_async(void *smem, const void *gmem) {
 // Closes the group of copies issued since the last commit.
 __device__ inline void copy_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 // Waits until at most N committed groups are still in flight (this thread's copies only:
@@ -108,7 +128,7 @@ __device__ inline void copy_async_commit() {
 template <int N>
 __device__ inline void copy_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

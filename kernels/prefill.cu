@@ -75,7 +75,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int first_limit = context_len - query_len + j0 + 1;
   const int last_limit = first_limit + tokens - 1;
   const int start = split * p.keys_per_split;
-  const int end = min(min(context_len, last_limit), start + p.keys_per_split);
+  // 64-bit: start + keys_per_split passes 2^31 in the last split of a context near 2^31.
+  const int end = static_cast<int>(
+      min(static_cast<int64_t>(min(context_len, last_limit)), static_cast<int64_t>(start) + p.keys_per_split));
   const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
 
   const T *k_cache = static_cast<const T *>(p.k_cache);
@@ -306,12 +308,8 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
   if (grid_y > 65535 || max_rows > kRows) return PGQA_STATUS_INVALID_ARGUMENT;
   constexpr size_t smem = smem_bytes<T, D>();
   auto kernel = prefill_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) {
-    if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
-    return PGQA_STATUS_CUDA_ERROR;
-  }
+  const pgqa_status smem_status = pgqa::allow_shared_memory(kernel, smem, smem, cuda_error);
+  if (smem_status != PGQA_STATUS_OK) return smem_status;
   const dim3 grid(static_cast<unsigned>(p.num_mma_work), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(p.num_splits));
   const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
@@ -338,6 +336,7 @@ pgqa_status check_device_has_mma(int32_t *cuda_error) {
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) {
+    cudaGetLastError();
     if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
     return PGQA_STATUS_CUDA_ERROR;
   }

@@ -54,6 +54,8 @@ pub struct KernelWork {
     pub tokens_per_work: usize,
     /// (sequence, first query row of the sequence) per block row.
     pub work: Vec<[i32; 2]>,
+    /// The most query rows of one of its sequences.
+    longest_query: usize,
 }
 
 impl KernelWork {
@@ -62,11 +64,20 @@ impl KernelWork {
             head_chunks: group.div_ceil(rows_per_block),
             tokens_per_work: (rows_per_block / group.min(rows_per_block)).max(1),
             work: Vec::new(),
+            longest_query: 0,
         }
+    }
+
+    /// Caps the query rows per block at the longest query: a decode batch's blocks then size
+    /// their shared memory for one query row, not for a prompt's worth.
+    fn finish(mut self) -> Self {
+        self.tokens_per_work = self.tokens_per_work.min(self.longest_query.max(1));
+        self
     }
 
     /// Adds the work items of a sequence's `query_len` rows.
     fn push(&mut self, seq: usize, query_len: usize) {
+        self.longest_query = self.longest_query.max(query_len);
         for j0 in (0..query_len).step_by(self.tokens_per_work) {
             self.work.push([seq as i32, j0 as i32]);
         }
@@ -141,6 +152,7 @@ impl AttendSchedule {
             };
             kernel.push(seq, query_len);
         }
+        let (cuda_cores, tensor_cores) = (cuda_cores.finish(), tensor_cores.finish());
         let blocks =
             cuda_cores.blocks(shape.n_kv_heads()) + tensor_cores.blocks(shape.n_kv_heads());
         let target = sm_count.max(1) * BLOCKS_PER_SM;

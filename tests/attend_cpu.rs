@@ -43,14 +43,29 @@ fn check_queries(
     context_lens: &[usize],
     query_lens: &[usize],
 ) {
+    check_sampled(test, model, shape, block_size, context_lens, query_lens, 1);
+}
+
+/// [`check_queries`] with the oracle at every `stride`-th query row (and each sequence's first
+/// and last 16): long cases. Every output element must still be written.
+fn check_sampled(
+    test: &str,
+    model: &str,
+    shape: GqaShape,
+    block_size: usize,
+    context_lens: &[usize],
+    query_lens: &[usize],
+    stride: usize,
+) {
     let mut rng = common::rng(test);
     let case = PagedCase::random(&mut rng, shape, block_size, context_lens, query_lens);
+    let keep = common::sample_tokens(&case.lens, stride);
     let common::Typed {
         q,
         k_cache: k,
         v_cache: v,
         oracle,
-    } = case.typed::<bf16>();
+    } = case.typed_at::<bf16>(&keep);
     let kv = PagedKv::new(
         case.layout,
         &case.lens,
@@ -65,14 +80,25 @@ fn check_queries(
     let mut out = vec![f32::NAN; rows * shape.head_dim()]; // poisoned: every element must be written
     let mut lse = vec![f32::NAN; rows];
     cpu::attend(&q, &kv, None, &mut out, &mut lse).unwrap();
-    let err = rel_l2(&out, &oracle.out);
+    assert!(
+        out.iter().all(|x| x.is_finite()) && lse.iter().all(|x| !x.is_nan()),
+        "{model}: an output element was not written"
+    );
+    let (row_len, n_heads) = (shape.q_row_len(), shape.n_heads());
+    let out = common::kept_rows(&out, &keep, row_len);
+    let lse = common::kept_rows(&lse, &keep, n_heads);
+    let (oracle_out, oracle_lse) = (
+        common::kept_rows(&oracle.out, &keep, row_len),
+        common::kept_rows(&oracle.lse, &keep, n_heads),
+    );
+    let err = rel_l2(&out, &oracle_out);
     assert!(
         err < 1e-5,
         "{model} block {block_size}: relative L2 {err:e}"
     );
     let lse_err = lse
         .iter()
-        .zip(&oracle.lse)
+        .zip(&oracle_lse)
         .map(|(&g, &w)| (g as f64 - w).abs())
         .fold(0.0, f64::max);
     assert!(
@@ -149,6 +175,66 @@ fn cpu_attend_matches_the_oracle_on_chunked_prefill_and_speculation() {
     check_queries(test, "Falcon-7B", falcon, 32, &[1128, 40, 90], &[128, 2, 8]);
     let gemma = GqaShape::new(16, 8, 256).unwrap();
     check_queries(test, "Gemma-2-9B", gemma, 1, &[300, 7], &[64, 5]);
+}
+
+// Issue 6's long cases. Each keeps its model's group and head_dim but serves one K/V head
+// (K/V heads are independent in every path), so that the f32 CPU path runs them in seconds;
+// the oracle is checked at a sample of rows.
+
+#[test]
+fn cpu_attend_matches_the_oracle_on_an_8k_prompt() {
+    let test = "cpu_attend_matches_the_oracle_on_an_8k_prompt";
+    let llama_group = GqaShape::new(4, 1, 128).unwrap();
+    check_sampled(
+        test,
+        "Llama-3-8B group",
+        llama_group,
+        16,
+        &[8192],
+        &[8192],
+        127,
+    );
+}
+
+#[test]
+fn cpu_attend_matches_the_oracle_on_a_varlen_batch_up_to_4096() {
+    let test = "cpu_attend_matches_the_oracle_on_a_varlen_batch_up_to_4096";
+    let qwen_group = GqaShape::new(7, 1, 128).unwrap();
+    let lens = [1, 17, 500, 4096];
+    check_sampled(test, "Qwen2-7B group", qwen_group, 16, &lens, &lens, 61);
+}
+
+#[test]
+fn cpu_attend_matches_the_oracle_on_a_chunk_of_512_on_10k_cached() {
+    let test = "cpu_attend_matches_the_oracle_on_a_chunk_of_512_on_10k_cached";
+    let llama_group = GqaShape::new(4, 1, 128).unwrap();
+    check_sampled(
+        test,
+        "Llama-3-8B group",
+        llama_group,
+        16,
+        &[10_512, 9],
+        &[512, 1],
+        7,
+    );
+}
+
+#[test]
+fn cpu_attend_matches_the_oracle_on_speculation_on_model_shapes() {
+    let test = "cpu_attend_matches_the_oracle_on_speculation_on_model_shapes";
+    for (i, &(model, n_heads, n_kv_heads, head_dim)) in MODELS.iter().enumerate() {
+        let shape = GqaShape::new(n_heads, n_kv_heads, head_dim).unwrap();
+        let block_size = [16, 1, 256][i % 3];
+        let contexts = [300, 33, 129, 17, 64, 7, 8];
+        check_queries(
+            test,
+            model,
+            shape,
+            block_size,
+            &contexts,
+            &[2, 3, 4, 5, 6, 7, 8],
+        );
+    }
 }
 
 #[test]

@@ -389,3 +389,35 @@ fn a_cache_of_the_wrong_length_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn sampled_rows_equal_the_full_oracle_and_the_rest_are_nan() {
+    let mut rng = common::rng("sampled_rows_equal_the_full_oracle_and_the_rest_are_nan");
+    let shape = GqaShape::new(8, 2, 16).unwrap();
+    let case = PagedCase::random(&mut rng, shape, 4, &[70, 5, 40], &[70, 1, 33]);
+    let kv = case.kv();
+    let full = cpu::attention(&case.q, &kv, None).unwrap();
+    let keep = common::sample_tokens(&case.lens, 9);
+    assert!(keep.iter().any(|&k| !k), "the sample must leave rows out");
+    let sampled = cpu::attention_of_tokens(&case.q, &kv, None, &keep).unwrap();
+    let (row_len, n_heads) = (shape.q_row_len(), shape.n_heads());
+    for (token, &kept) in keep.iter().enumerate() {
+        let rows = |a: &Attention| {
+            (
+                a.out[token * row_len..][..row_len].to_vec(),
+                a.lse[token * n_heads..][..n_heads].to_vec(),
+            )
+        };
+        let (out, lse) = rows(&sampled);
+        if kept {
+            assert_eq!((out, lse), rows(&full), "token {token}");
+        } else {
+            assert!(out.iter().chain(&lse).all(|x| x.is_nan()), "token {token}");
+        }
+    }
+    let err = cpu::attention_of_tokens(&case.q, &kv, None, &keep[1..]).unwrap_err();
+    assert!(
+        matches!(err, Error::BufferLength { name: "keep", .. }),
+        "{err}"
+    );
+}

@@ -71,6 +71,10 @@ fn a_batch_that_fills_the_gpu_is_not_split() {
         "one work item per decoding sequence"
     );
     assert!(s.tensor_cores.work.is_empty(), "group 4 decode: 4 rows");
+    assert_eq!(
+        s.cuda_cores.tokens_per_work, 1,
+        "a decode block sizes its shared memory for one query row"
+    );
 }
 
 #[test]

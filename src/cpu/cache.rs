@@ -127,7 +127,7 @@ impl<T: Copy + Default + Into<f32> + Sync> PagedCache<CpuStorage<T>> {
     }
 }
 
-impl<T: Copy + Default + Into<f64>> PagedCache<CpuStorage<T>> {
+impl<T: Copy + Default + Into<f64> + Sync> PagedCache<CpuStorage<T>> {
     /// The f64 reference attention of the plan's new tokens over `layer`'s pages (the oracle,
     /// for tests): `q` is `[plan.num_new_tokens(), n_heads, head_dim]`.
     pub fn reference(

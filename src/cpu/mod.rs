@@ -11,5 +11,5 @@ mod repeat_kv;
 pub use cache::CpuStorage;
 pub use fast::{attend, attend_naive};
 pub use kv::{ContiguousKv, KvSource, PagedKv};
-pub use reference::{attention, Attention};
+pub use reference::{attention, attention_of_tokens, Attention};
 pub use repeat_kv::{attention_naive, gather_paged, repeat_kv};

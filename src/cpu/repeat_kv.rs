@@ -56,7 +56,7 @@ pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> (Vec<T>, Vec<T>) {
 /// one K/V head per query head. Same contract and result as [`attention`] over `paged`.
 pub fn attention_naive<T>(q: &[T], paged: &PagedKv<'_, T>, scale: Option<f64>) -> Result<Attention>
 where
-    T: Copy + Into<f64>,
+    T: Copy + Into<f64> + Sync,
 {
     let shape = paged.shape();
     let lens = paged.lens();

@@ -65,7 +65,18 @@ pub(crate) fn check_batch(
         return Err(crate::cuda::built_without_kernels());
     }
     BlockTables::new(block_tables, max_blocks, layout, lens)?;
+    check_lens_fit_i32(lens)?;
     check_supported(kernel, layout.shape(), dtype)
+}
+
+/// The kernels count keys and query rows in 32 bits.
+pub(crate) fn check_lens_fit_i32(lens: &SeqLens) -> Result<()> {
+    to_i32("num_tokens", lens.num_tokens())?;
+    to_i32(
+        "context_len",
+        lens.context_lens().iter().copied().max().unwrap_or(0),
+    )?;
+    Ok(())
 }
 
 /// `query_starts` `[batch + 1]` as the kernel reads them.
@@ -346,5 +357,21 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
             lse,
             scale,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_past_i32_are_refused_before_any_launch() {
+        let long = SeqLens::new(&[(1usize << 31) + 5], &[1]).unwrap();
+        let err = check_lens_fit_i32(&long).unwrap_err().to_string();
+        assert!(
+            err.contains("context_len") && err.contains("2147483653"),
+            "{err}"
+        );
+        assert!(check_lens_fit_i32(&SeqLens::new(&[i32::MAX as usize], &[1]).unwrap()).is_ok());
     }
 }

@@ -124,6 +124,12 @@ pub struct Typed<T> {
 impl PagedCase {
     /// The values as `T` (what a kernel sees) and the oracle computed from exactly those.
     pub fn typed<T: paged_gqa::Element>(&self) -> Typed<T> {
+        self.typed_at(&vec![true; self.lens.num_tokens()])
+    }
+
+    /// [`typed`](Self::typed) with the oracle computed at the query rows `keep` only (NaN
+    /// elsewhere): long cases are checked at a sample of rows (see [`sample_tokens`]).
+    pub fn typed_at<T: paged_gqa::Element>(&self, keep: &[bool]) -> Typed<T> {
         let to_t = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
         let (q, k_cache, v_cache) = (to_t(&self.q), to_t(&self.k_cache), to_t(&self.v_cache));
         let kv = PagedKv::new(
@@ -135,7 +141,7 @@ impl PagedCase {
             &v_cache,
         )
         .unwrap();
-        let oracle = paged_gqa::cpu::attention(&q, &kv, None).unwrap();
+        let oracle = paged_gqa::cpu::attention_of_tokens(&q, &kv, None, keep).unwrap();
         Typed {
             q,
             k_cache,
@@ -143,6 +149,31 @@ impl PagedCase {
             oracle,
         }
     }
+}
+
+/// Query rows (tokens) to check a long case at: each sequence's first and last 16 rows, and
+/// every `stride`-th row between (every row when `stride` is 1). `[num_tokens]`.
+pub fn sample_tokens(lens: &SeqLens, stride: usize) -> Vec<bool> {
+    let mut keep = vec![false; lens.num_tokens()];
+    for seq in 0..lens.batch() {
+        let rows = lens.query_rows(seq);
+        let n = rows.len();
+        for (j, token) in rows.enumerate() {
+            keep[token] = j < 16 || j + 16 >= n || j % stride.max(1) == 0;
+        }
+    }
+    keep
+}
+
+/// The rows of `values` (`[num_tokens, row_len]`) where `keep` is true, concatenated.
+pub fn kept_rows<V: Copy>(values: &[V], keep: &[bool], row_len: usize) -> Vec<V> {
+    assert_eq!(values.len(), keep.len() * row_len);
+    values
+        .chunks(row_len)
+        .zip(keep)
+        .filter(|(_, &k)| k)
+        .flat_map(|(row, _)| row.iter().copied())
+        .collect()
 }
 
 /// `||got - want|| / ||want||`.
