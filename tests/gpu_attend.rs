@@ -185,7 +185,8 @@ fn gpu_decode_matches_oracle_on_model_shapes_f16() {
     models::<f16>("gpu_decode_matches_oracle_on_model_shapes_f16");
 }
 
-/// Small enough for compute-sanitizer: decode rows, a prompt, a chunk, speculation.
+/// Small enough for compute-sanitizer: decode rows, a prompt, a chunk, speculation, splits; on
+/// both kernels.
 #[test]
 fn gpu_attend_small_varlen_batch() {
     let test = "gpu_attend_small_varlen_batch";
@@ -194,8 +195,19 @@ fn gpu_attend_small_varlen_batch() {
     };
     let mut rng = common::rng(test);
     let shape = GqaShape::new(8, 2, 64).unwrap();
-    let case = PagedCase::random(&mut rng, shape, 16, &[1, 40, 70, 33], &[1, 40, 13, 3]);
-    check_case::<bf16>(&ctx, "small varlen", &case);
+    // The last sequence's 600 keys make the planner split the keys (both kernels, then the merge).
+    let case = PagedCase::random(
+        &mut rng,
+        shape,
+        16,
+        &[1, 40, 70, 33, 600],
+        &[1, 40, 13, 3, 20],
+    );
+    let splits = check_case::<bf16>(&ctx, "small varlen", &case);
+    assert!(
+        splits > 1,
+        "the small case must cover the split path ({splits})"
+    );
 }
 
 #[test]
@@ -325,10 +337,14 @@ fn gpu_decode_without_splits_when_the_batch_fills_the_gpu() {
     assert_eq!(splits, 1);
 }
 
-/// A decode step on a PagedCache (write, then decode), also replayed from a CUDA graph.
+/// Engine steps on a 32-layer PagedCache: a prefill of three prompts, then a decode. Each
+/// step is planned once; per layer its new K/V rows are written and attention runs, checked
+/// against the CPU cache's oracle. Then the step's whole per-layer work (32 writes, 32
+/// attentions) is captured in one CUDA graph, the outputs are poisoned, and the replay must
+/// reproduce every layer's output bit for bit.
 #[test]
-fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
-    let test = "gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph";
+fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
+    let test = "gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph";
     let Some(ctx) = common::gpu_or_skip(test) else {
         return;
     };
@@ -336,9 +352,10 @@ fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
     // capture into it; everything here runs on one stream, so stream order is enough.
     // SAFETY: no buffer of this context is shared across streams in this test.
     unsafe { ctx.disable_event_tracking() };
+    const LAYERS: usize = 32;
     let mut rng = common::rng(test);
     let shape = GqaShape::new(32, 8, 128).unwrap();
-    let config = CacheConfig::new(shape, 2, 16, paged_gqa::DType::BF16).unwrap();
+    let config = CacheConfig::new(shape, LAYERS, 16, paged_gqa::DType::BF16).unwrap();
     let stream = ctx.new_stream().unwrap();
     let mut gpu =
         PagedCache::new(CudaStorage::<bf16>::new(stream.clone(), config, 64).unwrap()).unwrap();
@@ -352,6 +369,7 @@ fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
             .map(bf16::from_f32)
             .collect::<Vec<_>>()
     };
+    let to_f64 = |v: Vec<bf16>| v.into_iter().map(f64::from).collect::<Vec<_>>();
 
     for new_tokens in [[200, 17, 5], [1, 1, 1]] {
         let batch: Vec<_> = seqs
@@ -361,64 +379,57 @@ fn gpu_cache_attend_matches_cpu_and_replays_from_a_cuda_graph() {
             .collect();
         let gpu_plan = gpu.plan(&batch).unwrap();
         let cpu_plan = cpu_cache.plan(&batch).unwrap();
-        let n = cpu_plan.num_new_tokens() * shape.kv_row_len();
-        let mut rows_dev = Vec::new(); // each layer's new K and V on the device, kept for the graph
-        for layer in 0..2 {
-            let (k, v) = (random(&mut rng, n), random(&mut rng, n));
-            let (k_dev, v_dev) = (
-                stream.clone_htod(&k).unwrap(),
-                stream.clone_htod(&v).unwrap(),
-            );
-            gpu.write(layer, &gpu_plan, &k_dev, &v_dev).unwrap();
-            cpu_cache.write(layer, &cpu_plan, &k, &v).unwrap();
-            rows_dev.push((k_dev, v_dev));
-        }
-        // Step 0 is a prefill of three prompts, step 1 a decode: one call for both.
         let tokens = cpu_plan.num_new_tokens();
-        let q = random(&mut rng, tokens * shape.q_row_len());
-        let oracle = cpu_cache.reference(1, &cpu_plan, &q, None).unwrap();
-        let q_dev = stream.clone_htod(&q).unwrap();
-        let mut out = stream.clone_htod(&poison::<bf16>(q.len())).unwrap();
-        let mut lse = stream.alloc_zeros::<f32>(tokens * 32).unwrap();
-        gpu.attend(1, &gpu_plan, &q_dev, &mut out, &mut lse, None)
-            .unwrap();
-        let direct: Vec<f64> = stream
-            .clone_dtoh(&out)
-            .unwrap()
-            .into_iter()
-            .map(Into::into)
-            .collect();
-        let rel = common::rel_l2(&direct, &oracle.out);
-        assert!(rel < 1e-2, "cache decode: relative L2 {:e}", rel);
+        let n = tokens * shape.kv_row_len();
+        // Per layer, on the device and kept for the graph: new K, new V, q, out, lse.
+        let mut layers = Vec::new();
+        for layer in 0..LAYERS {
+            let (k, v) = (random(&mut rng, n), random(&mut rng, n));
+            let q = random(&mut rng, tokens * shape.q_row_len());
+            let k_dev = stream.clone_htod(&k).unwrap();
+            let v_dev = stream.clone_htod(&v).unwrap();
+            let q_dev = stream.clone_htod(&q).unwrap();
+            let mut out = stream.clone_htod(&poison::<bf16>(q.len())).unwrap();
+            let mut lse = stream.alloc_zeros::<f32>(tokens * shape.n_heads()).unwrap();
+            gpu.write(layer, &gpu_plan, &k_dev, &v_dev).unwrap();
+            gpu.attend(layer, &gpu_plan, &q_dev, &mut out, &mut lse, None)
+                .unwrap();
+            cpu_cache.write(layer, &cpu_plan, &k, &v).unwrap();
+            let oracle = cpu_cache.reference(layer, &cpu_plan, &q, None).unwrap();
+            let direct = to_f64(stream.clone_dtoh(&out).unwrap());
+            let rel = common::rel_l2(&direct, &oracle.out);
+            assert!(
+                rel < 1e-2,
+                "step {new_tokens:?}, layer {layer}: relative L2 {rel:e}"
+            );
+            layers.push((k_dev, v_dev, q_dev, out, lse, direct));
+        }
 
-        // Capture the step's per-layer work (both layers' writes, which rewrite the same rows,
-        // then the attention) in a graph, poison the output, replay, compare bit for bit.
-        let mut replayed = stream.clone_htod(&poison::<bf16>(q.len())).unwrap();
+        // The whole step's per-layer work in one graph; outputs poisoned before the replay.
+        for (_, _, _, out, _, _) in layers.iter_mut() {
+            stream.memcpy_htod(&poison::<bf16>(out.len()), out).unwrap();
+        }
         stream.synchronize().unwrap();
         stream
             .begin_capture(
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
             .unwrap();
-        for (layer, (k_dev, v_dev)) in rows_dev.iter().enumerate() {
+        for (layer, (k_dev, v_dev, q_dev, out, lse, _)) in layers.iter_mut().enumerate() {
             gpu.write(layer, &gpu_plan, k_dev, v_dev).unwrap();
+            gpu.attend(layer, &gpu_plan, q_dev, out, lse, None).unwrap();
         }
-        gpu.attend(1, &gpu_plan, &q_dev, &mut replayed, &mut lse, None)
-            .unwrap();
         let graph = stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
             .unwrap()
             .expect("a captured graph");
         graph.launch().unwrap();
-        let from_graph: Vec<f64> = stream
-            .clone_dtoh(&replayed)
-            .unwrap()
-            .into_iter()
-            .map(Into::into)
-            .collect();
-        assert_eq!(
-            from_graph, direct,
-            "the graph replay differs from the direct launch"
-        );
+        for (layer, (_, _, _, out, _, direct)) in layers.iter().enumerate() {
+            let replayed = to_f64(stream.clone_dtoh(out).unwrap());
+            assert_eq!(
+                &replayed, direct,
+                "step {new_tokens:?}, layer {layer}: the graph replay differs from the direct launch"
+            );
+        }
     }
 }

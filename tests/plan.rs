@@ -263,3 +263,18 @@ fn random_plans_cover_every_key_and_row() {
         assert!(rows_fit(&s.tensor_cores, MMA_ROWS));
     }
 }
+
+#[test]
+fn the_gpu_small_varlen_case_is_split_on_an_h200() {
+    // tests/gpu_attend.rs relies on this to put the split path under compute-sanitizer.
+    let lens = SeqLens::new(&[1, 40, 70, 33, 600], &[1, 40, 13, 3, 20]).unwrap();
+    let shape = GqaShape::new(8, 2, 64).unwrap();
+    for choice in [
+        KernelChoice::Auto,
+        KernelChoice::CudaCores,
+        KernelChoice::TensorCores,
+    ] {
+        let s = AttendSchedule::with_kernels(H200_SMS, &lens, shape, choice);
+        assert!(s.num_splits > 1, "{choice:?}: {s:?}");
+    }
+}

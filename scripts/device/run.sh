@@ -103,7 +103,8 @@ for tool in memcheck racecheck; do
     name=$(basename "$bin")
     step "sanitizer-$tool" "$name" "$tool-$name.log" 150 \
       "$sanitizer" --tool "$tool" --error-exitcode 1 "$bin" --test-threads=1 \
-      --skip 32k --skip batch_fills --skip cuda_graph --skip prompts_chunks # small cases only: the sanitizers are slow
+      --skip 32k --skip batch_fills --skip cuda_graph --skip prompts_chunks --skip prefill_matches \
+      --skip 10k_cached --skip speculative --skip model_shapes # small cases only: the sanitizers are slow
   done
 done
 
