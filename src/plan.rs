@@ -68,10 +68,19 @@ impl KernelWork {
         }
     }
 
-    /// Caps the query rows per block at the longest query: a decode batch's blocks then size
-    /// their shared memory for one query row, not for a prompt's worth.
-    fn finish(mut self) -> Self {
+    /// Caps the query rows per block at the longest query (a decode batch's blocks then size
+    /// their shared memory for one query row, not for a prompt's worth), then orders the
+    /// items by the keys their last row sees, most first: the GPU starts blocks roughly in
+    /// grid order, so the longest ones (late rows of causal prompts, long contexts) no longer
+    /// run alone at the end of the launch.
+    fn finish(mut self, lens: &SeqLens) -> Self {
         self.tokens_per_work = self.tokens_per_work.min(self.longest_query.max(1));
+        let tokens = self.tokens_per_work;
+        self.work.sort_by_key(|&[seq, j0]| {
+            let (seq, j0) = (seq as usize, j0 as usize);
+            let last_row = (j0 + tokens).min(lens.query_len(seq)) - 1;
+            std::cmp::Reverse(lens.position(seq, last_row))
+        });
         self
     }
 
@@ -152,7 +161,7 @@ impl AttendSchedule {
             };
             kernel.push(seq, query_len);
         }
-        let (cuda_cores, tensor_cores) = (cuda_cores.finish(), tensor_cores.finish());
+        let (cuda_cores, tensor_cores) = (cuda_cores.finish(lens), tensor_cores.finish(lens));
         let blocks =
             cuda_cores.blocks(shape.n_kv_heads()) + tensor_cores.blocks(shape.n_kv_heads());
         let target = sm_count.max(1) * BLOCKS_PER_SM;

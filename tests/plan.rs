@@ -31,12 +31,14 @@ fn assert_covers(s: &AttendSchedule, max_len: usize) {
     );
 }
 
-/// Every query row of every sequence in exactly one work item of one kernel, in order.
+/// Every query row of every sequence in exactly one work item of one kernel.
 fn assert_rows_covered(s: &AttendSchedule, lens: &SeqLens) {
     let mut next = vec![0usize; lens.batch()];
     let mut kernel_of = vec![None; lens.batch()];
     for (name, kernel) in [("cuda", &s.cuda_cores), ("mma", &s.tensor_cores)] {
-        for &[seq, j0] in &kernel.work {
+        let mut work = kernel.work.clone();
+        work.sort();
+        for [seq, j0] in work {
             let (seq, j0) = (seq as usize, j0 as usize);
             let first_kernel = *kernel_of[seq].get_or_insert(name);
             assert_eq!(
@@ -45,7 +47,7 @@ fn assert_rows_covered(s: &AttendSchedule, lens: &SeqLens) {
             );
             assert_eq!(
                 j0, next[seq],
-                "work items of sequence {seq} out of order or overlapping"
+                "work items of sequence {seq} leave a gap or overlap"
             );
             next[seq] = (j0 + kernel.tokens_per_work).min(lens.query_len(seq));
         }
@@ -277,4 +279,17 @@ fn the_gpu_small_varlen_case_is_split_on_an_h200() {
         let s = AttendSchedule::with_kernels(H200_SMS, &lens, shape, choice);
         assert!(s.num_splits > 1, "{choice:?}: {s:?}");
     }
+}
+
+#[test]
+fn blocks_that_see_the_most_keys_come_first() {
+    // A causal prompt: its last rows see the most keys; a long decode beside it.
+    let lens = SeqLens::new(&[1000, 5000, 20], &[1000, 1, 1]).unwrap();
+    let s = AttendSchedule::new(H200_SMS, &lens, llama3_8b());
+    let first_rows: Vec<i32> = s.tensor_cores.work.iter().map(|&[_, j0]| j0).collect();
+    let mut descending = first_rows.clone();
+    descending.sort_by(|a, b| b.cmp(a));
+    assert_eq!(first_rows, descending);
+    assert_eq!(s.cuda_cores.work, [[1, 0], [2, 0]]);
+    assert_rows_covered(&s, &lens);
 }
