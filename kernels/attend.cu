@@ -261,9 +261,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// Launches the CUDA-core kernel over params.work (nothing when it is empty).
+// The CUDA-core kernel over params.work (nothing when it is empty): kPrepare checks the launch
+// and raises the shared-memory limit, kLaunch launches.
 template <typename T, int D>
-pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
+                   pgqa::Phase phase) {
   if (p.num_work == 0) return PGQA_STATUS_OK;
   using G = Geometry<D>;
   const int group = p.n_heads / p.n_kv_heads;
@@ -271,12 +273,12 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
   const int heads = min(group, G::kMaxRows);
   const int64_t grid_y = static_cast<int64_t>(p.n_kv_heads) * head_chunks;
   const int64_t max_rows = static_cast<int64_t>(p.tokens_per_work) * heads;
-  if (grid_y > 65535 || max_rows > G::kMaxRows) return PGQA_STATUS_INVALID_ARGUMENT;
   const size_t smem = smem_bytes<T, D>(static_cast<int>(max_rows));
   auto kernel = attend_kernel<T, D>;
-  const pgqa_status smem_status =
-      pgqa::allow_shared_memory(kernel, smem_bytes<T, D>(G::kMaxRows), smem, cuda_error);
-  if (smem_status != PGQA_STATUS_OK) return smem_status;
+  if (phase == pgqa::Phase::kPrepare) {
+    if (grid_y > 65535 || max_rows > G::kMaxRows) return PGQA_STATUS_INVALID_ARGUMENT;
+    return pgqa::allow_shared_memory(kernel, smem_bytes<T, D>(G::kMaxRows), smem, cuda_error);
+  }
   const dim3 grid(static_cast<unsigned>(p.num_work), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(p.num_splits));
   const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
@@ -285,24 +287,29 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
 }
 
 template <typename T>
-pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
+                           pgqa::Phase phase) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, stream, cuda_error);
-    case 80: return launch<T, 80>(p, stream, cuda_error);
-    case 96: return launch<T, 96>(p, stream, cuda_error);
-    case 128: return launch<T, 128>(p, stream, cuda_error);
-    case 256: return launch<T, 256>(p, stream, cuda_error);
+    case 64: return launch<T, 64>(p, stream, cuda_error, phase);
+    case 80: return launch<T, 80>(p, stream, cuda_error, phase);
+    case 96: return launch<T, 96>(p, stream, cuda_error, phase);
+    case 128: return launch<T, 128>(p, stream, cuda_error, phase);
+    case 256: return launch<T, 256>(p, stream, cuda_error, phase);
   }
   return PGQA_STATUS_UNSUPPORTED;
 }
 
 bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
 
-// The CUDA-core kernel, the tensor-core kernel, then the merge of the splits.
+// Both kernels prepared (nothing launched when either refuses), then the CUDA-core kernel, the
+// tensor-core kernel, and the merge of the splits.
 template <typename T>
 pgqa_status launch_all(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
-  pgqa_status status = launch_for_dim<T>(p, stream, cuda_error);
-  if (status == PGQA_STATUS_OK) status = pgqa::launch_prefill(p, stream, cuda_error);
+  pgqa_status status = PGQA_STATUS_OK;
+  for (const pgqa::Phase phase : {pgqa::Phase::kPrepare, pgqa::Phase::kLaunch}) {
+    if (status == PGQA_STATUS_OK) status = launch_for_dim<T>(p, stream, cuda_error, phase);
+    if (status == PGQA_STATUS_OK) status = pgqa::launch_prefill(p, stream, cuda_error, phase);
+  }
   if (status != PGQA_STATUS_OK || p.num_splits == 1) return status;
   const cudaError_t err = pgqa::merge_splits(p.partial_out, p.partial_lse, p.out, p.lse,
                                              static_cast<int64_t>(p.num_tokens) * p.n_heads,

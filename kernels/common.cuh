@@ -41,6 +41,11 @@ pgqa_status allow_shared_memory(Kernel kernel, size_t max_bytes, size_t bytes, i
   return PGQA_STATUS_CUDA_ERROR;
 }
 
+// A launcher's two steps: check everything and set the kernel up (kPrepare), then launch
+// (kLaunch). An entry point that launches several kernels prepares them all first, so a refusal
+// never leaves part of the work launched (or captured in a graph).
+enum class Phase { kPrepare, kLaunch };
+
 // Reads the launch status after `kernel<<<...>>>` and turns it into the launcher's result.
 inline pgqa_status launch_status(int32_t *cuda_error) {
   const cudaError_t err = cudaGetLastError();

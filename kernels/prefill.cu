@@ -296,20 +296,34 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for a GPU without bf16/f16 mma.sync; the launcher refuses before this
 #endif
 }
 
 template <typename T, int D>
-pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
+                   pgqa::Phase phase) {
   const int group = p.n_heads / p.n_kv_heads;
   const int head_chunks = (group + kRows - 1) / kRows;
   const int64_t grid_y = static_cast<int64_t>(p.n_kv_heads) * head_chunks;
-  const int64_t max_rows = static_cast<int64_t>(p.mma_tokens_per_work) * min(group, kRows);
-  if (grid_y > 65535 || max_rows > kRows) return PGQA_STATUS_INVALID_ARGUMENT;
   constexpr size_t smem = smem_bytes<T, D>();
   auto kernel = prefill_kernel<T, D>;
-  const pgqa_status smem_status = pgqa::allow_shared_memory(kernel, smem, smem, cuda_error);
-  if (smem_status != PGQA_STATUS_OK) return smem_status;
+  if (phase == pgqa::Phase::kPrepare) {
+    const int64_t max_rows = static_cast<int64_t>(p.mma_tokens_per_work) * min(group, kRows);
+    if (grid_y > 65535 || max_rows > kRows) return PGQA_STATUS_INVALID_ARGUMENT;
+    // The image the driver picked for this device must come from sm_80+ code: a build for
+    // older GPUs only (PAGED_GQA_CUDA_ARCHS=75) has an empty kernel here.
+    cudaFuncAttributes attributes;
+    const cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+      return PGQA_STATUS_CUDA_ERROR;
+    }
+    if (attributes.ptxVersion < 80) return PGQA_STATUS_UNSUPPORTED;
+    return pgqa::allow_shared_memory(kernel, smem, smem, cuda_error);
+  }
   const dim3 grid(static_cast<unsigned>(p.num_mma_work), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(p.num_splits));
   const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
@@ -318,13 +332,14 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
 }
 
 template <typename T>
-pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
+                           pgqa::Phase phase) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, stream, cuda_error);
-    case 80: return launch<T, 80>(p, stream, cuda_error);
-    case 96: return launch<T, 96>(p, stream, cuda_error);
-    case 128: return launch<T, 128>(p, stream, cuda_error);
-    case 256: return launch<T, 256>(p, stream, cuda_error);
+    case 64: return launch<T, 64>(p, stream, cuda_error, phase);
+    case 80: return launch<T, 80>(p, stream, cuda_error, phase);
+    case 96: return launch<T, 96>(p, stream, cuda_error, phase);
+    case 128: return launch<T, 128>(p, stream, cuda_error, phase);
+    case 256: return launch<T, 256>(p, stream, cuda_error, phase);
   }
   return PGQA_STATUS_UNSUPPORTED;
 }
@@ -347,14 +362,17 @@ pgqa_status check_device_has_mma(int32_t *cuda_error) {
 
 namespace pgqa {
 
-pgqa_status launch_prefill(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
+pgqa_status launch_prefill(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
+                           Phase phase) {
   if (p.num_mma_work == 0) return PGQA_STATUS_OK;
-  if (p.mma_work == nullptr || p.mma_tokens_per_work < 1) return PGQA_STATUS_INVALID_ARGUMENT;
-  const pgqa_status device_status = check_device_has_mma(cuda_error);
-  if (device_status != PGQA_STATUS_OK) return device_status;
+  if (phase == Phase::kPrepare) {
+    if (p.mma_work == nullptr || p.mma_tokens_per_work < 1) return PGQA_STATUS_INVALID_ARGUMENT;
+    const pgqa_status device_status = check_device_has_mma(cuda_error);
+    if (device_status != PGQA_STATUS_OK) return device_status;
+  }
   switch (p.dtype) {
-    case PGQA_DTYPE_BF16: return launch_for_dim<__nv_bfloat16>(p, stream, cuda_error);
-    case PGQA_DTYPE_F16: return launch_for_dim<__half>(p, stream, cuda_error);
+    case PGQA_DTYPE_BF16: return launch_for_dim<__nv_bfloat16>(p, stream, cuda_error, phase);
+    case PGQA_DTYPE_F16: return launch_for_dim<__half>(p, stream, cuda_error, phase);
     default: return PGQA_STATUS_UNSUPPORTED;
   }
 }

@@ -5,9 +5,11 @@
 
 namespace pgqa {
 
-// Launches the tensor-core kernel over params.mma_work (nothing when it is empty). The caller
-// has validated the common arguments; the split merge is the caller's too.
+// The tensor-core kernel over params.mma_work (nothing when it is empty). kPrepare checks the
+// launch (sm_80 device, a kernel built for sm_80+, rows per block, grid) and raises the shared
+// memory limit; kLaunch launches. The caller has validated the common arguments and runs the
+// split merge.
 pgqa_status launch_prefill(const pgqa_attend_params &params, cudaStream_t stream,
-                           int32_t *cuda_error);
+                           int32_t *cuda_error, Phase phase);
 
 }  // namespace pgqa

@@ -199,7 +199,7 @@ pub struct pgqa_attend_params {
     pub v_cache: *const ::core::ffi::c_void,
     #[doc = "< [batch, max_blocks]"]
     pub block_tables: *const i32,
-    #[doc = "< [batch]: keys per sequence, at most max_blocks * block_size"]
+    #[doc = "< [batch]: keys per sequence, at most max_blocks * block_size\nand at most INT32_MAX - 256"]
     pub context_lens: *const i32,
     #[doc = "< [batch + 1]: sequence b's query rows are [starts[b], starts[b+1])"]
     pub query_starts: *const i32,

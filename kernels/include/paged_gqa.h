@@ -133,7 +133,8 @@ typedef struct pgqa_attend_params {
   const void *k_cache;         /**< [num_blocks, block_size, n_kv_heads, head_dim] (one layer) */
   const void *v_cache;         /**< [num_blocks, block_size, n_kv_heads, head_dim] (one layer) */
   const int32_t *block_tables; /**< [batch, max_blocks] */
-  const int32_t *context_lens; /**< [batch]: keys per sequence, at most max_blocks * block_size */
+  const int32_t *context_lens; /**< [batch]: keys per sequence, at most max_blocks * block_size
+                                    and at most INT32_MAX - 256 */
   const int32_t *query_starts; /**< [batch + 1]: sequence b's query rows are [starts[b], starts[b+1]) */
   const int32_t *work;         /**< [num_work, 2]: (sequence, its first query row of the item) */
   const int32_t *mma_work;     /**< [num_mma_work, 2]: the same, for the tensor-core kernel */

@@ -69,13 +69,21 @@ pub(crate) fn check_batch(
     check_supported(kernel, layout.shape(), dtype)
 }
 
+/// The most keys of one sequence: the kernels count keys in 32 bits, with room for a tile's
+/// worth past the end (`pgqa_attend_params::context_lens`).
+pub const MAX_CONTEXT_LEN: usize = i32::MAX as usize - 256;
+
 /// The kernels count keys and query rows in 32 bits.
 pub(crate) fn check_lens_fit_i32(lens: &SeqLens) -> Result<()> {
     to_i32("num_tokens", lens.num_tokens())?;
-    to_i32(
-        "context_len",
-        lens.context_lens().iter().copied().max().unwrap_or(0),
-    )?;
+    let longest = lens.context_lens().iter().copied().max().unwrap_or(0);
+    if longest > MAX_CONTEXT_LEN {
+        return Err(Error::TooLarge {
+            what: "context_len",
+            value: longest as u128,
+            limit: MAX_CONTEXT_LEN as u128,
+        });
+    }
     Ok(())
 }
 
@@ -372,6 +380,7 @@ mod tests {
             err.contains("context_len") && err.contains("2147483653"),
             "{err}"
         );
-        assert!(check_lens_fit_i32(&SeqLens::new(&[i32::MAX as usize], &[1]).unwrap()).is_ok());
+        assert!(check_lens_fit_i32(&SeqLens::new(&[MAX_CONTEXT_LEN], &[1]).unwrap()).is_ok());
+        assert!(check_lens_fit_i32(&SeqLens::new(&[MAX_CONTEXT_LEN + 1], &[1]).unwrap()).is_err());
     }
 }
