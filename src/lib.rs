@@ -10,7 +10,9 @@
 //! ([`cpu::attention_naive`], [`cuda::repeat_kv`]) is kept as the comparison point.
 //!
 //! Data flows one way: shapes and cache bookkeeping ([`GqaShape`], [`SeqLens`],
-//! [`PagedLayout`], [`BlockTables`]) -> a backend ([`cpu`] or [`cuda`]) -> kernels.
+//! [`PagedLayout`], [`BlockTables`]) -> the launch plan ([`plan::AttendSchedule`]: which
+//! kernel serves each sequence, CUDA cores for few rows or tensor cores for prompts and large
+//! groups, and how the keys are split) -> a backend ([`cpu`] or [`cuda`]) -> kernels.
 //!
 //! ```
 //! use paged_gqa::{cpu, GqaShape, PagedLayout, SeqLens};
