@@ -14,7 +14,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaStream};
 use half::bf16;
 use paged_gqa::cpu::{self, PagedKv};
-use paged_gqa::cuda::{AttendBatch, NaiveDecode};
+use paged_gqa::cuda::{AttendBatch, NaiveAttention};
 use paged_gqa::{DType, GqaShape, PagedLayout, SeqLens};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -112,7 +112,7 @@ fn gpu(c: &mut Criterion) {
     )
     .unwrap();
     let mut naive =
-        NaiveDecode::<bf16>::new(&stream, b.layout, &b.lens, &b.tables, b.max_blocks).unwrap();
+        NaiveAttention::<bf16>::new(&stream, b.layout, &b.lens, &b.tables, b.max_blocks).unwrap();
 
     let mut group = c.benchmark_group("decode_gpu_llama3_8b_b16_ctx4096_bf16");
     group.bench_function("fused", |bench| {

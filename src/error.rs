@@ -157,10 +157,6 @@ pub enum Error {
         actual: crate::dtype::DType,
     },
 
-    /// Decode takes one query row per sequence.
-    #[error("decode takes one query row per sequence: sequence {seq} has query_len {query_len}")]
-    NotDecode { seq: usize, query_len: usize },
-
     /// No kernel is built for this head size.
     #[error("head_dim {head_dim} has no {kernel} kernel (built for {supported})")]
     UnsupportedHeadDim {

@@ -1,20 +1,32 @@
-//! The naive baseline on the GPU (gather, repeat_kv, per-head decode) against the oracle, so
-//! that the benchmarks compare the fused kernel with a correct baseline. Skips (printing why)
-//! without a GPU; fails instead with PAGED_GQA_REQUIRE_GPU=1.
+//! The naive baseline on the GPU (gather, repeat_kv, per-head attention) against the oracle,
+//! for decode and for prompts and chunks, so that the benchmarks compare the fused kernels with
+//! a correct baseline. Skips (printing why) without a GPU; fails instead with
+//! PAGED_GQA_REQUIRE_GPU=1.
 
 mod common;
 
 use common::PagedCase;
 use half::{bf16, f16};
-use paged_gqa::cuda::NaiveDecode;
+use paged_gqa::cuda::NaiveAttention;
 use paged_gqa::{Element, GqaShape};
 
 fn check<T: Element>(test: &str, shape: GqaShape, block_size: usize, lens: &[usize], bound: f64) {
+    check_queries::<T>(test, shape, block_size, lens, &vec![1; lens.len()], bound);
+}
+
+fn check_queries<T: Element>(
+    test: &str,
+    shape: GqaShape,
+    block_size: usize,
+    lens: &[usize],
+    query_lens: &[usize],
+    bound: f64,
+) {
     let Some(ctx) = common::gpu_or_skip(test) else {
         return;
     };
     let mut rng = common::rng(test);
-    let case = PagedCase::random(&mut rng, shape, block_size, lens, &vec![1; lens.len()]);
+    let case = PagedCase::random(&mut rng, shape, block_size, lens, query_lens);
     let common::Typed {
         q,
         k_cache: k,
@@ -23,7 +35,7 @@ fn check<T: Element>(test: &str, shape: GqaShape, block_size: usize, lens: &[usi
     } = case.typed::<T>();
 
     let stream = ctx.new_stream().unwrap();
-    let mut naive = NaiveDecode::<T>::new(
+    let mut naive = NaiveAttention::<T>::new(
         &stream,
         case.layout,
         &case.lens,
@@ -85,4 +97,21 @@ fn gpu_naive_decode_matches_oracle_falcon_and_gemma_f16() {
         &[300, 1, 256],
         2e-3,
     );
+}
+
+#[test]
+fn gpu_naive_prefill_matches_oracle_on_prompts_and_chunks() {
+    let test = "gpu_naive_prefill_matches_oracle_on_prompts_and_chunks";
+    let llama = GqaShape::new(32, 8, 128).unwrap();
+    // A prompt, a chunk on cached keys, a decode token and speculation, in one batch.
+    check_queries::<bf16>(
+        test,
+        llama,
+        16,
+        &[700, 1100, 33, 90],
+        &[700, 100, 1, 5],
+        1e-2,
+    );
+    let qwen = GqaShape::new(28, 4, 128).unwrap();
+    check_queries::<f16>(test, qwen, 1, &[17, 300], &[17, 300], 2e-3);
 }

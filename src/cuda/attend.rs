@@ -51,7 +51,7 @@ pub(crate) fn check_supported(kernel: &'static str, shape: GqaShape, dtype: DTyp
     Ok(())
 }
 
-/// The checks every caller-managed batch (`AttendBatch`, `NaiveDecode`) starts with: kernels
+/// The checks every caller-managed batch (`AttendBatch`, `NaiveAttention`) starts with: kernels
 /// built, block tables valid for the layout and lengths, a kernel for this shape and dtype.
 pub(crate) fn check_batch(
     kernel: &'static str,

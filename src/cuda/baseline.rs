@@ -1,5 +1,7 @@
 //! The naive GQA path on the GPU, the benchmarks' baseline: gather the pages, materialise
-//! repeat_kv, per-head attention (kernels/baseline.cu and repeat_kv.cu).
+//! repeat_kv, per-head attention (kernels/baseline.cu and repeat_kv.cu; for batches with more
+//! than one query row per sequence, the attention kernels with every query head its own K/V
+//! head).
 
 use std::sync::Arc;
 
@@ -7,19 +9,33 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::batch::SeqLens;
 use crate::cache::PagedLayout;
-use crate::cuda::attend::{check_batch, upload};
+use crate::cuda::attend::{check_batch, upload, AttendBatch};
 use crate::cuda::{check_aligned, launch, repeat_kv, to_i32};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
 
-/// A decode batch run the naive way, with every buffer it needs allocated once: contiguous
-/// K/V `[total_keys, n_kv_heads, head_dim]` and their repeat_kv copies
-/// `[total_keys, n_heads, head_dim]`.
-pub struct NaiveDecode<T: Element> {
+/// Sequences start at multiples of this many rows in the contiguous buffers, so that the
+/// repeated K/V can also be read as pages of this size by the attention kernels.
+const NAIVE_PAGE: usize = 16;
+
+/// A batch run the naive way, with every buffer it needs allocated once: contiguous K/V
+/// `[keys, n_kv_heads, head_dim]` and their repeat_kv copies `[keys, n_heads, head_dim]`
+/// (`keys`: each sequence's keys, each sequence starting at a multiple of 16 rows).
+///
+/// Step 3 is the per-head decode kernel when every sequence has one query row; otherwise
+/// (prompts, chunks, speculation) it is this crate's attention over the repeated K/V with the
+/// MHA shape (`GqaShape::repeated`): the same kernels, each K/V byte read once per query head.
+pub struct NaiveAttention<T: Element> {
     layout: PagedLayout,
     lens: SeqLens,
     max_blocks: usize,
+    /// Rows of the contiguous buffers (sequences padded to NAIVE_PAGE rows).
+    keys: usize,
+    /// The attention over the repeated K/V read as pages, when not every query_len is 1.
+    mha: Option<AttendBatch>,
+    /// [num_tokens, n_heads]: the lse the attention kernels write (not part of the result)
+    lse: CudaSlice<f32>,
     /// [batch, max_blocks]
     block_tables: CudaSlice<i32>,
     /// [batch]
@@ -34,8 +50,8 @@ pub struct NaiveDecode<T: Element> {
     v_repeated: CudaSlice<T>,
 }
 
-impl<T: Element> NaiveDecode<T> {
-    /// Validates the tables (one query row per sequence) and allocates the buffers.
+impl<T: Element> NaiveAttention<T> {
+    /// Validates the tables and allocates the buffers.
     pub fn new(
         stream: &Arc<CudaStream>,
         layout: PagedLayout,
@@ -44,19 +60,13 @@ impl<T: Element> NaiveDecode<T> {
         max_blocks: usize,
     ) -> Result<Self> {
         check_batch(
-            "naive decode",
+            "naive attention",
             &layout,
             T::DTYPE,
             lens,
             block_tables,
             max_blocks,
         )?;
-        if let Some(seq) = (0..lens.batch()).find(|&s| lens.query_len(s) != 1) {
-            return Err(Error::NotDecode {
-                seq,
-                query_len: lens.query_len(seq),
-            });
-        }
         if layout.shape().head_dim() > 256 {
             return Err(Error::UnsupportedHeadDim {
                 kernel: "naive decode",
@@ -72,19 +82,48 @@ impl<T: Element> NaiveDecode<T> {
             });
         }
         let shape = layout.shape();
-        let keys = lens.total_keys().max(1);
-        let starts: Vec<i64> = (0..lens.batch())
-            .scan(0i64, |at, s| {
+        let pages: Vec<usize> = (0..lens.batch())
+            .map(|s| lens.context_len(s).div_ceil(NAIVE_PAGE))
+            .collect();
+        let starts: Vec<i64> = pages
+            .iter()
+            .scan(0i64, |at, &n| {
                 let this = *at;
-                *at += lens.context_len(s) as i64;
+                *at += (n * NAIVE_PAGE) as i64;
                 Some(this)
             })
             .collect();
+        let keys = (pages.iter().sum::<usize>() * NAIVE_PAGE).max(NAIVE_PAGE);
         let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
+        let mha = if (0..lens.batch()).all(|s| lens.query_len(s) == 1) {
+            None
+        } else {
+            // The repeated K/V as pages: sequence s owns pages starts[s] / 16 onwards.
+            let mha_layout = PagedLayout::new(shape.repeated(), keys / NAIVE_PAGE, NAIVE_PAGE)?;
+            let mha_max_blocks = pages.iter().copied().max().unwrap_or(0).max(1);
+            let mut table = vec![-1i32; lens.batch() * mha_max_blocks];
+            for (seq, (&n, &start)) in pages.iter().zip(&starts).enumerate() {
+                let first = start as usize / NAIVE_PAGE;
+                for (i, entry) in table[seq * mha_max_blocks..][..n].iter_mut().enumerate() {
+                    *entry = (first + i) as i32;
+                }
+            }
+            Some(AttendBatch::new(
+                stream,
+                mha_layout,
+                T::DTYPE,
+                lens,
+                &table,
+                mha_max_blocks,
+            )?)
+        };
         Ok(Self {
             layout,
             lens: lens.clone(),
             max_blocks,
+            keys,
+            mha,
+            lse: stream.alloc_zeros((lens.num_tokens() * shape.n_heads()).max(1))?,
             block_tables: upload(stream, block_tables, -1)?,
             context_lens: upload(stream, &context_lens, 0)?,
             key_starts: upload(stream, &starts, 0)?,
@@ -95,8 +134,8 @@ impl<T: Element> NaiveDecode<T> {
         })
     }
 
-    /// The whole naive path: gather, repeat_kv of K and V, per-head decode. `q`, `out`
-    /// `[batch, n_heads, head_dim]`; `k_cache`, `v_cache` one layer's pages.
+    /// The whole naive path: gather, repeat_kv of K and V, per-head attention. `q`, `out`
+    /// `[num_tokens, n_heads, head_dim]`; `k_cache`, `v_cache` one layer's pages.
     pub fn run(
         &mut self,
         stream: &CudaStream,
@@ -107,7 +146,7 @@ impl<T: Element> NaiveDecode<T> {
         scale: Option<f32>,
     ) -> Result<()> {
         self.gather(stream, k_cache, v_cache)?;
-        let (shape, keys) = (self.layout.shape(), self.lens.total_keys());
+        let (shape, keys) = (self.layout.shape(), self.keys);
         repeat_kv(
             stream,
             shape,
@@ -171,16 +210,27 @@ impl<T: Element> NaiveDecode<T> {
 
     /// Step 3 alone (after gather and repeat_kv): per-head attention over the repeated K/V.
     pub fn attention(
-        &self,
+        &mut self,
         stream: &CudaStream,
         q: &impl DevicePtr<T>,
         out: &mut impl DevicePtrMut<T>,
         scale: Option<f32>,
     ) -> Result<()> {
         let shape = self.layout.shape();
-        let rows = self.lens.batch() * shape.n_heads();
+        let rows = self.lens.num_tokens() * shape.n_heads();
         Error::check_len("q", q.len(), rows * shape.head_dim())?;
         Error::check_len("out", out.len(), rows * shape.head_dim())?;
+        if let Some(mha) = &self.mha {
+            return mha.run(
+                stream,
+                &self.k_repeated,
+                &self.v_repeated,
+                q,
+                out,
+                &mut self.lse.slice_mut(..rows),
+                scale,
+            );
+        }
         let scale = scale.unwrap_or(shape.default_scale() as f32);
         if !scale.is_finite() {
             return Err(Error::InvalidScale {

@@ -16,7 +16,7 @@ mod repeat_kv;
 use std::sync::Arc;
 
 pub use attend::{AttendBatch, ATTEND_HEAD_DIMS, MAX_CONTEXT_LEN};
-pub use baseline::NaiveDecode;
+pub use baseline::NaiveAttention;
 pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
 pub use repeat_kv::repeat_kv;

@@ -1,4 +1,4 @@
-//! The sweep on the GPU: the fused decode kernel against the naive path, timed with CUDA
+//! The sweep on the GPU: the fused attention against the naive path, timed with CUDA
 //! events, rotating among input sets larger than L2 so the cache does not flatter anyone, and
 //! the device's copy bandwidth measured in the same run.
 
@@ -7,10 +7,10 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
-use paged_gqa::cuda::{AttendBatch, NaiveDecode};
+use paged_gqa::cuda::{AttendBatch, NaiveAttention};
 use paged_gqa::{DType, Element};
 
-use super::{data, report::Record, BenchMode, Case};
+use super::{data, report::Record, Case};
 use crate::Failure;
 
 const WARMUP: usize = 3;
@@ -105,8 +105,8 @@ pub fn run(ctx: &Arc<CudaContext>, cases: &[Case], iters: usize) -> Result<Vec<R
     Ok(records)
 }
 
-/// (fused, naive whole path, naive attention alone), milliseconds per step. The naive kernels
-/// are decode-only: a prefill case has no naive figures.
+/// (fused, naive whole path, naive attention alone), milliseconds per step. The naive path of
+/// a prefill case runs its attention step on the same kernels with the MHA shape.
 fn measure<T: Element>(
     ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
@@ -148,11 +148,9 @@ fn measure<T: Element>(
         let (k, v, q) = &inputs[i % sets];
         fused.run(stream, k, v, q, &mut out, &mut lse, None)
     })?;
-    if case.mode == BenchMode::Prefill {
-        return Ok((fused_ms, None, None));
-    }
-    let mut naive = NaiveDecode::<T>::new(stream, t.layout, &t.lens, &t.block_tables, t.max_blocks)
-        .map_err(Failure::runtime)?;
+    let mut naive =
+        NaiveAttention::<T>::new(stream, t.layout, &t.lens, &t.block_tables, t.max_blocks)
+            .map_err(Failure::runtime)?;
     let naive_ms = time_ms(ctx, stream, iters, |i| {
         let (k, v, q) = &inputs[i % sets];
         naive.run(stream, k, v, q, &mut out, None)

@@ -23,10 +23,10 @@ pub struct Record {
     pub mode: String,
     pub backend: String,
     pub device: String,
-    /// The fused decode, milliseconds per step (one layer).
+    /// The fused attention, milliseconds per step (one layer).
     pub fused_ms: f64,
-    /// The naive path whole: gather, repeat_kv, per-head attention (none for prefill on the
-    /// GPU: the naive kernels are decode-only).
+    /// The naive path whole: gather, repeat_kv, per-head attention (on the GPU, prefill's
+    /// attention step is this crate's kernels with the MHA shape over the repeated K/V).
     pub baseline_ms: Option<f64>,
     /// The naive path's attention step alone (K/V already materialised).
     pub baseline_attention_ms: Option<f64>,
