@@ -1,0 +1,143 @@
+//! The C entry point `pgqa_attend` refuses bad arguments on the host, before any CUDA call, so
+//! these run on any machine with the kernels built: every test hands it fake device addresses
+//! that would fault if anything were launched, and expects a refusal. (C and C++ engines call
+//! the header directly, without the Rust checks in front.)
+#![cfg(paged_gqa_kernels)]
+
+use std::ffi::c_void;
+
+use paged_gqa::ffi::{self, pgqa_attend_params, pgqa_dtype, pgqa_status};
+
+/// A well-formed decode call (Llama-3-8B heads, 2 sequences, pages of 16) at fake, 16-byte
+/// aligned addresses; each test breaks one thing.
+fn params() -> pgqa_attend_params {
+    let at = |a: usize| a as *const c_void;
+    pgqa_attend_params {
+        q: at(0x1000),
+        k_cache: at(0x2000),
+        v_cache: at(0x3000),
+        block_tables: at(0x4000).cast(),
+        context_lens: at(0x5000).cast(),
+        query_starts: at(0x6000).cast(),
+        work: at(0x7000).cast(),
+        mma_work: at(0x8000).cast(),
+        out: at(0x9000).cast_mut(),
+        lse: at(0xa000).cast_mut().cast(),
+        partial_out: at(0xb000).cast_mut().cast(),
+        partial_lse: at(0xc000).cast_mut().cast(),
+        num_work: 2,
+        num_mma_work: 0,
+        num_tokens: 2,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+        max_blocks: 4,
+        num_blocks: 8,
+        tokens_per_work: 1,
+        mma_tokens_per_work: 16,
+        num_splits: 1,
+        keys_per_split: 64,
+        scale: 0.088,
+        dtype: pgqa_dtype::PGQA_DTYPE_BF16,
+    }
+}
+
+/// Calls the launcher; returns its status and what it wrote to `cuda_error`.
+fn attend(p: &pgqa_attend_params) -> (pgqa_status, i32) {
+    let mut cuda_error = -7;
+    // SAFETY: every call below is refused before any pointer in `p` is dereferenced or any
+    // work is enqueued (that is what is tested); the null stream is never used.
+    let status = unsafe { ffi::pgqa_attend(p, std::ptr::null_mut(), &mut cuda_error) };
+    (status, cuda_error)
+}
+
+/// Makes one field of a well-formed call wrong.
+type Break = fn(&mut pgqa_attend_params);
+
+fn assert_refused(p: pgqa_attend_params, expected: pgqa_status, what: &str) {
+    let (status, cuda_error) = attend(&p);
+    assert_eq!(status, expected, "{what}");
+    assert_eq!(cuda_error, 0, "{what}: cuda_error is reset");
+}
+
+#[test]
+fn a_null_params_pointer_is_an_invalid_argument() {
+    let mut cuda_error = -7;
+    // SAFETY: the launcher checks for null first.
+    let status =
+        unsafe { ffi::pgqa_attend(std::ptr::null(), std::ptr::null_mut(), &mut cuda_error) };
+    assert_eq!(status, pgqa_status::PGQA_STATUS_INVALID_ARGUMENT);
+}
+
+#[test]
+fn malformed_shapes_and_schedules_are_invalid_arguments() {
+    let invalid = pgqa_status::PGQA_STATUS_INVALID_ARGUMENT;
+    let cases: [(&str, Break); 10] = [
+        ("n_heads not a multiple of n_kv_heads", |p| p.n_heads = 30),
+        ("zero n_kv_heads", |p| p.n_kv_heads = 0),
+        ("block_size not a power of two", |p| p.block_size = 24),
+        ("no blocks", |p| p.num_blocks = 0),
+        ("zero tokens per work item", |p| p.tokens_per_work = 0),
+        ("negative tensor-core work", |p| p.num_mma_work = -1),
+        ("tensor-core work with zero tokens per item", |p| {
+            p.num_mma_work = 1;
+            p.mma_tokens_per_work = 0;
+        }),
+        ("tensor-core work without its list", |p| {
+            p.num_mma_work = 1;
+            p.mma_work = std::ptr::null();
+        }),
+        ("more splits than the grid holds", |p| p.num_splits = 65_536),
+        ("splits without a workspace", |p| {
+            p.num_splits = 2;
+            p.partial_out = std::ptr::null_mut();
+        }),
+    ];
+    for (what, breaks) in cases {
+        let mut p = params();
+        breaks(&mut p);
+        assert_refused(p, invalid, what);
+    }
+}
+
+#[test]
+fn unaligned_tensors_are_refused() {
+    let mut p = params();
+    p.q = (0x1002usize) as *const c_void;
+    assert_refused(p, pgqa_status::PGQA_STATUS_MISALIGNED, "q at 0x1002");
+    let mut p = params();
+    p.num_splits = 2;
+    p.partial_out = (0xb008usize) as *mut f32;
+    assert_refused(
+        p,
+        pgqa_status::PGQA_STATUS_MISALIGNED,
+        "partial_out at 0xb008",
+    );
+}
+
+#[test]
+fn head_dims_and_dtypes_without_a_kernel_are_unsupported() {
+    let unsupported = pgqa_status::PGQA_STATUS_UNSUPPORTED;
+    let mut p = params();
+    p.head_dim = 72;
+    assert_refused(p, unsupported, "head_dim 72, CUDA-core work");
+    p.num_work = 0;
+    p.num_mma_work = 1;
+    assert_refused(p, unsupported, "head_dim 72, tensor-core work");
+    let mut p = params();
+    p.dtype = pgqa_dtype::PGQA_DTYPE_F32;
+    assert_refused(p, unsupported, "f32");
+}
+
+#[test]
+fn a_call_with_nothing_to_do_succeeds_without_touching_its_pointers() {
+    let mut p = params();
+    p.num_work = 0;
+    p.q = std::ptr::null();
+    p.work = std::ptr::null();
+    assert_refused(p, pgqa_status::PGQA_STATUS_OK, "no work items");
+    let mut p = params();
+    p.num_tokens = 0;
+    assert_refused(p, pgqa_status::PGQA_STATUS_OK, "no tokens");
+}
