@@ -9,7 +9,8 @@
 #   3. `paged-gqa demo` (the test `cli_demo`; `cli_demo_used_gpu` checks the decode ran on the GPU);
 #   4. compute-sanitizer memcheck and racecheck over every staged GPU test binary (small cases),
 #      then `paged-gqa bench --quick` (records: OUTDIR/bench.json, plot: OUTDIR/bench.svg) and
-#      the PyTorch peers on the same shapes (torch_peers.py, when torch imports);
+#      the peers on the same shapes (torch_peers.py, when torch imports: PyTorch SDPA, FlashInfer
+#      and FlashAttention-3 from the staged peers/);
 #   5. record.py: OUTDIR/record.json (always), OUTDIR/device-check.log (all logs in one file).
 # Each step's output is teed to OUTDIR/<step>.log and to stdout. At most 8 files come back from
 # the device tool's $OUT, so when the step logs would make OUTDIR hold more than 8 files they are
@@ -123,8 +124,34 @@ if [[ -f "$out/bench.json" ]] && python3 -c "import torch" 2>/dev/null; then
       >"$out/peers-install.log" 2>&1 || echo "run.sh: staged peer wheels did not install" >&2
     export PYTHONPATH="$work/pk${PYTHONPATH:+:$PYTHONPATH}" PATH="$work/pk/bin:$PATH" FLASHINFER_CUDA_ARCH_LIST=9.0
   fi
-  step peers torch_peers torch_peers.log 90 python3 "$here/torch_peers.py" --records "$out/bench.json" \
-    --records "$out/bench-prefill.json"
+  # FlashAttention-3: vllm 0.26.0's _vllm_fa3_C.abi3.so, staged xz-compressed; unpacked for this run
+  # and checked against its staged sha256. When it was staged, torch_peers.py gets --fa3-lib even if
+  # the unpacking failed: each record then carries the load error for that peer.
+  fa3_args=()
+  if [[ -f "$here/peers/_vllm_fa3_C.abi3.so.xz" ]]; then
+    mkdir -p "$work/fa3"
+    if ! python3 - "$here/peers/_vllm_fa3_C.abi3.so.xz" "$here/peers/_vllm_fa3_C.abi3.so.sha256" \
+      "$work/fa3/_vllm_fa3_C.abi3.so" >>"$out/peers-install.log" 2>&1 <<'EOF'
+import hashlib, lzma, os, sys
+src, sums, dst = sys.argv[1:]
+want = open(sums).read().split()[0]
+digest = hashlib.sha256()
+with lzma.open(src) as f, open(dst + ".part", "wb") as g:
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+        g.write(chunk)
+if digest.hexdigest() != want:
+    sys.exit(f"{dst}: sha256 {digest.hexdigest()}, staged {want}; not used")
+os.replace(dst + ".part", dst)
+print(f"unpacked {dst} (sha256 {want})")
+EOF
+    then
+      echo "run.sh: the staged FA3 library did not unpack (see peers-install.log)" >&2
+    fi
+    fa3_args=(--fa3-lib "$work/fa3/_vllm_fa3_C.abi3.so" --fa3-timeout 60)
+  fi
+  step peers torch_peers torch_peers.log 150 python3 "$here/torch_peers.py" --records "$out/bench.json" \
+    --records "$out/bench-prefill.json" ${fa3_args[@]+"${fa3_args[@]}"}
 fi
 
 # 5. The record, always; its exit status is the run's.
