@@ -60,6 +60,7 @@ fn a_cpu_sweep_prints_the_table_and_writes_json_and_svg() {
             "context",
             "page_size",
             "dtype",
+            "kernels",
             "backend",
             "fused_ms",
             "baseline_ms",
@@ -71,6 +72,7 @@ fn a_cpu_sweep_prints_the_table_and_writes_json_and_svg() {
             assert!(r.get(field).is_some(), "record lacks {field}: {r}");
         }
         assert_eq!(r["backend"], "cpu");
+        assert_eq!(r["kernels"], "auto");
         assert!(r["fused_ms"].as_f64().unwrap() > 0.0);
         // 14 query heads over 2 K/V heads of 64, bf16: K and V bytes of the batch.
         let expected =
@@ -138,6 +140,10 @@ fn bad_bench_options_are_errors() {
         (
             &["--backend", "cpu", "--batch", "0"][..],
             "must be positive",
+        ),
+        (
+            &["--backend", "cpu", "--kernels", "tensor-cores"][..],
+            "--kernels tensor-cores picks GPU kernels",
         ),
     ] {
         let output = bench(args);

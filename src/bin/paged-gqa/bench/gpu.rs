@@ -135,13 +135,14 @@ fn measure<T: Element>(
     let mut lse = stream
         .alloc_zeros::<f32>(t.lens.num_tokens() * case.shape.n_heads())
         .map_err(driver)?;
-    let fused = AttendBatch::new(
+    let fused = AttendBatch::with_kernels(
         stream,
         t.layout,
         T::DTYPE,
         &t.lens,
         &t.block_tables,
         t.max_blocks,
+        case.kernels,
     )
     .map_err(Failure::runtime)?;
     let fused_ms = time_ms(ctx, stream, iters, |i| {

@@ -10,6 +10,7 @@ mod report;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use paged_gqa::plan::KernelChoice;
 use paged_gqa::{DType, GqaShape};
 
 use crate::Failure;
@@ -41,6 +42,27 @@ pub enum BenchMode {
     Decode,
     /// Whole prompts of `context` tokens, causal: TFLOP/s.
     Prefill,
+}
+
+/// Which attention kernels the fused path may use (GPU only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchKernels {
+    /// Per sequence, as the library picks: tensor cores for many rows, CUDA cores for few.
+    Auto,
+    /// Every sequence on the CUDA-core kernel.
+    CudaCores,
+    /// Every sequence on the tensor-core kernel.
+    TensorCores,
+}
+
+impl BenchKernels {
+    pub fn choice(self) -> KernelChoice {
+        match self {
+            BenchKernels::Auto => KernelChoice::Auto,
+            BenchKernels::CudaCores => KernelChoice::CudaCores,
+            BenchKernels::TensorCores => KernelChoice::TensorCores,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -87,6 +109,9 @@ pub struct BenchArgs {
     pub page_size: usize,
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: BenchDType,
+    /// The fused path's kernels (GPU only): to time one kernel against the other.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kernels: BenchKernels,
     /// Timed runs per measurement (after warm-up).
     #[arg(long)]
     pub iters: Option<usize>,
@@ -108,6 +133,7 @@ pub struct Case {
     pub page_size: usize,
     pub dtype: DType,
     pub mode: BenchMode,
+    pub kernels: KernelChoice,
 }
 
 impl std::fmt::Display for Case {
@@ -233,6 +259,7 @@ fn sweep(args: &BenchArgs, on_gpu: bool) -> Result<Vec<Case>, Failure> {
                     page_size: args.page_size,
                     dtype: args.dtype.dtype(),
                     mode: args.mode,
+                    kernels: args.kernels.choice(),
                 });
             }
         }
@@ -246,6 +273,14 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         BenchBackend::Cuda => Some(paged_gqa::cuda::context(0).map_err(Failure::runtime)?),
         BenchBackend::Auto => paged_gqa::cuda::context(0).ok(),
     };
+    if gpu.is_none() && args.kernels != BenchKernels::Auto {
+        return Err(Failure::input(format!(
+            "--kernels {} picks GPU kernels; the CPU backend has one path",
+            args.kernels
+                .to_possible_value()
+                .map_or_else(String::new, |v| v.get_name().to_string())
+        )));
+    }
     let cases = sweep(&args, gpu.is_some())?;
     let records = match &gpu {
         Some(ctx) => gpu::run(ctx, &cases, args.iters.unwrap_or(20))?,

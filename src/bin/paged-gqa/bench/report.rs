@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use paged_gqa::plan::KernelChoice;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -21,6 +22,8 @@ pub struct Record {
     pub dtype: String,
     /// "decode" (one new token per sequence) or "prefill" (whole causal prompts).
     pub mode: String,
+    /// The fused path's kernel choice (`--kernels`): "auto", "cuda-cores" or "tensor-cores".
+    pub kernels: String,
     pub backend: String,
     pub device: String,
     /// The fused attention, milliseconds per step (one layer).
@@ -68,6 +71,12 @@ impl Record {
             page_size: case.page_size,
             dtype: format!("{:?}", case.dtype).to_lowercase(),
             mode: format!("{:?}", case.mode).to_lowercase(),
+            kernels: match case.kernels {
+                KernelChoice::Auto => "auto",
+                KernelChoice::CudaCores => "cuda-cores",
+                KernelChoice::TensorCores => "tensor-cores",
+            }
+            .to_string(),
             backend: backend.to_string(),
             device: device.to_string(),
             fused_ms,
