@@ -56,6 +56,7 @@ pub enum BenchKernels {
 }
 
 impl BenchKernels {
+    /// The library's kernel choice for this option.
     pub fn choice(self) -> KernelChoice {
         match self {
             BenchKernels::Auto => KernelChoice::Auto,
