@@ -5,6 +5,14 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 
+/// The most keys one sequence may have: the kernels count keys in 32 bits, with room for a
+/// tile's worth past the end (`pgqa_attend_params::context_lens`). 2^31 keys are far past any
+/// real cache (256 GiB of one layer's K and V at Llama-3-8B's heads).
+pub const MAX_CONTEXT_LEN: usize = i32::MAX as usize - 256;
+
+/// The most query rows of one batch (the kernels index rows in 32 bits).
+pub const MAX_TOKENS: usize = i32::MAX as usize;
+
 /// Lengths of a batch of sequences, validated.
 ///
 /// `context_len` counts a sequence's keys, its new tokens included; `query_len` counts its
@@ -30,7 +38,8 @@ pub struct SeqLens {
 }
 
 impl SeqLens {
-    /// Validates: one query length per context length, and `query_len <= context_len`.
+    /// Validates: one query length per context length, `query_len <= context_len`,
+    /// `context_len <= MAX_CONTEXT_LEN` and at most `MAX_TOKENS` query rows in all.
     pub fn new(context_lens: &[usize], query_lens: &[usize]) -> Result<Self> {
         if query_lens.len() != context_lens.len() {
             return Err(Error::BatchLength {
@@ -49,8 +58,22 @@ impl SeqLens {
                     context_len,
                 });
             }
+            if context_len > MAX_CONTEXT_LEN {
+                return Err(Error::TooLarge {
+                    what: "context_len",
+                    value: context_len as u128,
+                    limit: MAX_CONTEXT_LEN as u128,
+                });
+            }
             query_starts.push(total);
             total += query_len;
+        }
+        if total > MAX_TOKENS {
+            return Err(Error::TooLarge {
+                what: "num_tokens",
+                value: total as u128,
+                limit: MAX_TOKENS as u128,
+            });
         }
         query_starts.push(total);
         Ok(Self {
@@ -119,6 +142,12 @@ impl SeqLens {
     /// All context lengths.
     pub fn context_lens(&self) -> &[usize] {
         &self.context_lens
+    }
+
+    /// Keys per sequence as the kernels read them (`[batch]` i32; they fit, see
+    /// [`MAX_CONTEXT_LEN`]).
+    pub fn context_lens_i32(&self) -> Vec<i32> {
+        self.context_lens.iter().map(|&l| l as i32).collect()
     }
 
     /// Total keys of the batch (the row count of contiguous K/V).

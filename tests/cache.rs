@@ -314,3 +314,33 @@ fn zero_layers_and_zero_blocks_are_errors() {
     );
     assert_eq!(BlockManager::new(0, 16).unwrap_err(), Error::ZeroBlocks);
 }
+
+#[test]
+fn a_plan_past_the_kernels_32_bit_lengths_is_refused_and_changes_nothing() {
+    use paged_gqa::batch::MAX_CONTEXT_LEN;
+    let mut cache = BlockManager::new(8, 256).unwrap();
+    let (a, b) = (cache.add_sequence(), cache.add_sequence());
+    cache.plan(&[(a, 3)]).unwrap();
+    let before = (cache.num_free_blocks(), cache.capacity(a).unwrap());
+    for (batch, what) in [
+        (vec![(a, MAX_CONTEXT_LEN)], "sequence length"),
+        (
+            vec![
+                (a, MAX_CONTEXT_LEN / 2 + 200),
+                (b, MAX_CONTEXT_LEN / 2 + 200),
+            ],
+            "new tokens of the step",
+        ),
+    ] {
+        match cache.plan(&batch) {
+            Err(Error::TooLarge { what: got, .. }) => assert_eq!(got, what),
+            other => panic!("{what}: expected TooLarge, got {other:?}"),
+        }
+        cache.audit().unwrap();
+        assert_eq!(
+            (cache.num_free_blocks(), cache.capacity(a).unwrap()),
+            before,
+            "{what}: the refusal changed the cache"
+        );
+    }
+}

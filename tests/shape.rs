@@ -135,6 +135,29 @@ fn query_longer_than_context_is_an_error() {
 }
 
 #[test]
+fn lengths_past_the_kernels_32_bit_counts_are_errors() {
+    use paged_gqa::batch::{MAX_CONTEXT_LEN, MAX_TOKENS};
+    assert!(SeqLens::new(&[MAX_CONTEXT_LEN], &[1]).is_ok());
+    assert_eq!(
+        SeqLens::new(&[5, MAX_CONTEXT_LEN + 1], &[1, 1]),
+        Err(Error::TooLarge {
+            what: "context_len",
+            value: MAX_CONTEXT_LEN as u128 + 1,
+            limit: MAX_CONTEXT_LEN as u128
+        })
+    );
+    let half = MAX_CONTEXT_LEN / 2 + 200;
+    assert_eq!(
+        SeqLens::new(&[half, half], &[half, half]),
+        Err(Error::TooLarge {
+            what: "num_tokens",
+            value: 2 * half as u128,
+            limit: MAX_TOKENS as u128
+        })
+    );
+}
+
+#[test]
 fn mismatched_batch_lengths_are_an_error() {
     assert_eq!(
         SeqLens::new(&[4, 2, 9], &[1, 1]),

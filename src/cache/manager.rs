@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::batch::SeqLens;
+use crate::batch::{SeqLens, MAX_CONTEXT_LEN, MAX_TOKENS};
 use crate::cache::{BlockAllocator, PlanStamp, StepPlan};
 use crate::error::{Error, Result};
 
@@ -213,6 +213,7 @@ impl BlockManager {
         let mut seen = HashSet::with_capacity(batch.len());
         let mut pending_releases: HashMap<u32, u32> = HashMap::new();
         let mut needed = 0usize;
+        let mut new_rows = 0usize;
         for &(seq, new_tokens) in batch {
             if !seen.insert(seq) {
                 return Err(Error::DuplicateSequence { seq: seq.0 });
@@ -221,12 +222,13 @@ impl BlockManager {
             let total = s
                 .len
                 .checked_add(new_tokens)
-                .filter(|&t| t <= i32::MAX as usize)
+                .filter(|&t| t <= MAX_CONTEXT_LEN)
                 .ok_or(Error::TooLarge {
                     what: "sequence length",
                     value: s.len as u128 + new_tokens as u128,
-                    limit: i32::MAX as u128,
+                    limit: MAX_CONTEXT_LEN as u128,
                 })?;
+            new_rows += new_tokens;
             if new_tokens > 0 && self.needs_copy(s, &pending_releases) {
                 *pending_releases
                     .entry(*s.blocks.last().unwrap())
@@ -234,6 +236,14 @@ impl BlockManager {
                 needed += 1;
             }
             needed += total.div_ceil(self.block_size) - s.blocks.len();
+        }
+        // The step's SeqLens (built below, where nothing may fail any more) takes these limits.
+        if new_rows > MAX_TOKENS {
+            return Err(Error::TooLarge {
+                what: "new tokens of the step",
+                value: new_rows as u128,
+                limit: MAX_TOKENS as u128,
+            });
         }
         if needed > self.allocator.num_free() {
             return Err(Error::OutOfBlocks {

@@ -65,26 +65,7 @@ pub(crate) fn check_batch(
         return Err(crate::cuda::built_without_kernels());
     }
     BlockTables::new(block_tables, max_blocks, layout, lens)?;
-    check_lens_fit_i32(lens)?;
     check_supported(kernel, layout.shape(), dtype)
-}
-
-/// The most keys of one sequence: the kernels count keys in 32 bits, with room for a tile's
-/// worth past the end (`pgqa_attend_params::context_lens`).
-pub const MAX_CONTEXT_LEN: usize = i32::MAX as usize - 256;
-
-/// The kernels count keys and query rows in 32 bits.
-pub(crate) fn check_lens_fit_i32(lens: &SeqLens) -> Result<()> {
-    to_i32("num_tokens", lens.num_tokens())?;
-    let longest = lens.context_lens().iter().copied().max().unwrap_or(0);
-    if longest > MAX_CONTEXT_LEN {
-        return Err(Error::TooLarge {
-            what: "context_len",
-            value: longest as u128,
-            limit: MAX_CONTEXT_LEN as u128,
-        });
-    }
-    Ok(())
 }
 
 /// `query_starts` `[batch + 1]` as the kernel reads them.
@@ -263,7 +244,7 @@ impl AttendBatch {
         check_batch("attention", &layout, dtype, lens, block_tables, max_blocks)?;
         let schedule =
             AttendSchedule::with_kernels(sm_count(stream)?, lens, layout.shape(), choice);
-        let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
+        let context_lens = lens.context_lens_i32();
         let floats = schedule
             .workspace_floats(lens.num_tokens(), layout.shape())
             .max(4);
@@ -365,22 +346,5 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
             lse,
             scale,
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lengths_past_i32_are_refused_before_any_launch() {
-        let long = SeqLens::new(&[(1usize << 31) + 5], &[1]).unwrap();
-        let err = check_lens_fit_i32(&long).unwrap_err().to_string();
-        assert!(
-            err.contains("context_len") && err.contains("2147483653"),
-            "{err}"
-        );
-        assert!(check_lens_fit_i32(&SeqLens::new(&[MAX_CONTEXT_LEN], &[1]).unwrap()).is_ok());
-        assert!(check_lens_fit_i32(&SeqLens::new(&[MAX_CONTEXT_LEN + 1], &[1]).unwrap()).is_err());
     }
 }

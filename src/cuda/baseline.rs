@@ -94,7 +94,7 @@ impl<T: Element> NaiveAttention<T> {
             })
             .collect();
         let keys = (pages.iter().sum::<usize>() * NAIVE_PAGE).max(NAIVE_PAGE);
-        let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
+        let context_lens = lens.context_lens_i32();
         let mha = if (0..lens.batch()).all(|s| lens.query_len(s) == 1) {
             None
         } else {

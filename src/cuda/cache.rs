@@ -5,9 +5,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
-use crate::cuda::attend::{
-    check_lens_fit_i32, device_kernels, query_starts, sm_count, AttendTables,
-};
+use crate::cuda::attend::{device_kernels, query_starts, sm_count, AttendTables};
 use crate::cuda::{check_aligned, launch, to_i32, KERNELS_BUILT};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -200,8 +198,7 @@ impl<T: Element> PageStorage for CudaStorage<T> {
     /// One host-to-device copy of the step's tables, then one launch for all block copies.
     fn prepare(&mut self, plan: StepPlan) -> Result<CudaStepPlan> {
         let lens = plan.lens();
-        check_lens_fit_i32(lens)?;
-        let context_lens: Vec<i32> = lens.context_lens().iter().map(|&l| l as i32).collect();
+        let context_lens = lens.context_lens_i32();
         let schedule =
             AttendSchedule::with_kernels(self.sm_count, lens, self.config.shape(), self.kernels);
         let mut bytes = Vec::new();

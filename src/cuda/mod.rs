@@ -15,7 +15,7 @@ mod repeat_kv;
 
 use std::sync::Arc;
 
-pub use attend::{AttendBatch, ATTEND_HEAD_DIMS, MAX_CONTEXT_LEN};
+pub use attend::{AttendBatch, ATTEND_HEAD_DIMS};
 pub use baseline::NaiveAttention;
 pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
