@@ -23,6 +23,7 @@ const DEFAULT_ARCHS: &str = "80;90";
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(paged_gqa_kernels)");
+    println!("cargo::rustc-check-cfg=cfg(paged_gqa_mma)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=build");
     println!("cargo::rerun-if-changed=kernels");
@@ -69,6 +70,10 @@ fn main() {
     };
     build_kernels(&manifest_dir, &toolkit, &archs);
     println!("cargo::rustc-cfg=paged_gqa_kernels");
+    // The tensor-core kernel has a body only in sm_80+ code (kernels/prefill.cu).
+    if archs.iter().any(|&arch| arch >= 80) {
+        println!("cargo::rustc-cfg=paged_gqa_mma");
+    }
     println!("cargo::rustc-env=PAGED_GQA_NVCC={}", toolkit.nvcc.display());
 }
 

@@ -307,7 +307,8 @@ template <typename T>
 pgqa_status launch_all(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
   pgqa_status status = PGQA_STATUS_OK;
   for (const pgqa::Phase phase : {pgqa::Phase::kPrepare, pgqa::Phase::kLaunch}) {
-    if (status == PGQA_STATUS_OK) status = launch_for_dim<T>(p, stream, cuda_error, phase);
+    if (status == PGQA_STATUS_OK && p.num_work > 0)
+      status = launch_for_dim<T>(p, stream, cuda_error, phase);
     if (status == PGQA_STATUS_OK) status = pgqa::launch_prefill(p, stream, cuda_error, phase);
   }
   if (status != PGQA_STATUS_OK || p.num_splits == 1) return status;

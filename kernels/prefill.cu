@@ -301,6 +301,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// OK when the current device runs mma.sync m16n8k16 on bf16 and f16 (sm_80 or newer).
+pgqa_status check_device_has_mma(int32_t *cuda_error) {
+  int device = 0;
+  int major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+    return PGQA_STATUS_CUDA_ERROR;
+  }
+  return major >= 8 ? PGQA_STATUS_OK : PGQA_STATUS_UNSUPPORTED;
+}
+
 template <typename T, int D>
 pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                    pgqa::Phase phase) {
@@ -312,6 +326,8 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
   if (phase == pgqa::Phase::kPrepare) {
     const int64_t max_rows = static_cast<int64_t>(p.mma_tokens_per_work) * min(group, kRows);
     if (grid_y > 65535 || max_rows > kRows) return PGQA_STATUS_INVALID_ARGUMENT;
+    const pgqa_status device_status = check_device_has_mma(cuda_error);
+    if (device_status != PGQA_STATUS_OK) return device_status;
     // The image the driver picked for this device must come from sm_80+ code: a build for
     // older GPUs only (PAGED_GQA_CUDA_ARCHS=75) has an empty kernel here.
     cudaFuncAttributes attributes;
@@ -344,20 +360,6 @@ pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int
   return PGQA_STATUS_UNSUPPORTED;
 }
 
-// OK when the current device runs mma.sync m16n8k16 on bf16 and f16 (sm_80 or newer).
-pgqa_status check_device_has_mma(int32_t *cuda_error) {
-  int device = 0;
-  int major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
-    return PGQA_STATUS_CUDA_ERROR;
-  }
-  return major >= 8 ? PGQA_STATUS_OK : PGQA_STATUS_UNSUPPORTED;
-}
-
 }  // namespace
 
 namespace pgqa {
@@ -365,11 +367,9 @@ namespace pgqa {
 pgqa_status launch_prefill(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                            Phase phase) {
   if (p.num_mma_work == 0) return PGQA_STATUS_OK;
-  if (phase == Phase::kPrepare) {
-    if (p.mma_work == nullptr || p.mma_tokens_per_work < 1) return PGQA_STATUS_INVALID_ARGUMENT;
-    const pgqa_status device_status = check_device_has_mma(cuda_error);
-    if (device_status != PGQA_STATUS_OK) return device_status;
-  }
+  if (phase == Phase::kPrepare &&
+      (p.mma_work == nullptr || p.mma_tokens_per_work < 1))
+    return PGQA_STATUS_INVALID_ARGUMENT;
   switch (p.dtype) {
     case PGQA_DTYPE_BF16: return launch_for_dim<__nv_bfloat16>(p, stream, cuda_error, phase);
     case PGQA_DTYPE_F16: return launch_for_dim<__half>(p, stream, cuda_error, phase);

@@ -157,6 +157,16 @@ pub enum Error {
         actual: crate::dtype::DType,
     },
 
+    /// The tensor-core attention kernel was asked for where it cannot run.
+    #[error(
+        "the tensor-core attention kernel needs an sm_80 or newer GPU and a build for one: this \
+         GPU is compute capability {compute_capability}, sm_80 code built: {built}"
+    )]
+    NoTensorCoreKernel {
+        compute_capability: String,
+        built: bool,
+    },
+
     /// No kernel is built for this head size.
     #[error("head_dim {head_dim} has no {kernel} kernel (built for {supported})")]
     UnsupportedHeadDim {

@@ -50,9 +50,11 @@ pub enum KernelChoice {
 pub struct KernelWork {
     /// Blocks per K/V head: `ceil(group / rows per block)`.
     pub head_chunks: usize,
-    /// Query rows of one sequence per block (each with all the group's heads of the chunk).
+    /// Query rows of one sequence per block (each with all the group's heads of the chunk),
+    /// capped at the longest query this kernel serves.
     pub tokens_per_work: usize,
-    /// (sequence, first query row of the sequence) per block row.
+    /// (sequence, first query row of the sequence) per block row, the blocks whose last row
+    /// sees the most keys first.
     pub work: Vec<[i32; 2]>,
     /// The most query rows of one of its sequences.
     longest_query: usize,

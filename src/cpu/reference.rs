@@ -13,9 +13,10 @@ use crate::error::{Error, Result};
 /// Output of an attention call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attention {
-    /// [num_tokens, n_heads, head_dim]
+    /// [num_tokens, n_heads, head_dim] (NaN in rows [`attention_of_tokens`] left out)
     pub out: Vec<f64>,
-    /// [num_tokens, n_heads], natural log. `-inf` for a row that sees no key (its `out` is 0).
+    /// [num_tokens, n_heads], natural log. `-inf` for a row that sees no key (its `out` is 0);
+    /// NaN in rows [`attention_of_tokens`] left out.
     pub lse: Vec<f64>,
 }
 
@@ -74,7 +75,10 @@ where
         })
         .filter(|&(_, _, token)| keep[token])
         .collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rows.len())
+        .max(1);
     // Thread i takes rows i, i + threads, ...: causal rows differ in cost, interleaving evens it.
     let results: Vec<Vec<TokenRows>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)

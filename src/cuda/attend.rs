@@ -1,4 +1,5 @@
-//! Safe launchers of the fused paged attention kernel (any mix of query lengths).
+//! Safe launchers of the fused paged attention (any mix of query lengths): the CUDA-core and
+//! tensor-core kernels, each over the sequences the plan gives it, in one call.
 
 use std::sync::Arc;
 
@@ -24,16 +25,27 @@ pub(crate) fn sm_count(stream: &CudaStream) -> Result<usize> {
     Ok(count.max(1) as usize)
 }
 
-/// The kernels the stream's device runs: both from sm_80 on, CUDA cores only before.
-pub(crate) fn device_kernels(stream: &CudaStream) -> Result<KernelChoice> {
-    let major = stream
-        .context()
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-    Ok(if major >= 8 {
-        KernelChoice::Auto
-    } else {
-        KernelChoice::CudaCores
-    })
+/// The tensor-core kernel was compiled with a body (some target architecture is sm_80+).
+const TENSOR_CORES_BUILT: bool = cfg!(paged_gqa_mma);
+
+/// `requested` as the stream's device can run it: the tensor-core kernel needs sm_80 or newer
+/// (and a build for such a GPU), so there `Auto` means CUDA cores only and `TensorCores` is an
+/// error.
+pub(crate) fn device_kernels(stream: &CudaStream, requested: KernelChoice) -> Result<KernelChoice> {
+    let context = stream.context();
+    let major =
+        context.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor =
+        context.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let tensor_cores = major >= 8 && TENSOR_CORES_BUILT;
+    match requested {
+        KernelChoice::Auto if !tensor_cores => Ok(KernelChoice::CudaCores),
+        KernelChoice::TensorCores if !tensor_cores => Err(Error::NoTensorCoreKernel {
+            compute_capability: format!("{major}.{minor}"),
+            built: TENSOR_CORES_BUILT,
+        }),
+        choice => Ok(choice),
+    }
 }
 
 /// Checks that the attention kernel exists for this shape and element type.
@@ -218,7 +230,6 @@ impl AttendBatch {
         block_tables: &[i32],
         max_blocks: usize,
     ) -> Result<Self> {
-        let choice = device_kernels(stream)?;
         Self::with_kernels(
             stream,
             layout,
@@ -226,12 +237,13 @@ impl AttendBatch {
             lens,
             block_tables,
             max_blocks,
-            choice,
+            KernelChoice::Auto,
         )
     }
 
     /// [`new`](AttendBatch::new) with the kernel choice made by the caller (tests, benchmarks:
-    /// one kernel against the other). [`KernelChoice::TensorCores`] needs sm_80 or newer.
+    /// one kernel against the other). On a GPU older than sm_80 (or a build without sm_80 code)
+    /// `Auto` runs CUDA cores only and `TensorCores` is [`Error::NoTensorCoreKernel`].
     pub fn with_kernels(
         stream: &Arc<CudaStream>,
         layout: PagedLayout,
@@ -242,20 +254,13 @@ impl AttendBatch {
         choice: KernelChoice,
     ) -> Result<Self> {
         check_batch("attention", &layout, dtype, lens, block_tables, max_blocks)?;
+        let choice = device_kernels(stream, choice)?;
         let schedule =
             AttendSchedule::with_kernels(sm_count(stream)?, lens, layout.shape(), choice);
         let context_lens = lens.context_lens_i32();
         let floats = schedule
             .workspace_floats(lens.num_tokens(), layout.shape())
             .max(4);
-        let work: Vec<i32> = schedule.cuda_cores.work.iter().flatten().copied().collect();
-        let mma_work: Vec<i32> = schedule
-            .tensor_cores
-            .work
-            .iter()
-            .flatten()
-            .copied()
-            .collect();
         Ok(Self {
             layout,
             num_tokens: lens.num_tokens(),
@@ -263,8 +268,8 @@ impl AttendBatch {
             block_tables: upload(stream, block_tables, -1)?,
             context_lens: upload(stream, &context_lens, 0)?,
             query_starts: upload(stream, &query_starts(lens), 0)?,
-            work: upload(stream, &work, 0)?,
-            mma_work: upload(stream, &mma_work, 0)?,
+            work: upload(stream, bytemuck::cast_slice(&schedule.cuda_cores.work), 0)?,
+            mma_work: upload(stream, bytemuck::cast_slice(&schedule.tensor_cores.work), 0)?,
             workspace: stream.alloc_zeros::<f32>(floats)?,
             schedule,
         })

@@ -117,13 +117,18 @@ impl<T: Element> NaiveAttention<T> {
                 mha_max_blocks,
             )?)
         };
+        // The decode kernel writes no lse; the attention kernels need one per row.
+        let lse_len = match mha {
+            Some(_) => (lens.num_tokens() * shape.n_heads()).max(1),
+            None => 1,
+        };
         Ok(Self {
             layout,
             lens: lens.clone(),
             max_blocks,
             keys,
             mha,
-            lse: stream.alloc_zeros((lens.num_tokens() * shape.n_heads()).max(1))?,
+            lse: stream.alloc_zeros(lse_len)?,
             block_tables: upload(stream, block_tables, -1)?,
             context_lens: upload(stream, &context_lens, 0)?,
             key_starts: upload(stream, &starts, 0)?,

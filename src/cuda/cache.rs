@@ -27,7 +27,7 @@ pub struct CudaStorage<T: Element> {
     pages: CudaSlice<T>,
     /// The current step's tables (see [`CudaStepPlan`]); grows, never shrinks.
     workspace: CudaSlice<u8>,
-    /// The current step's split-KV partials (sized by the decode schedule); grows.
+    /// The current step's split-KV partials (sized by the attention schedule); grows.
     split_workspace: CudaSlice<f32>,
     /// Multiprocessors of the device, for the attention schedule.
     sm_count: usize,
@@ -61,7 +61,7 @@ impl<T: Element> CudaStorage<T> {
         let workspace = stream.alloc_zeros::<u8>(4096)?;
         let split_workspace = stream.alloc_zeros::<f32>(1024)?;
         let sm_count = sm_count(&stream)?;
-        let kernels = device_kernels(&stream)?;
+        let kernels = device_kernels(&stream, KernelChoice::Auto)?;
         Ok(Self {
             config,
             num_blocks,

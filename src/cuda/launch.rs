@@ -54,7 +54,8 @@ launcher!(
 );
 
 launcher!(
-    /// `pgqa_attend` (the attention kernel, then the split merge when there are splits).
+    /// `pgqa_attend` (the CUDA-core and tensor-core attention kernels, then the split merge
+    /// when there are splits).
     attend, pgqa_attend, ffi::pgqa_attend_params
 );
 

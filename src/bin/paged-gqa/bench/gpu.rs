@@ -142,7 +142,7 @@ fn measure<T: Element>(
         &t.lens,
         &t.block_tables,
         t.max_blocks,
-        case.kernels,
+        case.kernels.choice(),
     )
     .map_err(Failure::runtime)?;
     let fused_ms = time_ms(ctx, stream, iters, |i| {

@@ -64,6 +64,12 @@ impl BenchKernels {
             BenchKernels::TensorCores => KernelChoice::TensorCores,
         }
     }
+
+    /// The option's name on the command line ("auto", "cuda-cores", "tensor-cores").
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -134,7 +140,7 @@ pub struct Case {
     pub page_size: usize,
     pub dtype: DType,
     pub mode: BenchMode,
-    pub kernels: KernelChoice,
+    pub kernels: BenchKernels,
 }
 
 impl std::fmt::Display for Case {
@@ -260,7 +266,7 @@ fn sweep(args: &BenchArgs, on_gpu: bool) -> Result<Vec<Case>, Failure> {
                     page_size: args.page_size,
                     dtype: args.dtype.dtype(),
                     mode: args.mode,
-                    kernels: args.kernels.choice(),
+                    kernels: args.kernels,
                 });
             }
         }
@@ -277,9 +283,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
     if gpu.is_none() && args.kernels != BenchKernels::Auto {
         return Err(Failure::input(format!(
             "--kernels {} picks GPU kernels; the CPU backend has one path",
-            args.kernels
-                .to_possible_value()
-                .map_or_else(String::new, |v| v.get_name().to_string())
+            args.kernels.name()
         )));
     }
     let cases = sweep(&args, gpu.is_some())?;

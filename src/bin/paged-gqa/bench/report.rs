@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use paged_gqa::plan::KernelChoice;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -71,12 +70,7 @@ impl Record {
             page_size: case.page_size,
             dtype: format!("{:?}", case.dtype).to_lowercase(),
             mode: format!("{:?}", case.mode).to_lowercase(),
-            kernels: match case.kernels {
-                KernelChoice::Auto => "auto",
-                KernelChoice::CudaCores => "cuda-cores",
-                KernelChoice::TensorCores => "tensor-cores",
-            }
-            .to_string(),
+            kernels: case.kernels.name(),
             backend: backend.to_string(),
             device: device.to_string(),
             fused_ms,
