@@ -73,7 +73,7 @@ fn a_null_params_pointer_is_an_invalid_argument() {
 #[test]
 fn malformed_shapes_and_schedules_are_invalid_arguments() {
     let invalid = pgqa_status::PGQA_STATUS_INVALID_ARGUMENT;
-    let cases: [(&str, Break); 10] = [
+    let cases: [(&str, Break); 11] = [
         ("n_heads not a multiple of n_kv_heads", |p| p.n_heads = 30),
         ("zero n_kv_heads", |p| p.n_kv_heads = 0),
         ("block_size not a power of two", |p| p.block_size = 24),
@@ -84,6 +84,14 @@ fn malformed_shapes_and_schedules_are_invalid_arguments() {
             p.num_mma_work = 1;
             p.mma_tokens_per_work = 0;
         }),
+        (
+            "more rows than a tensor-core block holds (17 x 4 > 64)",
+            |p| {
+                p.num_work = 0;
+                p.num_mma_work = 1;
+                p.mma_tokens_per_work = 17;
+            },
+        ),
         ("tensor-core work without its list", |p| {
             p.num_mma_work = 1;
             p.mma_work = std::ptr::null();

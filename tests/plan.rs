@@ -263,6 +263,21 @@ fn random_plans_cover_every_key_and_row() {
             max_rows_per_block(shape.head_dim())
         ));
         assert!(rows_fit(&s.tensor_cores, MMA_ROWS));
+        for kernel in [&s.cuda_cores, &s.tensor_cores] {
+            let last_keys: Vec<usize> = kernel
+                .work
+                .iter()
+                .map(|&[seq, j0]| {
+                    let (seq, j0) = (seq as usize, j0 as usize);
+                    let last = (j0 + kernel.tokens_per_work).min(lens.query_len(seq)) - 1;
+                    lens.position(seq, last)
+                })
+                .collect();
+            assert!(
+                last_keys.windows(2).all(|w| w[0] >= w[1]),
+                "blocks not ordered by keys seen: {last_keys:?}"
+            );
+        }
     }
 }
 
@@ -292,4 +307,16 @@ fn blocks_that_see_the_most_keys_come_first() {
     assert_eq!(first_rows, descending);
     assert_eq!(s.cuda_cores.work, [[1, 0], [2, 0]]);
     assert_rows_covered(&s, &lens);
+    // Ordered by the keys of the last row, not by sequence or by first row.
+    let decode = AttendSchedule::new(
+        H200_SMS,
+        &SeqLens::decode(&[20, 5000]).unwrap(),
+        llama3_8b(),
+    );
+    assert_eq!(decode.cuda_cores.work, [[1, 0], [0, 0]]);
+    // A prompt of 98 (last block's rows see up to 98 keys) and a chunk of 16 on 94 cached (its
+    // one block sees 110): the chunk first.
+    let lens = SeqLens::new(&[98, 110], &[98, 16]).unwrap();
+    let s = AttendSchedule::new(H200_SMS, &lens, llama3_8b());
+    assert_eq!(s.tensor_cores.work[0], [1, 0]);
 }
