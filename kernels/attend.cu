@@ -289,14 +289,9 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
 template <typename T>
 pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                            pgqa::Phase phase) {
-  switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, stream, cuda_error, phase);
-    case 80: return launch<T, 80>(p, stream, cuda_error, phase);
-    case 96: return launch<T, 96>(p, stream, cuda_error, phase);
-    case 128: return launch<T, 128>(p, stream, cuda_error, phase);
-    case 256: return launch<T, 256>(p, stream, cuda_error, phase);
-  }
-  return PGQA_STATUS_UNSUPPORTED;
+  return pgqa::for_head_dim(p.head_dim, [&](auto dim) {
+    return launch<T, decltype(dim)::value>(p, stream, cuda_error, phase);
+  });
 }
 
 bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }

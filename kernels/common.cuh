@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "paged_gqa.h"
 
 namespace pgqa {
@@ -45,6 +47,20 @@ pgqa_status allow_shared_memory(Kernel kernel, size_t max_bytes, size_t bytes, i
 // (kLaunch). An entry point that launches several kernels prepares them all first, so a refusal
 // never leaves part of the work launched (or captured in a graph).
 enum class Phase { kPrepare, kLaunch };
+
+// The head sizes the attention kernels are built for: calls
+// launch(std::integral_constant<int, D>{}) with D = head_dim, or returns UNSUPPORTED.
+template <typename Launch>
+pgqa_status for_head_dim(int head_dim, Launch &&launch) {
+  switch (head_dim) {
+    case 64: return launch(std::integral_constant<int, 64>{});
+    case 80: return launch(std::integral_constant<int, 80>{});
+    case 96: return launch(std::integral_constant<int, 96>{});
+    case 128: return launch(std::integral_constant<int, 128>{});
+    case 256: return launch(std::integral_constant<int, 256>{});
+  }
+  return PGQA_STATUS_UNSUPPORTED;
+}
 
 // Reads the launch status after `kernel<<<...>>>` and turns it into the launcher's result.
 inline pgqa_status launch_status(int32_t *cuda_error) {
