@@ -29,10 +29,6 @@ fn tolerance<T: Element>() -> (f64, f64) {
     }
 }
 
-fn poison<T: Element>(n: usize) -> Vec<T> {
-    vec![bytemuck::pod_read_unaligned(&[0xffu8; 2]); n] // NaN in f16 and bf16
-}
-
 /// Runs one case through AttendBatch with each kernel choice (automatic, CUDA cores only,
 /// tensor cores only) and compares every output with the oracle; returns each choice's split
 /// count.
@@ -97,24 +93,14 @@ fn run_and_compare<T: Element>(
         stream.clone_htod(q).unwrap(),
     );
     let mut out = stream
-        .clone_htod(&poison::<T>(rows * shape.head_dim()))
+        .clone_htod(&common::poison::<T>(rows * shape.head_dim()))
         .unwrap();
     let mut lse = stream.clone_htod(&vec![f32::NAN; rows]).unwrap();
     batch
         .run(&stream, &k_dev, &v_dev, &q_dev, &mut out, &mut lse, None)
         .unwrap();
-    let out: Vec<f64> = stream
-        .clone_dtoh(&out)
-        .unwrap()
-        .into_iter()
-        .map(Into::into)
-        .collect();
-    let lse: Vec<f64> = stream
-        .clone_dtoh(&lse)
-        .unwrap()
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let out = common::download_f64(&stream, &out);
+    let lse = common::download_f64(&stream, &lse);
 
     let (out_bound, lse_bound) = tolerance::<T>();
     assert!(
@@ -372,7 +358,6 @@ fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
             .map(bf16::from_f32)
             .collect::<Vec<_>>()
     };
-    let to_f64 = |v: Vec<bf16>| v.into_iter().map(f64::from).collect::<Vec<_>>();
 
     for new_tokens in [[200, 17, 5], [1, 1, 1]] {
         let batch: Vec<_> = seqs
@@ -392,14 +377,14 @@ fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
             let k_dev = stream.clone_htod(&k).unwrap();
             let v_dev = stream.clone_htod(&v).unwrap();
             let q_dev = stream.clone_htod(&q).unwrap();
-            let mut out = stream.clone_htod(&poison::<bf16>(q.len())).unwrap();
+            let mut out = stream.clone_htod(&common::poison::<bf16>(q.len())).unwrap();
             let mut lse = stream.alloc_zeros::<f32>(tokens * shape.n_heads()).unwrap();
             gpu.write(layer, &gpu_plan, &k_dev, &v_dev).unwrap();
             gpu.attend(layer, &gpu_plan, &q_dev, &mut out, &mut lse, None)
                 .unwrap();
             cpu_cache.write(layer, &cpu_plan, &k, &v).unwrap();
             let oracle = cpu_cache.reference(layer, &cpu_plan, &q, None).unwrap();
-            let direct = to_f64(stream.clone_dtoh(&out).unwrap());
+            let direct = common::download_f64(&stream, &out);
             let rel = common::rel_l2(&direct, &oracle.out);
             assert!(
                 rel < 1e-2,
@@ -410,7 +395,9 @@ fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
 
         // The whole step's per-layer work in one graph; outputs poisoned before the replay.
         for (_, _, _, out, _, _) in layers.iter_mut() {
-            stream.memcpy_htod(&poison::<bf16>(out.len()), out).unwrap();
+            stream
+                .memcpy_htod(&common::poison::<bf16>(out.len()), out)
+                .unwrap();
         }
         stream.synchronize().unwrap();
         stream
@@ -428,7 +415,7 @@ fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
             .expect("a captured graph");
         graph.launch().unwrap();
         for (layer, (_, _, _, out, _, direct)) in layers.iter().enumerate() {
-            let replayed = to_f64(stream.clone_dtoh(out).unwrap());
+            let replayed = common::download_f64(&stream, out);
             assert_eq!(
                 &replayed, direct,
                 "step {new_tokens:?}, layer {layer}: the graph replay differs from the direct launch"

@@ -48,17 +48,11 @@ fn check_queries<T: Element>(
         stream.clone_htod(&v).unwrap(),
         stream.clone_htod(&q).unwrap(),
     );
-    let poison: T = bytemuck::pod_read_unaligned(&[0xffu8; 2]);
-    let mut out = stream.clone_htod(&vec![poison; q.len()]).unwrap();
+    let mut out = stream.clone_htod(&common::poison::<T>(q.len())).unwrap();
     naive
         .run(&stream, &k_dev, &v_dev, &q_dev, &mut out, None)
         .unwrap();
-    let out: Vec<f64> = stream
-        .clone_dtoh(&out)
-        .unwrap()
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let out = common::download_f64(&stream, &out);
     assert!(
         out.iter().all(|x| x.is_finite()),
         "{test}: unwritten output"

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use paged_gqa::cpu::PagedKv;
-use paged_gqa::cuda::CudaContext;
+use paged_gqa::cuda::{CudaContext, CudaSlice};
 use paged_gqa::{GqaShape, PagedLayout, SeqLens};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -173,6 +173,25 @@ pub fn kept_rows<V: Copy>(values: &[V], keep: &[bool], row_len: usize) -> Vec<V>
         .zip(keep)
         .filter(|(_, &k)| k)
         .flat_map(|(row, _)| row.iter().copied())
+        .collect()
+}
+
+/// `n` NaNs of a 2-byte element type (all-ones bits are NaN in f16 and bf16): outputs are
+/// filled with them before a kernel runs, so an element it does not write fails the check.
+pub fn poison<T: paged_gqa::Element>(n: usize) -> Vec<T> {
+    vec![bytemuck::pod_read_unaligned(&[0xffu8; 2]); n]
+}
+
+/// A device buffer's elements, copied back and widened to f64.
+pub fn download_f64<T>(stream: &Arc<paged_gqa::cuda::CudaStream>, values: &CudaSlice<T>) -> Vec<f64>
+where
+    T: cudarc::driver::DeviceRepr + Into<f64>,
+{
+    stream
+        .clone_dtoh(values)
+        .unwrap()
+        .into_iter()
+        .map(Into::into)
         .collect()
 }
 
