@@ -8,6 +8,8 @@
 
 #[path = "build/ptxas.rs"]
 mod ptxas;
+#[path = "build/sim.rs"]
+mod sim;
 #[path = "build/toolchain.rs"]
 mod toolchain;
 
@@ -42,6 +44,8 @@ fn main() {
         "cargo::rerun-if-changed={}",
         manifest_dir.join(".toolchain/cuda/.installed").display()
     );
+    // The kernel emulator needs only the host C++ compiler: every build has it.
+    sim::build(&manifest_dir);
 
     if env::var("PAGED_GQA_NO_CUDA").is_ok_and(|v| v == "1") {
         println!("cargo::warning=PAGED_GQA_NO_CUDA=1: building paged-gqa without CUDA kernels (CPU backend only)");

@@ -69,7 +69,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     attend_kernel(const pgqa_attend_params p, int block_shift, int group, int head_chunks) {
   using G = Geometry<D>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  PGQA_DYNAMIC_SHARED(smem);
   T *k_tiles = reinterpret_cast<T *>(smem);  // [2][kKeys][kRowStride]
   T *v_tiles = k_tiles + 2 * G::kTileElems;   // [2][kKeys][kRowStride]
 
@@ -282,7 +282,7 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
   const dim3 grid(static_cast<unsigned>(p.num_work), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(p.num_splits));
   const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
-  kernel<<<grid, kThreads, smem, stream>>>(p, block_shift, group, head_chunks);
+  PGQA_LAUNCH(kernel, grid, kThreads, smem, stream, p, block_shift, group, head_chunks);
   return pgqa::launch_status(cuda_error);
 }
 

@@ -121,7 +121,7 @@ extern "C" pgqa_status pgqa_gather_kv(const pgqa_gather_kv_params *params, pgqa_
       !pgqa::aligned16(p.k_out) || !pgqa::aligned16(p.v_out))
     return PGQA_STATUS_MISALIGNED;
   const dim3 grid(static_cast<unsigned>(p.max_context_len), static_cast<unsigned>(p.batch));
-  gather_kernel<<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  PGQA_LAUNCH(gather_kernel, grid, kThreads, 0, reinterpret_cast<cudaStream_t>(stream),
       static_cast<const uint4 *>(p.k_cache), static_cast<const uint4 *>(p.v_cache), p.block_tables,
       p.context_lens, p.key_starts, static_cast<uint4 *>(p.k_out), static_cast<uint4 *>(p.v_out),
       __builtin_ctz(static_cast<unsigned>(p.block_size)), p.block_size, p.max_blocks, p.num_blocks,
@@ -146,13 +146,13 @@ extern "C" pgqa_status pgqa_naive_decode(const pgqa_naive_decode_params *params,
   const float scale_log2 = p.scale * pgqa::kLog2e;
   switch (p.dtype) {
     case PGQA_DTYPE_BF16:
-      naive_decode_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+      PGQA_LAUNCH(naive_decode_kernel<__nv_bfloat16>, static_cast<unsigned>(blocks), kThreads, 0, s,
           static_cast<const __nv_bfloat16 *>(p.q), static_cast<const __nv_bfloat16 *>(p.k),
           static_cast<const __nv_bfloat16 *>(p.v), p.context_lens, p.key_starts,
           static_cast<__nv_bfloat16 *>(p.out), p.n_heads, p.head_dim, scale_log2);
       break;
     case PGQA_DTYPE_F16:
-      naive_decode_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+      PGQA_LAUNCH(naive_decode_kernel<__half>, static_cast<unsigned>(blocks), kThreads, 0, s,
           static_cast<const __half *>(p.q), static_cast<const __half *>(p.k),
           static_cast<const __half *>(p.v), p.context_lens, p.key_starts,
           static_cast<__half *>(p.out), p.n_heads, p.head_dim, scale_log2);

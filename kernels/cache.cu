@@ -58,8 +58,8 @@ extern "C" pgqa_status pgqa_write_kv(const pgqa_write_kv_params *params, pgqa_st
   if (row_bytes % 16 != 0 || !pgqa::aligned16(p.k_new) || !pgqa::aligned16(p.v_new) ||
       !pgqa::aligned16(p.k_cache) || !pgqa::aligned16(p.v_cache))
     return PGQA_STATUS_MISALIGNED;
-  write_kv_kernel<<<static_cast<unsigned>(p.num_tokens), kThreads, 0,
-                    reinterpret_cast<cudaStream_t>(stream)>>>(
+  PGQA_LAUNCH(write_kv_kernel, static_cast<unsigned>(p.num_tokens), kThreads, 0,
+              reinterpret_cast<cudaStream_t>(stream),
       static_cast<const uint4 *>(p.k_new), static_cast<const uint4 *>(p.v_new),
       static_cast<uint4 *>(p.k_cache), static_cast<uint4 *>(p.v_cache), p.slot_mapping,
       p.num_slots, static_cast<int>(row_bytes / 16));
@@ -80,7 +80,7 @@ extern "C" pgqa_status pgqa_copy_blocks(const pgqa_copy_blocks_params *params,
   const int64_t block_bytes = p.block_len * elem_bytes;
   if (block_bytes % 16 != 0 || !pgqa::aligned16(p.pages)) return PGQA_STATUS_MISALIGNED;
   const dim3 grid(static_cast<unsigned>(p.num_copies), static_cast<unsigned>(p.num_tensors));
-  copy_blocks_kernel<<<grid, 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  PGQA_LAUNCH(copy_blocks_kernel, grid, 256, 0, reinterpret_cast<cudaStream_t>(stream),
       static_cast<uint4 *>(p.pages), p.block_copies, p.num_blocks, block_bytes / 16);
   return pgqa::launch_status(cuda_error);
 }

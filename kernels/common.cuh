@@ -8,6 +8,15 @@
 
 #include "paged_gqa.h"
 
+// The emulator's seams (kernels/sim/include/cuda_runtime.h defines its own): a kernel launch,
+// exactly the triple-chevron launch here, and a kernel's dynamic shared memory.
+#ifndef PGQA_LAUNCH
+#define PGQA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+#ifndef PGQA_DYNAMIC_SHARED
+#define PGQA_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace pgqa {
 
 // Size in bytes of one element of `dtype`, or 0 for a value outside the enum.
@@ -131,7 +140,9 @@ __device__ inline float warp_sum(float x) {
 
 // 16-byte global -> shared copy: asynchronous (cp.async, sm_80+) or plain on older GPUs.
 __device__ inline void copy16_async(void *smem, const void *gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(PGQA_SIM)
+  ::pgqa_sim::cp_async(smem, gmem, 16, PGQA_SIM_SITE);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 #else
@@ -140,7 +151,9 @@ __device__ inline void copy16_async(void *smem, const void *gmem) {
 }
 // Closes the group of copies issued since the last commit.
 __device__ inline void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(PGQA_SIM)
+  ::pgqa_sim::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
@@ -148,7 +161,9 @@ __device__ inline void copy_async_commit() {
 // a __syncthreads() must follow before other threads read them).
 template <int N>
 __device__ inline void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(PGQA_SIM)
+  ::pgqa_sim::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

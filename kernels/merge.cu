@@ -42,12 +42,11 @@ cudaError_t merge_splits(const float *partial_out, const float *partial_lse, voi
                          cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(rows));
   if (dtype == PGQA_DTYPE_BF16) {
-    merge_kernel<<<grid, kThreads, 0, stream>>>(partial_out, partial_lse,
-                                                static_cast<__nv_bfloat16 *>(out), lse, num_splits,
-                                                head_dim);
+    PGQA_LAUNCH(merge_kernel<__nv_bfloat16>, grid, kThreads, 0, stream, partial_out, partial_lse,
+                static_cast<__nv_bfloat16 *>(out), lse, num_splits, head_dim);
   } else {
-    merge_kernel<<<grid, kThreads, 0, stream>>>(partial_out, partial_lse, static_cast<__half *>(out),
-                                                lse, num_splits, head_dim);
+    PGQA_LAUNCH(merge_kernel<__half>, grid, kThreads, 0, stream, partial_out, partial_lse,
+                static_cast<__half *>(out), lse, num_splits, head_dim);
   }
   return cudaGetLastError();
 }

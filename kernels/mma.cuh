@@ -14,6 +14,13 @@
 
 #include "common.cuh"
 
+// 1 where the tensor-core code has a body: device code for sm_80+, and the kernel emulator.
+#if defined(PGQA_SIM) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define PGQA_MMA_CODE 1
+#else
+#define PGQA_MMA_CODE 0
+#endif
+
 namespace pgqa {
 
 __device__ inline unsigned shared_address(const void *ptr) {
@@ -24,7 +31,9 @@ __device__ inline unsigned shared_address(const void *ptr) {
 // (16 bytes each, 16-byte aligned) of matrix i; register i receives matrix i, lane holding row
 // lane / 4, elements 2 (lane % 4) and 2 (lane % 4) + 1.
 __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void *row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(PGQA_SIM)
+  ::pgqa_sim::ldmatrix_x4(r, row, false, PGQA_SIM_SITE);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address(row)));
@@ -34,7 +43,9 @@ __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void *row) {
 // The same, each matrix transposed: lane holds column lane / 4, rows 2 (lane % 4) and
 // 2 (lane % 4) + 1.
 __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(PGQA_SIM)
+  ::pgqa_sim::ldmatrix_x4(r, row, true, PGQA_SIM_SITE);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address(row)));
@@ -44,7 +55,9 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row) {
 // c += a * b (16x16 by 16x8, f32 accumulators).
 __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
                                  const __nv_bfloat16 *) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(PGQA_SIM)
+  ::pgqa_sim::mma_m16n8k16(c, a, b0, b1, true, PGQA_SIM_SITE);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
@@ -54,7 +67,9 @@ __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t
 }
 __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
                                  const __half *) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(PGQA_SIM)
+  ::pgqa_sim::mma_m16n8k16(c, a, b0, b1, false, PGQA_SIM_SITE);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"

@@ -51,9 +51,9 @@ constexpr size_t smem_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     prefill_kernel(const pgqa_attend_params p, int block_shift, int group, int head_chunks) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if PGQA_MMA_CODE
   using G = TileGeometry<D>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  PGQA_DYNAMIC_SHARED(smem);
   T *q_s = reinterpret_cast<T *>(smem);       // [kRows][kStride]
   T *k_tiles = q_s + G::kQElems;              // [2][kKeys][kStride]
   T *v_tiles = k_tiles + 2 * G::kTileElems;   // [2][kKeys][kStride]
@@ -343,7 +343,7 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
   const dim3 grid(static_cast<unsigned>(p.num_mma_work), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(p.num_splits));
   const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
-  kernel<<<grid, kThreads, smem, stream>>>(p, block_shift, group, head_chunks);
+  PGQA_LAUNCH(kernel, grid, kThreads, smem, stream, p, block_shift, group, head_chunks);
   return pgqa::launch_status(cuda_error);
 }
 

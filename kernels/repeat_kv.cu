@@ -53,7 +53,7 @@ extern "C" pgqa_status pgqa_repeat_kv(const pgqa_repeat_kv_params *params, pgqa_
   // Grid-stride loop: enough blocks to fill any current GPU, never more than the work needs.
   const int64_t wanted = (num_src_vecs + kThreads - 1) / kThreads;
   const int blocks = static_cast<int>(wanted < 65536 ? wanted : 65536);
-  repeat_kv_kernel<<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  PGQA_LAUNCH(repeat_kv_kernel, blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream),
       static_cast<const uint4 *>(p.src), static_cast<uint4 *>(p.dst), num_src_vecs, p.n_kv_heads,
       p.n_rep, row_vecs);
   return pgqa::launch_status(cuda_error);

@@ -44,13 +44,16 @@ pub mod dtype;
 pub mod error;
 #[rustfmt::skip] // bindgen output, compared verbatim by tests/ffi_bindings.rs
 pub mod ffi;
+mod kernels;
 pub mod plan;
 pub mod shape;
+pub mod sim;
 
 pub use batch::SeqLens;
 pub use cache::{BlockTables, PagedLayout};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use kernels::DeviceValue;
 pub use shape::GqaShape;
 
 /// The README's Rust examples, compiled and run as doctests.

@@ -4,18 +4,8 @@
 
 use cudarc::driver::CudaStream;
 
-use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ffi;
-
-/// The C enum value of a dtype.
-pub(crate) fn dtype(dtype: DType) -> ffi::pgqa_dtype {
-    match dtype {
-        DType::F32 => ffi::pgqa_dtype::PGQA_DTYPE_F32,
-        DType::F16 => ffi::pgqa_dtype::PGQA_DTYPE_F16,
-        DType::BF16 => ffi::pgqa_dtype::PGQA_DTYPE_BF16,
-    }
-}
 
 /// Declares `unsafe fn $name(params, stream) -> Result<()>` calling launcher `$launcher`.
 /// Safety of each: every pointer in `params` is a live device allocation of the stream's
@@ -71,21 +61,7 @@ launcher!(
 /// Turns what a launcher returned into a `Result`.
 #[cfg_attr(not(paged_gqa_kernels), allow(dead_code))]
 fn check(kernel: &'static str, status: ffi::pgqa_status, cuda_error: i32) -> Result<()> {
-    let detail = match status {
-        ffi::pgqa_status::PGQA_STATUS_OK => return Ok(()),
-        ffi::pgqa_status::PGQA_STATUS_INVALID_ARGUMENT => {
-            "the launcher rejected its arguments".to_string()
-        }
-        ffi::pgqa_status::PGQA_STATUS_MISALIGNED => {
-            "a pointer or row is not 16-byte aligned".to_string()
-        }
-        ffi::pgqa_status::PGQA_STATUS_CUDA_ERROR => cuda_error_detail(cuda_error),
-        ffi::pgqa_status::PGQA_STATUS_UNSUPPORTED => {
-            "no kernel is built for this head_dim or dtype".to_string()
-        }
-        other => format!("unknown status {}", other.0),
-    };
-    Err(Error::Launch { kernel, detail })
+    crate::kernels::check_status(kernel, status, || cuda_error_detail(cuda_error))
 }
 
 #[cfg(paged_gqa_kernels)]

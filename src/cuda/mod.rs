@@ -2,12 +2,15 @@
 //!
 //! Three layers, as in cudarc: [`crate::ffi`] (bindgen of `paged_gqa.h`, nothing else) ->
 //! `launch` (turns a launcher's status into a `Result`) -> the safe functions here, which
-//! validate shapes, lengths and alignment before anything reaches a kernel.
+//! validate shapes, lengths and alignment before anything reaches a kernel. What the CUDA
+//! backend shares with the kernel emulator ([`crate::sim`]) lives in `crate::kernels`; this
+//! module adds cudarc's memory and streams.
 //!
 //! Every entry point returns [`Error::CudaUnavailable`] when the crate was built without nvcc,
 //! when libcuda is missing, or when there is no device; none of them panics.
 
 mod attend;
+mod backend;
 mod baseline;
 mod cache;
 mod launch;
@@ -15,7 +18,8 @@ mod repeat_kv;
 
 use std::sync::Arc;
 
-pub use attend::{AttendBatch, ATTEND_HEAD_DIMS};
+pub use crate::kernels::params::ATTEND_HEAD_DIMS;
+pub use attend::AttendBatch;
 pub use baseline::NaiveAttention;
 pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
@@ -63,22 +67,10 @@ pub(crate) fn built_without_kernels() -> Error {
     }
 }
 
-/// A size the C contract carries as `int32_t`, checked.
-pub(crate) fn to_i32(what: &'static str, value: usize) -> Result<i32> {
-    i32::try_from(value).map_err(|_| Error::TooLarge {
-        what,
-        value: value as u128,
-        limit: i32::MAX as u128,
-    })
-}
-
-/// Bytes of 16-byte vector alignment every kernel's tensors need.
-pub(crate) const VECTOR_BYTES: u64 = 16;
-
-/// Checks that a device address can take 16-byte vector accesses.
-pub(crate) fn check_aligned(name: &'static str, address: u64) -> Result<()> {
-    if address % VECTOR_BYTES != 0 {
-        return Err(Error::Misaligned { name, address });
+/// `Err(CudaUnavailable)` in a build without kernels.
+pub(crate) fn check_built() -> Result<()> {
+    if !KERNELS_BUILT {
+        return Err(built_without_kernels());
     }
     Ok(())
 }

@@ -2,10 +2,10 @@
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::cuda::{check_aligned, launch, to_i32};
+use crate::cuda::launch;
 use crate::dtype::Element;
-use crate::error::{Error, Result};
-use crate::ffi;
+use crate::error::Result;
+use crate::kernels::params;
 use crate::shape::GqaShape;
 
 /// `repeat_kv` on the GPU, the Llama reference semantics: `dst` head `h` is a copy of `src`
@@ -23,25 +23,20 @@ pub fn repeat_kv<T: Element>(
     src: &impl DevicePtr<T>,
     dst: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    Error::check_len("src", src.len(), num_tokens * shape.kv_row_len())?;
-    Error::check_len("dst", dst.len(), num_tokens * shape.q_row_len())?;
-    if num_tokens == 0 {
-        return Ok(());
-    }
+    let (src_len, dst_len) = (src.len(), dst.len());
     let (src_ptr, _src_sync) = src.device_ptr(stream);
     let (dst_ptr, _dst_sync) = dst.device_ptr_mut(stream);
-    check_aligned("src", src_ptr)?;
-    check_aligned("dst", dst_ptr)?;
-    let params = ffi::pgqa_repeat_kv_params {
-        src: src_ptr as *const _,
-        dst: dst_ptr as *mut _,
-        num_tokens: num_tokens as i64,
-        n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
-        n_rep: to_i32("group", shape.group())?,
-        head_dim: to_i32("head_dim", shape.head_dim())?,
-        dtype: launch::dtype(T::DTYPE),
+    let Some(params) = params::repeat_kv_params(
+        shape,
+        T::DTYPE,
+        num_tokens,
+        (src_ptr, src_len),
+        (dst_ptr, dst_len),
+    )?
+    else {
+        return Ok(());
     };
-    // SAFETY: lengths were checked against the shape above; both pointers are live device
+    // SAFETY: lengths were checked against the shape; both pointers are live device
     // allocations until the launched work completes (the SyncOnDrop guards order later uses
     // after it).
     unsafe { launch::repeat_kv(&params, stream) }

@@ -1,0 +1,230 @@
+// checks.cu: tiny kernels, each with a planted mistake (variant 1) or without it (variant 0),
+// that prove the emulator's strict semantics; tests/sim_checks.rs runs them through
+// pgqa_sim_check and asserts what the emulator reports. Compiled only into the emulator.
+
+#include <string>
+
+#include "common.cuh"
+#include "mma.cuh"
+
+extern "C" void *pgqa_sim_device_new(void);
+extern "C" void pgqa_sim_device_free(void *device);
+extern "C" void *pgqa_sim_malloc(void *device, size_t bytes);
+extern "C" const char *pgqa_sim_last_report(void *device);
+
+namespace {
+
+constexpr int kThreads = 128;
+
+// Reads the dynamic shared memory it never wrote (variant 1) or after writing it (variant 0).
+__global__ void __launch_bounds__(kThreads) poisoned_shared(float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  if (variant == 0) s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Two groups of cp.async (16 bytes per thread each), then every thread reads 8 floats copied by
+// others; variant 1 reads before the wait_group, variant 2 waits with a count one too high (the
+// second group is still in flight), variant 3 never waits.
+__global__ void __launch_bounds__(kThreads) async_copy(const float *in, float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int t = threadIdx.x;
+  pgqa::copy16_async(s + 4 * t, in + 4 * t);
+  pgqa::copy_async_commit();
+  pgqa::copy16_async(s + 4 * (kThreads + t), in + 4 * (kThreads + t));
+  pgqa::copy_async_commit();
+  if (variant == 0) pgqa::copy_async_wait<0>();
+  if (variant == 2) pgqa::copy_async_wait<1>();
+  if (variant != 3) {
+    __syncthreads();
+    for (int i = 0; i < 8; ++i) out[8 * t + i] = s[(8 * t + i + 4) % (8 * kThreads)];
+    pgqa::copy_async_wait<0>();
+  }
+}
+
+// cp.async from a misaligned source (variant 1) or across the end of the source (variant 2:
+// the last thread copies the 16 bytes holding element n - 1, n not a multiple of 4).
+__global__ void __launch_bounds__(kThreads) async_copy_bounds(const float *in, float *out, int n, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int t = threadIdx.x;
+  const float *src = variant == 2 && t == kThreads - 1 ? in + 4 * ((n + 3) / 4 - 1) : in + 4 * t + (variant == 1 ? 1 : 0);
+  pgqa::copy16_async(s + 4 * t, src);
+  pgqa::copy_async_commit();
+  pgqa::copy_async_wait<0>();
+  __syncthreads();
+  out[t] = s[4 * t];
+}
+
+// Half the block takes another barrier (variant 1), or exits early (variant 0: allowed).
+__global__ void __launch_bounds__(kThreads) barrier_divergence(float *out, int variant) {
+  const int t = threadIdx.x;
+  if (t >= 64) {
+    if (variant == 0) return;
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[t] = 1.0f;
+}
+
+// A full-mask shuffle in a branch half the warp skips (variant 1), or by the whole warp.
+__global__ void __launch_bounds__(kThreads) shuffle_divergence(float *out, int variant) {
+  const int t = threadIdx.x;
+  float x = static_cast<float>(t);
+  if (variant == 0 || t % 32 < 16) x = __shfl_xor_sync(0xffffffffu, x, 1);
+  out[t] = x;
+}
+
+// ldmatrix with one lane missing (variant 1: lane 5 returns first).
+__global__ void __launch_bounds__(32) ldmatrix_divergence(float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 256; i += 32) reinterpret_cast<uint32_t *>(smem)[i] = i;
+  __syncwarp();
+  if (variant == 1 && lane == 5) return;
+  uint32_t r[4];
+  pgqa::ldmatrix_x4(r, smem + 16 * lane);
+  out[lane] = static_cast<float>(r[0] & 0xffff);
+}
+
+// Thread t writes s[t] and reads s[t + 1]: without the barrier (variant 1) that is a race.
+__global__ void __launch_bounds__(kThreads) shared_race(float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int t = threadIdx.x;
+  s[t] = static_cast<float>(t);
+  if (variant == 0) __syncthreads();
+  out[t] = s[(t + 1) % kThreads];
+}
+
+// Reads one element past the end of `in` (variant 1), writes one past `out` (variant 2), writes
+// past the dynamic shared memory (variant 3).
+__global__ void __launch_bounds__(kThreads) out_of_bounds(const float *in, float *out, int n, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int t = blockIdx.x * kThreads + threadIdx.x;
+  const int last = n - 1;
+  float x = in[t < n ? t : last];
+  if (variant == 1 && t == last) x = in[t + 1024];
+  if (variant == 3 && threadIdx.x == 7) s[kThreads + 4096] = x;
+  out[t < n ? t : last] = x;
+  if (variant == 2 && t == last) out[t + 1024] = x;
+}
+
+// A plain kernel for the launch checks.
+__global__ void __launch_bounds__(1024) plain(float *out) { out[threadIdx.x % 16] = 1.0f; }
+
+// One m16n8k16 product: A [16][16] and B [16][8] (k x n) from `in` (16-bit values), through
+// shared memory and ldmatrix (A direct, B transposed), D [16][8] f32 to `out`.
+template <typename T>
+__global__ void __launch_bounds__(32) mma_tile(const uint16_t *in, float *out) {
+  PGQA_DYNAMIC_SHARED(smem);
+  uint16_t *a_s = reinterpret_cast<uint16_t *>(smem);  // [16][16]
+  uint16_t *b_s = a_s + 256;                            // [16][8]
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 256 + 128; i += 32) a_s[i] = in[i];
+  __syncwarp();
+  uint32_t a[4], b[4];
+  pgqa::ldmatrix_x4(a, a_s + (lane & 15) * 16 + (lane >> 4) * 8);
+  // B rows (k) 0-7 and 8-15 as the two matrices of b0 and b1 (x4 reads them twice).
+  pgqa::ldmatrix_x4_trans(b, b_s + (lane & 15) * 8);
+  float c[4] = {0.25f, -0.5f, 1.0f, 2.0f};
+  const T *tag = nullptr;
+  pgqa::mma_16816(c, a, b[0], b[1], tag);
+  const int g = lane / 4, t = lane % 4;
+  out[g * 8 + 2 * t] = c[0];
+  out[g * 8 + 2 * t + 1] = c[1];
+  out[(g + 8) * 8 + 2 * t] = c[2];
+  out[(g + 8) * 8 + 2 * t + 1] = c[3];
+}
+
+// Every shuffle mode of lane values 100 + lane: out [4][32].
+__global__ void __launch_bounds__(32) shuffles(float *out) {
+  const int lane = threadIdx.x;
+  const float x = 100.0f + lane;
+  out[lane] = __shfl_xor_sync(0xffffffffu, x, 5);
+  out[32 + lane] = __shfl_up_sync(0xffffffffu, x, 3);
+  out[64 + lane] = __shfl_down_sync(0xffffffffu, x, 3, 16);
+  out[96 + lane] = __shfl_sync(0xffffffffu, x, 31 - lane);
+}
+
+__global__ void __launch_bounds__(kThreads) trapping(float *out) {
+  if (threadIdx.x == 3) __trap();
+  out[threadIdx.x] = 1.0f;
+}
+
+void *upload(void *device, const void *data, size_t bytes, size_t capacity) {
+  void *p = pgqa_sim_malloc(device, capacity);
+  if (bytes > 0) memcpy(p, data, bytes);
+  return p;
+}
+
+}  // namespace
+
+// Runs check `name` (variant 0: correct, others: a planted mistake) with `input` copied to a
+// device buffer; copies the device output (poisoned where unwritten) to `output`, the report
+// to `report`. Returns the launch's cudaError value, or -1 for an unknown name.
+extern "C" int pgqa_sim_check(const char *name, int variant, const void *input, size_t input_bytes,
+                              void *output, size_t output_bytes, char *report, size_t report_bytes) {
+  void *device = pgqa_sim_device_new();
+  void *in = upload(device, input, input_bytes, input_bytes > 0 ? input_bytes : 16);
+  float *out = static_cast<float *>(upload(device, nullptr, 0, output_bytes));
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(device);
+  const std::string n = name;
+  const float *in_f = static_cast<const float *>(in);
+  const int elems = static_cast<int>(input_bytes / 4);
+  int status = -1;
+  if (n == "poisoned_shared") {
+    status = PGQA_LAUNCH(poisoned_shared, 1, kThreads, kThreads * 4, stream, out, variant);
+  } else if (n == "async_copy") {
+    status = PGQA_LAUNCH(async_copy, 1, kThreads, 8 * kThreads * 4, stream, in_f, out, variant);
+  } else if (n == "async_copy_bounds") {
+    status = PGQA_LAUNCH(async_copy_bounds, 1, kThreads, 4 * kThreads * 4, stream, in_f, out, elems, variant);
+  } else if (n == "barrier_divergence") {
+    status = PGQA_LAUNCH(barrier_divergence, 1, kThreads, 0, stream, out, variant);
+  } else if (n == "shuffle_divergence") {
+    status = PGQA_LAUNCH(shuffle_divergence, 1, kThreads, 0, stream, out, variant);
+  } else if (n == "ldmatrix_divergence") {
+    status = PGQA_LAUNCH(ldmatrix_divergence, 1, 32, 1024, stream, out, variant);
+  } else if (n == "shared_race") {
+    status = PGQA_LAUNCH(shared_race, 1, kThreads, kThreads * 4, stream, out, variant);
+  } else if (n == "out_of_bounds") {
+    status = PGQA_LAUNCH(out_of_bounds, (elems + kThreads - 1) / kThreads, kThreads, kThreads * 4, stream, in_f,
+                         out, elems, variant);
+  } else if (n == "launch_block_too_large") {
+    status = PGQA_LAUNCH(plain, 1, variant ? 2048 : 1024, 0, stream, out);
+  } else if (n == "launch_grid_too_large") {
+    status = PGQA_LAUNCH(plain, dim3(1, variant ? 70000 : 65535), 32, 0, stream, out);
+  } else if (n == "launch_shared_without_attribute") {
+    if (variant == 0) cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    status = PGQA_LAUNCH(plain, 1, 32, 64 * 1024, stream, out);
+    cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, 48 * 1024);
+  } else if (n == "launch_shared_above_device") {
+    status = cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, variant ? 240 * 1024 : 227 * 1024);
+    cudaGetLastError();
+    cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, 48 * 1024);
+  } else if (n == "mma_bf16") {
+    status = PGQA_LAUNCH(mma_tile<__nv_bfloat16>, 1, 32, 1024, stream, static_cast<const uint16_t *>(in), out);
+  } else if (n == "mma_f16") {
+    status = PGQA_LAUNCH(mma_tile<__half>, 1, 32, 1024, stream, static_cast<const uint16_t *>(in), out);
+  } else if (n == "shuffles") {
+    status = PGQA_LAUNCH(shuffles, 1, 32, 0, stream, out);
+  } else if (n == "trap") {
+    status = PGQA_LAUNCH(trapping, 1, kThreads, 0, stream, out);
+  }
+  cudaGetLastError();
+  memcpy(output, out, output_bytes);
+  snprintf(report, report_bytes, "%s", pgqa_sim_last_report(device));
+  pgqa_sim_device_free(device);
+  return status;
+}
+
+// The emulator's 16-bit conversions, for tests/sim_checks.rs to compare with the `half` crate.
+extern "C" float pgqa_sim_f16_to_f32(uint16_t bits) { return __half2float(__half{bits}); }
+extern "C" uint16_t pgqa_sim_f32_to_f16(float x) { return __float2half_rn(x).x; }
+extern "C" float pgqa_sim_bf16_to_f32(uint16_t bits) { return __bfloat162float(__nv_bfloat16{bits}); }
+extern "C" uint16_t pgqa_sim_f32_to_bf16(float x) { return __float2bfloat16_rn(x).x; }

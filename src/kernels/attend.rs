@@ -1,0 +1,121 @@
+//! An attention batch over pages the caller manages, on any backend: block tables, lengths and
+//! the schedule validated on the host and uploaded once, the split workspace allocated once;
+//! each run then only launches.
+
+use crate::batch::SeqLens;
+use crate::cache::PagedLayout;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels::params::{self, AttendTables, AttendTensors};
+use crate::kernels::{upload_nonempty, Backend, Launch};
+use crate::plan::{AttendSchedule, KernelChoice};
+
+/// The uploaded state of one attention batch.
+pub(crate) struct AttendState<B: Backend> {
+    pub layout: PagedLayout,
+    pub dtype: DType,
+    pub num_tokens: usize,
+    pub max_blocks: usize,
+    pub schedule: AttendSchedule,
+    /// [batch, max_blocks]
+    block_tables: B::Buffer<i32>,
+    /// [batch]
+    context_lens: B::Buffer<i32>,
+    /// [batch + 1]
+    query_starts: B::Buffer<i32>,
+    /// [num_work, 2]: the CUDA-core kernel's work items
+    work: B::Buffer<i32>,
+    /// [num_mma_work, 2]: the tensor-core kernel's work items
+    mma_work: B::Buffer<i32>,
+    /// partial outputs and lse of the splits
+    workspace: B::Buffer<f32>,
+}
+
+impl<B: Backend> AttendState<B> {
+    /// Validates `block_tables` (`[lens.batch(), max_blocks]`) against `layout` and `lens`, plans
+    /// the launch for `choice` (as the device can run it) and uploads everything.
+    pub fn new(
+        backend: &B,
+        layout: PagedLayout,
+        dtype: DType,
+        lens: &SeqLens,
+        block_tables: &[i32],
+        max_blocks: usize,
+        choice: KernelChoice,
+    ) -> Result<Self> {
+        params::check_tables("attention", &layout, dtype, lens, block_tables, max_blocks)?;
+        let choice = backend.kernels(choice)?;
+        let schedule =
+            AttendSchedule::with_kernels(backend.sm_count()?, lens, layout.shape(), choice);
+        let floats = schedule
+            .workspace_floats(lens.num_tokens(), layout.shape())
+            .max(4);
+        Ok(Self {
+            layout,
+            dtype,
+            num_tokens: lens.num_tokens(),
+            max_blocks,
+            block_tables: upload_nonempty(backend, block_tables, -1)?,
+            context_lens: upload_nonempty(backend, &lens.context_lens_i32(), 0)?,
+            query_starts: upload_nonempty(backend, &params::query_starts(lens), 0)?,
+            work: upload_nonempty(backend, bytemuck::cast_slice(&schedule.cuda_cores.work), 0)?,
+            mma_work: upload_nonempty(
+                backend,
+                bytemuck::cast_slice(&schedule.tensor_cores.work),
+                0,
+            )?,
+            workspace: backend.alloc_zeros::<f32>(floats)?,
+            schedule,
+        })
+    }
+
+    /// Attention over `tensors` (the caches checked to be one layer of the layout).
+    pub fn run(
+        &self,
+        backend: &B,
+        dtype: DType,
+        tensors: &AttendTensors,
+        cache_lens: (usize, usize),
+        scale: Option<f32>,
+    ) -> Result<()> {
+        Error::check_len("k_cache", cache_lens.0, self.layout.cache_len())?;
+        Error::check_len("v_cache", cache_lens.1, self.layout.cache_len())?;
+        if dtype != self.dtype {
+            return Err(Error::DTypeMismatch {
+                expected: self.dtype,
+                actual: dtype,
+            });
+        }
+        let tables = AttendTables {
+            layout: self.layout,
+            num_tokens: self.num_tokens,
+            max_blocks: self.max_blocks,
+            schedule: &self.schedule,
+            block_tables: backend.address(&self.block_tables),
+            context_lens: backend.address(&self.context_lens),
+            query_starts: backend.address(&self.query_starts),
+            work: backend.address(&self.work),
+            mma_work: backend.address(&self.mma_work),
+            split_workspace: backend.address(&self.workspace),
+        };
+        launch_attend(backend, &tables, tensors, dtype, scale)
+    }
+}
+
+/// Checks the engine's tensors against the tables and launches (attention, then merge).
+pub(crate) fn launch_attend<B: Backend>(
+    backend: &B,
+    tables: &AttendTables<'_>,
+    tensors: &AttendTensors,
+    dtype: DType,
+    scale: Option<f32>,
+) -> Result<()> {
+    let Some(params) = params::attend_params(tables, tensors, dtype, scale)? else {
+        return Ok(());
+    };
+    // SAFETY: q, out and lse have the lengths num_tokens implies (checked); the caches are one
+    // layer's [num_blocks, block_size, n_kv_heads, head_dim] tensors; the block tables were
+    // validated on the host against the same layout and lengths; query_starts and the work list
+    // come from the same lengths; the split workspace holds workspace_floats of the schedule.
+    unsafe { backend.launch(Launch::Attend(&params)) }
+}

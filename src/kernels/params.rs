@@ -1,0 +1,259 @@
+//! The C launchers' parameter structs, built in one place for every backend, with the checks
+//! that must hold before any of them reaches a kernel.
+
+use crate::batch::SeqLens;
+use crate::cache::{BlockTables, CacheConfig, PagedLayout};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::plan::AttendSchedule;
+use crate::shape::GqaShape;
+
+/// Head sizes the attention kernels are built for.
+pub const ATTEND_HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
+
+/// Bytes of 16-byte vector alignment every kernel's tensors need.
+pub(crate) const VECTOR_BYTES: u64 = 16;
+
+/// A size the C contract carries as `int32_t`, checked.
+pub(crate) fn to_i32(what: &'static str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::TooLarge {
+        what,
+        value: value as u128,
+        limit: i32::MAX as u128,
+    })
+}
+
+/// Checks that a device address can take 16-byte vector accesses.
+pub(crate) fn check_aligned(name: &'static str, address: u64) -> Result<()> {
+    if address % VECTOR_BYTES != 0 {
+        return Err(Error::Misaligned { name, address });
+    }
+    Ok(())
+}
+
+/// The C enum value of a dtype.
+pub(crate) fn dtype(dtype: DType) -> ffi::pgqa_dtype {
+    match dtype {
+        DType::F32 => ffi::pgqa_dtype::PGQA_DTYPE_F32,
+        DType::F16 => ffi::pgqa_dtype::PGQA_DTYPE_F16,
+        DType::BF16 => ffi::pgqa_dtype::PGQA_DTYPE_BF16,
+    }
+}
+
+/// Checks that the attention kernel exists for this shape and element type.
+pub(crate) fn check_supported(kernel: &'static str, shape: GqaShape, dtype: DType) -> Result<()> {
+    if !ATTEND_HEAD_DIMS.contains(&shape.head_dim()) {
+        return Err(Error::UnsupportedHeadDim {
+            kernel,
+            head_dim: shape.head_dim(),
+            supported: "64, 80, 96, 128, 256",
+        });
+    }
+    if dtype == DType::F32 {
+        return Err(Error::UnsupportedDType { kernel, dtype });
+    }
+    Ok(())
+}
+
+/// The checks every caller-managed batch starts with: block tables valid for the layout and
+/// lengths, a kernel for this shape and dtype.
+pub(crate) fn check_tables(
+    kernel: &'static str,
+    layout: &PagedLayout,
+    dtype: DType,
+    lens: &SeqLens,
+    block_tables: &[i32],
+    max_blocks: usize,
+) -> Result<()> {
+    BlockTables::new(block_tables, max_blocks, layout, lens)?;
+    check_supported(kernel, layout.shape(), dtype)
+}
+
+/// `query_starts` `[batch + 1]` as the kernel reads them.
+pub(crate) fn query_starts(lens: &SeqLens) -> Vec<i32> {
+    (0..lens.batch())
+        .map(|s| lens.query_rows(s).start as i32)
+        .chain([lens.num_tokens() as i32])
+        .collect()
+}
+
+/// A launch's tables, already validated: the schedule and the device addresses of the tables
+/// and the split workspace.
+pub(crate) struct AttendTables<'a> {
+    pub layout: PagedLayout,
+    pub num_tokens: usize,
+    pub max_blocks: usize,
+    pub schedule: &'a AttendSchedule,
+    /// [batch, max_blocks] i32
+    pub block_tables: u64,
+    /// [batch] i32
+    pub context_lens: u64,
+    /// [batch + 1] i32
+    pub query_starts: u64,
+    /// [num_work, 2] i32: the CUDA-core kernel's work items
+    pub work: u64,
+    /// [num_mma_work, 2] i32: the tensor-core kernel's work items
+    pub mma_work: u64,
+    /// [num_tokens, n_heads, num_splits, head_dim] f32 then [num_tokens, n_heads, num_splits] f32
+    pub split_workspace: u64,
+}
+
+/// The engine's tensors of one attention call: device addresses and element counts.
+pub(crate) struct AttendTensors {
+    /// one layer's [num_blocks, block_size, n_kv_heads, head_dim]
+    pub k_cache: u64,
+    pub v_cache: u64,
+    /// [num_tokens, n_heads, head_dim]: address, elements
+    pub q: (u64, usize),
+    pub out: (u64, usize),
+    /// [num_tokens, n_heads]
+    pub lse: (u64, usize),
+}
+
+/// `pgqa_attend`'s parameters, after checking the tensors against the tables; `None` when the
+/// schedule has no work.
+pub(crate) fn attend_params(
+    tables: &AttendTables<'_>,
+    tensors: &AttendTensors,
+    dtype: DType,
+    scale: Option<f32>,
+) -> Result<Option<ffi::pgqa_attend_params>> {
+    let shape = tables.layout.shape();
+    let rows = tables.num_tokens * shape.n_heads();
+    Error::check_len("q", tensors.q.1, rows * shape.head_dim())?;
+    Error::check_len("out", tensors.out.1, rows * shape.head_dim())?;
+    Error::check_len("lse", tensors.lse.1, rows)?;
+    let scale = scale.unwrap_or(shape.default_scale() as f32);
+    if !scale.is_finite() {
+        return Err(Error::InvalidScale {
+            scale: scale as f64,
+        });
+    }
+    let schedule = tables.schedule;
+    if schedule.is_empty() {
+        return Ok(None);
+    }
+    for (name, ptr) in [
+        ("q", tensors.q.0),
+        ("out", tensors.out.0),
+        ("k_cache", tensors.k_cache),
+        ("v_cache", tensors.v_cache),
+    ] {
+        check_aligned(name, ptr)?;
+    }
+    let partial_lse =
+        tables.split_workspace + (rows * schedule.num_splits * shape.head_dim() * 4) as u64;
+    Ok(Some(ffi::pgqa_attend_params {
+        q: tensors.q.0 as *const _,
+        k_cache: tensors.k_cache as *const _,
+        v_cache: tensors.v_cache as *const _,
+        block_tables: tables.block_tables as *const i32,
+        context_lens: tables.context_lens as *const i32,
+        query_starts: tables.query_starts as *const i32,
+        work: tables.work as *const i32,
+        mma_work: tables.mma_work as *const i32,
+        out: tensors.out.0 as *mut _,
+        lse: tensors.lse.0 as *mut f32,
+        partial_out: tables.split_workspace as *mut f32,
+        partial_lse: partial_lse as *mut f32,
+        num_work: to_i32("work items", schedule.cuda_cores.work.len())?,
+        num_mma_work: to_i32("tensor-core work items", schedule.tensor_cores.work.len())?,
+        num_tokens: to_i32("num_tokens", tables.num_tokens)?,
+        n_heads: to_i32("n_heads", shape.n_heads())?,
+        n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
+        head_dim: to_i32("head_dim", shape.head_dim())?,
+        block_size: to_i32("block_size", tables.layout.block_size())?,
+        max_blocks: to_i32("max_blocks", tables.max_blocks)?,
+        num_blocks: to_i32("num_blocks", tables.layout.num_blocks())?,
+        tokens_per_work: to_i32("tokens_per_work", schedule.cuda_cores.tokens_per_work)?,
+        mma_tokens_per_work: to_i32("mma_tokens_per_work", schedule.tensor_cores.tokens_per_work)?,
+        num_splits: to_i32("num_splits", schedule.num_splits)?,
+        keys_per_split: to_i32("keys_per_split", schedule.keys_per_split)?,
+        scale,
+        dtype: self::dtype(dtype),
+    }))
+}
+
+/// `pgqa_write_kv`'s parameters for one layer: `k_new`, `v_new` `(address, elements)`
+/// `[num_tokens, n_kv_heads, head_dim]`, the layer's K and V tensors at `k_cache`, `v_cache`;
+/// `None` for no tokens.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_kv_params(
+    config: &CacheConfig,
+    num_blocks: usize,
+    num_tokens: usize,
+    k_new: (u64, usize),
+    v_new: (u64, usize),
+    k_cache: u64,
+    v_cache: u64,
+    slot_mapping: u64,
+) -> Result<Option<ffi::pgqa_write_kv_params>> {
+    let shape = config.shape();
+    Error::check_len("k_new", k_new.1, num_tokens * shape.kv_row_len())?;
+    Error::check_len("v_new", v_new.1, num_tokens * shape.kv_row_len())?;
+    if num_tokens == 0 {
+        return Ok(None);
+    }
+    check_aligned("k_new", k_new.0)?;
+    check_aligned("v_new", v_new.0)?;
+    Ok(Some(ffi::pgqa_write_kv_params {
+        k_new: k_new.0 as *const _,
+        v_new: v_new.0 as *const _,
+        k_cache: k_cache as *mut _,
+        v_cache: v_cache as *mut _,
+        slot_mapping: slot_mapping as *const i64,
+        num_tokens: num_tokens as i64,
+        num_slots: (num_blocks * config.block_size()) as i64,
+        n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
+        head_dim: to_i32("head_dim", shape.head_dim())?,
+        dtype: dtype(config.dtype()),
+    }))
+}
+
+/// `pgqa_copy_blocks`' parameters: `num_copies` (src, dst) pairs at `block_copies` over every
+/// (layer, K or V) tensor of `pages`.
+pub(crate) fn copy_blocks_params(
+    config: &CacheConfig,
+    num_blocks: usize,
+    pages: u64,
+    block_copies: u64,
+    num_copies: usize,
+) -> ffi::pgqa_copy_blocks_params {
+    ffi::pgqa_copy_blocks_params {
+        pages: pages as *mut _,
+        block_copies: block_copies as *const i32,
+        num_copies: num_copies as i64,
+        block_len: (config.block_size() * config.shape().kv_row_len()) as i64,
+        num_tensors: (2 * config.num_layers()) as i32,
+        num_blocks: num_blocks as i32,
+        dtype: dtype(config.dtype()),
+    }
+}
+
+/// `pgqa_repeat_kv`'s parameters: `src` `[num_tokens, n_kv_heads, head_dim]`, `dst`
+/// `[num_tokens, n_heads, head_dim]`, each `(address, elements)`; `None` for no tokens.
+pub(crate) fn repeat_kv_params(
+    shape: GqaShape,
+    dtype: DType,
+    num_tokens: usize,
+    src: (u64, usize),
+    dst: (u64, usize),
+) -> Result<Option<ffi::pgqa_repeat_kv_params>> {
+    Error::check_len("src", src.1, num_tokens * shape.kv_row_len())?;
+    Error::check_len("dst", dst.1, num_tokens * shape.q_row_len())?;
+    if num_tokens == 0 {
+        return Ok(None);
+    }
+    check_aligned("src", src.0)?;
+    check_aligned("dst", dst.0)?;
+    Ok(Some(ffi::pgqa_repeat_kv_params {
+        src: src.0 as *const _,
+        dst: dst.0 as *mut _,
+        num_tokens: num_tokens as i64,
+        n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
+        n_rep: to_i32("group", shape.group())?,
+        head_dim: to_i32("head_dim", shape.head_dim())?,
+        dtype: self::dtype(dtype),
+    }))
+}

@@ -1,0 +1,81 @@
+//! The naive baseline and repeat_kv on the emulator.
+
+use std::sync::Arc;
+
+use crate::batch::SeqLens;
+use crate::cache::PagedLayout;
+use crate::dtype::Element;
+use crate::error::Result;
+use crate::kernels::naive::NaiveState;
+use crate::kernels::{params, Backend, Launch};
+use crate::shape::GqaShape;
+use crate::sim::{SimBuffer, SimDevice};
+
+/// [`cuda::NaiveAttention`](crate::cuda::NaiveAttention) on the emulator: gather, repeat_kv,
+/// per-head attention, with the real kernels.
+pub struct NaiveAttention<T: Element> {
+    state: NaiveState<Arc<SimDevice>, T>,
+}
+
+impl<T: Element> NaiveAttention<T> {
+    /// Validates the tables and allocates the buffers.
+    pub fn new(
+        device: &Arc<SimDevice>,
+        layout: PagedLayout,
+        lens: &SeqLens,
+        block_tables: &[i32],
+        max_blocks: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            state: NaiveState::new(device, layout, lens, block_tables, max_blocks)?,
+        })
+    }
+
+    /// The whole naive path: gather, repeat_kv of K and V, per-head attention. `q`, `out`
+    /// `[num_tokens, n_heads, head_dim]`; `k_cache`, `v_cache` one layer's pages.
+    pub fn run(
+        &mut self,
+        device: &Arc<SimDevice>,
+        k_cache: &SimBuffer<T>,
+        v_cache: &SimBuffer<T>,
+        q: &SimBuffer<T>,
+        out: &mut SimBuffer<T>,
+        scale: Option<f32>,
+    ) -> Result<()> {
+        self.state.gather(
+            device,
+            (k_cache.address(), k_cache.len()),
+            (v_cache.address(), v_cache.len()),
+        )?;
+        self.state.repeat(device)?;
+        self.state.attention(
+            device,
+            (q.address(), q.len()),
+            (out.address(), out.len()),
+            scale,
+        )
+    }
+}
+
+/// [`cuda::repeat_kv`](crate::cuda::repeat_kv) on the emulator: `src` `[num_tokens,
+/// n_kv_heads, head_dim]` to `dst` `[num_tokens, n_heads, head_dim]`.
+pub fn repeat_kv<T: Element>(
+    device: &Arc<SimDevice>,
+    shape: GqaShape,
+    num_tokens: usize,
+    src: &SimBuffer<T>,
+    dst: &mut SimBuffer<T>,
+) -> Result<()> {
+    let Some(params) = params::repeat_kv_params(
+        shape,
+        T::DTYPE,
+        num_tokens,
+        (src.address(), src.len()),
+        (dst.address(), dst.len()),
+    )?
+    else {
+        return Ok(());
+    };
+    // SAFETY: lengths checked against the shape; both buffers are live on the device.
+    unsafe { device.launch(Launch::RepeatKv(&params)) }
+}

@@ -1,0 +1,200 @@
+//! The emulated device and its memory.
+
+use std::ffi::{c_void, CStr};
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::kernels::DeviceValue;
+
+extern "C" {
+    fn pgqa_sim_device_new() -> *mut c_void;
+    fn pgqa_sim_device_free(device: *mut c_void);
+    fn pgqa_sim_malloc(device: *mut c_void, bytes: usize) -> *mut c_void;
+    fn pgqa_sim_free(device: *mut c_void, ptr: *mut c_void) -> i32;
+    fn pgqa_sim_set_race_check(device: *mut c_void, on: i32);
+    fn pgqa_sim_race_check(device: *mut c_void) -> i32;
+    fn pgqa_sim_last_report(device: *mut c_void) -> *const std::ffi::c_char;
+    fn pgqa_sim_clear_report(device: *mut c_void);
+    fn pgqa_sim_watch(device: *mut c_void, ptr: *const c_void, len: usize);
+    fn pgqa_sim_unwatch_all(device: *mut c_void);
+    fn pgqa_sim_watched_bytes(device: *mut c_void) -> u64;
+    fn pgqa_sim_launches(device: *mut c_void) -> u64;
+}
+
+/// An emulated GPU and its stream: launches on it run to completion before they return, one at a
+/// time (from any thread). Its buffers are host memory with guard pages, poisoned when made.
+pub struct SimDevice {
+    raw: NonNull<c_void>,
+}
+
+// SAFETY: the emulator's device locks its buffer table and serialises launches.
+unsafe impl Send for SimDevice {}
+// SAFETY: as above.
+unsafe impl Sync for SimDevice {}
+
+impl SimDevice {
+    /// A new device with no buffers (race check on unless `PAGED_GQA_SIM_RACE_CHECK=0`).
+    pub fn new() -> Arc<Self> {
+        // SAFETY: no preconditions; never null.
+        let raw = unsafe { pgqa_sim_device_new() };
+        Arc::new(Self {
+            raw: NonNull::new(raw).expect("the emulator returned a device"),
+        })
+    }
+
+    pub(crate) fn raw(&self) -> *mut c_void {
+        self.raw.as_ptr()
+    }
+
+    /// `len` elements whose bytes are all 0xff (NaN in f32, f16 and bf16): what a kernel leaves
+    /// unwritten stays visibly poisoned.
+    pub fn alloc<T: DeviceValue>(self: &Arc<Self>, len: usize) -> Result<SimBuffer<T>> {
+        let bytes = len * std::mem::size_of::<T>();
+        // SAFETY: the device is live; the emulator returns null when it cannot map.
+        let ptr = unsafe { pgqa_sim_malloc(self.raw(), bytes) };
+        let ptr = NonNull::new(ptr.cast::<T>()).ok_or_else(|| super::out_of_memory(bytes))?;
+        Ok(SimBuffer {
+            device: self.clone(),
+            ptr,
+            len,
+            element: PhantomData,
+        })
+    }
+
+    /// A buffer holding a copy of `values`.
+    pub fn upload<T: DeviceValue>(self: &Arc<Self>, values: &[T]) -> Result<SimBuffer<T>> {
+        let mut buffer = self.alloc(values.len())?;
+        buffer.as_mut_slice().copy_from_slice(values);
+        Ok(buffer)
+    }
+
+    /// Turns the two-schedule race check on or off for later launches.
+    pub fn set_race_check(&self, on: bool) {
+        // SAFETY: the device is live.
+        unsafe { pgqa_sim_set_race_check(self.raw(), on as i32) }
+    }
+
+    /// Whether launches run twice (forward with late copies, reverse with early copies) and
+    /// must agree bit for bit.
+    pub fn race_check(&self) -> bool {
+        // SAFETY: the device is live.
+        unsafe { pgqa_sim_race_check(self.raw()) != 0 }
+    }
+
+    /// The report of the last launch the emulator refused or failed ("" when none did).
+    pub fn last_report(&self) -> String {
+        // SAFETY: a NUL-terminated string owned by the device, copied at once.
+        unsafe { CStr::from_ptr(pgqa_sim_last_report(self.raw())) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Forgets the last report.
+    pub fn clear_report(&self) {
+        // SAFETY: the device is live.
+        unsafe { pgqa_sim_clear_report(self.raw()) }
+    }
+
+    /// Counts, in later launches, the bytes `cp.async` brings from device addresses
+    /// `[address, address + bytes)` (the K/V pages: the traffic counter). Counts add up over
+    /// every watched range until [`unwatch_all`](Self::unwatch_all).
+    pub fn watch(&self, address: u64, bytes: usize) {
+        // SAFETY: only records the range.
+        unsafe { pgqa_sim_watch(self.raw(), address as *const c_void, bytes) }
+    }
+
+    /// Stops counting and resets the count.
+    pub fn unwatch_all(&self) {
+        // SAFETY: the device is live.
+        unsafe { pgqa_sim_unwatch_all(self.raw()) }
+    }
+
+    /// Bytes `cp.async` brought from the watched ranges since they were set (the first
+    /// schedule of each launch only).
+    pub fn watched_bytes(&self) -> u64 {
+        // SAFETY: the device is live.
+        unsafe { pgqa_sim_watched_bytes(self.raw()) }
+    }
+
+    /// Kernel launches run on this device so far.
+    pub fn launches(&self) -> u64 {
+        // SAFETY: the device is live.
+        unsafe { pgqa_sim_launches(self.raw()) }
+    }
+}
+
+impl Drop for SimDevice {
+    fn drop(&mut self) {
+        // SAFETY: every buffer holds an Arc of its device, so none is left.
+        unsafe { pgqa_sim_device_free(self.raw()) }
+    }
+}
+
+/// `len` elements of emulated device memory. The memory is the host's, so it reads and
+/// writes as a slice; a kernel launched on it sees what the slice holds.
+pub struct SimBuffer<T: DeviceValue> {
+    device: Arc<SimDevice>,
+    ptr: NonNull<T>,
+    len: usize,
+    element: PhantomData<T>,
+}
+
+// SAFETY: the buffer owns its memory; T is Send + Sync.
+unsafe impl<T: DeviceValue> Send for SimBuffer<T> {}
+// SAFETY: as above.
+unsafe impl<T: DeviceValue> Sync for SimBuffer<T> {}
+
+impl<T: DeviceValue> SimBuffer<T> {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device address of the first element.
+    pub fn address(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// The device the buffer lives on.
+    pub fn device(&self) -> &Arc<SimDevice> {
+        &self.device
+    }
+
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: len elements of T (any bit pattern is a valid Pod value) owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The elements, to write.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as above, borrowed exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// A copy of the elements.
+    pub fn to_vec(&self) -> Vec<T> {
+        self.as_slice().to_vec()
+    }
+
+    /// Overwrites every element with `values` (of the same length).
+    pub fn copy_from(&mut self, values: &[T]) -> Result<()> {
+        Error::check_len("values", values.len(), self.len)?;
+        self.as_mut_slice().copy_from_slice(values);
+        Ok(())
+    }
+}
+
+impl<T: DeviceValue> Drop for SimBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: allocated by this device, freed once.
+        unsafe { pgqa_sim_free(self.device.raw(), self.ptr.as_ptr().cast()) };
+    }
+}

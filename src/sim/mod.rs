@@ -1,0 +1,229 @@
+//! The kernel emulator as a backend: the real `kernels/*.cu`, compiled for the CPU (see
+//! `kernels/sim/`), running on emulated device memory with strict checks.
+//!
+//! Every CUDA thread runs as a fiber; barriers and warp collectives (shuffles, `ldmatrix`,
+//! `mma.sync`) must be reached by every thread or lane they name, at the same call site;
+//! `cp.async` data lands only at the `wait_group` that retires it; device buffers and shared
+//! memory start poisoned (NaN bytes) and have guard pages, so an access past either end is
+//! reported with the kernel, block, thread and buffer; with the race check on (the default,
+//! `PAGED_GQA_SIM_RACE_CHECK=0` turns it off) every launch runs a second time in reverse order
+//! with copies landing at issue, and every buffer must come out bit-identical. A launch the
+//! emulator objects to fails with [`Error::Launch`] carrying its report.
+//!
+//! The API mirrors [`crate::cuda`]: a [`SimDevice`] (the stream), [`SimBuffer`]s (its memory,
+//! which is host memory: read and write it directly), [`AttendBatch`], [`SimStorage`] for a
+//! [`PagedCache`](crate::cache::PagedCache), [`NaiveAttention`] and [`repeat_kv`]. The
+//! emulator presents an H200 (sm_90, 132 SMs, 227 KiB of shared memory per block). It proves
+//! logic, not speed: timing, occupancy and the real compiler's code generation need a GPU.
+
+mod attend;
+mod baseline;
+mod buffer;
+mod storage;
+
+pub use attend::AttendBatch;
+pub use baseline::{repeat_kv, NaiveAttention};
+pub use buffer::{SimBuffer, SimDevice};
+pub use storage::{SimStepPlan, SimStorage};
+
+use std::ffi::{c_char, c_void, CStr};
+
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::kernels::{check_status, Backend, DeviceValue, Launch};
+use crate::plan::KernelChoice;
+
+/// Multiprocessors of the emulated device (an H200).
+pub const SIM_SM_COUNT: usize = 132;
+
+#[allow(non_camel_case_types)]
+type pgqa_stream = ffi::pgqa_stream;
+
+extern "C" {
+    fn pgqa_sim_attend(
+        params: *const ffi::pgqa_attend_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_sim_write_kv(
+        params: *const ffi::pgqa_write_kv_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_sim_copy_blocks(
+        params: *const ffi::pgqa_copy_blocks_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_sim_repeat_kv(
+        params: *const ffi::pgqa_repeat_kv_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_sim_gather_kv(
+        params: *const ffi::pgqa_gather_kv_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_sim_naive_decode(
+        params: *const ffi::pgqa_naive_decode_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_sim_cuda_error_name(cuda_error: i32) -> *const c_char;
+    fn pgqa_sim_check(
+        name: *const c_char,
+        variant: i32,
+        input: *const c_void,
+        input_bytes: usize,
+        output: *mut c_void,
+        output_bytes: usize,
+        report: *mut c_char,
+        report_bytes: usize,
+    ) -> i32;
+    fn pgqa_sim_f16_to_f32(bits: u16) -> f32;
+    fn pgqa_sim_f32_to_f16(x: f32) -> u16;
+    fn pgqa_sim_bf16_to_f32(bits: u16) -> f32;
+    fn pgqa_sim_f32_to_bf16(x: f32) -> u16;
+}
+
+impl Backend for std::sync::Arc<SimDevice> {
+    type Buffer<T: DeviceValue> = SimBuffer<T>;
+
+    fn sm_count(&self) -> Result<usize> {
+        Ok(SIM_SM_COUNT)
+    }
+
+    /// The emulated H200 runs both kernels.
+    fn kernels(&self, requested: KernelChoice) -> Result<KernelChoice> {
+        Ok(requested)
+    }
+
+    fn alloc_zeros<T: DeviceValue>(&self, len: usize) -> Result<SimBuffer<T>> {
+        let mut buffer = self.alloc::<T>(len)?;
+        buffer.as_mut_slice().fill(T::zeroed());
+        Ok(buffer)
+    }
+
+    fn upload<T: DeviceValue>(&self, values: &[T]) -> Result<SimBuffer<T>> {
+        self.upload(values)
+    }
+
+    fn write<T: DeviceValue>(&self, values: &[T], dst: &mut SimBuffer<T>) -> Result<()> {
+        dst.as_mut_slice()[..values.len()].copy_from_slice(values);
+        Ok(())
+    }
+
+    fn address<T: DeviceValue>(&self, buffer: &SimBuffer<T>) -> u64 {
+        buffer.address()
+    }
+
+    fn len<T: DeviceValue>(buffer: &SimBuffer<T>) -> usize {
+        buffer.len()
+    }
+
+    unsafe fn launch(&self, call: Launch<'_>) -> Result<()> {
+        let stream = self.raw() as pgqa_stream;
+        let mut cuda_error = 0i32;
+        // SAFETY: forwarded from the caller: every pointer is a live buffer of this device.
+        let (kernel, status) = unsafe {
+            match call {
+                Launch::Attend(p) => ("attend", pgqa_sim_attend(p, stream, &mut cuda_error)),
+                Launch::WriteKv(p) => ("write_kv", pgqa_sim_write_kv(p, stream, &mut cuda_error)),
+                Launch::CopyBlocks(p) => (
+                    "copy_blocks",
+                    pgqa_sim_copy_blocks(p, stream, &mut cuda_error),
+                ),
+                Launch::RepeatKv(p) => {
+                    ("repeat_kv", pgqa_sim_repeat_kv(p, stream, &mut cuda_error))
+                }
+                Launch::GatherKv(p) => {
+                    ("gather_kv", pgqa_sim_gather_kv(p, stream, &mut cuda_error))
+                }
+                Launch::NaiveDecode(p) => (
+                    "naive_decode",
+                    pgqa_sim_naive_decode(p, stream, &mut cuda_error),
+                ),
+            }
+        };
+        check_status(kernel, status, || {
+            // SAFETY: a static, NUL-terminated string for any value.
+            let name = unsafe { CStr::from_ptr(pgqa_sim_cuda_error_name(cuda_error)) };
+            format!(
+                "emulated {} ({cuda_error}): {}",
+                name.to_string_lossy(),
+                self.last_report()
+            )
+        })
+    }
+}
+
+/// What one of the emulator's planted-bug checks (`kernels/sim/checks.cu`) did: the launch's
+/// `cudaError` value, the device output (poisoned where unwritten) and the emulator's report.
+#[derive(Debug, Clone)]
+pub struct CheckRun {
+    pub status: i32,
+    pub output: Vec<u8>,
+    pub report: String,
+}
+
+/// Runs the emulator's check `name` (`variant` 0: correct; others: a planted mistake) with
+/// `input` in a device buffer and `output_bytes` of poisoned device output. `None` for a name the
+/// emulator does not know.
+pub fn run_check(name: &str, variant: i32, input: &[u8], output_bytes: usize) -> Option<CheckRun> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut output = vec![0u8; output_bytes];
+    let mut report = vec![0u8; 8192];
+    // SAFETY: every pointer is valid for the lengths given.
+    let status = unsafe {
+        pgqa_sim_check(
+            name.as_ptr(),
+            variant,
+            input.as_ptr().cast(),
+            input.len(),
+            output.as_mut_ptr().cast(),
+            output.len(),
+            report.as_mut_ptr().cast(),
+            report.len(),
+        )
+    };
+    if status == -1 {
+        return None;
+    }
+    let end = report.iter().position(|&b| b == 0).unwrap_or(report.len());
+    Some(CheckRun {
+        status,
+        output,
+        report: String::from_utf8_lossy(&report[..end]).into_owned(),
+    })
+}
+
+/// The emulator's 16-bit float conversions (its `__half`, `__nv_bfloat16`): widen, and round
+/// to nearest even.
+pub mod convert {
+    /// f16 bits to f32.
+    pub fn f16_to_f32(bits: u16) -> f32 {
+        // SAFETY: a pure function.
+        unsafe { super::pgqa_sim_f16_to_f32(bits) }
+    }
+    /// f32 to f16 bits (`__float2half_rn`).
+    pub fn f32_to_f16(x: f32) -> u16 {
+        // SAFETY: a pure function.
+        unsafe { super::pgqa_sim_f32_to_f16(x) }
+    }
+    /// bf16 bits to f32.
+    pub fn bf16_to_f32(bits: u16) -> f32 {
+        // SAFETY: a pure function.
+        unsafe { super::pgqa_sim_bf16_to_f32(bits) }
+    }
+    /// f32 to bf16 bits (`__float2bfloat16_rn`).
+    pub fn f32_to_bf16(x: f32) -> u16 {
+        // SAFETY: a pure function.
+        unsafe { super::pgqa_sim_f32_to_bf16(x) }
+    }
+}
+
+/// `Err(Driver)` for a failed emulator allocation.
+fn out_of_memory(bytes: usize) -> Error {
+    Error::Driver(format!("the emulator could not map {bytes} bytes"))
+}

@@ -1,0 +1,84 @@
+//! The emulator's pages behind [`PageStorage`], and the per-layer write.
+
+use std::sync::Arc;
+
+use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
+use crate::dtype::Element;
+use crate::error::Result;
+use crate::kernels::storage::{DeviceStepPlan, Pages};
+use crate::sim::{SimBuffer, SimDevice};
+
+/// A [`StepPlan`] whose tables are in emulated device memory (see [`DeviceStepPlan`]).
+pub type SimStepPlan = DeviceStepPlan;
+
+/// [`CudaStorage`](crate::cuda::CudaStorage) on the emulator: every layer's pages,
+/// `[num_layers, 2 (K, V), num_blocks, block_size, n_kv_heads, head_dim]`, in one emulated
+/// allocation, written and read by the real cache and attention kernels.
+pub struct SimStorage<T: Element> {
+    pub(crate) pages: Pages<Arc<SimDevice>, T>,
+}
+
+impl<T: Element> SimStorage<T> {
+    /// `num_blocks` zero-filled pages per tensor on `device`.
+    pub fn new(device: Arc<SimDevice>, config: CacheConfig, num_blocks: usize) -> Result<Self> {
+        Ok(Self {
+            pages: Pages::new(device, config, num_blocks)?,
+        })
+    }
+
+    /// All pages, `[num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]`.
+    pub fn pages(&self) -> &SimBuffer<T> {
+        &self.pages.pages
+    }
+
+    /// The device every operation of this cache runs on.
+    pub fn device(&self) -> &Arc<SimDevice> {
+        &self.pages.backend
+    }
+
+    /// Device address and bytes of `layer`'s K and V tensors (adjacent): the range to
+    /// [`SimDevice::watch`] for the K/V traffic of that layer's attention.
+    pub fn kv_range(&self, layer: usize) -> (u64, usize) {
+        (
+            self.pages.tensor_ptr(layer, false),
+            2 * self.pages.tensor_len * std::mem::size_of::<T>(),
+        )
+    }
+}
+
+impl<T: Element> PageStorage for SimStorage<T> {
+    type Plan = SimStepPlan;
+
+    fn config(&self) -> &CacheConfig {
+        &self.pages.config
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.pages.num_blocks
+    }
+
+    /// The step's tables into the workspace, then one launch for all block copies.
+    fn prepare(&mut self, plan: StepPlan) -> Result<SimStepPlan> {
+        self.pages.prepare(plan)
+    }
+}
+
+impl<T: Element> PagedCache<SimStorage<T>> {
+    /// Writes the plan's new tokens of `layer` with the real write kernel: `k_new`, `v_new`
+    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]`, rows in batch order.
+    pub fn write(
+        &mut self,
+        layer: usize,
+        plan: &SimStepPlan,
+        k_new: &SimBuffer<T>,
+        v_new: &SimBuffer<T>,
+    ) -> Result<()> {
+        self.check(layer, plan)?;
+        self.storage_mut().pages.write(
+            layer,
+            plan,
+            (k_new.address(), k_new.len()),
+            (v_new.address(), v_new.len()),
+        )
+    }
+}
