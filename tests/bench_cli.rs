@@ -152,3 +152,82 @@ fn bad_bench_options_are_errors() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// On the emulator the table says its times are emulation, and the traffic counter shows each
+/// visible K/V byte fetched exactly once per group for groups that fit one block (Llama-3-8B,
+/// Qwen2-7B: decode on CUDA cores; a prompt on tensor cores); Falcon-7B's 71 heads take two
+/// tensor-core blocks of 64 rows, so its decode reads the pages twice (recorded, not hidden).
+#[test]
+fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
+    let json = temp("sim-records.json");
+    let run = |args: &[&str]| {
+        let output = bench(args);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("emulated ms") && stdout.contains("EMULATION"),
+            "{stdout}"
+        );
+        let records: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        records.as_array().unwrap().clone()
+    };
+    let ratio = |r: &serde_json::Value| {
+        r["kv_bytes_fetched"].as_u64().unwrap() as f64
+            / r["kv_bytes_needed"].as_u64().unwrap() as f64
+    };
+    let decode = run(&[
+        "--backend",
+        "sim",
+        "--model",
+        "Llama-3-8B",
+        "--model",
+        "Qwen2-7B",
+        "--model",
+        "Falcon-7B",
+        "--batch",
+        "2",
+        "--context",
+        "300",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(decode.len(), 3);
+    for r in &decode {
+        assert_eq!(r["backend"], "sim");
+        assert!(r["timing"].as_str().unwrap().contains("EMULATION"), "{r}");
+        let want = if r["model"] == "Falcon-7B" { 2.0 } else { 1.0 };
+        assert_eq!(ratio(r), want, "{}: fetched/needed", r["model"]);
+    }
+    let prefill = run(&[
+        "--backend",
+        "sim",
+        "--mode",
+        "prefill",
+        "--model",
+        "Llama-3-8B",
+        "--batch",
+        "1",
+        "--context",
+        "256",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    // 256 rows x group 4 in blocks of 64 rows (16 query rows): 16 blocks per K/V head, block b
+    // reading exactly the keys up to its last row's causal limit, 16 (b + 1) (tiles above the
+    // diagonal are never loaded).
+    let r = &prefill[0];
+    let fetched = r["kv_bytes_fetched"].as_u64().unwrap();
+    let needed = r["kv_bytes_needed"].as_u64().unwrap();
+    let per_block_keys: u64 = (1..=16u64).map(|b| 16 * b).sum();
+    assert_eq!(
+        fetched,
+        needed * per_block_keys / 256,
+        "prefill fetched {fetched}, needed {needed}"
+    );
+    let _ = std::fs::remove_file(&json);
+}

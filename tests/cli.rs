@@ -1,4 +1,4 @@
-//! The replay CLI, `paged-gqa attend CASE.safetensors --out OUT.safetensors [--backend cpu|cuda]`,
+//! The replay CLI, `paged-gqa attend CASE.safetensors --out OUT.safetensors [--backend cpu|cuda|sim]`,
 //! run as a process on case files written here.
 //!
 //! Valid cases: `out` and `lse` match an f64 computation of the definition written in this file
@@ -637,6 +637,44 @@ fn cuda_backend_attends_on_a_gpu_or_says_cuda_is_unavailable() {
             );
         }
     }
+}
+
+/// The exact kernel code on the emulator, as an engine author replays a dumped case without a
+/// GPU: bf16 and f16 cases (decode rows and a 4-token chunk) match the definition.
+#[test]
+fn sim_backend_replays_a_case_through_the_kernels() {
+    let test = "sim_backend_replays_a_case_through_the_kernels";
+    for dtype in [Dtype::BF16, Dtype::F16] {
+        let case = Case::random(&mut common::rng(test), Geometry::default(), dtype);
+        let dir = Workdir::new(test);
+        let (out, lse) = run_valid(test, &dir, &case, None, &["--backend", "sim"]);
+        let expected = reference(&case, case.default_scale());
+        let out_err = relative_l2(&out, &expected.out);
+        let lse_err = max_abs(&lse, &expected.lse);
+        assert!(
+            out_err < 1e-2 && lse_err < 1e-3,
+            "{test} {dtype:?}: out {out_err:e}, lse {lse_err:e}"
+        );
+        assert_eq!(dir.files(), [CASE, OUT], "{test}: files left");
+    }
+}
+
+/// The emulator takes the same cases as the GPU: f32 is refused with the same words.
+#[test]
+fn sim_backend_refuses_f32_cases() {
+    let test = "sim_backend_refuses_f32_cases";
+    let case = Case::random(&mut common::rng(test), decode_geometry(), Dtype::F32);
+    let dir = Workdir::new(test);
+    let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
+    write_case(&case_path, &case.tensors(), None);
+    let output = attend(&case_path, &out_path, &["--backend", "sim"]);
+    assert_eq!(output.status.code(), Some(1), "{test}: {}", stderr(&output));
+    assert!(
+        stderr(&output).contains("F16 or all BF16"),
+        "{test}: {}",
+        stderr(&output)
+    );
+    assert_eq!(dir.files(), [CASE], "{test}: files left");
 }
 
 // ---------------------------------------------------------------------------------------------

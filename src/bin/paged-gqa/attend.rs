@@ -4,7 +4,7 @@ use std::path::Path;
 
 use half::{bf16, f16};
 use paged_gqa::cuda::{self, AttendBatch};
-use paged_gqa::{cpu, DType, Element};
+use paged_gqa::{cpu, sim, DType, Element};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -23,7 +23,8 @@ pub fn run(case_path: &Path, out_path: &Path, backend: Backend) -> Result<(), Fa
         Backend::Cpu => {
             run_cpu(&case).map_err(|e| Failure::input(format!("{}: {e}", case_path.display())))?
         }
-        Backend::Cuda => run_cuda(&case)?,
+        Backend::Cuda => run_kernels(&case, run_cuda_typed::<bf16>, run_cuda_typed::<f16>)?,
+        Backend::Sim => run_kernels(&case, run_sim_typed::<bf16>, run_sim_typed::<f16>)?,
     };
     let shape = case.layout.shape();
     write(
@@ -51,17 +52,65 @@ fn run_cpu(case: &Case) -> paged_gqa::Result<Output> {
     })
 }
 
-/// The fused attention kernel, any query lengths. Takes f16 and bf16 cases.
-fn run_cuda(case: &Case) -> Result<Output, Failure> {
+type RunTyped = fn(&Case) -> Result<Output, Failure>;
+
+/// The fused attention kernels (on the GPU or the emulator), any query lengths. Take f16 and
+/// bf16 cases.
+fn run_kernels(case: &Case, bf16_run: RunTyped, f16_run: RunTyped) -> Result<Output, Failure> {
     match case.dtype {
-        Some(DType::BF16) => run_cuda_typed::<bf16>(case),
-        Some(DType::F16) => run_cuda_typed::<f16>(case),
+        Some(DType::BF16) => bf16_run(case),
+        Some(DType::F16) => f16_run(case),
         other => Err(Failure::runtime(format!(
-            "--backend cuda takes cases whose q, k_cache and v_cache are all F16 or all BF16 (this one: {}). \
+            "--backend cuda and --backend sim take cases whose q, k_cache and v_cache are all F16 or all BF16 (this one: {}). \
              Use --backend cpu.",
             other.map_or("mixed".to_string(), |d| format!("{d:?}"))
         ))),
     }
+}
+
+/// The case's values as `T` (they came from T, so the conversion back is exact).
+fn typed<T: Element>(values: &[f64]) -> Vec<T> {
+    values.iter().map(|&v| T::from_f32(v as f32)).collect()
+}
+
+/// The exact kernel code on the emulator (see the README, "Running the kernels without a GPU").
+fn run_sim_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
+    let fail = Failure::runtime;
+    let device = sim::SimDevice::new();
+    let batch = sim::AttendBatch::new(
+        &device,
+        case.layout,
+        T::DTYPE,
+        &case.lens,
+        &case.block_tables,
+        case.max_blocks,
+    )
+    .map_err(fail)?;
+    let upload = |x: &[f64]| device.upload(&typed::<T>(x)).map_err(fail);
+    let (q, k, v) = (
+        upload(&case.q)?,
+        upload(&case.k_cache)?,
+        upload(&case.v_cache)?,
+    );
+    let mut out = device.alloc::<T>(case.q.len()).map_err(fail)?;
+    let mut lse = device
+        .alloc::<f32>(case.q.len() / case.layout.shape().head_dim())
+        .map_err(fail)?;
+    batch
+        .run(
+            &device,
+            &k,
+            &v,
+            &q,
+            &mut out,
+            &mut lse,
+            case.scale.map(|s| s as f32),
+        )
+        .map_err(fail)?;
+    Ok(Output {
+        out: out.as_slice().iter().map(|&x| x.into() as f32).collect(),
+        lse: lse.to_vec(),
+    })
 }
 
 fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
@@ -77,11 +126,9 @@ fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
         case.max_blocks,
     )
     .map_err(fail)?;
-    // The case's values came from T, so the conversion back is exact.
-    let to_t = |x: &[f64]| x.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<T>>();
     let upload = |x: &[f64]| {
         stream
-            .clone_htod(&to_t(x))
+            .clone_htod(&typed::<T>(x))
             .map_err(|e| fail(paged_gqa::Error::from(e)))
     };
     let (q, k, v) = (

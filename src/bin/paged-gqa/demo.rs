@@ -1,18 +1,18 @@
 //! `paged-gqa demo`: a random paged decode batch; the fused GQA decode (the CUDA kernel when
-//! there is a GPU, else the CPU fallback) against the naive path (gather, repeat_kv, per-head
-//! attention in f64).
+//! there is a GPU, the same kernel on the emulator with `--backend sim`, else the CPU fallback)
+//! against the naive path (gather, repeat_kv, per-head attention in f64).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use half::bf16;
 use paged_gqa::cuda::{self, AttendBatch, CudaContext};
-use paged_gqa::{cpu, DType, GqaShape, PagedLayout, SeqLens};
+use paged_gqa::{cpu, sim, DType, GqaShape, PagedLayout, SeqLens};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::Failure;
+use crate::{Backend, Failure};
 
 /// Llama-3-8B attention heads.
 const N_HEADS: usize = 32;
@@ -31,7 +31,7 @@ fn random_bf16(rng: &mut StdRng, n: usize) -> Vec<bf16> {
         .collect()
 }
 
-pub fn run(seed: Option<u64>) -> Result<(), Failure> {
+pub fn run(seed: Option<u64>, backend: Option<Backend>) -> Result<(), Failure> {
     let seed = seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -74,13 +74,31 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
     // The naive path: gather the pages, materialise repeat_kv, per-head attention (f64).
     let (k, v) = cpu::gather_paged(&kv);
     let keys = lens.total_keys();
-    let gpu = cuda::context(0);
-    let (k_rep, v_rep) = match &gpu {
-        Ok(ctx) => (
+    let gpu = match backend {
+        None | Some(Backend::Cuda) => cuda::context(0),
+        Some(Backend::Cpu) => Err(paged_gqa::Error::CudaUnavailable {
+            reason: "--backend cpu".into(),
+        }),
+        Some(Backend::Sim) => Err(paged_gqa::Error::CudaUnavailable {
+            reason: "--backend sim".into(),
+        }),
+    };
+    if backend == Some(Backend::Cuda) {
+        if let Err(why) = &gpu {
+            return Err(Failure::runtime(why));
+        }
+    }
+    let emulator = (backend == Some(Backend::Sim)).then(sim::SimDevice::new);
+    let (k_rep, v_rep) = match (&gpu, &emulator) {
+        (Ok(ctx), _) => (
             repeat_kv_on_gpu(ctx, shape, keys, &k).map_err(err)?,
             repeat_kv_on_gpu(ctx, shape, keys, &v).map_err(err)?,
         ),
-        Err(_) => (
+        (_, Some(device)) => (
+            repeat_kv_on_sim(device, shape, keys, &k).map_err(err)?,
+            repeat_kv_on_sim(device, shape, keys, &v).map_err(err)?,
+        ),
+        _ => (
             cpu::repeat_kv(&k, shape, keys).map_err(err)?,
             cpu::repeat_kv(&v, shape, keys).map_err(err)?,
         ),
@@ -89,7 +107,7 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
         || v_rep != cpu::repeat_kv(&v, shape, keys).map_err(err)?
     {
         return Err(Failure::runtime(
-            "repeat_kv on the GPU differs from the CPU definition",
+            "the repeat_kv kernel differs from the CPU definition",
         ));
     }
     let mha = cpu::ContiguousKv::new(shape.repeated(), &lens, &k_rep, &v_rep).map_err(err)?;
@@ -98,8 +116,41 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
     // The fused path: each K/V row read once for its group of query heads.
     let rows = lens.batch() * shape.n_heads();
     let (mut out, mut lse) = (vec![f32::NAN; rows * HEAD_DIM], vec![f32::NAN; rows]);
-    let where_ran = match &gpu {
-        Ok(ctx) => {
+    let where_ran = match (&gpu, &emulator) {
+        (_, Some(device)) => {
+            let batch = sim::AttendBatch::new(
+                device,
+                layout,
+                DType::BF16,
+                &lens,
+                &block_tables,
+                max_blocks,
+            )
+            .map_err(err)?;
+            let upload = |x: &[bf16]| device.upload(x).map_err(err);
+            let (k_dev, v_dev, q_dev) = (upload(&k_cache)?, upload(&v_cache)?, upload(&q)?);
+            let mut out_dev = device.alloc::<bf16>(rows * HEAD_DIM).map_err(err)?;
+            let mut lse_dev = device.alloc::<f32>(rows).map_err(err)?;
+            batch
+                .run(
+                    device,
+                    &k_dev,
+                    &v_dev,
+                    &q_dev,
+                    &mut out_dev,
+                    &mut lse_dev,
+                    None,
+                )
+                .map_err(err)?;
+            out = out_dev.as_slice().iter().map(|&x| f32::from(x)).collect();
+            lse = lse_dev.to_vec();
+            format!(
+                "the kernel emulator (the CUDA kernels on the CPU, race check {}): {} split(s); repeat_kv kernel bit-identical to the CPU",
+                if device.race_check() { "on" } else { "off" },
+                batch.schedule().num_splits
+            )
+        }
+        (Ok(ctx), _) => {
             let stream = ctx.default_stream();
             let batch = AttendBatch::new(
                 &stream,
@@ -141,7 +192,7 @@ pub fn run(seed: Option<u64>) -> Result<(), Failure> {
             let name = ctx.name().unwrap_or_else(|_| "GPU".into());
             format!("GPU ({name}): CUDA decode kernel, {} split(s); repeat_kv kernel bit-identical to the CPU", batch.schedule().num_splits)
         }
-        Err(why) => {
+        (Err(why), None) => {
             cpu::attend(&q, &kv, None, &mut out, &mut lse).map_err(err)?;
             format!("CPU fallback decode, f32 ({why})")
         }
@@ -191,4 +242,16 @@ fn repeat_kv_on_gpu(
     let mut dst = stream.alloc_zeros::<bf16>(num_tokens * shape.q_row_len())?;
     cuda::repeat_kv(&stream, shape, num_tokens, &src, &mut dst)?;
     Ok(stream.clone_dtoh(&dst)?)
+}
+
+fn repeat_kv_on_sim(
+    device: &Arc<sim::SimDevice>,
+    shape: GqaShape,
+    num_tokens: usize,
+    x: &[bf16],
+) -> paged_gqa::Result<Vec<bf16>> {
+    let src = device.upload(x)?;
+    let mut dst = device.alloc::<bf16>(num_tokens * shape.q_row_len())?;
+    sim::repeat_kv(device, shape, num_tokens, &src, &mut dst)?;
+    Ok(dst.to_vec())
 }

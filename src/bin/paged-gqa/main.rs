@@ -31,6 +31,8 @@ pub enum Backend {
     Cpu,
     /// The CUDA kernels.
     Cuda,
+    /// The CUDA kernels on the kernel emulator (on the CPU, with strict checks).
+    Sim,
 }
 
 #[derive(Subcommand)]
@@ -53,6 +55,9 @@ enum Command {
         /// Seed of the random case (default: from the clock, printed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Where the fused decode runs (default: the GPU when there is one, else the CPU).
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
     },
     /// The fused decode against the naive repeat_kv path over real model shapes: a table of
     /// times, speedups and achieved KV bandwidth (GPU if present, else CPU).
@@ -86,7 +91,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Attend { case, out, backend } => attend::run(&case, &out, backend),
-        Command::Demo { seed } => demo::run(seed),
+        Command::Demo { seed, backend } => demo::run(seed, backend),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -6,6 +6,7 @@ mod cpu;
 mod data;
 mod gpu;
 mod report;
+mod sim;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,9 @@ pub enum BenchBackend {
     Auto,
     Cpu,
     Cuda,
+    /// The kernel emulator: the real kernels on the CPU; times are emulation, and the K/V bytes
+    /// the kernels fetch are counted.
+    Sim,
 }
 
 /// What is measured.
@@ -191,9 +195,28 @@ fn model(name: &str) -> Result<(&'static str, GqaShape), Failure> {
     Ok((name, GqaShape::new(h, kv, d).map_err(Failure::input)?))
 }
 
-fn sweep(args: &BenchArgs, on_gpu: bool) -> Result<Vec<Case>, Failure> {
+/// Where the sweep runs: its default cases differ.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Cpu,
+    Gpu,
+    Sim,
+}
+
+fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
+    let on_gpu = target == Target::Gpu;
     let (models, batches, contexts): (Vec<&str>, Vec<usize>, Vec<usize>) =
         match (on_gpu, args.full, args.mode) {
+            // The emulator runs every CUDA thread as a fiber: small cases, still both kernels
+            // and the largest group.
+            _ if target == Target::Sim && args.mode == BenchMode::Prefill => {
+                (vec!["Llama-3-8B"], vec![1], vec![128, 512])
+            }
+            _ if target == Target::Sim => (
+                vec!["Llama-3-8B", "Qwen2-7B", "Falcon-7B"],
+                vec![1, 4],
+                vec![1024, 4096],
+            ),
             (false, false, BenchMode::Prefill) => (vec!["Llama-3-8B"], vec![1], vec![256, 1024]),
             (false, true, BenchMode::Prefill) => (
                 vec!["Llama-3-8B", "Qwen2-7B"],
@@ -275,8 +298,12 @@ fn sweep(args: &BenchArgs, on_gpu: bool) -> Result<Vec<Case>, Failure> {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), Failure> {
+    if args.backend == BenchBackend::Sim {
+        let cases = sweep(&args, Target::Sim)?;
+        return finish(&args, sim::run(&cases, args.iters.unwrap_or(1))?);
+    }
     let gpu = match args.backend {
-        BenchBackend::Cpu => None,
+        BenchBackend::Cpu | BenchBackend::Sim => None,
         BenchBackend::Cuda => Some(paged_gqa::cuda::context(0).map_err(Failure::runtime)?),
         BenchBackend::Auto => paged_gqa::cuda::context(0).ok(),
     };
@@ -286,11 +313,23 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             args.kernels.name()
         )));
     }
-    let cases = sweep(&args, gpu.is_some())?;
+    let cases = sweep(
+        &args,
+        if gpu.is_some() {
+            Target::Gpu
+        } else {
+            Target::Cpu
+        },
+    )?;
     let records = match &gpu {
         Some(ctx) => gpu::run(ctx, &cases, args.iters.unwrap_or(20))?,
         None => cpu::run(&cases, args.iters.unwrap_or(3))?,
     };
+    finish(&args, records)
+}
+
+/// Prints the table and writes what was asked for.
+fn finish(args: &BenchArgs, records: Vec<report::Record>) -> Result<(), Failure> {
     report::print_table(&records);
     if let Some(path) = &args.json {
         report::write_json(path, &records)?;

@@ -40,6 +40,11 @@ pub struct Record {
     pub tflops: f64,
     /// K and V bytes the batch must read.
     pub kv_bytes: u64,
+    /// The same: each visible K/V byte of the batch once (named beside `kv_bytes_fetched`).
+    pub kv_bytes_needed: u64,
+    /// K/V bytes the fused kernels brought from the pages, counted by the kernel emulator
+    /// (`--backend sim`); absent on other backends.
+    pub kv_bytes_fetched: Option<u64>,
     /// kv_bytes / fused time.
     pub bandwidth_gbs: f64,
     /// bandwidth_gbs / copy_bandwidth_gbs.
@@ -80,6 +85,8 @@ impl Record {
             flops: case.flops(),
             tflops: case.flops() / (fused_ms * 1e-3) / 1e12,
             kv_bytes: case.kv_bytes(),
+            kv_bytes_needed: case.kv_bytes(),
+            kv_bytes_fetched: None,
             bandwidth_gbs,
             bandwidth_frac: bandwidth_gbs / copy_gbs,
             copy_bandwidth_gbs: copy_gbs,
@@ -89,11 +96,59 @@ impl Record {
     }
 }
 
+/// The emulator's table: traffic counted, times labelled as emulation.
+fn print_traffic_table(records: &[Record]) {
+    println!(
+        "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>12} {:>12} {:>14} {:>15} {:>9}",
+        "model",
+        "mode",
+        "batch",
+        "context",
+        "page",
+        "dtype",
+        "emulated ms",
+        "naive emul.",
+        "KV needed MB",
+        "KV fetched MB",
+        "fetched/"
+    );
+    for r in records {
+        let fetched = r.kv_bytes_fetched.unwrap_or(0);
+        println!(
+            "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>12.1} {:>12} {:>14.3} {:>15.3} {:>8.3}x",
+            r.model,
+            r.mode,
+            r.batch,
+            r.context,
+            r.page_size,
+            r.dtype,
+            r.fused_ms,
+            ms(r.baseline_ms),
+            r.kv_bytes_needed as f64 / 1e6,
+            fetched as f64 / 1e6,
+            fetched as f64 / r.kv_bytes_needed.max(1) as f64
+        );
+    }
+    if let Some(r) = records.first() {
+        println!(
+            "device: {}; timing: {}; fetched = bytes cp.async brought from the K/V pages, \
+             needed = each visible K/V byte of the batch once",
+            r.device, r.timing
+        );
+    }
+}
+
 fn ms(x: Option<f64>) -> String {
     x.map_or("-".to_string(), |v| format!("{v:.3}"))
 }
 
 pub fn print_table(records: &[Record]) {
+    if records
+        .first()
+        .is_some_and(|r| r.kv_bytes_fetched.is_some())
+    {
+        return print_traffic_table(records);
+    }
     println!(
         "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>11} {:>11} {:>11} {:>8} {:>9} {:>8} {:>8} {:>7}",
         "model",

@@ -1,0 +1,96 @@
+//! The sweep on the kernel emulator: the real kernels, run on the CPU. Its times are the
+//! emulator's wall clock, not a GPU's; what it measures is traffic: the bytes the attention
+//! kernels bring from the K/V pages (`kv_bytes_fetched`, counted by the emulator at every
+//! cp.async) against the bytes the batch must read (`kv_bytes_needed`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use paged_gqa::sim::{AttendBatch, NaiveAttention, SimDevice};
+use paged_gqa::{DType, Element};
+
+use super::{data, report::Record, Case};
+use crate::Failure;
+
+/// Median wall-clock milliseconds of `iters` runs (no warm-up: the emulator has no caches to warm).
+fn time_ms(iters: usize, mut f: impl FnMut() -> paged_gqa::Result<()>) -> Result<f64, Failure> {
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let start = Instant::now();
+        f().map_err(Failure::runtime)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
+    let device = SimDevice::new();
+    // One schedule per launch: the race check would run (and count) everything twice.
+    device.set_race_check(false);
+    let name = "kernel emulator (emulated H200, on the CPU)";
+    eprintln!("bench: {name}; times are emulation, not GPU time");
+    let timing = format!(
+        "EMULATION: wall clock of the CPU kernel emulator, median of {iters}; not a GPU time"
+    );
+    let mut records = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        eprintln!("bench [{}/{}] {case}", i + 1, cases.len());
+        let (times, fetched) = match case.dtype {
+            DType::F16 => measure::<f16>(&device, case, iters)?,
+            _ => measure::<bf16>(&device, case, iters)?,
+        };
+        // The emulator's "bandwidth" would be meaningless: report against a nominal 1 GB/s.
+        let mut record = Record::new(case, "sim", name, times, 1.0, &timing);
+        record.kv_bytes_fetched = Some(fetched);
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// ((fused, naive whole path, naive attention alone) milliseconds, K/V bytes one fused call
+/// fetched).
+fn measure<T: Element>(
+    device: &Arc<SimDevice>,
+    case: &Case,
+    iters: usize,
+) -> Result<((f64, Option<f64>, Option<f64>), u64), Failure> {
+    let mut rng = data::rng();
+    let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
+    let fail = Failure::runtime;
+    let upload = |n: usize, rng: &mut _| device.upload(&data::random::<T>(rng, n)).map_err(fail);
+    let k = upload(t.layout.cache_len(), &mut rng)?;
+    let v = upload(t.layout.cache_len(), &mut rng)?;
+    let q = upload(t.lens.num_tokens() * case.shape.q_row_len(), &mut rng)?;
+    let mut out = device.alloc::<T>(q.len()).map_err(fail)?;
+    let mut lse = device
+        .alloc::<f32>(t.lens.num_tokens() * case.shape.n_heads())
+        .map_err(fail)?;
+    let fused = AttendBatch::with_kernels(
+        device,
+        t.layout,
+        T::DTYPE,
+        &t.lens,
+        &t.block_tables,
+        t.max_blocks,
+        case.kernels.choice(),
+    )
+    .map_err(fail)?;
+    device.unwatch_all();
+    device.watch(k.address(), k.len() * std::mem::size_of::<T>());
+    device.watch(v.address(), v.len() * std::mem::size_of::<T>());
+    fused
+        .run(device, &k, &v, &q, &mut out, &mut lse, None)
+        .map_err(fail)?;
+    let fetched = device.watched_bytes();
+    device.unwatch_all();
+    let fused_ms = time_ms(iters, || {
+        fused.run(device, &k, &v, &q, &mut out, &mut lse, None)
+    })?;
+    let mut naive =
+        NaiveAttention::<T>::new(device, t.layout, &t.lens, &t.block_tables, t.max_blocks)
+            .map_err(fail)?;
+    let naive_ms = time_ms(iters, || naive.run(device, &k, &v, &q, &mut out, None))?;
+    Ok(((fused_ms, Some(naive_ms), None), fetched))
+}
