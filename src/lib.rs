@@ -53,6 +53,7 @@ pub use batch::SeqLens;
 pub use cache::{BlockTables, PagedLayout};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use kernels::storage::DeviceStepPlan;
 pub use kernels::DeviceValue;
 pub use shape::GqaShape;
 

@@ -36,6 +36,9 @@
 #include <vector>
 
 #include "sim.h"
+// The 16-bit float types and conversions the kernels see.
+#include "include/cuda_bf16.h"
+#include "include/cuda_fp16.h"
 
 namespace pgqa_sim {
 
@@ -388,35 +391,10 @@ uint16_t half_at(const Worker &w, const Fiber &lane_fiber, int element) {
   return v;
 }
 
+// A 16-bit operand element as f32, exactly (the shims' conversions).
 float to_f32(uint16_t bits, bool bf16) {
-  if (bf16) {
-    const uint32_t b = static_cast<uint32_t>(bits) << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-  }
-  // f16 -> f32, exactly (as __half2float in the shim).
-  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
-  const uint32_t e = (bits >> 10) & 0x1fu;
-  uint32_t m = bits & 0x3ffu;
-  uint32_t out;
-  if (e == 0x1f) {
-    out = sign | 0x7f800000u | (m << 13);
-  } else if (e != 0) {
-    out = sign | ((e + 112) << 23) | (m << 13);
-  } else if (m == 0) {
-    out = sign;
-  } else {
-    int x = 113;
-    while ((m & 0x400u) == 0) {
-      m <<= 1;
-      --x;
-    }
-    out = sign | (static_cast<uint32_t>(x) << 23) | ((m & 0x3ffu) << 13);
-  }
-  float f;
-  memcpy(&f, &out, 4);
-  return f;
+  return bf16 ? pgqa_sim_cuda::__bfloat162float(pgqa_sim_cuda::__nv_bfloat16{bits})
+              : pgqa_sim_cuda::__half2float(pgqa_sim_cuda::__half{bits});
 }
 
 // Executes the collective the lanes of `mask` in `warp` wait at (all checked to be the same).

@@ -10,7 +10,7 @@ use crate::dtype::Element;
 use crate::error::Result;
 use crate::kernels::storage::{DeviceStepPlan, Pages};
 
-/// A [`StepPlan`] whose tables are on the device (see [`DeviceStepPlan`]).
+/// A [`StepPlan`] whose tables are on the device (see [`DeviceStepPlan`](crate::DeviceStepPlan)).
 pub type CudaStepPlan = DeviceStepPlan;
 
 /// Pages of every layer on the GPU, `[num_layers, 2 (K, V), num_blocks, block_size,

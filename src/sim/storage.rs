@@ -8,7 +8,8 @@ use crate::error::Result;
 use crate::kernels::storage::{DeviceStepPlan, Pages};
 use crate::sim::{SimBuffer, SimDevice};
 
-/// A [`StepPlan`] whose tables are in emulated device memory (see [`DeviceStepPlan`]).
+/// A [`StepPlan`] whose tables are in emulated device memory (see
+/// [`DeviceStepPlan`](crate::DeviceStepPlan)).
 pub type SimStepPlan = DeviceStepPlan;
 
 /// [`CudaStorage`](crate::cuda::CudaStorage) on the emulator: every layer's pages,

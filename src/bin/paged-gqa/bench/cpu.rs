@@ -11,7 +11,10 @@ use super::{data, report::Record, Case};
 use crate::Failure;
 
 /// Median wall-clock milliseconds of `iters` runs after one warm-up.
-fn time_ms(iters: usize, mut f: impl FnMut() -> paged_gqa::Result<()>) -> Result<f64, Failure> {
+pub(super) fn time_ms(
+    iters: usize,
+    mut f: impl FnMut() -> paged_gqa::Result<()>,
+) -> Result<f64, Failure> {
     f().map_err(Failure::runtime)?;
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {

@@ -8,6 +8,9 @@ use serde::Serialize;
 use super::Case;
 use crate::Failure;
 
+/// (fused, naive whole path, naive attention alone), milliseconds per step.
+pub type Times = (f64, Option<f64>, Option<f64>);
+
 /// One measured point of the sweep.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {

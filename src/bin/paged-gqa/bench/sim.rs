@@ -4,26 +4,15 @@
 //! cp.async) against the bytes the batch must read (`kv_bytes_needed`).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use half::{bf16, f16};
 use paged_gqa::sim::{AttendBatch, NaiveAttention, SimDevice};
 use paged_gqa::{DType, Element};
 
-use super::{data, report::Record, Case};
+use super::cpu::time_ms;
+use super::report::{Record, Times};
+use super::{data, Case};
 use crate::Failure;
-
-/// Median wall-clock milliseconds of `iters` runs (no warm-up: the emulator has no caches to warm).
-fn time_ms(iters: usize, mut f: impl FnMut() -> paged_gqa::Result<()>) -> Result<f64, Failure> {
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
-        let start = Instant::now();
-        f().map_err(Failure::runtime)?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
 
 pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
     let device = SimDevice::new();
@@ -32,7 +21,7 @@ pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
     let name = "kernel emulator (emulated H200, on the CPU)";
     eprintln!("bench: {name}; times are emulation, not GPU time");
     let timing = format!(
-        "EMULATION: wall clock of the CPU kernel emulator, median of {iters}; not a GPU time"
+        "EMULATION: wall clock of the CPU kernel emulator, median of {iters} after 1 warm-up; not a GPU time"
     );
     let mut records = Vec::new();
     for (i, case) in cases.iter().enumerate() {
@@ -55,7 +44,7 @@ fn measure<T: Element>(
     device: &Arc<SimDevice>,
     case: &Case,
     iters: usize,
-) -> Result<((f64, Option<f64>, Option<f64>), u64), Failure> {
+) -> Result<(Times, u64), Failure> {
     let mut rng = data::rng();
     let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
     let fail = Failure::runtime;
