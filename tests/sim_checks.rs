@@ -269,7 +269,7 @@ fn shuffles_follow_the_ptx_modes() {
 }
 
 /// One m16n8k16 through ldmatrix (A direct, B transposed) and mma.sync, against the product
-/// computed here in f64 from the same 16-bit values, C = [0.25, -0.5, 1, 2] per lane's
+/// computed here in f64 from the same 16-bit values (within f32 accumulation), C = [0.25, -0.5, 1, 2] per lane's
 /// fragment (rows g / g + 8, columns 2t / 2t + 1).
 fn mma_matches_a_matrix_product(name: &str, to_bits: fn(f32) -> u16, to_f64: fn(u16) -> f64) {
     let mut rng_state = 0x9e3779b97f4a7c15u64;
@@ -287,14 +287,17 @@ fn mma_matches_a_matrix_product(name: &str, to_bits: fn(f32) -> u16, to_f64: fn(
     let d = out_f32(&r);
     for row in 0..16 {
         for col in 0..8 {
-            let c = [0.25, -0.5, 1.0, 2.0][(row / 8) * 2 + col % 2];
-            let want: f64 = c
-                + (0..16)
-                    .map(|k| to_f64(a[row * 16 + k]) * to_f64(b[k * 8 + col]))
-                    .sum::<f64>();
+            let c: f64 = [0.25, -0.5, 1.0, 2.0][(row / 8) * 2 + col % 2];
+            let terms: Vec<f64> = (0..16)
+                .map(|k| to_f64(a[row * 16 + k]) * to_f64(b[k * 8 + col]))
+                .collect();
+            let want = c + terms.iter().sum::<f64>();
+            // f32 accumulation of exact products: 16 roundings, each at most half an ulp of
+            // the running magnitude.
+            let magnitude = c.abs() + terms.iter().map(|t| t.abs()).sum::<f64>();
             let got = d[row * 8 + col] as f64;
             assert!(
-                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                (got - want).abs() <= 16.0 * f64::from(f32::EPSILON) * magnitude,
                 "{name} D[{row}][{col}] = {got}, want {want}"
             );
         }

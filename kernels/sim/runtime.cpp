@@ -261,6 +261,8 @@ struct Worker {
   volatile uintptr_t fault_address = 0;
   volatile bool fault_write = false;
   uint64_t watched = 0;
+  std::vector<int> run_list, waiting_warps;  // the scheduler's scratch (run_block)
+  std::vector<char> warp_waits;
   stack_t alt_stack{};
   stack_t old_alt_stack{};
 };
@@ -474,7 +476,7 @@ void execute(Worker &w, Fiber **lanes, unsigned mask) {
       //   B (16x8) element b_i (i = 0..3): row (k) 2t + (i & 1), + 8 for i >= 2; col (n) g.
       //   C, D (16x8 f32) element c_i: row g for i < 2, else g + 8; col 2t + (i & 1).
       const bool bf16 = first.sub != 0;
-      double a[16][16], b[16][8], c[16][8];
+      float a[16][16], b[16][8], d[16][8];
       for (int l = 0; l < 32; ++l) {
         const Fiber &f = *lanes[l];
         const int g = l >> 2, t = l & 3;
@@ -488,18 +490,19 @@ void execute(Worker &w, Fiber **lanes, unsigned mask) {
           const uint16_t bits = static_cast<uint16_t>(f.in[4 + i / 2] >> (16 * (i % 2)));
           b[2 * t + (i & 1) + (i >= 2 ? 8 : 0)][g] = to_f32(bits, bf16);
         }
-        for (int i = 0; i < 4; ++i) c[i < 2 ? g : g + 8][2 * t + (i & 1)] = f.acc[i];
+        for (int i = 0; i < 4; ++i) d[i < 2 ? g : g + 8][2 * t + (i & 1)] = f.acc[i];
       }
-      // Products of 16-bit floats are exact in f64; the sum is rounded to f32 once.
+      // D = C + A B: products of 16-bit floats are exact in f32; they are added to the f32
+      // accumulator in k order.
+      for (int k = 0; k < 16; ++k)
+        for (int row = 0; row < 16; ++row) {
+          const float x = a[row][k];
+          for (int col = 0; col < 8; ++col) d[row][col] += x * b[k][col];
+        }
       for (int l = 0; l < 32; ++l) {
         Fiber &f = *lanes[l];
         const int g = l >> 2, t = l & 3;
-        for (int i = 0; i < 4; ++i) {
-          const int row = i < 2 ? g : g + 8, col = 2 * t + (i & 1);
-          double sum = c[row][col];
-          for (int k = 0; k < 16; ++k) sum += a[row][k] * b[k][col];
-          f.acc[i] = static_cast<float>(sum);
-        }
+        for (int i = 0; i < 4; ++i) f.acc[i] = d[i < 2 ? g : g + 8][2 * t + (i & 1)];
       }
       break;
     }
@@ -508,52 +511,52 @@ void execute(Worker &w, Fiber **lanes, unsigned mask) {
     if ((mask >> l) & 1u) lanes[l]->state = State::kRunnable;
 }
 
-// Completes every warp collective whose lanes have all arrived. Returns whether one was; sets
-// w.failed on divergence.
-bool resolve_collectives(Worker &w, int threads) {
-  bool progress = false;
-  const int warps = (threads + 31) / 32;
-  for (int warp = 0; warp < warps && !w.failed; ++warp) {
-    Fiber *lanes[32] = {};
-    const int lane_count = std::min(32, threads - 32 * warp);
-    for (int l = 0; l < lane_count; ++l) lanes[l] = w.fibers[32 * warp + l].get();
-    unsigned done = 0;
-    for (int l = 0; l < lane_count && !w.failed; ++l) {
-      Fiber &f = *lanes[l];
-      if (f.state != State::kCollective || ((done >> l) & 1u)) continue;
-      const unsigned mask = f.mask;
-      const bool all_lanes = f.coll == Coll::kLdmatrix || f.coll == Coll::kMma;
-      if (all_lanes && mask != 0xffffffffu) {
-        w.current = &f;
-        fail_here(kLaunchFailure, format("%s needs all 32 lanes; mask 0x%08x (%s)", coll_name(f), mask,
-                                         site_text(f.site).c_str()));
-        break;
-      }
-      for (int j = 0; j < 32; ++j) {
-        if (((mask >> j) & 1u) == 0) continue;
-        std::string problem;
-        if (j >= lane_count) {
-          problem = format("lane %d of the mask does not exist (the block has %d threads)", j, threads);
-        } else {
-          const Fiber &o = *lanes[j];
-          if (o.state != State::kCollective || o.coll != f.coll || o.sub != f.sub || o.mask != mask ||
-              o.site.line != f.site.line || strcmp(o.site.file, f.site.file) != 0)
-            problem = format("lane %d %s", j, state_text(o).c_str());
-        }
-        if (!problem.empty()) {
-          w.current = &f;
-          fail_here(kLaunchFailure, format("divergent warp collective: lane %d %s, but %s", l,
-                                           state_text(f).c_str(), problem.c_str()));
-          break;
-        }
-      }
-      if (w.failed) break;
-      execute(w, lanes, mask);
-      done |= mask;
-      progress = true;
+bool same_site(Site a, Site b) {
+  return a.line == b.line && (a.file == b.file || strcmp(a.file, b.file) == 0);
+}
+
+// Completes the collectives the lanes of `warp` wait at, once every lane has stopped; appends the
+// lanes it releases to `released`. Sets w.failed on divergence.
+void resolve_warp(Worker &w, int warp, int threads, std::vector<int> &released) {
+  Fiber *lanes[32] = {};
+  const int lane_count = std::min(32, threads - 32 * warp);
+  for (int l = 0; l < lane_count; ++l) lanes[l] = w.fibers[32 * warp + l].get();
+  unsigned done = 0;
+  for (int l = 0; l < lane_count; ++l) {
+    Fiber &f = *lanes[l];
+    if (f.state != State::kCollective || ((done >> l) & 1u)) continue;
+    const unsigned mask = f.mask;
+    const bool all_lanes = f.coll == Coll::kLdmatrix || f.coll == Coll::kMma;
+    if (all_lanes && mask != 0xffffffffu) {
+      w.current = &f;
+      fail_here(kLaunchFailure, format("%s needs all 32 lanes; mask 0x%08x (%s)", coll_name(f), mask,
+                                       site_text(f.site).c_str()));
+      return;
     }
+    for (int j = 0; j < 32; ++j) {
+      if (((mask >> j) & 1u) == 0) continue;
+      std::string problem;
+      if (j >= lane_count) {
+        problem = format("lane %d of the mask does not exist (the block has %d threads)", j, threads);
+      } else {
+        const Fiber &o = *lanes[j];
+        if (o.state != State::kCollective || o.coll != f.coll || o.sub != f.sub || o.mask != mask ||
+            !same_site(o.site, f.site))
+          problem = format("lane %d %s", j, state_text(o).c_str());
+      }
+      if (!problem.empty()) {
+        w.current = &f;
+        fail_here(kLaunchFailure, format("divergent warp collective: lane %d %s, but %s", l,
+                                         state_text(f).c_str(), problem.c_str()));
+        return;
+      }
+    }
+    execute(w, lanes, mask);
+    if (w.failed) return;
+    done |= mask;
+    for (int j = 0; j < lane_count; ++j)
+      if ((mask >> j) & 1u) released.push_back(32 * warp + j);
   }
-  return progress;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -670,26 +673,52 @@ bool run_block(Worker &w, int64_t linear, int threads) {
     return false;
   }
   w.in_block = true;
+  // Fibers to resume this round (ascending thread index), warps with a lane at a collective,
+  // and how many threads have exited or wait at a barrier.
+  std::vector<int> &run = w.run_list;
+  std::vector<int> &waiting_warps = w.waiting_warps;
+  run.resize(threads);
+  for (int i = 0; i < threads; ++i) run[i] = i;
+  waiting_warps.clear();
+  std::vector<char> &warp_waits = w.warp_waits;
+  warp_waits.assign((threads + 31) / 32, 0);
+  int exited = 0, at_barrier = 0;
+  auto stop = [&] {
+    w.in_block = false;
+    w.current = nullptr;
+    return false;
+  };
   for (;;) {
-    for (int k = 0; k < threads; ++k) {
-      Fiber &f = *w.fibers[l.reverse ? threads - 1 - k : k];
-      if (f.state != State::kRunnable) continue;
+    const size_t n = run.size();
+    for (size_t k = 0; k < n; ++k) {
+      Fiber &f = *w.fibers[run[l.reverse ? n - 1 - k : k]];
       resume(w, f);
-      if (w.failed) {
-        w.in_block = false;
-        return false;
+      if (w.failed) return stop();
+      switch (f.state) {
+        case State::kExited: ++exited; break;
+        case State::kBarrier: ++at_barrier; break;
+        case State::kCollective:
+          if (!warp_waits[f.warp]) {
+            warp_waits[f.warp] = 1;
+            waiting_warps.push_back(f.warp);
+          }
+          break;
+        case State::kRunnable: break;
       }
     }
-    bool all_exited = true;
-    for (int i = 0; i < threads; ++i) all_exited &= w.fibers[i]->state == State::kExited;
-    if (all_exited) break;
-    const bool progress = resolve_collectives(w, threads);
-    if (w.failed) {
-      w.in_block = false;
-      w.current = nullptr;
-      return false;
+    run.clear();
+    if (exited == threads) break;
+    std::sort(waiting_warps.begin(), waiting_warps.end());
+    for (const int warp : waiting_warps) {
+      warp_waits[warp] = 0;
+      resolve_warp(w, warp, threads, run);
+      if (w.failed) return stop();
     }
-    if (progress) continue;
+    waiting_warps.clear();
+    if (!run.empty()) {
+      std::sort(run.begin(), run.end());
+      continue;
+    }
     // Every live thread waits: the barrier is released when they all wait at the same one.
     const Fiber *first = nullptr;
     std::string problem;
@@ -700,13 +729,17 @@ bool run_block(Worker &w, int64_t linear, int threads) {
         problem = format("thread %d %s", i, state_text(f).c_str());
       } else if (first == nullptr) {
         first = &f;
-      } else if (f.site.line != first->site.line || strcmp(f.site.file, first->site.file) != 0) {
+      } else if (!same_site(f.site, first->site)) {
         problem = format("thread %d waits at __syncthreads at %s", i, site_text(f.site).c_str());
       }
     }
-    if (first != nullptr && problem.empty()) {
+    if (first != nullptr && problem.empty() && at_barrier + exited == threads) {
       for (int i = 0; i < threads; ++i)
-        if (w.fibers[i]->state == State::kBarrier) w.fibers[i]->state = State::kRunnable;
+        if (w.fibers[i]->state == State::kBarrier) {
+          w.fibers[i]->state = State::kRunnable;
+          run.push_back(i);
+        }
+      at_barrier = 0;
       continue;
     }
     const Fiber *culprit = first;
