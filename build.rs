@@ -45,7 +45,7 @@ fn main() {
         manifest_dir.join(".toolchain/cuda/.installed").display()
     );
     // The kernel emulator needs only the host C++ compiler: every build has it.
-    sim::build(&manifest_dir);
+    sim::build(&manifest_dir, &PathBuf::from(env::var("OUT_DIR").unwrap()));
 
     if env::var("PAGED_GQA_NO_CUDA").is_ok_and(|v| v == "1") {
         println!("cargo::warning=PAGED_GQA_NO_CUDA=1: building paged-gqa without CUDA kernels (CPU backend only)");

@@ -2,13 +2,64 @@
 //! headers in kernels/sim/include, with the emulator's runtime (kernels/sim/runtime.cpp) and its
 //! planted-bug checks (kernels/sim/checks.cu), into the static library `paged_gqa_sim`. Needs no
 //! CUDA toolkit, so every build has it.
+//!
+//! Each kernel file is compiled through a generated wrapper that includes it and then registers
+//! its kernels' `__launch_bounds__` (found in the source; the host compiler keeps no trace of the
+//! attribute), so the emulator refuses a launch above a kernel's bound as the driver does.
 
-use std::path::Path;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
+/// `(bound expression, kernel name)` of every `__launch_bounds__(BOUND, ...) NAME(` in `source`.
+fn launch_bounds(source: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("__launch_bounds__(") {
+        rest = &rest[at + "__launch_bounds__(".len()..];
+        let Some(close) = rest.find(')') else { break };
+        let bound = rest[..close]
+            .split(',')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let after = rest[close + 1..].trim_start();
+        let name: String = after
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let is_call = after[name.len()..].trim_start().starts_with('(');
+        if !bound.is_empty() && !name.is_empty() && is_call && bound != "..." {
+            found.push((bound, name));
+        }
+    }
+    found
+}
+
+/// The wrapper translation unit of `kernel`: the file itself, then its bounds' registration.
+fn wrapper(out_dir: &Path, kernel: &Path) -> PathBuf {
+    let source = std::fs::read_to_string(kernel).expect("kernel source is readable");
+    let mut text = format!("#include \"{}\"\n", kernel.display());
+    let bounds = launch_bounds(&source);
+    if !bounds.is_empty() {
+        text.push_str("namespace {\n[[maybe_unused]] const bool pgqa_sim_bounds_registered = (");
+        for (bound, name) in &bounds {
+            let _ = write!(
+                text,
+                "::pgqa_sim::register_launch_bounds(\"{name}\", {bound}), "
+            );
+        }
+        text.push_str("true);\n}  // namespace\n");
+    }
+    let name = kernel.file_name().unwrap().to_string_lossy();
+    let path = out_dir.join(format!("sim-{name}.cpp"));
+    std::fs::write(&path, text).expect("write the emulator's wrapper");
+    path
+}
 /// Compiles the emulator library. The kernels keep their own file names; the shims rename
 /// their C entry points to `pgqa_sim_*` and their namespace to `pgqa_emulated`, so the emulated
 /// and the nvcc-built kernels link into one binary.
-pub fn build(manifest_dir: &Path) {
+pub fn build(manifest_dir: &Path, out_dir: &Path) {
     let kernel_dir = manifest_dir.join("kernels");
     let sim_dir = kernel_dir.join("sim");
     let mut kernels: Vec<_> = std::fs::read_dir(&kernel_dir)
@@ -37,11 +88,9 @@ pub fn build(manifest_dir: &Path) {
         .include(&kernel_dir)
         .include(&sim_dir)
         .file(sim_dir.join("runtime.cpp"));
-    // The .cu sources are C++ to the host compiler.
     for kernel in &kernels {
-        build.file(kernel);
+        build.file(wrapper(out_dir, kernel));
     }
-    build.flag("-x").flag("c++");
     build.compile("paged_gqa_sim");
     println!("cargo::rustc-link-lib=dylib=stdc++");
 }

@@ -10,6 +10,7 @@ const SUCCESS: i32 = 0;
 const INVALID_VALUE: i32 = 1;
 const INVALID_CONFIGURATION: i32 = 9;
 const ILLEGAL_ADDRESS: i32 = 700;
+const LAUNCH_OUT_OF_RESOURCES: i32 = 701;
 const LAUNCH_FAILURE: i32 = 719;
 
 fn floats(n: usize) -> Vec<u8> {
@@ -215,6 +216,16 @@ fn launches_are_validated_as_the_driver_does() {
         1,
         INVALID_CONFIGURATION,
         &["grid (1,70000,1)"],
+    );
+    planted(
+        "launch_past_launch_bounds",
+        1,
+        LAUNCH_OUT_OF_RESOURCES,
+        &[
+            "launch of bounded refused",
+            "256 threads per block",
+            "__launch_bounds__ allows 128",
+        ],
     );
     planted(
         "launch_shared_without_attribute",

@@ -115,8 +115,9 @@ __global__ void __launch_bounds__(kThreads) out_of_bounds(const float *in, float
   if (variant == 2 && t == last) out[t + 1024] = x;
 }
 
-// A plain kernel for the launch checks.
+// Plain kernels for the launch checks.
 __global__ void __launch_bounds__(1024) plain(float *out) { out[threadIdx.x % 16] = 1.0f; }
+__global__ void __launch_bounds__(kThreads, 1) bounded(float *out) { out[threadIdx.x % 16] = 1.0f; }
 
 // One m16n8k16 product: A [16][16] and B [16][8] (k x n) from `in` (16-bit values), through
 // shared memory and ldmatrix (A direct, B transposed), D [16][8] f32 to `out`.
@@ -197,6 +198,8 @@ extern "C" int pgqa_sim_check(const char *name, int variant, const void *input, 
                          out, elems, variant);
   } else if (n == "launch_block_too_large") {
     status = PGQA_LAUNCH(plain, 1, variant ? 2048 : 1024, 0, stream, out);
+  } else if (n == "launch_past_launch_bounds") {
+    status = PGQA_LAUNCH(bounded, 1, variant ? 2 * kThreads : kThreads, 0, stream, out);
   } else if (n == "launch_grid_too_large") {
     status = PGQA_LAUNCH(plain, dim3(1, variant ? 70000 : 65535), 32, 0, stream, out);
   } else if (n == "launch_shared_without_attribute") {

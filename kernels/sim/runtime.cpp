@@ -14,9 +14,14 @@
 // buffer. See the README, "Running the kernels without a GPU".
 
 #undef _FORTIFY_SOURCE
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -52,7 +57,7 @@ constexpr size_t kPage = 4096;
 constexpr size_t kBufferGuard = 1 << 20;  // PROT_NONE before and after every buffer
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kCudaSuccess = 0, kInvalidValue = 1, kInvalidConfiguration = 9,
-              kIllegalAddress = 700, kLaunchFailure = 719;
+              kIllegalAddress = 700, kLaunchOutOfResources = 701, kLaunchFailure = 719;
 
 size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
@@ -99,6 +104,116 @@ namespace {
 std::mutex g_attr_mutex;
 std::map<const void *, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
 thread_local int t_last_error = kCudaSuccess;
+
+// ---------------------------------------------------------------------------------------------
+// Kernel names (from the binary's symbol table: kernels live in anonymous namespaces, so their
+// symbols are local) and their __launch_bounds__.
+
+std::mutex g_names_mutex;
+std::map<const void *, std::string> g_names;       // kernel address -> "attend_kernel<__half, 128>"
+std::map<std::string, int> g_bounds;                // unqualified kernel name -> max threads
+std::map<std::string, std::vector<std::pair<uint64_t, std::string>>> g_symtabs;  // file -> functions
+
+// The function symbols (offset from the load base for position-independent objects) of `path`.
+const std::vector<std::pair<uint64_t, std::string>> &symbols_of(const std::string &path) {
+  auto found = g_symtabs.find(path);
+  if (found != g_symtabs.end()) return found->second;
+  std::vector<std::pair<uint64_t, std::string>> &out = g_symtabs[path];
+  const int fd = open(path.c_str(), O_RDONLY);
+  if (fd < 0) return out;
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size < static_cast<off_t>(sizeof(Elf64_Ehdr))) {
+    close(fd);
+    return out;
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  void *map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  close(fd);
+  if (map == MAP_FAILED) return out;
+  const char *base = static_cast<const char *>(map);
+  const Elf64_Ehdr *eh = reinterpret_cast<const Elf64_Ehdr *>(base);
+  if (memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 && eh->e_ident[EI_CLASS] == ELFCLASS64 &&
+      eh->e_shoff + static_cast<uint64_t>(eh->e_shnum) * sizeof(Elf64_Shdr) <= size) {
+    const Elf64_Shdr *sections = reinterpret_cast<const Elf64_Shdr *>(base + eh->e_shoff);
+    for (int i = 0; i < eh->e_shnum; ++i) {
+      if (sections[i].sh_type != SHT_SYMTAB || sections[i].sh_link >= eh->e_shnum) continue;
+      const Elf64_Shdr &strtab = sections[sections[i].sh_link];
+      if (sections[i].sh_offset + sections[i].sh_size > size || strtab.sh_offset + strtab.sh_size > size) continue;
+      const Elf64_Sym *syms = reinterpret_cast<const Elf64_Sym *>(base + sections[i].sh_offset);
+      const size_t count = sections[i].sh_size / sizeof(Elf64_Sym);
+      for (size_t k = 0; k < count; ++k) {
+        if (ELF64_ST_TYPE(syms[k].st_info) != STT_FUNC || syms[k].st_name >= strtab.sh_size) continue;
+        out.emplace_back(syms[k].st_value, std::string(base + strtab.sh_offset + syms[k].st_name));
+      }
+    }
+  }
+  munmap(map, size);
+  return out;
+}
+
+// The demangled name of the function at `address`, without its parameters and namespaces of
+// the emulator's making; "" when the binary has no symbol for it.
+std::string function_name(const void *address) {
+  Dl_info info;
+  if (dladdr(address, &info) == 0) return "";
+  std::string mangled;
+  if (info.dli_sname != nullptr && info.dli_saddr == address) {
+    mangled = info.dli_sname;
+  } else {
+    const Elf64_Ehdr *eh = static_cast<const Elf64_Ehdr *>(info.dli_fbase);
+    const uint64_t offset = eh->e_type == ET_DYN ? reinterpret_cast<uintptr_t>(address) -
+                                                       reinterpret_cast<uintptr_t>(info.dli_fbase)
+                                                 : reinterpret_cast<uintptr_t>(address);
+    std::string path = info.dli_fname != nullptr ? info.dli_fname : "";
+    const auto *symbols = &symbols_of(path);
+    if (symbols->empty()) symbols = &symbols_of("/proc/self/exe");
+    for (const auto &s : *symbols)
+      if (s.first == offset) mangled = s.second;
+  }
+  if (mangled.empty()) return "";
+  int status = 0;
+  char *demangled = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status);
+  std::string name = status == 0 && demangled != nullptr ? demangled : mangled;
+  free(demangled);
+  for (const char *noise : {"(anonymous namespace)::", "pgqa_sim_cuda::", "pgqa_emulated::"}) {
+    for (size_t at; (at = name.find(noise)) != std::string::npos;) name.erase(at, strlen(noise));
+  }
+  // Drop the parameter list: the last top-level "(...)".
+  int depth = 0;
+  for (size_t i = 0; i < name.size(); ++i) {
+    if (name[i] == '<') ++depth;
+    if (name[i] == '>') --depth;
+    if (name[i] == '(' && depth == 0) {
+      name.resize(i);
+      break;
+    }
+  }
+  return name;
+}
+
+// The kernel's display name, once per kernel.
+const std::string &kernel_name(const void *kernel_id, const char *fallback) {
+  std::lock_guard<std::mutex> lock(g_names_mutex);
+  auto found = g_names.find(kernel_id);
+  if (found != g_names.end()) return found->second;
+  std::string name = function_name(kernel_id);
+  return g_names[kernel_id] = name.empty() ? fallback : name;
+}
+
+// "attend_kernel<__half, 128>" -> "attend_kernel".
+std::string unqualified(const std::string &name) {
+  const size_t end = name.find('<');
+  std::string base = name.substr(0, end);
+  const size_t colon = base.rfind("::");
+  return colon == std::string::npos ? base : base.substr(colon + 2);
+}
+
+int bound_of(const void *kernel_id, const char *fallback) {
+  const std::string base = unqualified(kernel_name(kernel_id, fallback));
+  std::lock_guard<std::mutex> lock(g_names_mutex);
+  auto found = g_bounds.find(base);
+  return found == g_bounds.end() || found->second <= 0 ? kMaxThreadsPerBlock : found->second;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fibers.
@@ -962,6 +1077,15 @@ void trap(Site site) {
   abort();
 }
 
+bool register_launch_bounds(const char *kernel, int max_threads) {
+  std::lock_guard<std::mutex> lock(g_names_mutex);
+  auto inserted = g_bounds.emplace(kernel, max_threads);
+  if (!inserted.second && inserted.first->second != max_threads) inserted.first->second = -1;  // ambiguous
+  return true;
+}
+
+int max_threads_per_block(const void *kernel_id) { return bound_of(kernel_id, ""); }
+
 int get_last_error(bool clear) {
   const int e = t_last_error;
   if (clear) t_last_error = kCudaSuccess;
@@ -990,12 +1114,13 @@ const char *error_name(int error) {
     case kInvalidValue: return "cudaErrorInvalidValue";
     case kInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case kIllegalAddress: return "cudaErrorIllegalAddress";
+    case kLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
     case kLaunchFailure: return "cudaErrorLaunchFailure";
   }
   return "cudaErrorUnknown";
 }
 
-int launch_grid(const char *kernel, const char *launcher, const void *kernel_id, dim3 grid, dim3 block,
+int launch_grid(const char *kernel_text, const char *launcher, const void *kernel_id, dim3 grid, dim3 block,
                 size_t dynamic_smem, void *stream, Body body, const void *closure) {
   auto refuse = [](int error) {
     t_last_error = error;
@@ -1003,6 +1128,7 @@ int launch_grid(const char *kernel, const char *launcher, const void *kernel_id,
   };
   Device *device = reinterpret_cast<Device *>(stream);
   if (device == nullptr) return refuse(kInvalidValue);  // the emulator has no default stream
+  const char *kernel = kernel_name(kernel_id, kernel_text).c_str();
   // Launch limits as the driver checks them.
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
@@ -1012,6 +1138,13 @@ int launch_grid(const char *kernel, const char *launcher, const void *kernel_id,
     device->last_report = format("launch of %s refused: grid (%u,%u,%u), block (%u,%u,%u)", kernel, grid.x, grid.y,
                                  grid.z, block.x, block.y, block.z);
     return refuse(kInvalidConfiguration);
+  }
+  const int bound = bound_of(kernel_id, kernel_text);
+  if (threads > static_cast<uint64_t>(bound)) {
+    std::lock_guard<std::mutex> lock(device->launch_mutex);
+    device->last_report = format("launch of %s refused: %llu threads per block, its __launch_bounds__ allows %d",
+                                 kernel, static_cast<unsigned long long>(threads), bound);
+    return refuse(kLaunchOutOfResources);
   }
   if (dynamic_smem > static_cast<size_t>(func_max_dynamic_smem(kernel_id))) {
     std::lock_guard<std::mutex> lock(device->launch_mutex);

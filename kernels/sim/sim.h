@@ -104,6 +104,12 @@ int launch(void (*kernel)(P...), const char *name, const char *launcher, dim3 gr
                      dynamic_smem, stream, body, &closure);
 }
 
+// Records the `__launch_bounds__` maximum of the kernel named `kernel` (its unqualified name, the
+// same for every template instance); the emulator's build calls it for every kernel it finds.
+bool register_launch_bounds(const char *kernel, int max_threads);
+// The kernel's __launch_bounds__ maximum, or the device's 1024 when it has none.
+int max_threads_per_block(const void *kernel_id);
+
 // The runtime API calls the launchers make.
 int get_last_error(bool clear);
 int func_set_max_dynamic_smem(const void *kernel_id, int bytes);

@@ -165,7 +165,7 @@ inline cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attr, i
 template <typename Kernel>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *attributes, Kernel kernel) {
   memset(attributes, 0, sizeof(*attributes));
-  attributes->maxThreadsPerBlock = ::pgqa_sim::kMaxThreadsPerBlock;
+  attributes->maxThreadsPerBlock = ::pgqa_sim::max_threads_per_block(reinterpret_cast<const void *>(kernel));
   attributes->ptxVersion = 10 * ::pgqa_sim::kComputeMajor + ::pgqa_sim::kComputeMinor;
   attributes->binaryVersion = attributes->ptxVersion;
   attributes->maxDynamicSharedSizeBytes =
