@@ -5,17 +5,22 @@
 //! 512 on 10k cached keys, speculative verification of 2..8 tokens; the cache path, and a step
 //! captured in a CUDA graph. Outputs are poisoned first. Skips (printing why) without a GPU;
 //! fails instead with PAGED_GQA_REQUIRE_GPU=1.
+//!
+//! Every `gpu_xxx` test has a twin `sim_xxx` (or `sim_full_xxx`, the slow ones) running the same
+//! body on the kernel emulator, where the longest cases are shortened (each says why and to
+//! what); `cargo test --test gpu_attend sim_ -- --skip sim_full_` is the quick subset.
 
 mod common;
 
 use std::sync::Arc;
 
-use common::PagedCase;
+use common::{Device, PagedCase};
 use half::{bf16, f16};
 use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::cpu::CpuStorage;
-use paged_gqa::cuda::{AttendBatch, CudaContext, CudaStorage};
+use paged_gqa::cuda::CudaStream;
 use paged_gqa::plan::KernelChoice;
+use paged_gqa::sim::SimDevice;
 use paged_gqa::{Element, GqaShape};
 
 use common::MODELS;
@@ -32,15 +37,15 @@ fn tolerance<T: Element>() -> (f64, f64) {
 /// Runs one case through AttendBatch with each kernel choice (automatic, CUDA cores only,
 /// tensor cores only) and compares every output with the oracle; returns each choice's split
 /// count.
-fn check_case<T: Element>(ctx: &Arc<CudaContext>, what: &str, case: &PagedCase) -> Vec<usize> {
+fn check_case<D: Device, T: Element>(dev: &D, what: &str, case: &PagedCase) -> Vec<usize> {
     let keep = vec![true; case.lens.num_tokens()];
-    check_case_at::<T>(ctx, what, case, &keep)
+    check_case_at::<D, T>(dev, what, case, &keep)
 }
 
 /// [`check_case`] with the oracle computed at the query rows `keep` only (long cases); every
 /// output element must still be written and finite.
-fn check_case_at<T: Element>(
-    ctx: &Arc<CudaContext>,
+fn check_case_at<D: Device, T: Element>(
+    dev: &D,
     what: &str,
     case: &PagedCase,
     keep: &[bool],
@@ -54,20 +59,19 @@ fn check_case_at<T: Element>(
     .into_iter()
     .map(|choice| {
         let what = format!("{what} ({choice:?})");
-        run_and_compare(ctx, &what, case, &typed, keep, choice)
+        run_and_compare(dev, &what, case, &typed, keep, choice)
     })
     .collect()
 }
 
-fn run_and_compare<T: Element>(
-    ctx: &Arc<CudaContext>,
+fn run_and_compare<D: Device, T: Element>(
+    dev: &D,
     what: &str,
     case: &PagedCase,
     typed: &common::Typed<T>,
     keep: &[bool],
     choice: KernelChoice,
 ) -> usize {
-    let stream = ctx.new_stream().unwrap();
     let shape = case.layout.shape();
     let common::Typed {
         q,
@@ -76,31 +80,24 @@ fn run_and_compare<T: Element>(
         oracle,
     } = typed;
 
-    let batch = AttendBatch::with_kernels(
-        &stream,
-        case.layout,
-        T::DTYPE,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-        choice,
-    )
-    .unwrap();
+    let batch = dev
+        .attend_batch(
+            case.layout,
+            T::DTYPE,
+            &case.lens,
+            &case.tables,
+            case.max_blocks,
+            choice,
+        )
+        .unwrap();
     let rows = case.lens.num_tokens() * shape.n_heads();
-    let (k_dev, v_dev, q_dev) = (
-        stream.clone_htod(k).unwrap(),
-        stream.clone_htod(v).unwrap(),
-        stream.clone_htod(q).unwrap(),
-    );
-    let mut out = stream
-        .clone_htod(&common::poison::<T>(rows * shape.head_dim()))
-        .unwrap();
-    let mut lse = stream.clone_htod(&vec![f32::NAN; rows]).unwrap();
-    batch
-        .run(&stream, &k_dev, &v_dev, &q_dev, &mut out, &mut lse, None)
-        .unwrap();
-    let out = common::download_f64(&stream, &out);
-    let lse = common::download_f64(&stream, &lse);
+    let (k_dev, v_dev, q_dev) = (dev.upload(k), dev.upload(v), dev.upload(q));
+    let mut out = dev.alloc_poisoned::<T>(rows * shape.head_dim());
+    let mut lse = dev.alloc_poisoned::<f32>(rows);
+    dev.run_attend(&batch, &k_dev, &v_dev, &q_dev, &mut out, &mut lse)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = dev.download_f64(&out);
+    let lse = dev.download_f64(&lse);
 
     let (out_bound, lse_bound) = tolerance::<T>();
     assert!(
@@ -134,7 +131,7 @@ fn run_and_compare<T: Element>(
         .map(|(&g, w)| (g - w).abs())
         .fold(0.0, f64::max);
     assert!(lse_err < lse_bound, "{what}: lse error {lse_err:e}");
-    batch.schedule().num_splits
+    D::schedule(&batch).num_splits
 }
 
 /// Shapes beyond the models': groups larger than a CUDA-core block's rows (served in head
@@ -145,10 +142,8 @@ const EXTRA_SHAPES: [(&str, usize, usize, usize); 3] = [
     ("32/8 heads, d80", 32, 8, 80),
 ];
 
-fn models<T: Element>(test: &str) {
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
+/// Decode on every shape with contexts of 1, a page, a partial page and 1000 keys.
+fn models<D: Device, T: Element>(dev: &D, test: &str) {
     let mut rng = common::rng(test);
     for (i, &(model, n_heads, n_kv_heads, head_dim)) in
         MODELS.iter().chain(&EXTRA_SHAPES).enumerate()
@@ -157,28 +152,41 @@ fn models<T: Element>(test: &str) {
         let block_size = [16, 1, 256, 32][i % 4];
         let lens = [1, block_size, block_size + block_size / 2 + 1, 1000];
         let case = PagedCase::random(&mut rng, shape, block_size, &lens, &[1; 4]);
-        check_case::<T>(&ctx, &format!("{model}, pages of {block_size}"), &case);
+        check_case::<D, T>(dev, &format!("{model}, pages of {block_size}"), &case);
     }
 }
 
 #[test]
 fn gpu_decode_matches_oracle_on_model_shapes_bf16() {
-    models::<bf16>("gpu_decode_matches_oracle_on_model_shapes_bf16");
+    let test = "gpu_decode_matches_oracle_on_model_shapes_bf16";
+    if let Some(gpu) = common::gpu_stream(test) {
+        models::<_, bf16>(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_decode_matches_oracle_on_model_shapes_bf16() {
+    let test = "sim_decode_matches_oracle_on_model_shapes_bf16";
+    models::<_, bf16>(&SimDevice::new(), test);
 }
 
 #[test]
 fn gpu_decode_matches_oracle_on_model_shapes_f16() {
-    models::<f16>("gpu_decode_matches_oracle_on_model_shapes_f16");
+    let test = "gpu_decode_matches_oracle_on_model_shapes_f16";
+    if let Some(gpu) = common::gpu_stream(test) {
+        models::<_, f16>(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_decode_matches_oracle_on_model_shapes_f16() {
+    let test = "sim_decode_matches_oracle_on_model_shapes_f16";
+    models::<_, f16>(&SimDevice::new(), test);
 }
 
 /// Small enough for compute-sanitizer: decode rows, a prompt, a chunk, speculation, splits; on
 /// both kernels.
-#[test]
-fn gpu_attend_small_varlen_batch() {
-    let test = "gpu_attend_small_varlen_batch";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
+fn small_varlen_batch<D: Device>(dev: &D, test: &str) {
     let mut rng = common::rng(test);
     let shape = GqaShape::new(8, 2, 64).unwrap();
     // The last sequence's 600 keys make the planner split the keys (both kernels, then the merge).
@@ -189,7 +197,7 @@ fn gpu_attend_small_varlen_batch() {
         &[1, 40, 70, 33, 600],
         &[1, 40, 13, 3, 20],
     );
-    let splits = check_case::<bf16>(&ctx, "small varlen", &case);
+    let splits = check_case::<D, bf16>(dev, "small varlen", &case);
     assert!(
         splits.iter().all(|&s| s > 1),
         "every kernel choice must take the split path ({splits:?})"
@@ -197,87 +205,173 @@ fn gpu_attend_small_varlen_batch() {
 }
 
 #[test]
-fn gpu_attend_matches_oracle_on_prompts_chunks_and_speculation() {
-    let test = "gpu_attend_matches_oracle_on_prompts_chunks_and_speculation";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
+fn gpu_attend_small_varlen_batch() {
+    let test = "gpu_attend_small_varlen_batch";
+    if let Some(gpu) = common::gpu_stream(test) {
+        small_varlen_batch(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_attend_small_varlen_batch() {
+    small_varlen_batch(&SimDevice::new(), "sim_attend_small_varlen_batch");
+}
+
+/// A Llama prompt of `prompt` rows; a varlen batch (decode, a short prompt, a chunk of 500,
+/// speculation); on every shape a chunk of `chunk.1` rows on `chunk.0` cached keys beside short
+/// speculation.
+fn prompts_chunks_and_speculation<D: Device>(
+    dev: &D,
+    test: &str,
+    prompt: usize,
+    chunk: (usize, usize),
+) {
     let mut rng = common::rng(test);
     let llama = GqaShape::new(32, 8, 128).unwrap();
     // One long prompt.
-    let case = PagedCase::random(&mut rng, llama, 16, &[1024], &[1024]);
-    check_case::<bf16>(&ctx, "Llama-3-8B prompt 1024", &case);
+    let case = PagedCase::random(&mut rng, llama, 16, &[prompt], &[prompt]);
+    check_case::<D, bf16>(dev, &format!("Llama-3-8B prompt {prompt}"), &case);
     // A varlen batch: decode, a short prompt, a long chunk, speculative verification.
     let case = PagedCase::random(&mut rng, llama, 16, &[1, 17, 600, 300], &[1, 17, 500, 6]);
-    check_case::<f16>(&ctx, "Llama-3-8B varlen", &case);
-    // Chunked prefill (a chunk of 128 on 2000 cached keys) on every model shape.
+    check_case::<D, f16>(dev, "Llama-3-8B varlen", &case);
+    // Chunked prefill (a chunk on cached keys) on every model shape.
+    let (cached, chunk) = chunk;
     for (i, &(model, n_heads, n_kv_heads, head_dim)) in
         MODELS.iter().chain(&EXTRA_SHAPES).enumerate()
     {
         let shape = GqaShape::new(n_heads, n_kv_heads, head_dim).unwrap();
         let block_size = [16, 1, 256, 32][i % 4];
-        let case = PagedCase::random(&mut rng, shape, block_size, &[2128, 9, 40], &[128, 2, 8]);
-        check_case::<bf16>(
-            &ctx,
-            &format!("{model} chunked prefill, pages of {block_size}"),
+        let case = PagedCase::random(
+            &mut rng,
+            shape,
+            block_size,
+            &[cached + chunk, 9, 40],
+            &[chunk, 2, 8],
+        );
+        check_case::<D, bf16>(
+            dev,
+            &format!("{model} chunked prefill of {chunk} on {cached}, pages of {block_size}"),
             &case,
         );
     }
 }
 
+#[test]
+fn gpu_attend_matches_oracle_on_prompts_chunks_and_speculation() {
+    let test = "gpu_attend_matches_oracle_on_prompts_chunks_and_speculation";
+    if let Some(gpu) = common::gpu_stream(test) {
+        prompts_chunks_and_speculation(&gpu, test, 1024, (2000, 128));
+    }
+}
+
+#[test]
+fn sim_full_attend_matches_oracle_on_prompts_chunks_and_speculation() {
+    let test = "sim_full_attend_matches_oracle_on_prompts_chunks_and_speculation";
+    // The emulator takes about 0.75 us per (query row, key, query head) at d128: the 1024 prompt
+    // (three kernel choices) would take 40 s and the chunks of 128 on 2000 keys on 12 shapes
+    // 4.5 minutes. A 256 prompt is still 16 tensor-core blocks per K/V head, and chunks of 64
+    // on 400 cached keys are still chunks far behind their cache (4 tensor-core blocks for
+    // group 4; pages of 1, 16, 32 and 256). The varlen batch runs at the GPU's size.
+    prompts_chunks_and_speculation(&SimDevice::new(), test, 256, (400, 64));
+}
+
 /// Issue 6's long cases, checked at a sample of rows (the f64 oracle of every row of an 8k
 /// prompt takes minutes); every output element must still be written.
+fn long_prompt<D: Device>(dev: &D, test: &str, n: usize) {
+    let mut rng = common::rng(test);
+    let llama = GqaShape::new(32, 8, 128).unwrap();
+    let case = PagedCase::random(&mut rng, llama, 16, &[n], &[n]);
+    let keep = common::sample_tokens(&case.lens, 61);
+    check_case_at::<D, bf16>(dev, &format!("Llama-3-8B prompt {n}"), &case, &keep);
+}
+
 #[test]
 fn gpu_prefill_matches_oracle_on_an_8k_prompt() {
     let test = "gpu_prefill_matches_oracle_on_an_8k_prompt";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
+    if let Some(gpu) = common::gpu_stream(test) {
+        long_prompt(&gpu, test, 8192);
+    }
+}
+
+#[test]
+fn sim_full_prefill_matches_oracle_on_an_8k_prompt() {
+    // An 8k prompt is 34M causal (row, key) pairs per head: about 40 minutes on the emulator.
+    // 512 rows are still 32 tensor-core blocks per K/V head, checked at a sample of rows as on
+    // the GPU.
+    long_prompt(
+        &SimDevice::new(),
+        "sim_full_prefill_matches_oracle_on_an_8k_prompt",
+        512,
+    );
+}
+
+fn varlen_prompts<D: Device>(dev: &D, test: &str, lens: [usize; 4]) {
     let mut rng = common::rng(test);
-    let llama = GqaShape::new(32, 8, 128).unwrap();
-    let case = PagedCase::random(&mut rng, llama, 16, &[8192], &[8192]);
-    let keep = common::sample_tokens(&case.lens, 61);
-    check_case_at::<bf16>(&ctx, "Llama-3-8B prompt 8192", &case, &keep);
+    let qwen = GqaShape::new(28, 4, 128).unwrap();
+    let case = PagedCase::random(&mut rng, qwen, 16, &lens, &lens);
+    let keep = common::sample_tokens(&case.lens, 29);
+    let what = format!("Qwen2-7B prompts {lens:?}");
+    check_case_at::<D, f16>(dev, &what, &case, &keep);
 }
 
 #[test]
 fn gpu_prefill_matches_oracle_on_a_varlen_batch() {
     let test = "gpu_prefill_matches_oracle_on_a_varlen_batch";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
+    if let Some(gpu) = common::gpu_stream(test) {
+        varlen_prompts(&gpu, test, [1, 17, 500, 4096]);
+    }
+}
+
+#[test]
+fn sim_full_prefill_matches_oracle_on_a_varlen_batch() {
+    // The 4096 prompt would take the emulator about 9 minutes; prompts of 1, 17, 200 and 400
+    // are still a varlen batch of prompts of every size class (a single row, less than one
+    // tensor-core block, several), checked at sampled rows as on the GPU.
+    let test = "sim_full_prefill_matches_oracle_on_a_varlen_batch";
+    varlen_prompts(&SimDevice::new(), test, [1, 17, 200, 400]);
+}
+
+/// A chunk of `chunk` rows on `cached` keys beside two decoding sequences, and on Gemma's
+/// pages of 256.
+fn chunk_on_cached_keys<D: Device>(dev: &D, test: &str, cached: usize, chunk: usize) {
     let mut rng = common::rng(test);
-    let qwen = GqaShape::new(28, 4, 128).unwrap();
-    let lens = [1, 17, 500, 4096];
-    let case = PagedCase::random(&mut rng, qwen, 16, &lens, &lens);
-    let keep = common::sample_tokens(&case.lens, 29);
-    check_case_at::<f16>(&ctx, "Qwen2-7B prompts 1/17/500/4096", &case, &keep);
+    let llama = GqaShape::new(32, 8, 128).unwrap();
+    // The chunk beside two decoding sequences, as an engine batches them.
+    let case = PagedCase::random(
+        &mut rng,
+        llama,
+        16,
+        &[cached + chunk, 3000, 9],
+        &[chunk, 1, 1],
+    );
+    let keep = common::sample_tokens(&case.lens, 5);
+    let what = format!("Llama-3-8B chunk {chunk} on {cached}");
+    check_case_at::<D, bf16>(dev, &what, &case, &keep);
+    let gemma = GqaShape::new(16, 8, 256).unwrap();
+    let case = PagedCase::random(&mut rng, gemma, 256, &[cached + chunk], &[chunk]);
+    let keep = common::sample_tokens(&case.lens, 5);
+    let what = format!("Gemma-2-9B chunk {chunk} on {cached}");
+    check_case_at::<D, f16>(dev, &what, &case, &keep);
 }
 
 #[test]
 fn gpu_chunked_prefill_of_512_on_10k_cached_keys() {
     let test = "gpu_chunked_prefill_of_512_on_10k_cached_keys";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
-    let mut rng = common::rng(test);
-    let llama = GqaShape::new(32, 8, 128).unwrap();
-    // The chunk beside two decoding sequences, as an engine batches them.
-    let case = PagedCase::random(&mut rng, llama, 16, &[10_512, 3000, 9], &[512, 1, 1]);
-    let keep = common::sample_tokens(&case.lens, 5);
-    check_case_at::<bf16>(&ctx, "Llama-3-8B chunk 512 on 10000", &case, &keep);
-    let gemma = GqaShape::new(16, 8, 256).unwrap();
-    let case = PagedCase::random(&mut rng, gemma, 256, &[10_512], &[512]);
-    let keep = common::sample_tokens(&case.lens, 5);
-    check_case_at::<f16>(&ctx, "Gemma-2-9B chunk 512 on 10000", &case, &keep);
+    if let Some(gpu) = common::gpu_stream(test) {
+        chunk_on_cached_keys(&gpu, test, 10_000, 512);
+    }
 }
 
 #[test]
-fn gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes() {
-    let test = "gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
+fn sim_full_chunked_prefill_of_512_on_10k_cached_keys() {
+    // 512 rows on 10k keys would take the emulator about 13 minutes (Llama and Gemma, three
+    // kernel choices); a chunk of 64 on 1000 cached keys is still a chunk far behind its cache
+    // beside a 3000-key and a 9-key decode, on pages of 16 and of 256, and still split.
+    let test = "sim_full_chunked_prefill_of_512_on_10k_cached_keys";
+    chunk_on_cached_keys(&SimDevice::new(), test, 1000, 64);
+}
+
+fn speculation<D: Device>(dev: &D, test: &str) {
     let mut rng = common::rng(test);
     for (i, &(model, n_heads, n_kv_heads, head_dim)) in
         MODELS.iter().chain(&EXTRA_SHAPES).enumerate()
@@ -287,8 +381,8 @@ fn gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes() {
         let contexts = [300, 1000, 2049, 17, 64, 129, 8];
         let queries = [2, 3, 4, 5, 6, 7, 8];
         let case = PagedCase::random(&mut rng, shape, block_size, &contexts, &queries);
-        check_case::<bf16>(
-            &ctx,
+        check_case::<D, bf16>(
+            dev,
             &format!("{model} speculation 2..8, pages of {block_size}"),
             &case,
         );
@@ -296,16 +390,26 @@ fn gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes() {
 }
 
 #[test]
-fn gpu_decode_splits_a_32k_context_and_merges_exactly() {
-    let test = "gpu_decode_splits_a_32k_context_and_merges_exactly";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
+fn gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes() {
+    let test = "gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes";
+    if let Some(gpu) = common::gpu_stream(test) {
+        speculation(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_full_speculative_verification_of_2_to_8_tokens_on_model_shapes() {
+    let test = "sim_full_speculative_verification_of_2_to_8_tokens_on_model_shapes";
+    speculation(&SimDevice::new(), test);
+}
+
+/// One request of 32k keys beside short ones: its keys must be split, and merged exactly.
+fn long_decode_splits<D: Device>(dev: &D, test: &str) {
     let mut rng = common::rng(test);
     let shape = GqaShape::new(32, 8, 128).unwrap();
     // Mixed lengths in one batch: the short ones leave most splits empty.
     let case = PagedCase::random(&mut rng, shape, 16, &[32_768, 1, 16, 300], &[1; 4]);
-    let splits = check_case::<bf16>(&ctx, "Llama-3-8B 32k", &case);
+    let splits = check_case::<D, bf16>(dev, "Llama-3-8B 32k", &case);
     assert!(
         splits.iter().all(|&s| s > 1),
         "one long request must be split ({splits:?})"
@@ -313,44 +417,73 @@ fn gpu_decode_splits_a_32k_context_and_merges_exactly() {
 }
 
 #[test]
-fn gpu_decode_without_splits_when_the_batch_fills_the_gpu() {
-    let test = "gpu_decode_without_splits_when_the_batch_fills_the_gpu";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
+fn gpu_decode_splits_a_32k_context_and_merges_exactly() {
+    let test = "gpu_decode_splits_a_32k_context_and_merges_exactly";
+    if let Some(gpu) = common::gpu_stream(test) {
+        long_decode_splits(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_full_decode_splits_a_32k_context_and_merges_exactly() {
+    let test = "sim_full_decode_splits_a_32k_context_and_merges_exactly";
+    long_decode_splits(&SimDevice::new(), test);
+}
+
+/// 96 decoding sequences of up to 600 keys: enough blocks for 132 SMs, so no split.
+fn full_batch_without_splits<D: Device>(dev: &D, test: &str) {
     let mut rng = common::rng(test);
     let shape = GqaShape::new(32, 8, 128).unwrap();
     let lens: Vec<usize> = (0..96).map(|i| 1 + (i * 37) % 600).collect();
     let case = PagedCase::random(&mut rng, shape, 16, &lens, &vec![1; lens.len()]);
-    let splits = check_case::<f16>(&ctx, "Llama-3-8B batch 96", &case);
+    let splits = check_case::<D, f16>(dev, "Llama-3-8B batch 96", &case);
     assert_eq!(splits, [1, 1, 1]);
 }
 
-/// Engine steps on a 32-layer PagedCache: a prefill of three prompts, then a decode. Each
-/// step is planned once; per layer its new K/V rows are written and attention runs, checked
-/// against the CPU cache's oracle. Then the step's whole per-layer work (32 writes, 32
-/// attentions) is captured in one CUDA graph, the outputs are poisoned, and the replay must
-/// reproduce every layer's output bit for bit.
 #[test]
-fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
-    let test = "gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph";
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
-    // cudarc's cross-stream event tracking would put waits on events recorded outside the
-    // capture into it; everything here runs on one stream, so stream order is enough.
-    // SAFETY: no buffer of this context is shared across streams in this test.
-    unsafe { ctx.disable_event_tracking() };
-    const LAYERS: usize = 32;
+fn gpu_decode_without_splits_when_the_batch_fills_the_gpu() {
+    let test = "gpu_decode_without_splits_when_the_batch_fills_the_gpu";
+    if let Some(gpu) = common::gpu_stream(test) {
+        full_batch_without_splits(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_full_decode_without_splits_when_the_batch_fills_the_gpu() {
+    // The emulated device has the H200's 132 SMs, so the planner decides as on the GPU.
+    let test = "sim_full_decode_without_splits_when_the_batch_fills_the_gpu";
+    full_batch_without_splits(&SimDevice::new(), test);
+}
+
+/// One layer's device buffers of a cache step, kept for the CUDA-graph replay: new K, new V,
+/// q, out, lse, and the output of the direct launch.
+struct LayerIo<D: Device> {
+    k: D::Buf<bf16>,
+    v: D::Buf<bf16>,
+    q: D::Buf<bf16>,
+    out: D::Buf<bf16>,
+    lse: D::Buf<f32>,
+    direct: Vec<f64>,
+}
+
+type Cache<D> = PagedCache<<D as Device>::Storage<bf16>>;
+
+/// Engine steps on a `layers`-layer PagedCache: a prefill of three prompts, then a decode. Each
+/// step is planned once; per layer its new K/V rows are written and attention runs, checked
+/// against the CPU cache's oracle. Then `after_step` gets the step's per-layer buffers.
+fn cache_steps<D: Device>(
+    dev: &D,
+    test: &str,
+    layers: usize,
+    mut after_step: impl FnMut(&mut Cache<D>, &D::Plan, &mut [LayerIo<D>]),
+) {
     let mut rng = common::rng(test);
     let shape = GqaShape::new(32, 8, 128).unwrap();
-    let config = CacheConfig::new(shape, LAYERS, 16, paged_gqa::DType::BF16).unwrap();
-    let stream = ctx.new_stream().unwrap();
-    let mut gpu =
-        PagedCache::new(CudaStorage::<bf16>::new(stream.clone(), config, 64).unwrap()).unwrap();
+    let config = CacheConfig::new(shape, layers, 16, paged_gqa::DType::BF16).unwrap();
+    let mut cache = PagedCache::new(dev.storage::<bf16>(config, 64).unwrap()).unwrap();
     let mut cpu_cache = PagedCache::new(CpuStorage::<bf16>::new(config, 64).unwrap()).unwrap();
     let seqs: Vec<_> = (0..3)
-        .map(|_| (gpu.add_sequence(), cpu_cache.add_sequence()))
+        .map(|_| (cache.add_sequence(), cpu_cache.add_sequence()))
         .collect();
     let random = |rng: &mut _, n| {
         common::uniform(rng, n)
@@ -365,38 +498,59 @@ fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
             .zip(&new_tokens)
             .map(|(s, &n)| (s.0, n))
             .collect();
-        let gpu_plan = gpu.plan(&batch).unwrap();
+        let plan = cache.plan(&batch).unwrap();
         let cpu_plan = cpu_cache.plan(&batch).unwrap();
         let tokens = cpu_plan.num_new_tokens();
         let n = tokens * shape.kv_row_len();
-        // Per layer, on the device and kept for the graph: new K, new V, q, out, lse.
-        let mut layers = Vec::new();
-        for layer in 0..LAYERS {
+        let mut step = Vec::new();
+        for layer in 0..layers {
             let (k, v) = (random(&mut rng, n), random(&mut rng, n));
             let q = random(&mut rng, tokens * shape.q_row_len());
-            let k_dev = stream.clone_htod(&k).unwrap();
-            let v_dev = stream.clone_htod(&v).unwrap();
-            let q_dev = stream.clone_htod(&q).unwrap();
-            let mut out = stream.clone_htod(&common::poison::<bf16>(q.len())).unwrap();
-            let mut lse = stream.alloc_zeros::<f32>(tokens * shape.n_heads()).unwrap();
-            gpu.write(layer, &gpu_plan, &k_dev, &v_dev).unwrap();
-            gpu.attend(layer, &gpu_plan, &q_dev, &mut out, &mut lse, None)
-                .unwrap();
+            let (k_dev, v_dev, q_dev) = (dev.upload(&k), dev.upload(&v), dev.upload(&q));
+            let mut out = dev.alloc_poisoned::<bf16>(q.len());
+            let mut lse = dev.alloc_poisoned::<f32>(tokens * shape.n_heads());
+            D::write_kv(&mut cache, layer, &plan, &k_dev, &v_dev).unwrap();
+            D::attend_cache(&cache, layer, &plan, &q_dev, &mut out, &mut lse).unwrap();
             cpu_cache.write(layer, &cpu_plan, &k, &v).unwrap();
             let oracle = cpu_cache.reference(layer, &cpu_plan, &q, None).unwrap();
-            let direct = common::download_f64(&stream, &out);
+            let direct = dev.download_f64(&out);
             let rel = common::rel_l2(&direct, &oracle.out);
             assert!(
                 rel < 1e-2,
                 "step {new_tokens:?}, layer {layer}: relative L2 {rel:e}"
             );
-            layers.push((k_dev, v_dev, q_dev, out, lse, direct));
+            step.push(LayerIo {
+                k: k_dev,
+                v: v_dev,
+                q: q_dev,
+                out,
+                lse,
+                direct,
+            });
         }
+        after_step(&mut cache, &plan, &mut step);
+    }
+}
 
+/// Engine steps on a 32-layer PagedCache (see [`cache_steps`]). Then the step's whole per-layer
+/// work (32 writes, 32 attentions) is captured in one CUDA graph, the outputs are poisoned, and
+/// the replay must reproduce every layer's output bit for bit.
+#[test]
+fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
+    let test = "gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph";
+    let Some(ctx) = common::gpu_or_skip(test) else {
+        return;
+    };
+    // cudarc's cross-stream event tracking would put waits on events recorded outside the
+    // capture into it; everything here runs on one stream, so stream order is enough.
+    // SAFETY: no buffer of this context is shared across streams in this test.
+    unsafe { ctx.disable_event_tracking() };
+    let stream: Arc<CudaStream> = ctx.new_stream().unwrap();
+    cache_steps(&stream, test, 32, |cache, plan, layers| {
         // The whole step's per-layer work in one graph; outputs poisoned before the replay.
-        for (_, _, _, out, _, _) in layers.iter_mut() {
+        for io in layers.iter_mut() {
             stream
-                .memcpy_htod(&common::poison::<bf16>(out.len()), out)
+                .memcpy_htod(&common::poison::<bf16>(io.out.len()), &mut io.out)
                 .unwrap();
         }
         stream.synchronize().unwrap();
@@ -405,21 +559,36 @@ fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
             .unwrap();
-        for (layer, (k_dev, v_dev, q_dev, out, lse, _)) in layers.iter_mut().enumerate() {
-            gpu.write(layer, &gpu_plan, k_dev, v_dev).unwrap();
-            gpu.attend(layer, &gpu_plan, q_dev, out, lse, None).unwrap();
+        for (layer, io) in layers.iter_mut().enumerate() {
+            cache.write(layer, plan, &io.k, &io.v).unwrap();
+            cache
+                .attend(layer, plan, &io.q, &mut io.out, &mut io.lse, None)
+                .unwrap();
         }
         let graph = stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
             .unwrap()
             .expect("a captured graph");
         graph.launch().unwrap();
-        for (layer, (_, _, _, out, _, direct)) in layers.iter().enumerate() {
-            let replayed = common::download_f64(&stream, out);
+        for (layer, io) in layers.iter().enumerate() {
+            let replayed = stream.download_f64(&io.out);
             assert_eq!(
-                &replayed, direct,
-                "step {new_tokens:?}, layer {layer}: the graph replay differs from the direct launch"
+                replayed, io.direct,
+                "layer {layer}: the graph replay differs from the direct launch"
             );
         }
-    }
+    });
+}
+
+#[test]
+fn sim_full_cache_step_of_8_layers_matches_cpu_layer_by_layer() {
+    // The twin of gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph.
+    // CUDA graphs are the driver's: the emulator has no capture, so this twin runs the per-layer
+    // step checks (write, attend, against the CPU cache) without the graph replay. 8 layers
+    // instead of 32: 32 take the emulator 85 s (a launch costs it time in proportion to the
+    // device memory, a 3-row write 0.2 s beside 32 layers' 64 MiB of pages, and each layer's
+    // 200-row prefill about a second); 8 take 8 s and still put every layer's K and V at its
+    // own offset in the one allocation.
+    let test = "sim_full_cache_step_of_8_layers_matches_cpu_layer_by_layer";
+    cache_steps(&SimDevice::new(), test, 8, |_, _, _| {});
 }

@@ -1,20 +1,30 @@
 //! The naive baseline on the GPU (gather, repeat_kv, per-head attention) against the oracle,
 //! for decode and for prompts and chunks, so that the benchmarks compare the fused kernels with
 //! a correct baseline. Skips (printing why) without a GPU; fails instead with
-//! PAGED_GQA_REQUIRE_GPU=1.
+//! PAGED_GQA_REQUIRE_GPU=1. Every `gpu_xxx` test has a twin `sim_xxx` (`sim_full_xxx`: slow)
+//! running the same body on the kernel emulator.
 
 mod common;
 
-use common::PagedCase;
+use common::{Device, PagedCase};
 use half::{bf16, f16};
-use paged_gqa::cuda::NaiveAttention;
+use paged_gqa::sim::SimDevice;
 use paged_gqa::{Element, GqaShape};
 
-fn check<T: Element>(test: &str, shape: GqaShape, block_size: usize, lens: &[usize], bound: f64) {
-    check_queries::<T>(test, shape, block_size, lens, &vec![1; lens.len()], bound);
+fn check<D: Device, T: Element>(
+    dev: &D,
+    test: &str,
+    shape: GqaShape,
+    block_size: usize,
+    lens: &[usize],
+    bound: f64,
+) {
+    let queries = vec![1; lens.len()];
+    check_queries::<D, T>(dev, test, shape, block_size, lens, &queries, bound);
 }
 
-fn check_queries<T: Element>(
+fn check_queries<D: Device, T: Element>(
+    dev: &D,
     test: &str,
     shape: GqaShape,
     block_size: usize,
@@ -22,9 +32,6 @@ fn check_queries<T: Element>(
     query_lens: &[usize],
     bound: f64,
 ) {
-    let Some(ctx) = common::gpu_or_skip(test) else {
-        return;
-    };
     let mut rng = common::rng(test);
     let case = PagedCase::random(&mut rng, shape, block_size, lens, query_lens);
     let common::Typed {
@@ -34,25 +41,14 @@ fn check_queries<T: Element>(
         oracle,
     } = case.typed::<T>();
 
-    let stream = ctx.new_stream().unwrap();
-    let mut naive = NaiveAttention::<T>::new(
-        &stream,
-        case.layout,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-    )
-    .unwrap();
-    let (k_dev, v_dev, q_dev) = (
-        stream.clone_htod(&k).unwrap(),
-        stream.clone_htod(&v).unwrap(),
-        stream.clone_htod(&q).unwrap(),
-    );
-    let mut out = stream.clone_htod(&common::poison::<T>(q.len())).unwrap();
-    naive
-        .run(&stream, &k_dev, &v_dev, &q_dev, &mut out, None)
+    let mut naive = dev
+        .naive::<T>(case.layout, &case.lens, &case.tables, case.max_blocks)
         .unwrap();
-    let out = common::download_f64(&stream, &out);
+    let (k_dev, v_dev, q_dev) = (dev.upload(&k), dev.upload(&v), dev.upload(&q));
+    let mut out = dev.alloc_poisoned::<T>(q.len());
+    dev.run_naive(&mut naive, &k_dev, &v_dev, &q_dev, &mut out)
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    let out = dev.download_f64(&out);
     assert!(
         out.iter().all(|x| x.is_finite()),
         "{test}: unwritten output"
@@ -61,44 +57,53 @@ fn check_queries<T: Element>(
     assert!(rel < bound, "{test}: relative L2 {:e}", rel);
 }
 
+fn naive_decode_llama<D: Device>(dev: &D, test: &str) {
+    let shape = GqaShape::new(32, 8, 128).unwrap();
+    check::<D, bf16>(dev, test, shape, 16, &[1, 16, 37, 2000], 1e-2);
+}
+
 #[test]
 fn gpu_naive_decode_matches_oracle_llama3_8b_bf16() {
-    let shape = GqaShape::new(32, 8, 128).unwrap();
-    check::<bf16>(
-        "gpu_naive_decode_matches_oracle_llama3_8b_bf16",
-        shape,
-        16,
-        &[1, 16, 37, 2000],
-        1e-2,
-    );
+    let test = "gpu_naive_decode_matches_oracle_llama3_8b_bf16";
+    if let Some(gpu) = common::gpu_stream(test) {
+        naive_decode_llama(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_naive_decode_matches_oracle_llama3_8b_bf16() {
+    let test = "sim_naive_decode_matches_oracle_llama3_8b_bf16";
+    naive_decode_llama(&SimDevice::new(), test);
+}
+
+fn naive_decode_falcon_and_gemma<D: Device>(dev: &D, test: &str) {
+    let falcon = GqaShape::new(71, 1, 64).unwrap();
+    let what = format!("{test} (Falcon-7B)");
+    check::<D, f16>(dev, &what, falcon, 1, &[1, 5, 130], 2e-3);
+    let gemma = GqaShape::new(16, 8, 256).unwrap();
+    let what = format!("{test} (Gemma-2-9B)");
+    check::<D, f16>(dev, &what, gemma, 256, &[300, 1, 256], 2e-3);
 }
 
 #[test]
 fn gpu_naive_decode_matches_oracle_falcon_and_gemma_f16() {
-    let falcon = GqaShape::new(71, 1, 64).unwrap();
-    check::<f16>(
-        "gpu_naive_decode_matches_oracle_falcon_f16",
-        falcon,
-        1,
-        &[1, 5, 130],
-        2e-3,
-    );
-    let gemma = GqaShape::new(16, 8, 256).unwrap();
-    check::<f16>(
-        "gpu_naive_decode_matches_oracle_gemma_f16",
-        gemma,
-        256,
-        &[300, 1, 256],
-        2e-3,
-    );
+    let test = "gpu_naive_decode_matches_oracle_falcon_and_gemma_f16";
+    if let Some(gpu) = common::gpu_stream(test) {
+        naive_decode_falcon_and_gemma(&gpu, test);
+    }
 }
 
 #[test]
-fn gpu_naive_prefill_matches_oracle_on_prompts_and_chunks() {
-    let test = "gpu_naive_prefill_matches_oracle_on_prompts_and_chunks";
+fn sim_naive_decode_matches_oracle_falcon_and_gemma_f16() {
+    let test = "sim_naive_decode_matches_oracle_falcon_and_gemma_f16";
+    naive_decode_falcon_and_gemma(&SimDevice::new(), test);
+}
+
+fn naive_prefill<D: Device>(dev: &D, test: &str) {
     let llama = GqaShape::new(32, 8, 128).unwrap();
     // A prompt, a chunk on cached keys, a decode token and speculation, in one batch.
-    check_queries::<bf16>(
+    check_queries::<D, bf16>(
+        dev,
         test,
         llama,
         16,
@@ -107,5 +112,19 @@ fn gpu_naive_prefill_matches_oracle_on_prompts_and_chunks() {
         1e-2,
     );
     let qwen = GqaShape::new(28, 4, 128).unwrap();
-    check_queries::<f16>(test, qwen, 1, &[17, 300], &[17, 300], 2e-3);
+    check_queries::<D, f16>(dev, test, qwen, 1, &[17, 300], &[17, 300], 2e-3);
+}
+
+#[test]
+fn gpu_naive_prefill_matches_oracle_on_prompts_and_chunks() {
+    let test = "gpu_naive_prefill_matches_oracle_on_prompts_and_chunks";
+    if let Some(gpu) = common::gpu_stream(test) {
+        naive_prefill(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_full_naive_prefill_matches_oracle_on_prompts_and_chunks() {
+    let test = "sim_full_naive_prefill_matches_oracle_on_prompts_and_chunks";
+    naive_prefill(&SimDevice::new(), test);
 }

@@ -81,7 +81,8 @@ if ((${#binaries[@]} == 0)); then
 fi
 for bin in "${binaries[@]}"; do
   name=$(basename "$bin")
-  step test "$name" "$name.log" 120 "$bin" --test-threads=1
+  # The sim_* twins run the same bodies on the kernel emulator: CI's job, not the GPU's.
+  step test "$name" "$name.log" 120 "$bin" --test-threads=1 --skip sim_
 done
 
 # 3. The CLI demo.
@@ -103,7 +104,7 @@ for tool in memcheck racecheck; do
   for bin in "${binaries[@]}"; do
     name=$(basename "$bin")
     step "sanitizer-$tool" "$name" "$tool-$name.log" 150 \
-      "$sanitizer" --tool "$tool" --error-exitcode 1 "$bin" --test-threads=1 \
+      "$sanitizer" --tool "$tool" --error-exitcode 1 "$bin" --test-threads=1 --skip sim_ \
       --skip 32k --skip batch_fills --skip cuda_graph --skip prompts_chunks --skip prefill_matches \
       --skip 10k_cached --skip speculative --skip model_shapes # small cases only: the sanitizers are slow
   done

@@ -1,13 +1,18 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod backend;
+
+#[allow(unused_imports)] // as above
+pub use backend::{gpu_stream, Device};
+
 use std::io::Write;
 use std::sync::Arc;
 
 use paged_gqa::cpu::PagedKv;
-use paged_gqa::cuda::{CudaContext, CudaSlice};
+use paged_gqa::cuda::CudaContext;
 use paged_gqa::{GqaShape, PagedLayout, SeqLens};
-use rand::rngs::StdRng;
+use rand::rngs::{SmallRng, StdRng};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
@@ -22,9 +27,12 @@ pub fn rng(test: &str) -> StdRng {
     StdRng::seed_from_u64(seed)
 }
 
-/// `n` values uniform in [-1, 1), never all zero.
+/// `n` values uniform in [-1, 1), never all zero. They come from a small generator seeded from
+/// `rng` (so the printed seed still replays them): `StdRng`'s ChaCha is a dependency, built
+/// unoptimised in test builds, and takes seconds per ten million values (a 32k-key cache).
 pub fn uniform(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    let mut fast = SmallRng::seed_from_u64(rng.random());
+    (0..n).map(|_| fast.random_range(-1.0f32..1.0)).collect()
 }
 
 /// The GPU for a GPU test, or `None` after printing why the test skips. With
@@ -180,19 +188,6 @@ pub fn kept_rows<V: Copy>(values: &[V], keep: &[bool], row_len: usize) -> Vec<V>
 /// filled with them before a kernel runs, so an element it does not write fails the check.
 pub fn poison<T: paged_gqa::Element>(n: usize) -> Vec<T> {
     vec![bytemuck::pod_read_unaligned(&[0xffu8; 2]); n]
-}
-
-/// A device buffer's elements, copied back and widened to f64.
-pub fn download_f64<T>(stream: &Arc<paged_gqa::cuda::CudaStream>, values: &CudaSlice<T>) -> Vec<f64>
-where
-    T: cudarc::driver::DeviceRepr + Into<f64>,
-{
-    stream
-        .clone_dtoh(values)
-        .unwrap()
-        .into_iter()
-        .map(Into::into)
-        .collect()
 }
 
 /// `||got - want|| / ||want||`.

@@ -1,0 +1,339 @@
+//! One test body for two backends: the GPU (a CUDA stream) and the kernel emulator (a
+//! [`SimDevice`], the same `kernels/*.cu` compiled for the CPU). The GPU tests are written
+//! against [`Device`]; each `gpu_xxx` test runs its body on a CUDA stream (skipping without a
+//! GPU) and its twin `sim_xxx` runs the same body on a fresh emulated device.
+
+use std::sync::Arc;
+
+use paged_gqa::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
+use paged_gqa::cuda::{self, CudaStorage, CudaStream};
+use paged_gqa::plan::{AttendSchedule, KernelChoice};
+use paged_gqa::sim::{self, SimDevice, SimStorage};
+use paged_gqa::{DType, DeviceValue, Element, GqaShape, PagedLayout, Result, SeqLens};
+
+/// What the GPU tests need of a backend: its memory, the attention batch, the paged cache's
+/// storage, the naive baseline and repeat_kv. Host copies panic on failure (test helpers);
+/// launches return the backend's `Result` so tests can check what it refuses.
+pub trait Device: Clone {
+    /// A device buffer of `T`.
+    type Buf<T: DeviceValue>;
+    /// An attention batch over caller-managed pages (`cuda::AttendBatch`, `sim::AttendBatch`).
+    type Attend;
+    /// The step plan of this backend's cache storage.
+    type Plan: AsRef<StepPlan>;
+    /// The pages of a [`PagedCache`] on this backend.
+    type Storage<T: Element>: PageStorage<Plan = Self::Plan>;
+    /// The naive path (gather, repeat_kv, per-head attention).
+    type Naive<T: Element>;
+
+    /// A device copy of `values`.
+    fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T>;
+    /// `len` elements whose bytes are all 0xff (NaN in f32, f16 and bf16), so an element a
+    /// kernel does not write fails the checks.
+    fn alloc_poisoned<T: DeviceValue>(&self, len: usize) -> Self::Buf<T>;
+    /// A host copy of `buffer` (after the work queued before it).
+    fn download<T: DeviceValue>(&self, buffer: &Self::Buf<T>) -> Vec<T>;
+    /// [`download`](Self::download), widened to f64.
+    fn download_f64<T: Element>(&self, buffer: &Self::Buf<T>) -> Vec<f64> {
+        self.download(buffer).into_iter().map(Into::into).collect()
+    }
+
+    /// `AttendBatch::with_kernels`.
+    fn attend_batch(
+        &self,
+        layout: PagedLayout,
+        dtype: DType,
+        lens: &SeqLens,
+        tables: &[i32],
+        max_blocks: usize,
+        choice: KernelChoice,
+    ) -> Result<Self::Attend>;
+    /// The batch's launch plan.
+    fn schedule(batch: &Self::Attend) -> &AttendSchedule;
+    /// `AttendBatch::run` with the default scale.
+    #[allow(clippy::too_many_arguments)]
+    fn run_attend<T: Element>(
+        &self,
+        batch: &Self::Attend,
+        k_cache: &Self::Buf<T>,
+        v_cache: &Self::Buf<T>,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// `num_blocks` zero-filled pages per tensor.
+    fn storage<T: Element>(
+        &self,
+        config: CacheConfig,
+        num_blocks: usize,
+    ) -> Result<Self::Storage<T>>;
+    /// All pages, `[num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]`.
+    fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T>;
+    /// `PagedCache::write`.
+    fn write_kv<T: Element>(
+        cache: &mut PagedCache<Self::Storage<T>>,
+        layer: usize,
+        plan: &Self::Plan,
+        k_new: &Self::Buf<T>,
+        v_new: &Self::Buf<T>,
+    ) -> Result<()>;
+    /// `PagedCache::attend` with the default scale.
+    fn attend_cache<T: Element>(
+        cache: &PagedCache<Self::Storage<T>>,
+        layer: usize,
+        plan: &Self::Plan,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// `NaiveAttention::new`.
+    fn naive<T: Element>(
+        &self,
+        layout: PagedLayout,
+        lens: &SeqLens,
+        tables: &[i32],
+        max_blocks: usize,
+    ) -> Result<Self::Naive<T>>;
+    /// `NaiveAttention::run` with the default scale.
+    fn run_naive<T: Element>(
+        &self,
+        naive: &mut Self::Naive<T>,
+        k_cache: &Self::Buf<T>,
+        v_cache: &Self::Buf<T>,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+    ) -> Result<()>;
+
+    /// `repeat_kv`: `src` `[num_tokens, n_kv_heads, head_dim]` to `dst` `[num_tokens,
+    /// n_heads, head_dim]`.
+    fn repeat_kv<T: Element>(
+        &self,
+        shape: GqaShape,
+        num_tokens: usize,
+        src: &Self::Buf<T>,
+        dst: &mut Self::Buf<T>,
+    ) -> Result<()>;
+}
+
+/// `len` elements with every byte 0xff.
+fn poisoned<T: DeviceValue>(len: usize) -> Vec<T> {
+    let mut values = vec![T::zeroed(); len];
+    bytemuck::cast_slice_mut::<T, u8>(&mut values).fill(0xff);
+    values
+}
+
+/// A stream on the GPU for the test `test`, or `None` after [`gpu_or_skip`](super::gpu_or_skip)
+/// printed why it skips.
+pub fn gpu_stream(test: &str) -> Option<Arc<CudaStream>> {
+    super::gpu_or_skip(test).map(|ctx| ctx.new_stream().unwrap())
+}
+
+impl Device for Arc<CudaStream> {
+    type Buf<T: DeviceValue> = cuda::CudaSlice<T>;
+    type Attend = cuda::AttendBatch;
+    type Plan = cuda::CudaStepPlan;
+    type Storage<T: Element> = CudaStorage<T>;
+    type Naive<T: Element> = cuda::NaiveAttention<T>;
+
+    fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
+        self.clone_htod(values).unwrap()
+    }
+    fn alloc_poisoned<T: DeviceValue>(&self, len: usize) -> Self::Buf<T> {
+        self.upload(&poisoned::<T>(len))
+    }
+    fn download<T: DeviceValue>(&self, buffer: &Self::Buf<T>) -> Vec<T> {
+        self.clone_dtoh(buffer).unwrap()
+    }
+
+    fn attend_batch(
+        &self,
+        layout: PagedLayout,
+        dtype: DType,
+        lens: &SeqLens,
+        tables: &[i32],
+        max_blocks: usize,
+        choice: KernelChoice,
+    ) -> Result<Self::Attend> {
+        cuda::AttendBatch::with_kernels(self, layout, dtype, lens, tables, max_blocks, choice)
+    }
+    fn schedule(batch: &Self::Attend) -> &AttendSchedule {
+        batch.schedule()
+    }
+    fn run_attend<T: Element>(
+        &self,
+        batch: &Self::Attend,
+        k_cache: &Self::Buf<T>,
+        v_cache: &Self::Buf<T>,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        batch.run(self, k_cache, v_cache, q, out, lse, None)
+    }
+
+    fn storage<T: Element>(
+        &self,
+        config: CacheConfig,
+        num_blocks: usize,
+    ) -> Result<Self::Storage<T>> {
+        CudaStorage::new(self.clone(), config, num_blocks)
+    }
+    fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T> {
+        storage.pages()
+    }
+    fn write_kv<T: Element>(
+        cache: &mut PagedCache<Self::Storage<T>>,
+        layer: usize,
+        plan: &Self::Plan,
+        k_new: &Self::Buf<T>,
+        v_new: &Self::Buf<T>,
+    ) -> Result<()> {
+        cache.write(layer, plan, k_new, v_new)
+    }
+    fn attend_cache<T: Element>(
+        cache: &PagedCache<Self::Storage<T>>,
+        layer: usize,
+        plan: &Self::Plan,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        cache.attend(layer, plan, q, out, lse, None)
+    }
+
+    fn naive<T: Element>(
+        &self,
+        layout: PagedLayout,
+        lens: &SeqLens,
+        tables: &[i32],
+        max_blocks: usize,
+    ) -> Result<Self::Naive<T>> {
+        cuda::NaiveAttention::new(self, layout, lens, tables, max_blocks)
+    }
+    fn run_naive<T: Element>(
+        &self,
+        naive: &mut Self::Naive<T>,
+        k_cache: &Self::Buf<T>,
+        v_cache: &Self::Buf<T>,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+    ) -> Result<()> {
+        naive.run(self, k_cache, v_cache, q, out, None)
+    }
+
+    fn repeat_kv<T: Element>(
+        &self,
+        shape: GqaShape,
+        num_tokens: usize,
+        src: &Self::Buf<T>,
+        dst: &mut Self::Buf<T>,
+    ) -> Result<()> {
+        cuda::repeat_kv(self, shape, num_tokens, src, dst)
+    }
+}
+
+impl Device for Arc<SimDevice> {
+    type Buf<T: DeviceValue> = sim::SimBuffer<T>;
+    type Attend = sim::AttendBatch;
+    type Plan = sim::SimStepPlan;
+    type Storage<T: Element> = SimStorage<T>;
+    type Naive<T: Element> = sim::NaiveAttention<T>;
+
+    fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
+        SimDevice::upload(self, values).unwrap()
+    }
+    fn alloc_poisoned<T: DeviceValue>(&self, len: usize) -> Self::Buf<T> {
+        self.alloc(len).unwrap() // the emulator poisons every allocation
+    }
+    fn download<T: DeviceValue>(&self, buffer: &Self::Buf<T>) -> Vec<T> {
+        buffer.to_vec() // launches complete before they return
+    }
+
+    fn attend_batch(
+        &self,
+        layout: PagedLayout,
+        dtype: DType,
+        lens: &SeqLens,
+        tables: &[i32],
+        max_blocks: usize,
+        choice: KernelChoice,
+    ) -> Result<Self::Attend> {
+        sim::AttendBatch::with_kernels(self, layout, dtype, lens, tables, max_blocks, choice)
+    }
+    fn schedule(batch: &Self::Attend) -> &AttendSchedule {
+        batch.schedule()
+    }
+    fn run_attend<T: Element>(
+        &self,
+        batch: &Self::Attend,
+        k_cache: &Self::Buf<T>,
+        v_cache: &Self::Buf<T>,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        batch.run(self, k_cache, v_cache, q, out, lse, None)
+    }
+
+    fn storage<T: Element>(
+        &self,
+        config: CacheConfig,
+        num_blocks: usize,
+    ) -> Result<Self::Storage<T>> {
+        SimStorage::new(self.clone(), config, num_blocks)
+    }
+    fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T> {
+        storage.pages()
+    }
+    fn write_kv<T: Element>(
+        cache: &mut PagedCache<Self::Storage<T>>,
+        layer: usize,
+        plan: &Self::Plan,
+        k_new: &Self::Buf<T>,
+        v_new: &Self::Buf<T>,
+    ) -> Result<()> {
+        cache.write(layer, plan, k_new, v_new)
+    }
+    fn attend_cache<T: Element>(
+        cache: &PagedCache<Self::Storage<T>>,
+        layer: usize,
+        plan: &Self::Plan,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        cache.attend(layer, plan, q, out, lse, None)
+    }
+
+    fn naive<T: Element>(
+        &self,
+        layout: PagedLayout,
+        lens: &SeqLens,
+        tables: &[i32],
+        max_blocks: usize,
+    ) -> Result<Self::Naive<T>> {
+        sim::NaiveAttention::new(self, layout, lens, tables, max_blocks)
+    }
+    fn run_naive<T: Element>(
+        &self,
+        naive: &mut Self::Naive<T>,
+        k_cache: &Self::Buf<T>,
+        v_cache: &Self::Buf<T>,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+    ) -> Result<()> {
+        naive.run(self, k_cache, v_cache, q, out, None)
+    }
+
+    fn repeat_kv<T: Element>(
+        &self,
+        shape: GqaShape,
+        num_tokens: usize,
+        src: &Self::Buf<T>,
+        dst: &mut Self::Buf<T>,
+    ) -> Result<()> {
+        sim::repeat_kv(self, shape, num_tokens, src, dst)
+    }
+}
