@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
 use crate::cuda::check_built;
@@ -65,7 +65,9 @@ impl<T: Element> PageStorage for CudaStorage<T> {
 
     /// One host-to-device copy of the step's tables, then one launch for all block copies.
     fn prepare(&mut self, plan: StepPlan) -> Result<CudaStepPlan> {
-        self.pages.prepare(plan)
+        let plan = self.pages.prepare(plan)?;
+        self.pages.record_write();
+        Ok(plan)
     }
 }
 
@@ -85,6 +87,16 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
         let stream = pages.backend.clone();
         let (k_ptr, _k_sync) = k_new.device_ptr(&stream);
         let (v_ptr, _v_sync) = v_new.device_ptr(&stream);
-        pages.write(layer, plan, (k_ptr, k_new.len()), (v_ptr, v_new.len()))
+        pages.write(layer, plan, (k_ptr, k_new.len()), (v_ptr, v_new.len()))?;
+        pages.record_write();
+        Ok(())
+    }
+}
+
+impl<T: Element> Pages<Arc<CudaStream>, T> {
+    /// Tells cudarc's event tracking that the pages were written by the work just enqueued, so
+    /// another stream that later reads them (through [`CudaStorage::pages`]) waits for it.
+    fn record_write(&mut self) {
+        let _ = self.pages.device_ptr_mut(&self.backend);
     }
 }
