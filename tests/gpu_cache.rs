@@ -33,11 +33,22 @@ impl<D: Device, T: Element> Pair<D, T> {
             T::DTYPE,
         )
         .unwrap();
+        // Both caches start with the same random pages, not zeros: a block copy that misses
+        // part of a block (an unused slot included) then leaves the two caches different.
+        let mut rng = common::rng(test);
+        let mut device_storage = dev.storage::<T>(config, BLOCKS).unwrap();
+        let mut cpu_storage = CpuStorage::<T>::new(config, BLOCKS).unwrap();
+        let pages: Vec<T> = common::uniform(&mut rng, cpu_storage.pages_mut().len())
+            .into_iter()
+            .map(T::from_f32)
+            .collect();
+        dev.fill_pages(&mut device_storage, &pages);
+        cpu_storage.pages_mut().copy_from_slice(&pages);
         Self {
             dev: dev.clone(),
-            device: PagedCache::new(dev.storage(config, BLOCKS).unwrap()).unwrap(),
-            cpu: PagedCache::new(CpuStorage::new(config, BLOCKS).unwrap()).unwrap(),
-            rng: common::rng(test),
+            device: PagedCache::new(device_storage).unwrap(),
+            cpu: PagedCache::new(cpu_storage).unwrap(),
+            rng,
         }
     }
 

@@ -1,6 +1,7 @@
 // runtime.cpp: the kernel emulator's runtime. Runs a launch's blocks on worker threads (one
 // block at a time per worker) and every CUDA thread of a block as a fiber with its own stack,
-// switched only at synchronisation points:
+// switched only at synchronisation points, one warp at a time (each warp runs to its next
+// barrier before the next warp starts):
 //   - __syncthreads: released when every live thread has arrived at the same call site
 //     (exited threads count as arrived, the sm_70+ rule);
 //   - warp collectives (shuffles, ldmatrix, mma.sync): computed when every lane of the mask has
@@ -376,8 +377,7 @@ struct Worker {
   volatile uintptr_t fault_address = 0;
   volatile bool fault_write = false;
   uint64_t watched = 0;
-  std::vector<int> run_list, waiting_warps;  // the scheduler's scratch (run_block)
-  std::vector<char> warp_waits;
+  std::vector<int> run_list;  // the scheduler's scratch (run_block)
   stack_t alt_stack{};
   stack_t old_alt_stack{};
 };
@@ -788,52 +788,38 @@ bool run_block(Worker &w, int64_t linear, int threads) {
     return false;
   }
   w.in_block = true;
-  // Fibers to resume this round (ascending thread index), warps with a lane at a collective,
-  // and how many threads have exited or wait at a barrier.
-  std::vector<int> &run = w.run_list;
-  std::vector<int> &waiting_warps = w.waiting_warps;
-  run.resize(threads);
-  for (int i = 0; i < threads; ++i) run[i] = i;
-  waiting_warps.clear();
-  std::vector<char> &warp_waits = w.warp_waits;
-  warp_waits.assign((threads + 31) / 32, 0);
+  // Warps run one at a time, each to its next __syncthreads (or its exit), its own collectives
+  // completed as soon as its lanes arrive: a warp races ahead of the others as far as the
+  // barriers let it. The first warp goes first (last in the reverse schedule), so a value one
+  // warp reads across a warp collective while another writes it differs between the schedules.
+  const int warps = (threads + 31) / 32;
   int exited = 0, at_barrier = 0;
+  std::vector<int> &released = w.run_list;
   auto stop = [&] {
     w.in_block = false;
     w.current = nullptr;
     return false;
   };
   for (;;) {
-    const size_t n = run.size();
-    for (size_t k = 0; k < n; ++k) {
-      Fiber &f = *w.fibers[run[l.reverse ? n - 1 - k : k]];
-      resume(w, f);
-      if (w.failed) return stop();
-      switch (f.state) {
-        case State::kExited: ++exited; break;
-        case State::kBarrier: ++at_barrier; break;
-        case State::kCollective:
-          if (!warp_waits[f.warp]) {
-            warp_waits[f.warp] = 1;
-            waiting_warps.push_back(f.warp);
-          }
-          break;
-        case State::kRunnable: break;
+    for (int k = 0; k < warps; ++k) {
+      const int warp = l.reverse ? warps - 1 - k : k;
+      const int lanes = std::min(32, threads - 32 * warp);
+      for (;;) {
+        for (int j = 0; j < lanes; ++j) {
+          Fiber &f = *w.fibers[32 * warp + (l.reverse ? lanes - 1 - j : j)];
+          if (f.state != State::kRunnable) continue;
+          resume(w, f);
+          if (w.failed) return stop();
+          exited += f.state == State::kExited;
+          at_barrier += f.state == State::kBarrier;
+        }
+        released.clear();
+        resolve_warp(w, warp, threads, released);
+        if (w.failed) return stop();
+        if (released.empty()) break;  // every lane waits at a barrier or has exited
       }
     }
-    run.clear();
     if (exited == threads) break;
-    std::sort(waiting_warps.begin(), waiting_warps.end());
-    for (const int warp : waiting_warps) {
-      warp_waits[warp] = 0;
-      resolve_warp(w, warp, threads, run);
-      if (w.failed) return stop();
-    }
-    waiting_warps.clear();
-    if (!run.empty()) {
-      std::sort(run.begin(), run.end());
-      continue;
-    }
     // Every live thread waits: the barrier is released when they all wait at the same one.
     const Fiber *first = nullptr;
     std::string problem;
@@ -850,10 +836,7 @@ bool run_block(Worker &w, int64_t linear, int threads) {
     }
     if (first != nullptr && problem.empty() && at_barrier + exited == threads) {
       for (int i = 0; i < threads; ++i)
-        if (w.fibers[i]->state == State::kBarrier) {
-          w.fibers[i]->state = State::kRunnable;
-          run.push_back(i);
-        }
+        if (w.fibers[i]->state == State::kBarrier) w.fibers[i]->state = State::kRunnable;
       at_barrier = 0;
       continue;
     }

@@ -35,6 +35,12 @@ impl<T: Copy + Default> CpuStorage<T> {
         Self::new(config, config.blocks_for_budget(budget_bytes)?)
     }
 
+    /// All pages, `[num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]`, to fill (a
+    /// saved cache restored, say) before a [`PagedCache`] takes the storage.
+    pub fn pages_mut(&mut self) -> &mut [T] {
+        &mut self.pages
+    }
+
     /// K and V tensors of `layer`, `[num_blocks, block_size, n_kv_heads, head_dim]` each.
     pub fn layer(&self, layer: usize) -> (&[T], &[T]) {
         let (k, v) = self.pages[2 * layer * self.tensor_len..][..2 * self.tensor_len]

@@ -46,6 +46,12 @@ impl<T: Element> CudaStorage<T> {
         &self.pages.pages
     }
 
+    /// All pages, to fill (on [`stream`](Self::stream)) before a [`PagedCache`] takes the
+    /// storage.
+    pub fn pages_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.pages.pages
+    }
+
     /// The stream every operation of this cache runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.pages.backend

@@ -32,6 +32,11 @@ impl<T: Element> SimStorage<T> {
         &self.pages.pages
     }
 
+    /// All pages, to fill before a [`PagedCache`] takes the storage.
+    pub fn pages_mut(&mut self) -> &mut SimBuffer<T> {
+        &mut self.pages.pages
+    }
+
     /// The device every operation of this cache runs on.
     pub fn device(&self) -> &Arc<SimDevice> {
         &self.pages.backend

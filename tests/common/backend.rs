@@ -70,6 +70,8 @@ pub trait Device: Clone {
     ) -> Result<Self::Storage<T>>;
     /// All pages, `[num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]`.
     fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T>;
+    /// Overwrites every page element with `values`.
+    fn fill_pages<T: Element>(&self, storage: &mut Self::Storage<T>, values: &[T]);
     /// `PagedCache::write`.
     fn write_kv<T: Element>(
         cache: &mut PagedCache<Self::Storage<T>>,
@@ -183,6 +185,9 @@ impl Device for Arc<CudaStream> {
     fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T> {
         storage.pages()
     }
+    fn fill_pages<T: Element>(&self, storage: &mut Self::Storage<T>, values: &[T]) {
+        self.memcpy_htod(values, storage.pages_mut()).unwrap();
+    }
     fn write_kv<T: Element>(
         cache: &mut PagedCache<Self::Storage<T>>,
         layer: usize,
@@ -286,6 +291,9 @@ impl Device for Arc<SimDevice> {
     }
     fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T> {
         storage.pages()
+    }
+    fn fill_pages<T: Element>(&self, storage: &mut Self::Storage<T>, values: &[T]) {
+        storage.pages_mut().copy_from(values).unwrap();
     }
     fn write_kv<T: Element>(
         cache: &mut PagedCache<Self::Storage<T>>,
