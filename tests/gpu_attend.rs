@@ -25,12 +25,14 @@ use paged_gqa::{Element, GqaShape};
 
 use common::MODELS;
 
-/// (relative L2 bound of `out`, max-abs bound of `lse`) for a dtype.
+/// (relative L2 bound of `out`, max-abs bound of `lse`) for a dtype. The lse is f32 arithmetic on the same 16-bit inputs as the oracle's: on the emulator its
+/// error is under 1e-6 on the quick cases; 1e-4 leaves room for long contexts and the GPU's
+/// exp2f, and still sees one key lost at a split boundary (about 1e-3).
 fn tolerance<T: Element>() -> (f64, f64) {
     if T::DTYPE == paged_gqa::DType::BF16 {
-        (1e-2, 1e-3)
+        (1e-2, 1e-4)
     } else {
-        (2e-3, 1e-3)
+        (2e-3, 1e-4)
     }
 }
 
