@@ -40,6 +40,10 @@ pub enum Error {
         actual: usize,
     },
 
+    /// A buffer or batch used on another device or stream than the one it was made on.
+    #[error("{what} belongs to another device or stream than the one it is used on")]
+    DeviceMismatch { what: &'static str },
+
     /// Two per-sequence arrays disagree on the batch size.
     #[error("{name} has {actual} entries, expected one per sequence ({expected})")]
     BatchLength {

@@ -204,6 +204,19 @@ fn writes_past_the_dynamic_shared_memory_are_caught() {
 }
 
 #[test]
+fn writes_just_before_the_dynamic_shared_memory_are_caught() {
+    planted(
+        "out_of_bounds",
+        4,
+        ILLEGAL_ADDRESS,
+        &[
+            "4 bytes before the block's 512 bytes of dynamic shared memory",
+            "block (0,0,0)",
+        ],
+    );
+}
+
+#[test]
 fn launches_are_validated_as_the_driver_does() {
     planted(
         "launch_block_too_large",

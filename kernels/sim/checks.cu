@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) shared_race(float *out, int variant)
 }
 
 // Reads one element past the end of `in` (variant 1), writes one past `out` (variant 2), writes
-// past the dynamic shared memory (variant 3).
+// past the dynamic shared memory (variant 3), writes just before it (variant 4).
 __global__ void __launch_bounds__(kThreads) out_of_bounds(const float *in, float *out, int n, int variant) {
   PGQA_DYNAMIC_SHARED(smem);
   float *s = reinterpret_cast<float *>(smem);
@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(kThreads) out_of_bounds(const float *in, float
   float x = in[t < n ? t : last];
   if (variant == 1 && t == last) x = in[t + 1024];
   if (variant == 3 && threadIdx.x == 7) s[kThreads + 4096] = x;
+  if (variant == 4 && threadIdx.x == 9) s[-1] = x;
   out[t < n ? t : last] = x;
   if (variant == 2 && t == last) out[t + 1024] = x;
 }

@@ -110,16 +110,24 @@ thread_local int t_last_error = kCudaSuccess;
 // Kernel names (from the binary's symbol table: kernels live in anonymous namespaces, so their
 // symbols are local) and their __launch_bounds__.
 
-std::mutex g_names_mutex;
-std::map<const void *, std::string> g_names;       // kernel address -> "attend_kernel<__half, 128>"
-std::map<std::string, int> g_bounds;                // unqualified kernel name -> max threads
-std::map<std::string, std::vector<std::pair<uint64_t, std::string>>> g_symtabs;  // file -> functions
+// Function-local statics: the kernel files register their bounds during static initialisation,
+// in an order the linker chooses, so these must exist before their first use.
+struct KernelTables {
+  std::mutex mutex;
+  std::map<const void *, std::string> names;  // kernel address -> "attend_kernel<__half, 128>"
+  std::map<std::string, int> bounds;          // unqualified kernel name -> max threads
+  std::map<std::string, std::vector<std::pair<uint64_t, std::string>>> symtabs;  // file -> functions
+};
+KernelTables &tables() {
+  static KernelTables t;
+  return t;
+}
 
 // The function symbols (offset from the load base for position-independent objects) of `path`.
 const std::vector<std::pair<uint64_t, std::string>> &symbols_of(const std::string &path) {
-  auto found = g_symtabs.find(path);
-  if (found != g_symtabs.end()) return found->second;
-  std::vector<std::pair<uint64_t, std::string>> &out = g_symtabs[path];
+  auto found = tables().symtabs.find(path);
+  if (found != tables().symtabs.end()) return found->second;
+  std::vector<std::pair<uint64_t, std::string>> &out = tables().symtabs[path];
   const int fd = open(path.c_str(), O_RDONLY);
   if (fd < 0) return out;
   struct stat st;
@@ -194,11 +202,11 @@ std::string function_name(const void *address) {
 
 // The kernel's display name, once per kernel.
 const std::string &kernel_name(const void *kernel_id, const char *fallback) {
-  std::lock_guard<std::mutex> lock(g_names_mutex);
-  auto found = g_names.find(kernel_id);
-  if (found != g_names.end()) return found->second;
+  std::lock_guard<std::mutex> lock(tables().mutex);
+  auto found = tables().names.find(kernel_id);
+  if (found != tables().names.end()) return found->second;
   std::string name = function_name(kernel_id);
-  return g_names[kernel_id] = name.empty() ? fallback : name;
+  return tables().names[kernel_id] = name.empty() ? fallback : name;
 }
 
 // "attend_kernel<__half, 128>" -> "attend_kernel".
@@ -211,9 +219,9 @@ std::string unqualified(const std::string &name) {
 
 int bound_of(const void *kernel_id, const char *fallback) {
   const std::string base = unqualified(kernel_name(kernel_id, fallback));
-  std::lock_guard<std::mutex> lock(g_names_mutex);
-  auto found = g_bounds.find(base);
-  return found == g_bounds.end() || found->second <= 0 ? kMaxThreadsPerBlock : found->second;
+  std::lock_guard<std::mutex> lock(tables().mutex);
+  auto found = tables().bounds.find(base);
+  return found == tables().bounds.end() || found->second <= 0 ? kMaxThreadsPerBlock : found->second;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -370,6 +378,7 @@ struct Worker {
   Fiber *current = nullptr;
   unsigned char *smem = nullptr;
   size_t smem_bytes = 0;
+  unsigned char *smem_page = nullptr;  // the readable page the shared memory starts in
   SharedArena arena;
   bool failed = false;
   bool in_block = false;
@@ -759,6 +768,22 @@ void prepare_arena(Worker &w, size_t bytes) {
   mprotect(first_page, w.arena.end() - first_page, PROT_READ | PROT_WRITE);
   w.smem = reinterpret_cast<unsigned char *>(start);
   w.smem_bytes = bytes;
+  w.smem_page = reinterpret_cast<unsigned char *>(first_page);
+}
+
+// The poisoned bytes beside the block's shared memory (before it in its first page, and its
+// rounding to 16 bytes) that no thread may write; "" when intact.
+std::string check_shared_slack(const Worker &w) {
+  for (const unsigned char *p = w.smem_page; p < w.smem; ++p)
+    if (*p != kPoison)
+      return format("out-of-bounds write %zu bytes before the block's %zu bytes of dynamic shared memory",
+                    static_cast<size_t>(w.smem - p), w.smem_bytes);
+  const unsigned char *end = reinterpret_cast<const unsigned char *>(w.arena.end());
+  for (const unsigned char *p = w.smem + w.smem_bytes; p < end; ++p)
+    if (*p != kPoison)
+      return format("out-of-bounds write %zu bytes past the end of the block's %zu bytes of dynamic shared memory",
+                    static_cast<size_t>(p - w.smem - w.smem_bytes), w.smem_bytes);
+  return "";
 }
 
 // Runs block `linear` on this worker; false when it failed (the report is in the launch).
@@ -768,8 +793,7 @@ bool run_block(Worker &w, int64_t linear, int threads) {
                         static_cast<unsigned>((linear / l.grid.x) % l.grid.y),
                         static_cast<unsigned>(linear / (static_cast<int64_t>(l.grid.x) * l.grid.y))};
   tls_block = &w.coords;
-  memset(w.arena.end() - round_up(std::max<size_t>(w.smem_bytes, 16), 16), kPoison,
-         round_up(std::max<size_t>(w.smem_bytes, 16), 16));
+  memset(w.smem_page, kPoison, reinterpret_cast<unsigned char *>(w.arena.end()) - w.smem_page);
   for (int i = 0; i < threads; ++i) {
     Fiber &f = *w.fibers[i];
     f.state = State::kRunnable;
@@ -850,6 +874,11 @@ bool run_block(Worker &w, int64_t linear, int threads) {
     return false;
   }
   w.in_block = false;
+  const std::string slack = check_shared_slack(w);
+  if (!slack.empty()) {
+    l.fail(kIllegalAddress, slack + "\n  at " + where(w, nullptr));
+    return false;
+  }
   return true;
 }
 
@@ -1061,8 +1090,8 @@ void trap(Site site) {
 }
 
 bool register_launch_bounds(const char *kernel, int max_threads) {
-  std::lock_guard<std::mutex> lock(g_names_mutex);
-  auto inserted = g_bounds.emplace(kernel, max_threads);
+  std::lock_guard<std::mutex> lock(tables().mutex);
+  auto inserted = tables().bounds.emplace(kernel, max_threads);
   if (!inserted.second && inserted.first->second != max_threads) inserted.first->second = -1;  // ambiguous
   return true;
 }
@@ -1246,6 +1275,7 @@ void *pgqa_sim_malloc(void *device, size_t bytes) {
 
 int pgqa_sim_free(void *device, void *ptr) {
   Device *d = static_cast<Device *>(device);
+  std::lock_guard<std::mutex> launch(d->launch_mutex);  // not while a launch snapshots it
   std::lock_guard<std::mutex> lock(d->buffers_mutex);
   auto it = d->buffers.find(reinterpret_cast<uintptr_t>(ptr));
   if (it == d->buffers.end()) return 1;

@@ -55,14 +55,19 @@ impl Backend for Arc<CudaStream> {
     }
 
     fn address<T: DeviceValue>(&self, buffer: &CudaSlice<T>) -> u64 {
-        // The crate's own buffers are only touched on this stream: stream order is the
-        // synchronisation, the guard's event is not needed.
+        // The crate's own buffers are only touched on the stream they were made on (the
+        // batches check it), so stream order is the synchronisation; the pages' writes are
+        // recorded for other streams by CudaStorage.
         let (ptr, _sync) = buffer.device_ptr(self);
         ptr
     }
 
     fn len<T: DeviceValue>(buffer: &CudaSlice<T>) -> usize {
         buffer.len()
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        self.cu_stream() == other.cu_stream()
     }
 
     unsafe fn launch(&self, call: Launch<'_>) -> Result<()> {

@@ -71,8 +71,9 @@ impl<T: Element> PageStorage for CudaStorage<T> {
 
     /// One host-to-device copy of the step's tables, then one launch for all block copies.
     fn prepare(&mut self, plan: StepPlan) -> Result<CudaStepPlan> {
+        self.pages.sync_write();
         let plan = self.pages.prepare(plan)?;
-        self.pages.record_write();
+        self.pages.sync_write();
         Ok(plan)
     }
 }
@@ -93,16 +94,18 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
         let stream = pages.backend.clone();
         let (k_ptr, _k_sync) = k_new.device_ptr(&stream);
         let (v_ptr, _v_sync) = v_new.device_ptr(&stream);
+        pages.sync_write();
         pages.write(layer, plan, (k_ptr, k_new.len()), (v_ptr, v_new.len()))?;
-        pages.record_write();
+        pages.sync_write();
         Ok(())
     }
 }
 
 impl<T: Element> Pages<Arc<CudaStream>, T> {
-    /// Tells cudarc's event tracking that the pages were written by the work just enqueued, so
-    /// another stream that later reads them (through [`CudaStorage::pages`]) waits for it.
-    fn record_write(&mut self) {
+    /// cudarc's event tracking for a write of the pages, around the launches that write them:
+    /// before, the stream waits for what other streams were doing with the pages (through
+    /// [`CudaStorage::pages`]); after, the write is recorded for them to wait on.
+    fn sync_write(&mut self) {
         let _ = self.pages.device_ptr_mut(&self.backend);
     }
 }

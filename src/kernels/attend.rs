@@ -7,7 +7,7 @@ use crate::cache::PagedLayout;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::params::{self, AttendTables, AttendTensors};
-use crate::kernels::{upload_nonempty, Backend, Launch};
+use crate::kernels::{check_same, upload_nonempty, Backend, Launch};
 use crate::plan::{AttendSchedule, KernelChoice};
 
 /// The uploaded state of one attention batch.
@@ -17,6 +17,8 @@ pub(crate) struct AttendState<B: Backend> {
     pub num_tokens: usize,
     pub max_blocks: usize,
     pub schedule: AttendSchedule,
+    /// The device and stream the tables live on; every run must use it.
+    backend: B,
     /// [batch, max_blocks]
     block_tables: B::Buffer<i32>,
     /// [batch]
@@ -66,6 +68,7 @@ impl<B: Backend> AttendState<B> {
             )?,
             workspace: backend.alloc_zeros::<f32>(floats)?,
             schedule,
+            backend: backend.clone(),
         })
     }
 
@@ -78,6 +81,7 @@ impl<B: Backend> AttendState<B> {
         cache_lens: (usize, usize),
         scale: Option<f32>,
     ) -> Result<()> {
+        check_same("the attention batch", &self.backend, backend)?;
         Error::check_len("k_cache", cache_lens.0, self.layout.cache_len())?;
         Error::check_len("v_cache", cache_lens.1, self.layout.cache_len())?;
         if dtype != self.dtype {

@@ -42,7 +42,7 @@ pub(crate) enum Launch<'a> {
 }
 
 /// A place the kernels run: device memory, the device's properties, and the launchers.
-pub(crate) trait Backend {
+pub(crate) trait Backend: Clone {
     /// An owned allocation of device memory.
     type Buffer<T: DeviceValue>;
 
@@ -60,6 +60,9 @@ pub(crate) trait Backend {
     fn address<T: DeviceValue>(&self, buffer: &Self::Buffer<T>) -> u64;
     /// Elements of `buffer`.
     fn len<T: DeviceValue>(buffer: &Self::Buffer<T>) -> usize;
+    /// Whether `other` is this device and stream (buffers and tables made on one are only
+    /// ever used on it).
+    fn same(&self, other: &Self) -> bool;
     /// Runs one launcher.
     ///
     /// # Safety
@@ -76,6 +79,14 @@ pub(crate) fn upload_nonempty<B: Backend, V: DeviceValue>(
 ) -> Result<B::Buffer<V>> {
     let fill = [fill];
     backend.upload(if values.is_empty() { &fill[..] } else { values })
+}
+
+/// `Err(DeviceMismatch)` unless `used` is the backend `what` was made on.
+pub(crate) fn check_same<B: Backend>(what: &'static str, made_on: &B, used: &B) -> Result<()> {
+    if !made_on.same(used) {
+        return Err(Error::DeviceMismatch { what });
+    }
+    Ok(())
 }
 
 /// Turns what a launcher returned into a `Result`; `cuda_detail` says what the runtime refused

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::kernels::attend::AttendState;
 use crate::kernels::params::{self, check_aligned, to_i32, AttendTensors};
-use crate::kernels::{upload_nonempty, Backend, Launch};
+use crate::kernels::{check_same, upload_nonempty, Backend, Launch};
 use crate::plan::KernelChoice;
 
 /// Keys per page of the contiguous buffers when they are read as pages (prompts, chunks).
@@ -22,6 +22,8 @@ pub(crate) struct NaiveState<B: Backend, T: Element> {
     pub layout: PagedLayout,
     pub lens: SeqLens,
     max_blocks: usize,
+    /// The device and stream the buffers live on; every call must use it.
+    backend: B,
     /// Rows of the contiguous buffers (every sequence padded to NAIVE_PAGE).
     keys: usize,
     /// The MHA attention batch over the repeated K/V, for batches with more than one query row
@@ -115,6 +117,7 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
             layout,
             lens: lens.clone(),
             max_blocks,
+            backend: backend.clone(),
             keys,
             mha,
             lse: backend.alloc_zeros(lse_len)?,
@@ -131,6 +134,7 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
     /// Step 1: the pages of every sequence (`k_cache`, `v_cache`: `(address, elements)` of one
     /// layer) into the contiguous K/V buffers.
     pub fn gather(&self, backend: &B, k_cache: (u64, usize), v_cache: (u64, usize)) -> Result<()> {
+        check_same("the naive batch", &self.backend, backend)?;
         Error::check_len("k_cache", k_cache.1, self.layout.cache_len())?;
         Error::check_len("v_cache", v_cache.1, self.layout.cache_len())?;
         check_aligned("k_cache", k_cache.0)?;
@@ -163,6 +167,7 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
 
     /// Step 2: repeat_kv of the gathered K and V.
     pub fn repeat(&self, backend: &B) -> Result<()> {
+        check_same("the naive batch", &self.backend, backend)?;
         let shape = self.layout.shape();
         for (src, dst) in [(&self.k, &self.k_repeated), (&self.v, &self.v_repeated)] {
             let params = params::repeat_kv_params(
@@ -189,6 +194,7 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
         out: (u64, usize),
         scale: Option<f32>,
     ) -> Result<()> {
+        check_same("the naive batch", &self.backend, backend)?;
         let shape = self.layout.shape();
         let rows = self.lens.num_tokens() * shape.n_heads();
         Error::check_len("q", q.1, rows * shape.head_dim())?;

@@ -1,6 +1,6 @@
 //! The attention kernels on the emulator, over pages the caller manages.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use crate::batch::SeqLens;
 use crate::cache::{PagedCache, PagedLayout};
@@ -14,14 +14,14 @@ use crate::sim::{SimBuffer, SimDevice, SimStepPlan, SimStorage};
 /// [`cuda::AttendBatch`](crate::cuda::AttendBatch) on the emulator: tables validated and
 /// uploaded once, then [`run`](AttendBatch::run) launches the real kernels.
 pub struct AttendBatch {
-    state: AttendState<Arc<SimDevice>>,
+    state: AttendState<Rc<SimDevice>>,
 }
 
 impl AttendBatch {
     /// Validates `block_tables` (`[lens.batch(), max_blocks]`) against `layout` and `lens`,
     /// plans the launch (for the emulated H200) and uploads everything.
     pub fn new(
-        device: &Arc<SimDevice>,
+        device: &Rc<SimDevice>,
         layout: PagedLayout,
         dtype: DType,
         lens: &SeqLens,
@@ -41,7 +41,7 @@ impl AttendBatch {
 
     /// [`new`](AttendBatch::new) with the kernel choice made by the caller.
     pub fn with_kernels(
-        device: &Arc<SimDevice>,
+        device: &Rc<SimDevice>,
         layout: PagedLayout,
         dtype: DType,
         lens: &SeqLens,
@@ -73,7 +73,7 @@ impl AttendBatch {
     #[allow(clippy::too_many_arguments)]
     pub fn run<T: Element>(
         &self,
-        device: &Arc<SimDevice>,
+        device: &Rc<SimDevice>,
         k_cache: &SimBuffer<T>,
         v_cache: &SimBuffer<T>,
         q: &SimBuffer<T>,
@@ -82,11 +82,11 @@ impl AttendBatch {
         scale: Option<f32>,
     ) -> Result<()> {
         let tensors = AttendTensors {
-            k_cache: k_cache.address(),
-            v_cache: v_cache.address(),
-            q: (q.address(), q.len()),
-            out: (out.address(), out.len()),
-            lse: (lse.address(), lse.len()),
+            k_cache: k_cache.address_on("k_cache", device)?,
+            v_cache: v_cache.address_on("v_cache", device)?,
+            q: (q.address_on("q", device)?, q.len()),
+            out: (out.address_on("out", device)?, out.len()),
+            lse: (lse.address_on("lse", device)?, lse.len()),
         };
         self.state.run(
             device,
@@ -112,12 +112,13 @@ impl<T: Element> PagedCache<SimStorage<T>> {
         scale: Option<f32>,
     ) -> Result<()> {
         self.check(layer, plan)?;
+        let device = self.storage().device();
         self.storage().pages.attend(
             layer,
             plan,
-            (q.address(), q.len()),
-            (out.address(), out.len()),
-            (lse.address(), lse.len()),
+            (q.address_on("q", device)?, q.len()),
+            (out.address_on("out", device)?, out.len()),
+            (lse.address_on("lse", device)?, lse.len()),
             scale,
         )
     }

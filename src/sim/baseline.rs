@@ -1,6 +1,6 @@
 //! The naive baseline and repeat_kv on the emulator.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use crate::batch::SeqLens;
 use crate::cache::PagedLayout;
@@ -14,13 +14,13 @@ use crate::sim::{SimBuffer, SimDevice};
 /// [`cuda::NaiveAttention`](crate::cuda::NaiveAttention) on the emulator: gather, repeat_kv,
 /// per-head attention, with the real kernels.
 pub struct NaiveAttention<T: Element> {
-    state: NaiveState<Arc<SimDevice>, T>,
+    state: NaiveState<Rc<SimDevice>, T>,
 }
 
 impl<T: Element> NaiveAttention<T> {
     /// Validates the tables and allocates the buffers.
     pub fn new(
-        device: &Arc<SimDevice>,
+        device: &Rc<SimDevice>,
         layout: PagedLayout,
         lens: &SeqLens,
         block_tables: &[i32],
@@ -35,7 +35,7 @@ impl<T: Element> NaiveAttention<T> {
     /// `[num_tokens, n_heads, head_dim]`; `k_cache`, `v_cache` one layer's pages.
     pub fn run(
         &mut self,
-        device: &Arc<SimDevice>,
+        device: &Rc<SimDevice>,
         k_cache: &SimBuffer<T>,
         v_cache: &SimBuffer<T>,
         q: &SimBuffer<T>,
@@ -44,14 +44,14 @@ impl<T: Element> NaiveAttention<T> {
     ) -> Result<()> {
         self.state.gather(
             device,
-            (k_cache.address(), k_cache.len()),
-            (v_cache.address(), v_cache.len()),
+            (k_cache.address_on("k_cache", device)?, k_cache.len()),
+            (v_cache.address_on("v_cache", device)?, v_cache.len()),
         )?;
         self.state.repeat(device)?;
         self.state.attention(
             device,
-            (q.address(), q.len()),
-            (out.address(), out.len()),
+            (q.address_on("q", device)?, q.len()),
+            (out.address_on("out", device)?, out.len()),
             scale,
         )
     }
@@ -60,7 +60,7 @@ impl<T: Element> NaiveAttention<T> {
 /// [`cuda::repeat_kv`](crate::cuda::repeat_kv) on the emulator: `src` `[num_tokens,
 /// n_kv_heads, head_dim]` to `dst` `[num_tokens, n_heads, head_dim]`.
 pub fn repeat_kv<T: Element>(
-    device: &Arc<SimDevice>,
+    device: &Rc<SimDevice>,
     shape: GqaShape,
     num_tokens: usize,
     src: &SimBuffer<T>,
@@ -70,8 +70,8 @@ pub fn repeat_kv<T: Element>(
         shape,
         T::DTYPE,
         num_tokens,
-        (src.address(), src.len()),
-        (dst.address(), dst.len()),
+        (src.address_on("src", device)?, src.len()),
+        (dst.address_on("dst", device)?, dst.len()),
     )?
     else {
         return Ok(());

@@ -3,7 +3,7 @@
 use std::ffi::{c_void, CStr};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::kernels::DeviceValue;
@@ -23,23 +23,22 @@ extern "C" {
     fn pgqa_sim_launches(device: *mut c_void) -> u64;
 }
 
-/// An emulated GPU and its stream: launches on it run to completion before they return, one at a
-/// time (from any thread). Its buffers are host memory with guard pages, poisoned when made.
+/// An emulated GPU and its stream: launches on it run to completion before they return. Its
+/// buffers are host memory with guard pages, poisoned when made.
+///
+/// A device and its buffers stay on the thread that made them (neither is `Send` nor `Sync`):
+/// around every launch the emulator snapshots and restores all of the device's buffers, which
+/// another thread's use of them would race with.
 pub struct SimDevice {
     raw: NonNull<c_void>,
 }
 
-// SAFETY: the emulator's device locks its buffer table and serialises launches.
-unsafe impl Send for SimDevice {}
-// SAFETY: as above.
-unsafe impl Sync for SimDevice {}
-
 impl SimDevice {
     /// A new device with no buffers (race check on unless `PAGED_GQA_SIM_RACE_CHECK=0`).
-    pub fn new() -> Arc<Self> {
+    pub fn new() -> Rc<Self> {
         // SAFETY: no preconditions; never null.
         let raw = unsafe { pgqa_sim_device_new() };
-        Arc::new(Self {
+        Rc::new(Self {
             raw: NonNull::new(raw).expect("the emulator returned a device"),
         })
     }
@@ -50,8 +49,14 @@ impl SimDevice {
 
     /// `len` elements whose bytes are all 0xff (NaN in f32, f16 and bf16): what a kernel leaves
     /// unwritten stays visibly poisoned.
-    pub fn alloc<T: DeviceValue>(self: &Arc<Self>, len: usize) -> Result<SimBuffer<T>> {
-        let bytes = len * std::mem::size_of::<T>();
+    pub fn alloc<T: DeviceValue>(self: &Rc<Self>, len: usize) -> Result<SimBuffer<T>> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or(Error::TooLarge {
+                what: "emulator buffer bytes",
+                value: len as u128 * std::mem::size_of::<T>() as u128,
+                limit: usize::MAX as u128,
+            })?;
         // SAFETY: the device is live; the emulator returns null when it cannot map.
         let ptr = unsafe { pgqa_sim_malloc(self.raw(), bytes) };
         let ptr = NonNull::new(ptr.cast::<T>()).ok_or_else(|| super::out_of_memory(bytes))?;
@@ -64,7 +69,7 @@ impl SimDevice {
     }
 
     /// A buffer holding a copy of `values`.
-    pub fn upload<T: DeviceValue>(self: &Arc<Self>, values: &[T]) -> Result<SimBuffer<T>> {
+    pub fn upload<T: DeviceValue>(self: &Rc<Self>, values: &[T]) -> Result<SimBuffer<T>> {
         let mut buffer = self.alloc(values.len())?;
         buffer.as_mut_slice().copy_from_slice(values);
         Ok(buffer)
@@ -85,7 +90,8 @@ impl SimDevice {
 
     /// The report of the last launch the emulator refused or failed ("" when none did).
     pub fn last_report(&self) -> String {
-        // SAFETY: a NUL-terminated string owned by the device, copied at once.
+        // SAFETY: a NUL-terminated string owned by the device, copied at once (the device is
+        // used by this thread only, so no launch changes it meanwhile).
         unsafe { CStr::from_ptr(pgqa_sim_last_report(self.raw())) }
             .to_string_lossy()
             .into_owned()
@@ -127,7 +133,7 @@ impl SimDevice {
 
 impl Drop for SimDevice {
     fn drop(&mut self) {
-        // SAFETY: every buffer holds an Arc of its device, so none is left.
+        // SAFETY: every buffer holds an Rc of its device, so none is left.
         unsafe { pgqa_sim_device_free(self.raw()) }
     }
 }
@@ -135,16 +141,11 @@ impl Drop for SimDevice {
 /// `len` elements of emulated device memory. The memory is the host's, so it reads and
 /// writes as a slice; a kernel launched on it sees what the slice holds.
 pub struct SimBuffer<T: DeviceValue> {
-    device: Arc<SimDevice>,
+    device: Rc<SimDevice>,
     ptr: NonNull<T>,
     len: usize,
     element: PhantomData<T>,
 }
-
-// SAFETY: the buffer owns its memory; T is Send + Sync.
-unsafe impl<T: DeviceValue> Send for SimBuffer<T> {}
-// SAFETY: as above.
-unsafe impl<T: DeviceValue> Sync for SimBuffer<T> {}
 
 impl<T: DeviceValue> SimBuffer<T> {
     /// Elements.
@@ -163,8 +164,16 @@ impl<T: DeviceValue> SimBuffer<T> {
     }
 
     /// The device the buffer lives on.
-    pub fn device(&self) -> &Arc<SimDevice> {
+    pub fn device(&self) -> &Rc<SimDevice> {
         &self.device
+    }
+
+    /// The address, after checking that the buffer lives on `device`.
+    pub(crate) fn address_on(&self, name: &'static str, device: &Rc<SimDevice>) -> Result<u64> {
+        if !Rc::ptr_eq(&self.device, device) {
+            return Err(Error::DeviceMismatch { what: name });
+        }
+        Ok(self.address())
     }
 
     /// The elements.
@@ -196,5 +205,23 @@ impl<T: DeviceValue> Drop for SimBuffer<T> {
     fn drop(&mut self) {
         // SAFETY: allocated by this device, freed once.
         unsafe { pgqa_sim_free(self.device.raw(), self.ptr.as_ptr().cast()) };
+    }
+}
+
+impl std::fmt::Debug for SimDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimDevice")
+            .field("race_check", &self.race_check())
+            .field("launches", &self.launches())
+            .finish()
+    }
+}
+
+impl<T: DeviceValue> std::fmt::Debug for SimBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBuffer")
+            .field("address", &format_args!("{:#x}", self.address()))
+            .field("len", &self.len)
+            .finish()
     }
 }

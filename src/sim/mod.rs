@@ -87,7 +87,7 @@ extern "C" {
     fn pgqa_sim_f32_to_bf16(x: f32) -> u16;
 }
 
-impl Backend for std::sync::Arc<SimDevice> {
+impl Backend for std::rc::Rc<SimDevice> {
     type Buffer<T: DeviceValue> = SimBuffer<T>;
 
     fn sm_count(&self) -> Result<usize> {
@@ -120,6 +120,10 @@ impl Backend for std::sync::Arc<SimDevice> {
 
     fn len<T: DeviceValue>(buffer: &SimBuffer<T>) -> usize {
         buffer.len()
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        std::rc::Rc::ptr_eq(self, other)
     }
 
     unsafe fn launch(&self, call: Launch<'_>) -> Result<()> {

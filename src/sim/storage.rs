@@ -1,6 +1,6 @@
 //! The emulator's pages behind [`PageStorage`], and the per-layer write.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
 use crate::dtype::Element;
@@ -16,12 +16,12 @@ pub type SimStepPlan = DeviceStepPlan;
 /// `[num_layers, 2 (K, V), num_blocks, block_size, n_kv_heads, head_dim]`, in one emulated
 /// allocation, written and read by the real cache and attention kernels.
 pub struct SimStorage<T: Element> {
-    pub(crate) pages: Pages<Arc<SimDevice>, T>,
+    pub(crate) pages: Pages<Rc<SimDevice>, T>,
 }
 
 impl<T: Element> SimStorage<T> {
     /// `num_blocks` zero-filled pages per tensor on `device`.
-    pub fn new(device: Arc<SimDevice>, config: CacheConfig, num_blocks: usize) -> Result<Self> {
+    pub fn new(device: Rc<SimDevice>, config: CacheConfig, num_blocks: usize) -> Result<Self> {
         Ok(Self {
             pages: Pages::new(device, config, num_blocks)?,
         })
@@ -38,7 +38,7 @@ impl<T: Element> SimStorage<T> {
     }
 
     /// The device every operation of this cache runs on.
-    pub fn device(&self) -> &Arc<SimDevice> {
+    pub fn device(&self) -> &Rc<SimDevice> {
         &self.pages.backend
     }
 
@@ -80,11 +80,12 @@ impl<T: Element> PagedCache<SimStorage<T>> {
         v_new: &SimBuffer<T>,
     ) -> Result<()> {
         self.check(layer, plan)?;
+        let device = self.storage().device().clone();
         self.storage_mut().pages.write(
             layer,
             plan,
-            (k_new.address(), k_new.len()),
-            (v_new.address(), v_new.len()),
+            (k_new.address_on("k_new", &device)?, k_new.len()),
+            (v_new.address_on("v_new", &device)?, v_new.len()),
         )
     }
 }

@@ -3,6 +3,7 @@
 //! against [`Device`]; each `gpu_xxx` test runs its body on a CUDA stream (skipping without a
 //! GPU) and its twin `sim_xxx` runs the same body on a fresh emulated device.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use paged_gqa::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
@@ -239,7 +240,7 @@ impl Device for Arc<CudaStream> {
     }
 }
 
-impl Device for Arc<SimDevice> {
+impl Device for Rc<SimDevice> {
     type Buf<T: DeviceValue> = sim::SimBuffer<T>;
     type Attend = sim::AttendBatch;
     type Plan = sim::SimStepPlan;

@@ -2,6 +2,7 @@
 //! there is a GPU, the same kernel on the emulator with `--backend sim`, else the CPU fallback)
 //! against the naive path (gather, repeat_kv, per-head attention in f64).
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -245,7 +246,7 @@ fn repeat_kv_on_gpu(
 }
 
 fn repeat_kv_on_sim(
-    device: &Arc<sim::SimDevice>,
+    device: &Rc<sim::SimDevice>,
     shape: GqaShape,
     num_tokens: usize,
     x: &[bf16],

@@ -3,7 +3,7 @@
 //! kernels bring from the K/V pages (`kv_bytes_fetched`, counted by the emulator at every
 //! cp.async) against the bytes the batch must read (`kv_bytes_needed`).
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use half::{bf16, f16};
 use paged_gqa::sim::{AttendBatch, NaiveAttention, SimDevice};
@@ -41,7 +41,7 @@ pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
 /// ((fused, naive whole path, naive attention alone) milliseconds, K/V bytes one fused call
 /// fetched).
 fn measure<T: Element>(
-    device: &Arc<SimDevice>,
+    device: &Rc<SimDevice>,
     case: &Case,
     iters: usize,
 ) -> Result<(Times, u64), Failure> {
