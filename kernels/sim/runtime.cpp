@@ -510,10 +510,10 @@ void arrive(Coll coll, int sub, unsigned mask, Site site) {
   to_scheduler(f);
 }
 
-uint16_t half_at(const Worker &w, const Fiber &lane_fiber, int element) {
+// Element `element` (16-bit) of the row whose address `lane_fiber` gave to ldmatrix.
+uint16_t half_at(const Fiber &lane_fiber, int element) {
   uint16_t v;
   memcpy(&v, static_cast<const unsigned char *>(lane_fiber.address) + 2 * element, 2);
-  (void)w;
   return v;
 }
 
@@ -581,11 +581,11 @@ void execute(Worker &w, Fiber **lanes, unsigned mask) {
           uint16_t lo, hi;
           if (!trans) {
             const Fiber &row = *lanes[8 * i + l / 4];
-            lo = half_at(w, row, 2 * (l % 4));
-            hi = half_at(w, row, 2 * (l % 4) + 1);
+            lo = half_at(row, 2 * (l % 4));
+            hi = half_at(row, 2 * (l % 4) + 1);
           } else {
-            lo = half_at(w, *lanes[8 * i + 2 * (l % 4)], l / 4);
-            hi = half_at(w, *lanes[8 * i + 2 * (l % 4) + 1], l / 4);
+            lo = half_at(*lanes[8 * i + 2 * (l % 4)], l / 4);
+            hi = half_at(*lanes[8 * i + 2 * (l % 4) + 1], l / 4);
           }
           lanes[l]->out[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
         }
@@ -1289,7 +1289,9 @@ int pgqa_sim_race_check(void *device) { return static_cast<Device *>(device)->ra
 
 // The report of the device's last failed launch ("" when none failed); valid until the next.
 const char *pgqa_sim_last_report(void *device) { return static_cast<Device *>(device)->last_report.c_str(); }
-void pgqa_sim_clear_report(void *device) { static_cast<Device *>(device)->last_report.clear(); }
+
+// The multiprocessors of the emulated device (the planner sizes splits from them).
+int pgqa_sim_sm_count(void) { return pgqa_sim::kMultiProcessors; }
 
 // Counts the bytes cp.async brings from [ptr, ptr + len) in later launches (first schedule only).
 void pgqa_sim_watch(void *device, const void *ptr, size_t len) {

@@ -16,7 +16,6 @@ extern "C" {
     fn pgqa_sim_set_race_check(device: *mut c_void, on: i32);
     fn pgqa_sim_race_check(device: *mut c_void) -> i32;
     fn pgqa_sim_last_report(device: *mut c_void) -> *const std::ffi::c_char;
-    fn pgqa_sim_clear_report(device: *mut c_void);
     fn pgqa_sim_watch(device: *mut c_void, ptr: *const c_void, len: usize);
     fn pgqa_sim_unwatch_all(device: *mut c_void);
     fn pgqa_sim_watched_bytes(device: *mut c_void) -> u64;
@@ -95,12 +94,6 @@ impl SimDevice {
         unsafe { CStr::from_ptr(pgqa_sim_last_report(self.raw())) }
             .to_string_lossy()
             .into_owned()
-    }
-
-    /// Forgets the last report.
-    pub fn clear_report(&self) {
-        // SAFETY: the device is live.
-        unsafe { pgqa_sim_clear_report(self.raw()) }
     }
 
     /// Counts, in later launches, the bytes `cp.async` brings from device addresses

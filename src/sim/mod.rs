@@ -33,9 +33,6 @@ use crate::ffi;
 use crate::kernels::{check_status, Backend, DeviceValue, Launch};
 use crate::plan::KernelChoice;
 
-/// Multiprocessors of the emulated device (an H200).
-pub const SIM_SM_COUNT: usize = 132;
-
 #[allow(non_camel_case_types)]
 type pgqa_stream = ffi::pgqa_stream;
 
@@ -81,6 +78,7 @@ extern "C" {
         report: *mut c_char,
         report_bytes: usize,
     ) -> i32;
+    fn pgqa_sim_sm_count() -> i32;
     fn pgqa_sim_f16_to_f32(bits: u16) -> f32;
     fn pgqa_sim_f32_to_f16(x: f32) -> u16;
     fn pgqa_sim_bf16_to_f32(bits: u16) -> f32;
@@ -90,8 +88,10 @@ extern "C" {
 impl Backend for std::rc::Rc<SimDevice> {
     type Buffer<T: DeviceValue> = SimBuffer<T>;
 
+    /// The emulated H200's, as its runtime reports them to the kernels' launchers.
     fn sm_count(&self) -> Result<usize> {
-        Ok(SIM_SM_COUNT)
+        // SAFETY: a constant of the emulator.
+        Ok(unsafe { pgqa_sim_sm_count() }.max(1) as usize)
     }
 
     /// The emulated H200 runs both kernels.
