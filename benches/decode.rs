@@ -6,6 +6,7 @@
 //!
 //! Without a GPU the GPU group prints that it skipped.
 
+use paged_gqa::AttendOptions;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,7 +121,15 @@ fn gpu(c: &mut Criterion) {
             gpu_time(&ctx, &stream, iters, |i| {
                 let (k, v, q) = &sets[i % 2];
                 fused
-                    .run(&stream, k, v, q, &mut out, &mut lse, None)
+                    .run(
+                        &stream,
+                        k,
+                        v,
+                        q,
+                        &mut out,
+                        &mut lse,
+                        &AttendOptions::default(),
+                    )
                     .unwrap();
             })
         })
@@ -150,10 +159,12 @@ fn cpu(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_cpu_llama3_8b_b2_ctx2048_bf16");
     group.sample_size(10);
     group.bench_function("fused", |bench| {
-        bench.iter(|| cpu::attend(&q, &kv, None, &mut out, &mut lse).unwrap())
+        bench.iter(|| cpu::attend(&q, &kv, &AttendOptions::default(), &mut out, &mut lse).unwrap())
     });
     group.bench_function("naive_repeat_kv", |bench| {
-        bench.iter(|| cpu::attend_naive(&q, &kv, None, &mut out, &mut lse).unwrap())
+        bench.iter(|| {
+            cpu::attend_naive(&q, &kv, &AttendOptions::default(), &mut out, &mut lse).unwrap()
+        })
     });
     group.finish();
 }

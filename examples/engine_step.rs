@@ -6,6 +6,7 @@
 
 use paged_gqa::cache::{CacheConfig, PagedCache, SeqId};
 use paged_gqa::cpu::CpuStorage;
+use paged_gqa::AttendOptions;
 use paged_gqa::{DType, GqaShape};
 
 /// Stand-in for the model: the K, V (`[tokens, n_kv_heads, head_dim]`) and Q
@@ -42,7 +43,14 @@ fn step(
         cache.write(layer, &plan, &k_new, &v_new)?;
         let rows = plan.num_new_tokens() * config.shape().n_heads();
         let (mut out, mut lse) = (vec![0.0f32; q.len()], vec![0.0f32; rows]); // [tokens, n_heads, (head_dim)]
-        cache.attend(layer, &plan, &q, &mut out, &mut lse, None)?; // prompts and decode tokens alike
+        cache.attend(
+            layer,
+            &plan,
+            &q,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )?; // prompts and decode tokens alike
     }
     let lens: Vec<String> = batch
         .iter()

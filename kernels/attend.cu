@@ -8,15 +8,19 @@
 // keys it
 //   0. brings the tile's K and V rows into shared memory with cp.async, the next tile's copies
 //      in flight while this one is computed (two buffers);
-//   1. scores s[r][t] = (scale * log2 e) * q_r . k_t for every (row, key) pair, -inf past the
-//      row's causal limit;
+//   1. scores s[r][t] for every (row, key) pair, in the log2 domain: (scale * log2 e) q_r . k_t,
+//      or with a soft-cap (cap log2 e) tanh(scale q_r . k_t / cap); plus the ALiBi bias
+//      (slope log2 e) (key - position); -inf outside the row's visible keys (causal limit,
+//      window);
 //   2. per row, one warp: online softmax in the log2 domain (running max m, sum l), the tile's
 //      probabilities written back over the scores, alpha = exp2(m_old - m_new) (a row that has
 //      seen no key yet keeps m = -inf, p = 0: no NaN from -inf - -inf);
 //   3. every thread owns up to kAccItems 8-element slices of the rows' outputs and adds
 //      sum_t p[r][t] * v_t to them (after scaling them by alpha).
 // Each K and V byte of the block's range is read from global memory once for all its rows;
-// the range ends at the last row's causal limit, so tiles above the diagonal are never loaded.
+// the range starts at the first row's window start and ends at the last row's causal limit, so
+// tiles left of the window or above the diagonal are never loaded. Sinks enter at the end (one
+// split) or in the merge (several).
 
 #include "common.cuh"
 #include "merge.cuh"
@@ -42,11 +46,11 @@ struct Geometry {
 };
 
 // Shared memory of a block serving `rows` rows: K and V tiles (two buffers each),
-// then q [rows][D] f32, scores [rows][kKeys] f32, m, l, alpha [rows] f32.
+// then q [rows][D] f32, scores [rows][kKeys] f32, m, l, alpha, bias [rows] f32.
 template <typename T, int D>
 size_t smem_bytes(int rows) {
   using G = Geometry<D>;
-  return 4 * G::kTileElems * sizeof(T) + static_cast<size_t>(rows) * (D + G::kKeys + 3) * sizeof(float);
+  return 4 * G::kTileElems * sizeof(T) + static_cast<size_t>(rows) * (D + G::kKeys + 4) * sizeof(float);
 }
 
 // q_h . k over D elements: q from shared f32 (pre-scaled), k a shared row of T.
@@ -90,17 +94,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   float *m_s = scores + rows * G::kKeys;                                  // [rows]
   float *l_s = m_s + rows;                                                // [rows]
   float *alpha_s = l_s + rows;                                            // [rows]
+  float *bias_s = alpha_s + rows;  // [rows]: ALiBi slope of the row's head, times log2 e
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int context_len = p.context_lens[seq];
-  // Row r sees keys [0, first_limit + r / heads): causal, bottom-right.
-  const int first_limit = context_len - query_len + j0 + 1;
-  const int last_limit = first_limit + tokens - 1;  // the block's last row sees the most
-  const int start = split * p.keys_per_split;
-  // 64-bit: start + keys_per_split passes 2^31 in the last split of a context near 2^31.
-  const int end = static_cast<int>(
-      min(static_cast<int64_t>(min(context_len, last_limit)), static_cast<int64_t>(start) + p.keys_per_split));
+  // Row r sits at position first_pos + r / heads and sees keys [row_lo, row_hi): row_hi is
+  // position + 1 (causal, bottom-right) or context_len; row_lo is position - window_left or 0.
+  const int first_pos = context_len - query_len + j0;
+  const bool windowed = p.window_left >= 0;
+  const int first_hi = p.causal ? first_pos + 1 : context_len;
+  const int first_lo = windowed ? first_pos - p.window_left : 0;  // may be negative
+  const int hi_step = p.causal ? 1 : 0;                           // per query row
+  const int lo_step = windowed ? 1 : 0;
+  // The block's range: from its first row's window start to its last row's limit; this split
+  // takes keys_per_split of it. 64-bit: lo + (split + 1) * keys_per_split can pass 2^31.
+  const int lo = max(first_lo, 0);
+  const int hi = min(context_len, first_hi + hi_step * (tokens - 1));
+  const int64_t split_start = static_cast<int64_t>(lo) + static_cast<int64_t>(split) * p.keys_per_split;
+  const int start = static_cast<int>(min(split_start, static_cast<int64_t>(hi)));
+  const int end = static_cast<int>(min(static_cast<int64_t>(hi), split_start + p.keys_per_split));
   const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
 
   const T *k_cache = static_cast<const T *>(p.k_cache);
@@ -131,7 +144,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (num_tiles > 0) load_tile(0);
 
-  const float q_scale = p.scale * pgqa::kLog2e;
+  // Soft-cap: q pre-scaled by scale, then s = (cap log2 e) tanh(q.k / cap); else by
+  // scale * log2 e. tanhf saturates to +-1 for any large or infinite argument: no NaN.
+  const bool capped = p.logit_softcap > 0.0f;
+  const float q_scale = capped ? p.scale : p.scale * pgqa::kLog2e;
+  const float inv_cap = capped ? 1.0f / p.logit_softcap : 0.0f;
+  const float cap_log2 = p.logit_softcap * pgqa::kLog2e;
   const T *q = static_cast<const T *>(p.q);
   for (int i = threadIdx.x; i < rows * D; i += kThreads) {
     const int r = i / D;
@@ -141,6 +159,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = threadIdx.x; r < rows; r += kThreads) {
     m_s[r] = -INFINITY;
     l_s[r] = 0.0f;
+    bias_s[r] = p.alibi_slopes != nullptr ? p.alibi_slopes[head0 + r % heads] * pgqa::kLog2e : 0.0f;
   }
 
   float acc[kAccItems][8];
@@ -163,12 +182,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T *k_tile = k_tiles + (tile & 1) * G::kTileElems;
     const T *v_tile = v_tiles + (tile & 1) * G::kTileElems;
 
-    // 1. Scores; keys past the tile or past the row's causal limit are masked.
+    // 1. Scores; keys past the tile or outside the row's visible keys are masked.
     for (int i = threadIdx.x; i < rows * G::kKeys; i += kThreads) {
       const int r = i / G::kKeys;
       const int t = i % G::kKeys;
-      const bool visible = t < valid && base + t < first_limit + r / heads;
-      scores[i] = visible ? dot<T, D>(q_s + r * D, k_tile + t * G::kRowStride) : -INFINITY;
+      const int key = base + t;
+      const int j = r / heads;
+      const bool visible = t < valid && key < first_hi + hi_step * j && key >= first_lo + lo_step * j;
+      float score = -INFINITY;
+      if (visible) {
+        score = dot<T, D>(q_s + r * D, k_tile + t * G::kRowStride);
+        if (capped) score = cap_log2 * tanhf(score * inv_cap);
+        score += bias_s[r] * static_cast<float>(key - (first_pos + j));
+      }
+      scores[i] = score;
     }
     __syncthreads();
 
@@ -222,19 +249,38 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();  // m_s, l_s final (also when this split has no key)
 
-  // Normalise and store: the final output, or this split's partial for the merge.
   // Row r's output row is (token q_begin + j0 + r / heads, head head0 + r % heads).
   auto out_row = [&](int r) {
     return (static_cast<int64_t>(q_begin) + j0 + r / heads) * p.n_heads + head0 + r % heads;
   };
+  // Per row: the factor of its accumulators (into alpha_s) and its lse. One split: the final
+  // result, the sink (if any) one more term of the denominator. Several: this split's partial,
+  // without the sink (the merge adds it once).
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    const float m = m_s[r];
+    const float l = l_s[r];
+    const float sink2 = p.num_splits == 1 && p.sinks != nullptr
+                            ? p.sinks[head0 + r % heads] * pgqa::kLog2e
+                            : -INFINITY;
+    const pgqa::Finish f = pgqa::finish_row(m, l, sink2);
+    alpha_s[r] = f.factor;
+    const int64_t row = out_row(r);
+    if (p.num_splits == 1) {
+      p.lse[row] = f.lse_log2 * pgqa::kLn2;
+    } else {
+      p.partial_lse[row * p.num_splits + split] = f.lse_log2;
+    }
+  }
+  __syncthreads();
+
+  // Normalise and store: the final output, or this split's partial for the merge.
 #pragma unroll
   for (int k = 0; k < kAccItems; ++k) {
     const int item = threadIdx.x + k * kThreads;
     const int r = item / G::kChunks;
     const int c = item % G::kChunks;
     if (r < rows) {
-      const float l = l_s[r];
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const float inv = alpha_s[r];
       float o[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) o[j] = acc[k][j] * inv;
@@ -247,16 +293,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<float4 *>(out) = make_float4(o[0], o[1], o[2], o[3]);
         *reinterpret_cast<float4 *>(out + 4) = make_float4(o[4], o[5], o[6], o[7]);
       }
-    }
-  }
-  for (int r = threadIdx.x; r < rows; r += kThreads) {
-    const float l = l_s[r];
-    const float lse_log2 = l > 0.0f ? m_s[r] + log2f(l) : -INFINITY;
-    const int64_t row = out_row(r);
-    if (p.num_splits == 1) {
-      p.lse[row] = lse_log2 * pgqa::kLn2;
-    } else {
-      p.partial_lse[row * p.num_splits + split] = lse_log2;
     }
   }
 }
@@ -307,9 +343,9 @@ pgqa_status launch_all(const pgqa_attend_params &p, cudaStream_t stream, int32_t
     if (status == PGQA_STATUS_OK) status = pgqa::launch_prefill(p, stream, cuda_error, phase);
   }
   if (status != PGQA_STATUS_OK || p.num_splits == 1) return status;
-  const cudaError_t err = pgqa::merge_splits(p.partial_out, p.partial_lse, p.out, p.lse,
-                                             static_cast<int64_t>(p.num_tokens) * p.n_heads,
-                                             p.num_splits, p.head_dim, p.dtype, stream);
+  const cudaError_t err = pgqa::merge_splits(
+      p.partial_out, p.partial_lse, p.sinks, p.n_heads, p.out, p.lse,
+      static_cast<int64_t>(p.num_tokens) * p.n_heads, p.num_splits, p.head_dim, p.dtype, stream);
   if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
   return err == cudaSuccess ? PGQA_STATUS_OK : PGQA_STATUS_CUDA_ERROR;
 }
@@ -325,7 +361,8 @@ extern "C" pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream
       p.n_heads % p.n_kv_heads != 0 || p.head_dim <= 0 || !is_power_of_two(p.block_size) ||
       p.max_blocks < 0 || p.num_blocks <= 0 || p.tokens_per_work < 1 ||
       (p.num_mma_work > 0 && p.mma_tokens_per_work < 1) || p.num_splits < 1 ||
-      p.num_splits > PGQA_ATTEND_MAX_SPLITS || p.keys_per_split < 1)
+      p.num_splits > PGQA_ATTEND_MAX_SPLITS || p.keys_per_split < 1 || p.window_left < -1 ||
+      (p.causal != 0 && p.causal != 1) || !(p.logit_softcap >= 0.0f && p.logit_softcap < INFINITY))
     return PGQA_STATUS_INVALID_ARGUMENT;
   if ((p.num_work == 0 && p.num_mma_work == 0) || p.num_tokens == 0) return PGQA_STATUS_OK;
   if (p.q == nullptr || p.k_cache == nullptr || p.v_cache == nullptr || p.block_tables == nullptr ||

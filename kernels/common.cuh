@@ -121,10 +121,28 @@ __device__ inline uint4 from_float8(const float (&f)[8], const __half *) {
   for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
   return v;
 }
+__device__ inline float to_float(float x) { return x; }
 __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ inline float to_float(__half x) { return __half2float(x); }
+__device__ inline void store(float *p, float x) { *p = x; }
 __device__ inline void store(__nv_bfloat16 *p, float x) { *p = __float2bfloat16_rn(x); }
 __device__ inline void store(__half *p, float x) { *p = __float2half_rn(x); }
+
+// The end of one row's online softmax: running max m and sum l of its keys (log2 domain; m is
+// -inf and l 0 when it saw none) and a sink sink2 (log2 domain; -inf for none), one more term of
+// the denominator with no value. factor multiplies the row's accumulated sum of p * v into its
+// output; lse_log2 is the log2-sum-exp of keys and sink. No key and no sink: 0 and -inf.
+struct Finish {
+  float factor;
+  float lse_log2;
+};
+__device__ inline Finish finish_row(float m, float l, float sink2) {
+  const float top = fmaxf(m, sink2);
+  if (top == -INFINITY) return {0.0f, -INFINITY};
+  const float keys = l > 0.0f ? exp2f(m - top) : 0.0f;  // the keys' sum is l * 2^(m - top)
+  const float z = l * keys + exp2f(sink2 - top);
+  return {keys / z, top + log2f(z)};
+}
 
 // Warp-wide reductions; every lane of the warp must call them.
 __device__ inline float warp_max(float x) {

@@ -9,15 +9,18 @@
 //   0. cp.async brings the tile's K and V rows into shared memory (two buffers: the next tile's
 //      copies fly while this one is computed). Rows past the range are zero-filled: P V must
 //      never multiply a zero probability by stale bits that happen to be NaN;
-//   1. S = Q K^T on tensor cores (ldmatrix of Q and of K rows, m16n8k16, f32), then
-//      S *= scale * log2 e, -inf past each row's causal limit;
+//   1. S = Q K^T on tensor cores (ldmatrix of Q and of K rows, m16n8k16, f32), then in the
+//      log2 domain S *= scale * log2 e (or, soft-capped, S = (cap log2 e) tanh(scale S / cap)),
+//      plus the ALiBi bias (slope log2 e) (key - position), -inf outside each row's visible keys
+//      (causal limit, window);
 //   2. online softmax in registers: running max m (a quad of lanes shares a row: max over the
 //      quad by shuffles), P = exp2(S - m), alpha = exp2(m_old - m_new); a row that has seen no
 //      key keeps m = -inf and uses 0 as the base, so P = 0 and alpha = 0, never NaN;
 //   3. O = alpha O + P V: P re-packed from the S accumulators as the A operand, V by
 //      ldmatrix.trans as the B operand.
-// The sum l of P stays per lane (its columns) and is summed over the quad at the end. The
-// block's key range ends at its last row's causal limit: tiles above the diagonal are never
+// The sum l of P stays per lane (its columns) and is summed over the quad at the end, where the
+// sink (one split) joins the denominator. The block's key range runs from its first row's window
+// start to its last row's causal limit: tiles left of the window or above the diagonal are never
 // loaded or computed. Each K and V byte of the range crosses HBM once for all 64 rows.
 
 #include "mma.cuh"
@@ -71,13 +74,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int rows = tokens * heads;  // <= kRows (checked by the launcher)
 
   const int context_len = p.context_lens[seq];
-  // Row r sees keys [0, first_limit + r / heads): causal, bottom-right.
-  const int first_limit = context_len - query_len + j0 + 1;
-  const int last_limit = first_limit + tokens - 1;
-  const int start = split * p.keys_per_split;
-  // 64-bit: start + keys_per_split passes 2^31 in the last split of a context near 2^31.
-  const int end = static_cast<int>(
-      min(static_cast<int64_t>(min(context_len, last_limit)), static_cast<int64_t>(start) + p.keys_per_split));
+  // Row r sits at position first_pos + r / heads and sees keys [row_lo, row_hi): row_hi is
+  // position + 1 (causal, bottom-right) or context_len; row_lo is position - window_left or 0.
+  const int first_pos = context_len - query_len + j0;
+  const bool windowed = p.window_left >= 0;
+  const int first_hi = p.causal ? first_pos + 1 : context_len;
+  const int first_lo = windowed ? first_pos - p.window_left : 0;  // may be negative
+  const int hi_step = p.causal ? 1 : 0;                           // per query row
+  const int lo_step = windowed ? 1 : 0;
+  // The block's range: from its first row's window start to its last row's limit; this split
+  // takes keys_per_split of it. 64-bit: lo + (split + 1) * keys_per_split can pass 2^31.
+  const int lo = max(first_lo, 0);
+  const int hi = min(context_len, first_hi + hi_step * (tokens - 1));
+  const int64_t split_start = static_cast<int64_t>(lo) + static_cast<int64_t>(split) * p.keys_per_split;
+  const int start = static_cast<int>(min(split_start, static_cast<int64_t>(hi)));
+  const int end = static_cast<int>(min(static_cast<int64_t>(hi), split_start + p.keys_per_split));
   const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
 
   const T *k_cache = static_cast<const T *>(p.k_cache);
@@ -138,9 +149,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row_lo = warp * 16 + lane / 4;        // block row of c0, c1 (and a0, a2)
   const int row_hi = row_lo + 8;                  // block row of c2, c3
   const bool warp_has_rows = warp * 16 < rows;    // all-padding warps skip the arithmetic
-  const int limit_lo = min(first_limit + row_lo / heads, end);  // keys < limit are visible
-  const int limit_hi = min(first_limit + row_hi / heads, end);
-  const float s_scale = p.scale * pgqa::kLog2e;
+  const int j_lo = row_lo / heads;                // query rows (of the item) of row_lo, row_hi
+  const int j_hi = row_hi / heads;
+  // Keys in [low, limit) are visible to the row.
+  const int limit_lo = min(first_hi + hi_step * j_lo, end);
+  const int limit_hi = min(first_hi + hi_step * j_hi, end);
+  const int low_lo = first_lo + lo_step * j_lo;
+  const int low_hi = first_lo + lo_step * j_hi;
+  const int pos_lo = first_pos + j_lo;
+  const int pos_hi = first_pos + j_hi;
+  // ALiBi slopes of the rows' heads, log2 domain (0 without ALiBi). Padding rows read a slope
+  // of a real head of the chunk (r % heads < heads) and are never stored.
+  const float bias_lo = p.alibi_slopes != nullptr ? p.alibi_slopes[head0 + row_lo % heads] * pgqa::kLog2e : 0.0f;
+  const float bias_hi = p.alibi_slopes != nullptr ? p.alibi_slopes[head0 + row_hi % heads] * pgqa::kLog2e : 0.0f;
+  // Soft-cap: S = (cap log2 e) tanh(S * scale / cap), tanhf saturating to +-1 (no NaN for huge
+  // or infinite S); else S * scale * log2 e.
+  const bool capped = p.logit_softcap > 0.0f;
+  const float s_scale = capped ? p.scale / p.logit_softcap : p.scale * pgqa::kLog2e;
+  const float cap_log2 = p.logit_softcap * pgqa::kLog2e;
   const T *tag = nullptr;  // selects the dtype's overloads
 
   float o[D / 8][4];  // O rows (lo, hi) x D columns: 8-column tiles in the C layout
@@ -187,15 +213,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
 
-      // 2. Scale, mask, online softmax. Key of s[n][e]: base + 8 n + 2 t + (e & 1).
+      // 2. Scale (soft-cap), bias, mask, online softmax. Key of s[n][e]: base + 8 n + 2 t + (e & 1).
       float max_lo = -INFINITY, max_hi = -INFINITY;
 #pragma unroll
       for (int n = 0; n < G::kKeys / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = base + 8 * n + 2 * quad_lane + e;
-          s[n][e] = key < limit_lo ? s[n][e] * s_scale : -INFINITY;
-          s[n][2 + e] = key < limit_hi ? s[n][2 + e] * s_scale : -INFINITY;
+          float x_lo = s[n][e] * s_scale;
+          float x_hi = s[n][2 + e] * s_scale;
+          if (capped) {
+            x_lo = cap_log2 * tanhf(x_lo);
+            x_hi = cap_log2 * tanhf(x_hi);
+          }
+          x_lo += bias_lo * static_cast<float>(key - pos_lo);
+          x_hi += bias_hi * static_cast<float>(key - pos_hi);
+          s[n][e] = key < limit_lo && key >= low_lo ? x_lo : -INFINITY;
+          s[n][2 + e] = key < limit_hi && key >= low_hi ? x_hi : -INFINITY;
           max_lo = fmaxf(max_lo, s[n][e]);
           max_hi = fmaxf(max_hi, s[n][2 + e]);
         }
@@ -272,7 +306,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (r >= rows) continue;
     const float l = half == 0 ? l_lo : l_hi;
     const float m = half == 0 ? m_lo : m_hi;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    // One split: the final result, with the sink (if any) in the denominator. Several: this
+    // split's partial, without it (the merge adds it once).
+    const float sink2 = p.num_splits == 1 && p.sinks != nullptr
+                            ? p.sinks[head0 + r % heads] * pgqa::kLog2e
+                            : -INFINITY;
+    const pgqa::Finish f = pgqa::finish_row(m, l, sink2);
+    const float inv = f.factor;
     const int64_t row = (static_cast<int64_t>(q_begin) + j0 + r / heads) * p.n_heads + head0 + r % heads;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -288,11 +328,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     if (quad_lane == 0) {
-      const float lse_log2 = l > 0.0f ? m + log2f(l) : -INFINITY;
       if (p.num_splits == 1) {
-        p.lse[row] = lse_log2 * pgqa::kLn2;
+        p.lse[row] = f.lse_log2 * pgqa::kLn2;
       } else {
-        p.partial_lse[row * p.num_splits + split] = lse_log2;
+        p.partial_lse[row * p.num_splits + split] = f.lse_log2;
       }
     }
   }

@@ -28,6 +28,28 @@ pub enum Error {
     #[error("scale {scale} is not a finite number")]
     InvalidScale { scale: f64 },
 
+    /// An attention variant with a value it cannot take.
+    #[error("attention option {option} = {value} is invalid: expected {expected}")]
+    InvalidOption {
+        option: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+
+    /// A sequence's block table has a reclaimed entry (-1) where a query row can see keys.
+    #[error(
+        "sequence {seq}: keys from {first_visible_key} on are visible, but block table entry \
+         {index} (keys from {} on) was reclaimed (-1) by the sliding window; a wider window or a \
+         global layer cannot run over a cache that reclaims blocks",
+        .index * .block_size
+    )]
+    ReclaimedBlockVisible {
+        seq: usize,
+        index: usize,
+        block_size: usize,
+        first_visible_key: usize,
+    },
+
     /// A page must hold at least one token.
     #[error("block_size must be positive, got 0")]
     ZeroBlockSize,

@@ -187,7 +187,7 @@ pub const PGQA_ATTEND_MAX_SPLITS: _bindgen_ty_1 = _bindgen_ty_1(65535);
 #[doc = " Attention kernel geometry, shared with the planner (src/plan.rs)."]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct _bindgen_ty_1(pub ::core::ffi::c_uint);
-#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts), causal bottom-right: query row j of a sequence with L keys and n\n query rows sits at position L - n + j and sees keys 0 ..= L - n + j.\n\n Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and\n every query row of every sequence must be in exactly one of them:\n - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are\n   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /\n   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).\n - `mma_work`: the tensor-core kernel (mma.sync m16n8k16, sm_80 or newer), for items with many\n   rows (prompts, chunks, large groups): PGQA_ATTEND_MMA_ROWS rows per block,\n   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).\n\n Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and\n one split of the keys; it reads each K and V row of its range once for all its rows, stops at\n its last row's causal limit (tiles above the diagonal are skipped), and masks inside.\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them. A row with no visible key gives 0 and lse -inf.\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when\n mma_work is not empty on a GPU older than sm_80."]
+#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts). Query row j of a sequence with L keys and n query rows sits at\n position p = L - n + j (bottom-right) and sees the keys k with\n   k <= p                    when causal (else every key up to L - 1), and\n   k >= p - window_left      when window_left >= 0 (a sliding window of window_left + 1 keys).\n Scores, in this order: s = scale * q . k; s = cap * tanh(s / cap) when logit_softcap = cap > 0;\n s += alibi_slopes[h] * (k - p) when alibi_slopes is not null; then the mask. Softmax over the\n visible keys, plus exp(sinks[h]) in the denominator (no value) when sinks is not null: the\n sink is counted once per row whatever the splits, and the returned lse includes it.\n\n Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and\n every query row of every sequence must be in exactly one of them:\n - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are\n   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /\n   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).\n - `mma_work`: the tensor-core kernel (mma.sync m16n8k16, sm_80 or newer), for items with many\n   rows (prompts, chunks, large groups): PGQA_ATTEND_MMA_ROWS rows per block,\n   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).\n\n Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and\n one split of its key range; it reads each K and V row of the range once for all its rows, and\n masks inside. The range runs from its first row's window start (0 without a window) to its\n last row's causal limit (L when not causal): tiles above the diagonal or left of the window\n are never loaded, and block table entries there are never read (they may be -1).\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them (adding the sinks). A row with no visible key gives 0 and lse sinks[h] (-inf without).\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when\n mma_work is not empty on a GPU older than sm_80."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pgqa_attend_params {
@@ -231,14 +231,24 @@ pub struct pgqa_attend_params {
     #[doc = "< query rows per mma_work item (times min(group, 64) <= 64)"]
     pub mma_tokens_per_work: i32,
     pub num_splits: i32,
-    #[doc = "< split s covers keys [s * keys_per_split, (s + 1) * keys_per_split)"]
+    #[doc = "< split s of a block covers keys [lo + s * keys_per_split,\nlo + (s + 1) * keys_per_split) of its range [lo, hi)"]
     pub keys_per_split: i32,
     pub scale: f32,
     pub dtype: pgqa_dtype,
+    #[doc = "< [n_heads] natural log, not scaled; or null (no sinks)"]
+    pub sinks: *const f32,
+    #[doc = "< [n_heads]; or null (no ALiBi)"]
+    pub alibi_slopes: *const f32,
+    #[doc = "< 1: keys <= p; 0: every key of the sequence"]
+    pub causal: i32,
+    #[doc = "< -1: no window; else keys >= p - window_left"]
+    pub window_left: i32,
+    #[doc = "< 0: off; > 0: s = cap * tanh(s / cap)"]
+    pub logit_softcap: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 160usize];
+    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 192usize];
     ["Alignment of pgqa_attend_params"][::core::mem::align_of::<pgqa_attend_params>() - 8usize];
     ["Offset of field: pgqa_attend_params::q"]
         [::core::mem::offset_of!(pgqa_attend_params, q) - 0usize];
@@ -294,10 +304,73 @@ const _: () = {
         [::core::mem::offset_of!(pgqa_attend_params, scale) - 148usize];
     ["Offset of field: pgqa_attend_params::dtype"]
         [::core::mem::offset_of!(pgqa_attend_params, dtype) - 152usize];
+    ["Offset of field: pgqa_attend_params::sinks"]
+        [::core::mem::offset_of!(pgqa_attend_params, sinks) - 160usize];
+    ["Offset of field: pgqa_attend_params::alibi_slopes"]
+        [::core::mem::offset_of!(pgqa_attend_params, alibi_slopes) - 168usize];
+    ["Offset of field: pgqa_attend_params::causal"]
+        [::core::mem::offset_of!(pgqa_attend_params, causal) - 176usize];
+    ["Offset of field: pgqa_attend_params::window_left"]
+        [::core::mem::offset_of!(pgqa_attend_params, window_left) - 180usize];
+    ["Offset of field: pgqa_attend_params::logit_softcap"]
+        [::core::mem::offset_of!(pgqa_attend_params, logit_softcap) - 184usize];
 };
 unsafe extern "C" {
     pub fn pgqa_attend(
         params: *const pgqa_attend_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> pgqa_status;
+}
+#[doc = " Merges two attention results over disjoint key sets of the same query rows (a shared prefix\n and each request's own keys, say): per row, with m = max(lse_a, lse_b),\n   w_a = exp(lse_a - m), w_b = exp(lse_b - m),\n   out = (w_a out_a + w_b out_b) / (w_a + w_b),   lse = m + ln(w_a + w_b).\n LSE in natural log (this crate's convention; FlashInfer's is base 2: multiply by ln 2 first).\n An empty key set is (0, -inf); two empty sets give (0, -inf). lse values must be finite or -inf.\n out may be out_a or out_b, and lse may be lse_a or lse_b (in place); no other overlap.\n dtype: F32, F16 or BF16 (out_a, out_b and out alike)."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pgqa_merge_states_params {
+    #[doc = "< [num_rows, head_dim]: rows are (token, head) pairs"]
+    pub out_a: *const ::core::ffi::c_void,
+    #[doc = "< [num_rows] natural log"]
+    pub lse_a: *const f32,
+    #[doc = "< [num_rows, head_dim]"]
+    pub out_b: *const ::core::ffi::c_void,
+    #[doc = "< [num_rows] natural log"]
+    pub lse_b: *const f32,
+    #[doc = "< [num_rows, head_dim]"]
+    pub out: *mut ::core::ffi::c_void,
+    #[doc = "< [num_rows] natural log"]
+    pub lse: *mut f32,
+    #[doc = "< num_tokens * n_heads; at most 2^31 - 1"]
+    pub num_rows: i64,
+    pub head_dim: i32,
+    pub dtype: pgqa_dtype,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pgqa_merge_states_params"]
+        [::core::mem::size_of::<pgqa_merge_states_params>() - 64usize];
+    ["Alignment of pgqa_merge_states_params"]
+        [::core::mem::align_of::<pgqa_merge_states_params>() - 8usize];
+    ["Offset of field: pgqa_merge_states_params::out_a"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, out_a) - 0usize];
+    ["Offset of field: pgqa_merge_states_params::lse_a"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, lse_a) - 8usize];
+    ["Offset of field: pgqa_merge_states_params::out_b"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, out_b) - 16usize];
+    ["Offset of field: pgqa_merge_states_params::lse_b"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, lse_b) - 24usize];
+    ["Offset of field: pgqa_merge_states_params::out"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, out) - 32usize];
+    ["Offset of field: pgqa_merge_states_params::lse"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, lse) - 40usize];
+    ["Offset of field: pgqa_merge_states_params::num_rows"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, num_rows) - 48usize];
+    ["Offset of field: pgqa_merge_states_params::head_dim"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, head_dim) - 56usize];
+    ["Offset of field: pgqa_merge_states_params::dtype"]
+        [::core::mem::offset_of!(pgqa_merge_states_params, dtype) - 60usize];
+};
+unsafe extern "C" {
+    pub fn pgqa_merge_states(
+        params: *const pgqa_merge_states_params,
         stream: pgqa_stream,
         cuda_error: *mut i32,
     ) -> pgqa_status;

@@ -48,6 +48,7 @@ mod kernels;
 pub mod plan;
 pub mod shape;
 pub mod sim;
+pub mod variants;
 
 pub use batch::SeqLens;
 pub use cache::{BlockTables, PagedLayout};
@@ -56,6 +57,7 @@ pub use error::{Error, Result};
 pub use kernels::storage::DeviceStepPlan;
 pub use kernels::DeviceValue;
 pub use shape::GqaShape;
+pub use variants::{AttendOptions, KeyMask};
 
 /// The README's Rust examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -6,6 +6,7 @@
 use crate::batch::SeqLens;
 use crate::ffi;
 use crate::shape::GqaShape;
+use crate::variants::KeyMask;
 
 /// Threads of an attention block (kernels/attend.cu).
 pub const ATTEND_THREADS: usize = ffi::PGQA_ATTEND_THREADS.0 as usize;
@@ -97,6 +98,50 @@ impl KernelWork {
     fn blocks(&self, n_kv_heads: usize) -> usize {
         self.work.len() * n_kv_heads * self.head_chunks
     }
+
+    /// The most keys one of its blocks reads under `mask`: from its first row's window start to
+    /// its last row's limit.
+    fn longest_range(&self, lens: &SeqLens, mask: KeyMask) -> usize {
+        self.work
+            .iter()
+            .map(|&[seq, j0]| {
+                let (seq, j0) = (seq as usize, j0 as usize);
+                let (context_len, query_len) = (lens.context_len(seq), lens.query_len(seq));
+                let last = (j0 + self.tokens_per_work).min(query_len) - 1;
+                let first = mask.visible_keys(context_len, query_len, j0).start;
+                mask.visible_keys(context_len, query_len, last).end - first
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// How a launch cuts each block's key range (flash-decoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Splits {
+    /// Splits per block range (1: no split, no merge).
+    pub num_splits: usize,
+    /// Keys per split: split `s` covers keys `[lo + s * keys_per_split, lo + (s + 1) *
+    /// keys_per_split)` of a block's range `[lo, hi)`.
+    pub keys_per_split: usize,
+}
+
+impl Splits {
+    /// At most `wanted` splits (capped so each covers at least [`MIN_KEYS_PER_SPLIT`] keys and
+    /// [`MAX_SPLITS`]) of ranges of up to `longest` keys, aligned to [`SPLIT_ALIGN`].
+    fn new(wanted: usize, longest: usize) -> Self {
+        let most_useful = longest.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
+        let num_splits = wanted.min(most_useful).clamp(1, MAX_SPLITS);
+        let keys_per_split = longest
+            .div_ceil(num_splits)
+            .next_multiple_of(SPLIT_ALIGN)
+            .max(SPLIT_ALIGN);
+        // Rounding up may leave trailing splits empty: drop them.
+        Self {
+            num_splits: longest.div_ceil(keys_per_split).max(1),
+            keys_per_split,
+        }
+    }
 }
 
 /// How one attention launch is cut into thread blocks.
@@ -125,6 +170,10 @@ pub struct AttendSchedule {
     pub num_splits: usize,
     /// Keys per split: split `s` covers keys `[s * keys_per_split, (s + 1) * keys_per_split)`.
     pub keys_per_split: usize,
+    /// Splits the GPU would like: enough blocks to fill it.
+    wanted_splits: usize,
+    /// The most splits any key mask can get (the workspace is sized for it).
+    max_splits: usize,
 }
 
 impl AttendSchedule {
@@ -172,20 +221,48 @@ impl AttendSchedule {
         } else {
             target.div_ceil(blocks)
         };
-        let most_useful = max_context_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
-        let num_splits = wanted.min(most_useful).clamp(1, MAX_SPLITS);
-        let keys_per_split = max_context_len
-            .div_ceil(num_splits)
-            .next_multiple_of(SPLIT_ALIGN)
-            .max(SPLIT_ALIGN);
-        // Rounding up may leave trailing splits empty: drop them.
-        let num_splits = max_context_len.div_ceil(keys_per_split).max(1);
+        let Splits {
+            num_splits,
+            keys_per_split,
+        } = Splits::new(wanted, max_context_len);
+        // No block range is longer than the longest context, whatever the mask: no mask gets
+        // more splits than this (before rounding).
+        let max_splits = wanted
+            .min(max_context_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1))
+            .clamp(1, MAX_SPLITS);
         Self {
             cuda_cores,
             tensor_cores,
             num_splits,
             keys_per_split,
+            wanted_splits: wanted,
+            max_splits,
         }
+    }
+
+    /// The splits for attention under `mask` (`lens` the batch this schedule was made for),
+    /// sized from the keys the blocks actually read: with a sliding window, a decode token's
+    /// range is the window, not the context. At most the workspace's splits.
+    ///
+    /// ```
+    /// use paged_gqa::{plan::AttendSchedule, GqaShape, KeyMask, SeqLens};
+    /// let gpt_oss = GqaShape::new(64, 8, 64)?;
+    /// let lens = SeqLens::decode(&[32_768])?;
+    /// let schedule = AttendSchedule::new(132, &lens, gpt_oss);
+    /// let window = KeyMask { causal: true, window_left: Some(127) };
+    /// let splits = schedule.splits(&lens, window);
+    /// assert_eq!((splits.num_splits, splits.keys_per_split), (1, 128)); // 128 keys: no split
+    /// assert!(schedule.splits(&lens, KeyMask::CAUSAL).num_splits > 1);
+    /// # Ok::<(), paged_gqa::Error>(())
+    /// ```
+    pub fn splits(&self, lens: &SeqLens, mask: KeyMask) -> Splits {
+        let longest = self
+            .cuda_cores
+            .longest_range(lens, mask)
+            .max(self.tensor_cores.longest_range(lens, mask));
+        let splits = Splits::new(self.wanted_splits, longest);
+        debug_assert!(splits.num_splits <= self.max_splits);
+        splits
     }
 
     /// True when no block has anything to do (no query rows).
@@ -195,10 +272,17 @@ impl AttendSchedule {
 
     /// f32 elements of the split workspace: partial outputs `[num_tokens, n_heads, num_splits,
     /// head_dim]` then partial log-sum-exps `[num_tokens, n_heads, num_splits]`; 0 without splits.
+    /// The most splits any key mask gets ([`splits`](AttendSchedule::splits)); the workspace
+    /// is sized for it.
+    pub fn max_splits(&self) -> usize {
+        self.max_splits
+    }
+
+    /// Sized for the most splits any key mask gets ([`splits`](AttendSchedule::splits)).
     pub fn workspace_floats(&self, num_tokens: usize, shape: GqaShape) -> usize {
-        if self.num_splits == 1 {
+        if self.max_splits == 1 {
             return 0;
         }
-        num_tokens * shape.n_heads() * self.num_splits * (shape.head_dim() + 1)
+        num_tokens * shape.n_heads() * self.max_splits * (shape.head_dim() + 1)
     }
 }

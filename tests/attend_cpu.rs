@@ -8,6 +8,7 @@ use common::PagedCase;
 use half::bf16;
 use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::cpu::{self, CpuStorage, PagedKv};
+use paged_gqa::AttendOptions;
 use paged_gqa::{DType, Error, GqaShape};
 
 use common::MODELS;
@@ -79,7 +80,7 @@ fn check_sampled(
     let rows = case.lens.num_tokens() * shape.n_heads();
     let mut out = vec![f32::NAN; rows * shape.head_dim()]; // poisoned: every element must be written
     let mut lse = vec![f32::NAN; rows];
-    cpu::attend(&q, &kv, None, &mut out, &mut lse).unwrap();
+    cpu::attend(&q, &kv, &AttendOptions::default(), &mut out, &mut lse).unwrap();
     assert!(
         out.iter().all(|x| x.is_finite()) && lse.iter().all(|x| x.is_finite()),
         "{model}: an output element was not written"
@@ -248,7 +249,14 @@ fn cpu_decode_rejects_outputs_of_the_wrong_length() {
         &[1, 1],
     );
     let (mut out, mut lse) = (vec![0.0; 2 * 32 - 1], vec![0.0; 8]);
-    let err = cpu::attend(&case.q, &case.kv(), None, &mut out, &mut lse).unwrap_err();
+    let err = cpu::attend(
+        &case.q,
+        &case.kv(),
+        &AttendOptions::default(),
+        &mut out,
+        &mut lse,
+    )
+    .unwrap_err();
     assert!(
         matches!(err, Error::BufferLength { name: "out", .. }),
         "{err}"
@@ -279,9 +287,11 @@ fn cache_attend_after_writes_matches_the_oracle_for_prefill_and_decode() {
         let q = common::uniform(&mut rng, n * 8 * 64);
         let (mut out, mut lse) = (vec![f32::NAN; n * 8 * 64], vec![f32::NAN; n * 8]);
         cache
-            .attend(1, &plan, &q, &mut out, &mut lse, None)
+            .attend(1, &plan, &q, &mut out, &mut lse, &AttendOptions::default())
             .unwrap();
-        let oracle = cache.reference(1, &plan, &q, None).unwrap();
+        let oracle = cache
+            .reference(1, &plan, &q, &AttendOptions::default())
+            .unwrap();
         assert!(rel_l2(&out, &oracle.out) < 1e-5, "step {step}");
     }
 }
@@ -294,9 +304,23 @@ fn cpu_naive_attend_agrees_with_the_fused_one() {
     let rows = 4 * 28;
     let (mut fused, mut fused_lse) = (vec![f32::NAN; rows * 128], vec![f32::NAN; rows]);
     let (mut naive, mut naive_lse) = (vec![f32::NAN; rows * 128], vec![f32::NAN; rows]);
-    cpu::attend(&case.q, &case.kv(), None, &mut fused, &mut fused_lse).unwrap();
-    cpu::attend_naive(&case.q, &case.kv(), None, &mut naive, &mut naive_lse).unwrap();
-    let oracle = cpu::attention(&case.q, &case.kv(), None).unwrap();
+    cpu::attend(
+        &case.q,
+        &case.kv(),
+        &AttendOptions::default(),
+        &mut fused,
+        &mut fused_lse,
+    )
+    .unwrap();
+    cpu::attend_naive(
+        &case.q,
+        &case.kv(),
+        &AttendOptions::default(),
+        &mut naive,
+        &mut naive_lse,
+    )
+    .unwrap();
+    let oracle = cpu::attention(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
     assert!(rel_l2(&naive, &oracle.out) < 1e-5);
     let max_diff = fused
         .iter()

@@ -40,6 +40,11 @@ fn params() -> pgqa_attend_params {
         keys_per_split: 64,
         scale: 0.088,
         dtype: pgqa_dtype::PGQA_DTYPE_BF16,
+        sinks: std::ptr::null(),
+        alibi_slopes: std::ptr::null(),
+        causal: 1,
+        window_left: -1,
+        logit_softcap: 0.0,
     }
 }
 

@@ -89,7 +89,7 @@ fn fork_shares_full_blocks_and_copies_the_partial_one_on_write() {
     for (seq, last) in [(parent, 3.0), (child, 2.0)] {
         let plan = cache.plan(&[(seq, 0)]).unwrap();
         let kv = cache.paged_kv(2, &plan).unwrap();
-        let (k, _) = paged_gqa::cpu::gather_paged(&kv);
+        let (k, _) = paged_gqa::cpu::gather_paged(&kv).unwrap();
         let per_token: Vec<f32> = k.chunks(16).map(|r| r[0]).collect();
         assert_eq!(
             per_token,

@@ -12,129 +12,19 @@
 
 mod common;
 
+use paged_gqa::AttendOptions;
 use std::sync::Arc;
 
+use common::check::{check_case, check_case_at};
 use common::{Device, PagedCase};
 use half::{bf16, f16};
 use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::cpu::CpuStorage;
 use paged_gqa::cuda::CudaStream;
-use paged_gqa::plan::KernelChoice;
 use paged_gqa::sim::SimDevice;
 use paged_gqa::{Element, GqaShape};
 
 use common::MODELS;
-
-/// (relative L2 bound of `out`, max-abs bound of `lse`) for a dtype. The lse is f32 arithmetic on the same 16-bit inputs as the oracle's: on the emulator its
-/// error is under 1e-6 on the quick cases; 1e-4 leaves room for long contexts and the GPU's
-/// exp2f, and still sees one key lost at a split boundary (about 1e-3).
-fn tolerance<T: Element>() -> (f64, f64) {
-    if T::DTYPE == paged_gqa::DType::BF16 {
-        (1e-2, 1e-4)
-    } else {
-        (2e-3, 1e-4)
-    }
-}
-
-/// Runs one case through AttendBatch with each kernel choice (automatic, CUDA cores only,
-/// tensor cores only) and compares every output with the oracle; returns each choice's split
-/// count.
-fn check_case<D: Device, T: Element>(dev: &D, what: &str, case: &PagedCase) -> Vec<usize> {
-    let keep = vec![true; case.lens.num_tokens()];
-    check_case_at::<D, T>(dev, what, case, &keep)
-}
-
-/// [`check_case`] with the oracle computed at the query rows `keep` only (long cases); every
-/// output element must still be written and finite.
-fn check_case_at<D: Device, T: Element>(
-    dev: &D,
-    what: &str,
-    case: &PagedCase,
-    keep: &[bool],
-) -> Vec<usize> {
-    let typed = case.typed_at::<T>(keep);
-    [
-        KernelChoice::Auto,
-        KernelChoice::CudaCores,
-        KernelChoice::TensorCores,
-    ]
-    .into_iter()
-    .map(|choice| {
-        let what = format!("{what} ({choice:?})");
-        run_and_compare(dev, &what, case, &typed, keep, choice)
-    })
-    .collect()
-}
-
-fn run_and_compare<D: Device, T: Element>(
-    dev: &D,
-    what: &str,
-    case: &PagedCase,
-    typed: &common::Typed<T>,
-    keep: &[bool],
-    choice: KernelChoice,
-) -> usize {
-    let shape = case.layout.shape();
-    let common::Typed {
-        q,
-        k_cache: k,
-        v_cache: v,
-        oracle,
-    } = typed;
-
-    let batch = dev
-        .attend_batch(
-            case.layout,
-            T::DTYPE,
-            &case.lens,
-            &case.tables,
-            case.max_blocks,
-            choice,
-        )
-        .unwrap();
-    let rows = case.lens.num_tokens() * shape.n_heads();
-    let (k_dev, v_dev, q_dev) = (dev.upload(k), dev.upload(v), dev.upload(q));
-    let mut out = dev.alloc_poisoned::<T>(rows * shape.head_dim());
-    let mut lse = dev.alloc_poisoned::<f32>(rows);
-    dev.run_attend(&batch, &k_dev, &v_dev, &q_dev, &mut out, &mut lse)
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let out = dev.download_f64(&out);
-    let lse = dev.download_f64(&lse);
-
-    let (out_bound, lse_bound) = tolerance::<T>();
-    assert!(
-        out.iter().all(|x| x.is_finite()),
-        "{what}: unwritten or non-finite output"
-    );
-    // Every row of these cases sees at least one key: a finite lse everywhere.
-    assert!(
-        lse.iter().all(|x| x.is_finite()),
-        "{what}: unwritten or non-finite lse"
-    );
-    let row_len = shape.n_heads() * shape.head_dim();
-    let (out, want) = (
-        common::kept_rows(&out, keep, row_len),
-        common::kept_rows(&oracle.out, keep, row_len),
-    );
-    let rel = common::rel_l2(&out, &want);
-    assert!(
-        rel < out_bound,
-        "{what}: relative L2 {rel:e} (bound {out_bound:e})"
-    );
-    let max_abs = out
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0, f64::max);
-    assert!(max_abs < 0.05, "{what}: max |error| {max_abs:e}");
-    let lse_err = common::kept_rows(&lse, keep, shape.n_heads())
-        .iter()
-        .zip(common::kept_rows(&oracle.lse, keep, shape.n_heads()))
-        .map(|(&g, w)| (g - w).abs())
-        .fold(0.0, f64::max);
-    assert!(lse_err < lse_bound, "{what}: lse error {lse_err:e}");
-    D::schedule(&batch).num_splits
-}
 
 /// Shapes beyond the models': groups larger than a CUDA-core block's rows (served in head
 /// chunks) and head_dim 80.
@@ -512,9 +402,20 @@ fn cache_steps<D: Device>(
             let mut out = dev.alloc_poisoned::<bf16>(q.len());
             let mut lse = dev.alloc_poisoned::<f32>(tokens * shape.n_heads());
             D::write_kv(&mut cache, layer, &plan, &k_dev, &v_dev).unwrap();
-            D::attend_cache(&cache, layer, &plan, &q_dev, &mut out, &mut lse).unwrap();
+            D::attend_cache(
+                &cache,
+                layer,
+                &plan,
+                &q_dev,
+                &mut out,
+                &mut lse,
+                &AttendOptions::default(),
+            )
+            .unwrap();
             cpu_cache.write(layer, &cpu_plan, &k, &v).unwrap();
-            let oracle = cpu_cache.reference(layer, &cpu_plan, &q, None).unwrap();
+            let oracle = cpu_cache
+                .reference(layer, &cpu_plan, &q, &AttendOptions::default())
+                .unwrap();
             let direct = dev.download_f64(&out);
             let rel = common::rel_l2(&direct, &oracle.out);
             assert!(
@@ -564,7 +465,14 @@ fn gpu_cache_step_of_32_layers_matches_cpu_and_replays_from_a_cuda_graph() {
         for (layer, io) in layers.iter_mut().enumerate() {
             cache.write(layer, plan, &io.k, &io.v).unwrap();
             cache
-                .attend(layer, plan, &io.q, &mut io.out, &mut io.lse, None)
+                .attend(
+                    layer,
+                    plan,
+                    &io.q,
+                    &mut io.out,
+                    &mut io.lse,
+                    &AttendOptions::default(),
+                )
                 .unwrap();
         }
         let graph = stream

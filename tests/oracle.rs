@@ -7,6 +7,7 @@ mod common;
 
 use common::PagedCase;
 use paged_gqa::cpu::{self, Attention, ContiguousKv, PagedKv};
+use paged_gqa::AttendOptions;
 use paged_gqa::{Error, GqaShape, SeqLens};
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
@@ -27,7 +28,7 @@ fn contiguous(
     scale: Option<f64>,
 ) -> Attention {
     let kv = ContiguousKv::new(shape, lens, k, v).unwrap();
-    cpu::attention(q, &kv, scale).unwrap()
+    cpu::attention(q, &kv, &AttendOptions::new().with_scale_opt(scale)).unwrap()
 }
 
 #[test]
@@ -246,8 +247,8 @@ fn paged_equals_contiguous_on_the_same_values() {
     let mut rng = common::rng("paged_equals_contiguous_on_the_same_values");
     let shape = GqaShape::new(8, 2, 32).unwrap();
     let case = PagedCase::random(&mut rng, shape, 16, &[1, 16, 17, 40], &[1, 1, 5, 3]);
-    let paged = cpu::attention(&case.q, &case.kv(), None).unwrap();
-    let (k, v) = cpu::gather_paged(&case.kv());
+    let paged = cpu::attention(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
+    let (k, v) = cpu::gather_paged(&case.kv()).unwrap();
     let contiguous = contiguous(shape, &case.lens, &k, &v, &case.q, None);
     assert_eq!(paged, contiguous);
 }
@@ -275,8 +276,9 @@ fn fused_indexing_equals_naive_repeat_kv() {
             ];
             let query_lens = [1, 1, 1, 3];
             let case = PagedCase::random(&mut rng, shape, block_size, &context_lens, &query_lens);
-            let fused = cpu::attention(&case.q, &case.kv(), None).unwrap();
-            let naive = cpu::attention_naive(&case.q, &case.kv(), None).unwrap();
+            let fused = cpu::attention(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
+            let naive =
+                cpu::attention_naive(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
             let (out_diff, lse_diff) = (
                 max_abs_diff(&fused.out, &naive.out),
                 max_abs_diff(&fused.lse, &naive.lse),
@@ -302,10 +304,10 @@ fn the_modulo_mapping_would_be_caught() {
     let mut rng = common::rng("the_modulo_mapping_would_be_caught");
     let shape = GqaShape::new(8, 2, 16).unwrap();
     let case = PagedCase::random(&mut rng, shape, 16, &[20], &[1]);
-    let fused = cpu::attention(&case.q, &case.kv(), None).unwrap();
+    let fused = cpu::attention(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
     // Build the modulo layout by permuting query heads: head h should read kv h % 2, which is
     // what the fused path computes for the head p(h) with p(h) / 4 == h % 2.
-    let (k, v) = cpu::gather_paged(&case.kv());
+    let (k, v) = cpu::gather_paged(&case.kv()).unwrap();
     let mut k_mod = Vec::new();
     let mut v_mod = Vec::new();
     for t in 0..20 {
@@ -331,7 +333,7 @@ fn sequences_without_query_rows_contribute_nothing() {
     let mut rng = common::rng("sequences_without_query_rows_contribute_nothing");
     let shape = GqaShape::new(4, 2, 8).unwrap();
     let case = PagedCase::random(&mut rng, shape, 4, &[5, 0, 9], &[2, 0, 1]);
-    let att = cpu::attention(&case.q, &case.kv(), None).unwrap();
+    let att = cpu::attention(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
     assert_eq!(att.out.len(), 3 * 4 * 8);
     assert!(att.lse.iter().all(|x| x.is_finite()));
 }
@@ -341,7 +343,12 @@ fn a_q_of_the_wrong_length_is_an_error() {
     let mut rng = common::rng("a_q_of_the_wrong_length_is_an_error");
     let shape = GqaShape::new(4, 2, 8).unwrap();
     let case = PagedCase::random(&mut rng, shape, 4, &[5], &[2]);
-    let err = cpu::attention(&case.q[..case.q.len() - 1], &case.kv(), None).unwrap_err();
+    let err = cpu::attention(
+        &case.q[..case.q.len() - 1],
+        &case.kv(),
+        &AttendOptions::default(),
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         Error::BufferLength {
@@ -358,7 +365,8 @@ fn a_non_finite_scale_is_an_error() {
     let shape = GqaShape::new(4, 2, 8).unwrap();
     let case = PagedCase::random(&mut rng, shape, 4, &[5], &[2]);
     for scale in [f64::NAN, f64::INFINITY] {
-        let err = cpu::attention(&case.q, &case.kv(), Some(scale)).unwrap_err();
+        let err = cpu::attention(&case.q, &case.kv(), &AttendOptions::new().with_scale(scale))
+            .unwrap_err();
         assert!(matches!(err, Error::InvalidScale { .. }), "{err}");
     }
 }
@@ -396,10 +404,10 @@ fn sampled_rows_equal_the_full_oracle_and_the_rest_are_nan() {
     let shape = GqaShape::new(8, 2, 16).unwrap();
     let case = PagedCase::random(&mut rng, shape, 4, &[70, 5, 40], &[70, 1, 33]);
     let kv = case.kv();
-    let full = cpu::attention(&case.q, &kv, None).unwrap();
+    let full = cpu::attention(&case.q, &kv, &AttendOptions::default()).unwrap();
     let keep = common::sample_tokens(&case.lens, 9);
     assert!(keep.iter().any(|&k| !k), "the sample must leave rows out");
-    let sampled = cpu::attention_of_tokens(&case.q, &kv, None, &keep).unwrap();
+    let sampled = cpu::attention_of_tokens(&case.q, &kv, &AttendOptions::default(), &keep).unwrap();
     let (row_len, n_heads) = (shape.q_row_len(), shape.n_heads());
     for (token, &kept) in keep.iter().enumerate() {
         let rows = |a: &Attention| {
@@ -415,7 +423,8 @@ fn sampled_rows_equal_the_full_oracle_and_the_rest_are_nan() {
             assert!(out.iter().chain(&lse).all(|x| x.is_nan()), "token {token}");
         }
     }
-    let err = cpu::attention_of_tokens(&case.q, &kv, None, &keep[1..]).unwrap_err();
+    let err =
+        cpu::attention_of_tokens(&case.q, &kv, &AttendOptions::default(), &keep[1..]).unwrap_err();
     assert!(
         matches!(err, Error::BufferLength { name: "keep", .. }),
         "{err}"

@@ -5,6 +5,7 @@ mod common;
 
 use half::bf16;
 use paged_gqa::sim::{AttendBatch, SimDevice};
+use paged_gqa::AttendOptions;
 use paged_gqa::{DType, Error, GqaShape};
 
 #[test]
@@ -63,19 +64,45 @@ fn batches_and_buffers_of_another_device_are_refused() {
     let mut lse = a.alloc::<f32>(rows).unwrap();
     // The batch's tables and the buffers live on `a`: running on `b` would read `a`'s memory.
     let err = batch
-        .run(&b, &k, &v, &q, &mut out, &mut lse, None)
+        .run(
+            &b,
+            &k,
+            &v,
+            &q,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )
         .unwrap_err();
     assert!(matches!(err, Error::DeviceMismatch { .. }), "{err}");
     let foreign_q = upload(&b, &typed.q);
     let err = batch
-        .run(&a, &k, &v, &foreign_q, &mut out, &mut lse, None)
+        .run(
+            &a,
+            &k,
+            &v,
+            &foreign_q,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )
         .unwrap_err();
     assert!(matches!(err, Error::DeviceMismatch { what: "q" }), "{err}");
     assert!(
         out.as_slice().iter().all(|x| x.to_bits() == u16::MAX),
         "nothing ran"
     );
-    batch.run(&a, &k, &v, &q, &mut out, &mut lse, None).unwrap();
+    batch
+        .run(
+            &a,
+            &k,
+            &v,
+            &q,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )
+        .unwrap();
     let got: Vec<f64> = out.as_slice().iter().map(|x| x.to_f64()).collect();
     assert!(common::rel_l2(&got, &typed.oracle.out) < 1e-2);
 }

@@ -107,8 +107,14 @@ enum {
 
 /**
  * Fused paged GQA attention for any mix of query lengths (decode, speculative verification,
- * chunked prefill, prompts), causal bottom-right: query row j of a sequence with L keys and n
- * query rows sits at position L - n + j and sees keys 0 ..= L - n + j.
+ * chunked prefill, prompts). Query row j of a sequence with L keys and n query rows sits at
+ * position p = L - n + j (bottom-right) and sees the keys k with
+ *   k <= p                    when causal (else every key up to L - 1), and
+ *   k >= p - window_left      when window_left >= 0 (a sliding window of window_left + 1 keys).
+ * Scores, in this order: s = scale * q . k; s = cap * tanh(s / cap) when logit_softcap = cap > 0;
+ * s += alibi_slopes[h] * (k - p) when alibi_slopes is not null; then the mask. Softmax over the
+ * visible keys, plus exp(sinks[h]) in the denominator (no value) when sinks is not null: the
+ * sink is counted once per row whatever the splits, and the returned lse includes it.
  *
  * Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and
  * every query row of every sequence must be in exactly one of them:
@@ -120,11 +126,13 @@ enum {
  *   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).
  *
  * Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and
- * one split of the keys; it reads each K and V row of its range once for all its rows, stops at
- * its last row's causal limit (tiles above the diagonal are skipped), and masks inside.
+ * one split of its key range; it reads each K and V row of the range once for all its rows, and
+ * masks inside. The range runs from its first row's window start (0 without a window) to its
+ * last row's causal limit (L when not causal): tiles above the diagonal or left of the window
+ * are never loaded, and block table entries there are never read (they may be -1).
  * Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1
  * each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges
- * them. A row with no visible key gives 0 and lse -inf.
+ * them (adding the sinks). A row with no visible key gives 0 and lse sinks[h] (-inf without).
  * head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when
  * mma_work is not empty on a GPU older than sm_80.
  */
@@ -154,13 +162,44 @@ typedef struct pgqa_attend_params {
   int32_t tokens_per_work; /**< query rows per work item; 1 when the group exceeds a block */
   int32_t mma_tokens_per_work; /**< query rows per mma_work item (times min(group, 64) <= 64) */
   int32_t num_splits;
-  int32_t keys_per_split; /**< split s covers keys [s * keys_per_split, (s + 1) * keys_per_split) */
+  int32_t keys_per_split; /**< split s of a block covers keys [lo + s * keys_per_split,
+                               lo + (s + 1) * keys_per_split) of its range [lo, hi) */
   float scale;
   pgqa_dtype dtype;
+  const float *sinks;        /**< [n_heads] natural log, not scaled; or null (no sinks) */
+  const float *alibi_slopes; /**< [n_heads]; or null (no ALiBi) */
+  int32_t causal;            /**< 1: keys <= p; 0: every key of the sequence */
+  int32_t window_left;       /**< -1: no window; else keys >= p - window_left */
+  float logit_softcap;       /**< 0: off; > 0: s = cap * tanh(s / cap) */
 } pgqa_attend_params;
 
 pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream stream,
                         int32_t *cuda_error);
+
+/**
+ * Merges two attention results over disjoint key sets of the same query rows (a shared prefix
+ * and each request's own keys, say): per row, with m = max(lse_a, lse_b),
+ *   w_a = exp(lse_a - m), w_b = exp(lse_b - m),
+ *   out = (w_a out_a + w_b out_b) / (w_a + w_b),   lse = m + ln(w_a + w_b).
+ * LSE in natural log (this crate's convention; FlashInfer's is base 2: multiply by ln 2 first).
+ * An empty key set is (0, -inf); two empty sets give (0, -inf). lse values must be finite or -inf.
+ * out may be out_a or out_b, and lse may be lse_a or lse_b (in place); no other overlap.
+ * dtype: F32, F16 or BF16 (out_a, out_b and out alike).
+ */
+typedef struct pgqa_merge_states_params {
+  const void *out_a;  /**< [num_rows, head_dim]: rows are (token, head) pairs */
+  const float *lse_a; /**< [num_rows] natural log */
+  const void *out_b;  /**< [num_rows, head_dim] */
+  const float *lse_b; /**< [num_rows] natural log */
+  void *out;          /**< [num_rows, head_dim] */
+  float *lse;         /**< [num_rows] natural log */
+  int64_t num_rows;   /**< num_tokens * n_heads; at most 2^31 - 1 */
+  int32_t head_dim;
+  pgqa_dtype dtype;
+} pgqa_merge_states_params;
+
+pgqa_status pgqa_merge_states(const pgqa_merge_states_params *params, pgqa_stream stream,
+                              int32_t *cuda_error);
 
 /**
  * The naive baseline, step 1: gathers each sequence's K and V rows out of the pages into

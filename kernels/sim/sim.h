@@ -20,6 +20,7 @@
 #define pgqa_write_kv pgqa_sim_write_kv
 #define pgqa_copy_blocks pgqa_sim_copy_blocks
 #define pgqa_attend pgqa_sim_attend
+#define pgqa_merge_states pgqa_sim_merge_states
 #define pgqa_gather_kv pgqa_sim_gather_kv
 #define pgqa_naive_decode pgqa_sim_naive_decode
 #define pgqa_cuda_error_name pgqa_sim_cuda_error_name

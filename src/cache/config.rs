@@ -28,6 +28,7 @@ pub struct CacheConfig {
     num_layers: usize,
     block_size: usize,
     dtype: DType,
+    reclaim_window: Option<usize>,
 }
 
 impl CacheConfig {
@@ -49,7 +50,23 @@ impl CacheConfig {
             num_layers,
             block_size,
             dtype,
+            reclaim_window: None,
         })
+    }
+
+    /// Declares that every layer attends with a sliding window of `window_left` (all of
+    /// Mistral-7B-v0.1's: 4095): a [`PagedCache`](crate::cache::PagedCache) over storage of
+    /// this configuration then gives pages back once the window cannot see them (see
+    /// [`BlockManager::reclaiming`](crate::cache::BlockManager::reclaiming)). Models with any
+    /// global layer (Gemma-2/3, gpt-oss) must not set it.
+    pub fn with_reclaim_window(mut self, window_left: usize) -> Self {
+        self.reclaim_window = Some(window_left);
+        self
+    }
+
+    /// The window pages are reclaimed for, if any.
+    pub fn reclaim_window(&self) -> Option<usize> {
+        self.reclaim_window
     }
 
     /// The attention heads the cache serves.

@@ -21,8 +21,17 @@ impl std::fmt::Display for SeqId {
 struct Sequence {
     /// Tokens written (or reserved by the last plan).
     len: usize,
-    /// Pages in token order: token t lives in blocks[t / block_size].
+    /// Leading pages given back because the sliding window no longer sees them.
+    reclaimed: usize,
+    /// The pages it holds, in token order: token t lives in blocks[t / block_size - reclaimed].
     blocks: Vec<u32>,
+}
+
+impl Sequence {
+    /// Pages its tokens span, reclaimed ones included.
+    fn spanned_blocks(&self) -> usize {
+        self.reclaimed + self.blocks.len()
+    }
 }
 
 /// Unique id of each manager, so a plan from one cache is rejected by another.
@@ -53,6 +62,8 @@ pub struct BlockManager {
     allocator: BlockAllocator,
     sequences: BTreeMap<SeqId, Sequence>,
     next_seq: u64,
+    /// Every query attends with this window_left: pages it can no longer see are reclaimed.
+    reclaim_window: Option<usize>,
 }
 
 impl BlockManager {
@@ -69,6 +80,47 @@ impl BlockManager {
             allocator: BlockAllocator::new(num_blocks)?,
             sequences: BTreeMap::new(),
             next_seq: 0,
+            reclaim_window: None,
+        })
+    }
+
+    /// Gives pages back once no query can see them: for a cache whose every layer attends with
+    /// a sliding window of `window_left` (Mistral-7B-v0.1: 4095), each plan releases the pages
+    /// of a sequence that lie wholly before its first new token's window start,
+    /// `position - window_left`. Their block table entries become `-1` (never read), shared pages
+    /// are released by each holder in turn, and plans stay all-or-nothing (pages the plan
+    /// reclaims count as free for it). Attention with a wider window, or none, over such a
+    /// sequence is then an error ([`Error::ReclaimedBlockVisible`]).
+    ///
+    /// ```
+    /// use paged_gqa::cache::BlockManager;
+    /// let mut cache = BlockManager::new(8, 16)?.reclaiming(15); // window of 16 keys
+    /// let a = cache.add_sequence();
+    /// cache.plan(&[(a, 48)])?; // 3 pages
+    /// let plan = cache.plan(&[(a, 1)])?; // position 48 sees keys 33..=48: pages 2 and 3
+    /// assert_eq!(&plan.block_tables()[..2], &[-1, -1]);
+    /// assert_eq!(cache.num_free_blocks(), 6);
+    /// # Ok::<(), paged_gqa::Error>(())
+    /// ```
+    pub fn reclaiming(mut self, window_left: usize) -> Self {
+        self.reclaim_window = Some(window_left);
+        self
+    }
+
+    /// The window pages are reclaimed for, if any.
+    pub fn reclaim_window(&self) -> Option<usize> {
+        self.reclaim_window
+    }
+
+    /// Leading pages of `seq` the window no longer sees, already given back.
+    pub fn reclaimed_blocks(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.sequence(seq)?.reclaimed)
+    }
+
+    /// Leading pages of `s` a step starting at its current length may reclaim.
+    fn reclaimable(&self, s: &Sequence) -> usize {
+        self.reclaim_window.map_or(0, |window| {
+            (s.len.saturating_sub(window) / self.block_size).saturating_sub(s.reclaimed)
         })
     }
 
@@ -139,6 +191,7 @@ impl BlockManager {
             id,
             Sequence {
                 len: 0,
+                reclaimed: 0,
                 blocks: Vec::new(),
             },
         );
@@ -151,7 +204,8 @@ impl BlockManager {
         Ok(self.sequence(seq)?.len)
     }
 
-    /// The pages of `seq`, in token order.
+    /// The pages `seq` holds, in token order (after its
+    /// [`reclaimed_blocks`](BlockManager::reclaimed_blocks) leading pages, if any).
     pub fn block_table(&self, seq: SeqId) -> Result<&[u32]> {
         Ok(&self.sequence(seq)?.blocks)
     }
@@ -212,6 +266,8 @@ impl BlockManager {
         // 1. Validate and count the blocks needed, changing nothing.
         let mut seen = HashSet::with_capacity(batch.len());
         let mut pending_releases: HashMap<u32, u32> = HashMap::new();
+        // Pages the window lets go of this step, with how many holders let go of each.
+        let mut reclaims: HashMap<u32, u32> = HashMap::new();
         let mut needed = 0usize;
         let mut new_rows = 0usize;
         for &(seq, new_tokens) in batch {
@@ -229,14 +285,25 @@ impl BlockManager {
                     limit: MAX_CONTEXT_LEN as u128,
                 })?;
             new_rows += new_tokens;
+            if new_tokens > 0 {
+                for &b in &s.blocks[..self.reclaimable(s)] {
+                    *reclaims.entry(b).or_default() += 1;
+                }
+            }
             if new_tokens > 0 && self.needs_copy(s, &pending_releases) {
                 *pending_releases
                     .entry(*s.blocks.last().unwrap())
                     .or_default() += 1;
                 needed += 1;
             }
-            needed += total.div_ceil(self.block_size) - s.blocks.len();
+            needed += total.div_ceil(self.block_size) - s.spanned_blocks();
         }
+        // A reclaimed page is free once every holder let go (never a page being copied: those
+        // are partial last pages, and reclaimed pages are full).
+        let reclaimed_free = reclaims
+            .iter()
+            .filter(|&(&b, &n)| self.allocator.ref_count(b) == n)
+            .count();
         // The step's SeqLens (built below, where nothing may fail any more) takes these limits.
         if new_rows > MAX_TOKENS {
             return Err(Error::TooLarge {
@@ -245,10 +312,10 @@ impl BlockManager {
                 limit: MAX_TOKENS as u128,
             });
         }
-        if needed > self.allocator.num_free() {
+        if needed > self.allocator.num_free() + reclaimed_free {
             return Err(Error::OutOfBlocks {
                 needed,
-                free: self.allocator.num_free(),
+                free: self.allocator.num_free() + reclaimed_free,
             });
         }
 
@@ -259,6 +326,20 @@ impl BlockManager {
             Vec::with_capacity(batch.len()),
             Vec::with_capacity(batch.len()),
         );
+        // Reclaimed pages first, so the allocations below can take them.
+        for &(seq, new_tokens) in batch {
+            let s = &self.sequences[&seq];
+            let n = if new_tokens > 0 {
+                self.reclaimable(s)
+            } else {
+                0
+            };
+            let s = self.sequences.get_mut(&seq).unwrap();
+            for b in s.blocks.drain(..n) {
+                self.allocator.release(b);
+            }
+            s.reclaimed += n;
+        }
         for &(seq, new_tokens) in batch {
             let mut s = self.sequences.remove(&seq).unwrap();
             if new_tokens > 0 && self.needs_copy(&s, &HashMap::new()) {
@@ -269,11 +350,11 @@ impl BlockManager {
                 s.blocks.push(new);
             }
             let total = s.len + new_tokens;
-            let more = total.div_ceil(self.block_size) - s.blocks.len();
+            let more = total.div_ceil(self.block_size) - s.spanned_blocks();
             s.blocks
                 .extend(self.allocator.allocate(more).expect("counted above"));
             for pos in s.len..total {
-                let block = s.blocks[pos / self.block_size] as i64;
+                let block = s.blocks[pos / self.block_size - s.reclaimed] as i64;
                 slot_mapping.push(block * self.block_size as i64 + (pos % self.block_size) as i64);
             }
             s.len = total;
@@ -285,12 +366,15 @@ impl BlockManager {
 
         let max_blocks = batch
             .iter()
-            .map(|(seq, _)| self.sequences[seq].blocks.len())
+            .map(|(seq, _)| self.sequences[seq].spanned_blocks())
             .max()
             .unwrap_or(0);
         let mut block_tables = vec![-1i32; batch.len() * max_blocks];
+        let mut reclaimed = Vec::with_capacity(batch.len());
         for (row, (seq, _)) in block_tables.chunks_mut(max_blocks.max(1)).zip(batch) {
-            for (entry, &b) in row.iter_mut().zip(&self.sequences[seq].blocks) {
+            let s = &self.sequences[seq];
+            reclaimed.push(s.reclaimed);
+            for (entry, &b) in row[s.reclaimed..].iter_mut().zip(&s.blocks) {
                 *entry = b as i32;
             }
         }
@@ -302,6 +386,7 @@ impl BlockManager {
             max_blocks,
             slot_mapping,
             block_copies,
+            reclaimed,
         })
     }
 
@@ -311,12 +396,23 @@ impl BlockManager {
         self.allocator.audit()?;
         let mut holders = vec![0u32; self.allocator.num_blocks()];
         for (id, s) in &self.sequences {
-            if s.blocks.len() != s.len.div_ceil(self.block_size) {
+            if s.spanned_blocks() != s.len.div_ceil(self.block_size) {
                 return Err(format!(
-                    "sequence {id}: {} tokens in {} blocks",
+                    "sequence {id}: {} tokens in {} blocks ({} reclaimed)",
                     s.len,
-                    s.blocks.len()
+                    s.spanned_blocks(),
+                    s.reclaimed
                 ));
+            }
+            if let Some(window) = self.reclaim_window {
+                // Every page a future query could see is held.
+                let first_needed = s.len.saturating_sub(window) / self.block_size;
+                if s.reclaimed > first_needed {
+                    return Err(format!(
+                        "sequence {id}: {} pages reclaimed, but its next query sees page {first_needed}",
+                        s.reclaimed
+                    ));
+                }
             }
             for &b in &s.blocks {
                 holders[b as usize] += 1;

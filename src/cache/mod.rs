@@ -6,7 +6,7 @@
 //! the pages through its block tables.
 
 mod allocator;
-mod block_tables;
+pub(crate) mod block_tables;
 mod config;
 mod layout;
 mod manager;

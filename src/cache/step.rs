@@ -26,6 +26,8 @@ pub struct StepPlan {
     pub(crate) slot_mapping: Vec<i64>,
     /// [num_copies] (src block, dst block): copy-on-write copies to run before any write.
     pub(crate) block_copies: Vec<[i32; 2]>,
+    /// [batch]: leading table entries of each sequence the sliding window reclaimed (-1).
+    pub(crate) reclaimed: Vec<usize>,
 }
 
 impl StepPlan {
@@ -39,9 +41,15 @@ impl StepPlan {
         &self.lens
     }
 
-    /// Block tables `[batch, max_blocks]`, `-1` past each sequence's blocks.
+    /// Block tables `[batch, max_blocks]`, `-1` past each sequence's blocks and for the pages
+    /// a sliding window reclaimed ([`reclaimed`](StepPlan::reclaimed) leading ones).
     pub fn block_tables(&self) -> &[i32] {
         &self.block_tables
+    }
+
+    /// Leading reclaimed (`-1`) pages of each sequence's table row, `[batch]`.
+    pub fn reclaimed(&self) -> &[usize] {
+        &self.reclaimed
     }
 
     /// Columns of [`block_tables`](StepPlan::block_tables).

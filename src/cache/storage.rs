@@ -46,7 +46,11 @@ pub struct PagedCache<S: PageStorage> {
 impl<S: PageStorage> PagedCache<S> {
     /// A cache over `storage`, all blocks free.
     pub fn new(storage: S) -> Result<Self> {
-        let manager = BlockManager::new(storage.num_blocks(), storage.config().block_size())?;
+        let config = storage.config();
+        let mut manager = BlockManager::new(storage.num_blocks(), config.block_size())?;
+        if let Some(window_left) = config.reclaim_window() {
+            manager = manager.reclaiming(window_left);
+        }
         Ok(Self { manager, storage })
     }
 

@@ -3,6 +3,7 @@
 use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
 use crate::cpu::{attention, Attention, PagedKv};
 use crate::error::{Error, Result};
+use crate::variants::AttendOptions;
 
 /// Pages of every layer in host memory, `[num_layers, 2 (K, V), num_blocks, block_size,
 /// n_kv_heads, head_dim]`.
@@ -127,9 +128,9 @@ impl<T: Copy + Default + Into<f32> + Sync> PagedCache<CpuStorage<T>> {
         q: &[T],
         out: &mut [f32],
         lse: &mut [f32],
-        scale: Option<f64>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        crate::cpu::attend(q, &self.paged_kv(layer, plan)?, scale, out, lse)
+        crate::cpu::attend(q, &self.paged_kv(layer, plan)?, options, out, lse)
     }
 }
 
@@ -141,8 +142,8 @@ impl<T: Copy + Default + Into<f64> + Sync> PagedCache<CpuStorage<T>> {
         layer: usize,
         plan: &StepPlan,
         q: &[T],
-        scale: Option<f64>,
+        options: &AttendOptions,
     ) -> Result<Attention> {
-        attention(q, &self.paged_kv(layer, plan)?, scale)
+        attention(q, &self.paged_kv(layer, plan)?, options)
     }
 }

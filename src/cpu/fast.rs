@@ -8,18 +8,20 @@ use std::thread;
 use crate::batch::SeqLens;
 use crate::cpu::{gather_paged, repeat_kv, ContiguousKv, KvSource, PagedKv};
 use crate::error::{Error, Result};
+use crate::variants::{AttendOptions, KeyMask};
 
 /// Query rows (tokens) per tile of a sequence's prompt in the CPU attention.
 const TILE_TOKENS: usize = 16;
 
-/// Causal GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, the query rows of the
-/// sequences of `kv.lens()` in batch order) over `kv` (paged or contiguous), into `out`
-/// (`[num_tokens, n_heads, head_dim]`) and `lse` (`[num_tokens, n_heads]`, natural log).
-/// `scale` defaults to `1/sqrt(head_dim)`.
+/// GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, the query rows of the sequences of
+/// `kv.lens()` in batch order) over `kv` (paged or contiguous), into `out`
+/// (`[num_tokens, n_heads, head_dim]`) and `lse` (`[num_tokens, n_heads]`, natural log), with
+/// the variants of `options` (see [`crate::variants`]; causal, `scale = 1/sqrt(head_dim)` by
+/// default).
 pub fn attend<T, K>(
     q: &[T],
     kv: &K,
-    scale: Option<f64>,
+    options: &AttendOptions,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()>
@@ -33,10 +35,8 @@ where
     Error::check_len("q", q.len(), rows * shape.head_dim())?;
     Error::check_len("out", out.len(), rows * shape.head_dim())?;
     Error::check_len("lse", lse.len(), rows)?;
-    let scale = scale.unwrap_or_else(|| shape.default_scale());
-    if !scale.is_finite() {
-        return Err(Error::InvalidScale { scale });
-    }
+    options.validate(shape)?;
+    kv.check_visible(options.mask())?;
     let n_kv = shape.n_kv_heads();
     let items: Vec<usize> = (0..lens.batch() * n_kv)
         .filter(|i| lens.query_len(i / n_kv) > 0)
@@ -54,7 +54,7 @@ where
                 scope.spawn(move || {
                     chunk
                         .iter()
-                        .map(|&i| (i, Group::run(q, scale as f32, kv, i / n_kv, i % n_kv)))
+                        .map(|&i| (i, Group::run(q, options, kv, i / n_kv, i % n_kv)))
                         .collect()
                 })
             })
@@ -90,15 +90,24 @@ struct Group {
 impl Group {
     fn run<T: Copy + Into<f32>>(
         q: &[T],
-        scale: f32,
+        options: &AttendOptions,
         kv: &impl KvSource<T>,
         seq: usize,
         kv_head: usize,
     ) -> Self {
         let (shape, lens): (_, &SeqLens) = (kv.shape(), kv.lens());
         let (d, group, n_heads) = (shape.head_dim(), shape.group(), shape.n_heads());
-        let query_len = lens.query_len(seq);
-        let first_position = lens.context_len(seq) - query_len; // of query row 0
+        let scale = options.scale_for(shape) as f32;
+        let heads = kv_head * group..(kv_head + 1) * group; // the group's query heads
+        let scores = Scores {
+            cap: options.logit_softcap(),
+            slopes: options.alibi_slopes().map(|s| &s[heads.clone()]),
+            group,
+            first_position: lens.context_len(seq) - lens.query_len(seq),
+        };
+        let mask = options.mask();
+        let (context_len, query_len) = (lens.context_len(seq), lens.query_len(seq));
+        let first_position = scores.first_position; // of query row 0
         let rows = query_len * group;
         let mut qs = vec![0.0f32; rows * d];
         for (j, token) in lens.query_rows(seq).enumerate() {
@@ -114,48 +123,95 @@ impl Group {
         let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
         // Query rows in tiles of TILE_TOKENS, so a tile's queries and outputs stay in cache
         // while every key it sees streams past (a prompt's rows would not fit at once); each
-        // tile stops at its last row's causal limit.
+        // tile reads the keys from its first row's window start to its last row's limit.
         for j_start in (0..query_len).step_by(TILE_TOKENS) {
             let j_end = (j_start + TILE_TOKENS).min(query_len);
-            let (tile_first_row, tile_end_row) = (j_start * group, j_end * group);
-            for t in 0..first_position + j_end {
+            let keys = mask.visible_keys(context_len, query_len, j_start).start
+                ..mask.visible_keys(context_len, query_len, j_end - 1).end;
+            for t in keys {
                 for (dst, &x) in k.iter_mut().zip(kv.key(seq, t, kv_head)) {
                     *dst = x.into();
                 }
                 for (dst, &x) in v.iter_mut().zip(kv.value(seq, t, kv_head)) {
                     *dst = x.into();
                 }
-                // Query row j (position first_position + j) sees key t when t <= its position.
-                let first_row = (t.saturating_sub(first_position) * group).max(tile_first_row);
-                update_rows(
-                    first_row..tile_end_row,
-                    d,
-                    &qs,
-                    &k,
-                    &v,
-                    &mut m,
-                    &mut l,
-                    &mut out,
-                );
+                let (j_first, j_last) = rows_seeing(mask, first_position, t);
+                let rows =
+                    j_first.clamp(j_start, j_end) * group..j_last.clamp(j_start, j_end) * group;
+                update_rows(rows, d, &scores, t, &qs, &k, &v, &mut m, &mut l, &mut out);
             }
         }
         let mut lse = vec![f32::NEG_INFINITY; rows];
         for r in 0..rows {
-            if l[r] > 0.0 {
-                out[r * d..][..d].iter_mut().for_each(|a| *a /= l[r]);
-                lse[r] = m[r] + l[r].ln();
+            let sink = options
+                .sinks()
+                .map_or(f32::NEG_INFINITY, |s| s[heads.start + r % group]);
+            let top = m[r].max(sink);
+            if top == f32::NEG_INFINITY {
+                out[r * d..][..d].fill(0.0); // no key, no sink
+                continue;
             }
+            // The keys' sum is l * e^(m - top); the sink adds e^(sink - top), and no value.
+            let keys = if l[r] > 0.0 { (m[r] - top).exp() } else { 0.0 };
+            let z = l[r] * keys + (sink - top).exp();
+            out[r * d..][..d].iter_mut().for_each(|a| *a *= keys / z);
+            lse[r] = top + z.ln();
         }
         Self { out, lse }
     }
 }
 
-/// Online-softmax update of `rows` (each `d` wide in `qs` and `out`) with one key `k` and its
-/// value `v`: running max `m`, running sum `l`, unnormalised output.
+/// The query rows `j_first..j_last` of a sequence (query row 0 at `first_position`) whose
+/// visible keys under `mask` include key `t` (clamp to the rows that exist).
+fn rows_seeing(mask: KeyMask, first_position: usize, t: usize) -> (usize, usize) {
+    // Causal: row j sees t when first_position + j >= t.
+    let j_first = if mask.causal {
+        t.saturating_sub(first_position)
+    } else {
+        0
+    };
+    // Window: row j sees t when first_position + j - window_left <= t.
+    let j_last = mask
+        .window_left
+        .map_or(usize::MAX, |w| (t + w + 1).saturating_sub(first_position));
+    (j_first, j_last)
+}
+
+/// How a group's scores are shaped beyond `scale * q . k` (already in `qs`).
+struct Scores<'a> {
+    /// Soft-cap (0: off).
+    cap: f32,
+    /// ALiBi slopes of the group's heads, `[group]`.
+    slopes: Option<&'a [f32]>,
+    group: usize,
+    /// Position of query row 0.
+    first_position: usize,
+}
+
+impl Scores<'_> {
+    /// Score of row `r` (query row `r / group`, head `r % group` of the group) for key `t`, from
+    /// `dot = scale * q . k`.
+    fn score(&self, dot: f32, r: usize, t: usize) -> f32 {
+        let mut s = dot;
+        if self.cap > 0.0 {
+            s = self.cap * (s / self.cap).tanh(); // tanh saturates: no NaN for huge s
+        }
+        if let Some(slopes) = self.slopes {
+            let position = self.first_position + r / self.group;
+            s += slopes[r % self.group] * (t as f32 - position as f32);
+        }
+        s
+    }
+}
+
+/// Online-softmax update of `rows` (each `d` wide in `qs` and `out`) with one key `k` (key `t`
+/// of the sequence) and its value `v`: running max `m`, running sum `l`, unnormalised output.
 #[allow(clippy::too_many_arguments)]
 fn update_rows(
     rows: std::ops::Range<usize>,
     d: usize,
+    scores: &Scores<'_>,
+    t: usize,
     qs: &[f32],
     k: &[f32],
     v: &[f32],
@@ -164,7 +220,7 @@ fn update_rows(
     out: &mut [f32],
 ) {
     for r in rows {
-        let score = dot(&qs[r * d..][..d], k);
+        let score = scores.score(dot(&qs[r * d..][..d], k), r, t);
         let acc = &mut out[r * d..][..d];
         if score > m[r] {
             let alpha = (m[r] - score).exp(); // 0 on the row's first key (m = -inf)
@@ -202,7 +258,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn attend_naive<T>(
     q: &[T],
     kv: &PagedKv<'_, T>,
-    scale: Option<f64>,
+    options: &AttendOptions,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()>
@@ -211,15 +267,11 @@ where
 {
     let shape = kv.shape();
     let lens = kv.lens();
-    let (k, v) = gather_paged(kv);
+    let (k, v) = gather_paged(kv)?;
     let k = repeat_kv(&k, shape, lens.total_keys())?;
     let v = repeat_kv(&v, shape, lens.total_keys())?;
     let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?;
-    attend(
-        q,
-        &mha,
-        Some(scale.unwrap_or_else(|| shape.default_scale())),
-        out,
-        lse,
-    )
+    // Sinks and slopes are per query head, and the default scale per head_dim: repeat_kv
+    // keeps both.
+    attend(q, &mha, options, out, lse)
 }

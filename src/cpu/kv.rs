@@ -5,6 +5,7 @@ use crate::batch::SeqLens;
 use crate::cache::{BlockTables, PagedLayout};
 use crate::error::{Error, Result};
 use crate::shape::GqaShape;
+use crate::variants::KeyMask;
 
 /// Where the reference attention reads K/V rows from.
 pub trait KvSource<T> {
@@ -16,6 +17,12 @@ pub trait KvSource<T> {
     fn value(&self, seq: usize, pos: usize, kv_head: usize) -> &[T];
     /// The lengths this source was validated for.
     fn lens(&self) -> &SeqLens;
+    /// Checks that every key a query row sees under `mask` is stored (pages reclaimed by a
+    /// sliding window are not).
+    fn check_visible(&self, mask: KeyMask) -> Result<()> {
+        let _ = mask;
+        Ok(())
+    }
 }
 
 /// K and V stored contiguously, sequences concatenated: `[total_keys, n_kv_heads, head_dim]`
@@ -80,7 +87,7 @@ impl<T> KvSource<T> for ContiguousKv<'_, T> {
 
 /// A paged K/V cache on the host, `[num_blocks, block_size, n_kv_heads, head_dim]` each, with
 /// validated block tables.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PagedKv<'a, T> {
     layout: PagedLayout,
     tables: BlockTables<'a>,
@@ -115,8 +122,8 @@ impl<'a, T> PagedKv<'a, T> {
     }
 
     /// The validated block tables.
-    pub fn tables(&self) -> BlockTables<'a> {
-        self.tables
+    pub fn tables(&self) -> &BlockTables<'a> {
+        &self.tables
     }
 
     /// The page geometry.
@@ -144,5 +151,8 @@ impl<T> KvSource<T> for PagedKv<'_, T> {
     }
     fn lens(&self) -> &SeqLens {
         self.lens
+    }
+    fn check_visible(&self, mask: KeyMask) -> Result<()> {
+        self.tables.check_visible(self.lens, mask)
     }
 }

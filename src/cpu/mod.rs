@@ -5,11 +5,13 @@
 mod cache;
 mod fast;
 mod kv;
+mod merge;
 mod reference;
 mod repeat_kv;
 
 pub use cache::CpuStorage;
 pub use fast::{attend, attend_naive};
 pub use kv::{ContiguousKv, KvSource, PagedKv};
+pub use merge::{lse_ln_to_log2, lse_log2_to_ln, merge_states};
 pub use reference::{attention, attention_of_tokens, Attention};
 pub use repeat_kv::{attention_naive, gather_paged, repeat_kv};

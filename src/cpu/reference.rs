@@ -2,13 +2,16 @@
 //! every faster path is tested against.
 //!
 //! For query row `j` of sequence `s` (position `p = context_len - query_len + j`) and query
-//! head `h` reading K/V head `h / group`:
-//!   `score_t = scale * q . k_t` for keys `t in 0..=p`,
-//!   `lse = ln(sum_t exp(score_t))` (natural log),
+//! head `h` reading K/V head `h / group`, over the keys `t` the row sees (`0..=p` for plain
+//! causal attention; see [`crate::variants`] for the window and the non-causal pass):
+//!   `score_t = scale * q . k_t`, then `cap * tanh(score_t / cap)` with a soft-cap, then
+//!   `+ slope[h] * (t - p)` with ALiBi,
+//!   `lse = ln(sum_t exp(score_t) + exp(sink[h]))` (natural log; no sink term without sinks),
 //!   `out = sum_t exp(score_t - lse) * v_t`.
 
 use crate::cpu::KvSource;
 use crate::error::{Error, Result};
+use crate::variants::AttendOptions;
 
 /// Output of an attention call.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,8 +23,9 @@ pub struct Attention {
     pub lse: Vec<f64>,
 }
 
-/// Causal GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, rows of the sequences of
-/// `kv.lens()` concatenated in batch order) over `kv`. `scale` defaults to `1/sqrt(head_dim)`.
+/// GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, rows of the sequences of
+/// `kv.lens()` concatenated in batch order) over `kv`, with the variants of `options` (causal,
+/// `scale = 1/sqrt(head_dim)` by default).
 ///
 /// ```
 /// use paged_gqa::{cpu, GqaShape, SeqLens};
@@ -29,16 +33,16 @@ pub struct Attention {
 /// let lens = SeqLens::decode(&[1])?;
 /// let (k, v) = (vec![0.5f32; 8], (0..8).map(|i| i as f32).collect::<Vec<_>>());
 /// let kv = cpu::ContiguousKv::new(shape, &lens, &k, &v)?;
-/// let att = cpu::attention(&[1.0f32; 16], &kv, None)?;
+/// let att = cpu::attention(&[1.0f32; 16], &kv, &Default::default())?;
 /// assert_eq!(&att.out[8..16], &[0., 1., 2., 3., 4., 5., 6., 7.]); // one key: out = v
 /// # Ok::<(), paged_gqa::Error>(())
 /// ```
-pub fn attention<T, K>(q: &[T], kv: &K, scale: Option<f64>) -> Result<Attention>
+pub fn attention<T, K>(q: &[T], kv: &K, options: &AttendOptions) -> Result<Attention>
 where
     T: Copy + Into<f64> + Sync,
     K: KvSource<T> + Sync,
 {
-    attention_of_tokens(q, kv, scale, &vec![true; kv.lens().num_tokens()])
+    attention_of_tokens(q, kv, options, &vec![true; kv.lens().num_tokens()])
 }
 
 /// [`attention`] for the query rows `token` with `keep[token]` only (`keep`: `[num_tokens]`);
@@ -48,7 +52,7 @@ where
 pub fn attention_of_tokens<T, K>(
     q: &[T],
     kv: &K,
-    scale: Option<f64>,
+    options: &AttendOptions,
     keep: &[bool],
 ) -> Result<Attention>
 where
@@ -61,10 +65,8 @@ where
     let expected = lens.num_tokens() * shape.q_row_len();
     Error::check_len("q", q.len(), expected)?;
     Error::check_len("keep", keep.len(), lens.num_tokens())?;
-    let scale = scale.unwrap_or_else(|| shape.default_scale());
-    if !scale.is_finite() {
-        return Err(Error::InvalidScale { scale });
-    }
+    options.validate(shape)?;
+    kv.check_visible(options.mask())?;
 
     // (sequence, query row of it, token) of every kept row.
     let rows: Vec<(usize, usize, usize)> = (0..lens.batch())
@@ -89,7 +91,7 @@ where
                         .skip(i)
                         .step_by(threads)
                         .map(|&(seq, j, token)| {
-                            let (out, lse) = token_attention(q, kv, scale, seq, j, token);
+                            let (out, lse) = token_attention(q, kv, options, seq, j, token);
                             (token, out, lse)
                         })
                         .collect()
@@ -119,7 +121,7 @@ type TokenRows = (usize, Vec<f64>, Vec<f64>);
 fn token_attention<T, K>(
     q: &[T],
     kv: &K,
-    scale: f64,
+    options: &AttendOptions,
     seq: usize,
     j: usize,
     token: usize,
@@ -129,23 +131,40 @@ where
     K: KvSource<T>,
 {
     let shape = kv.shape();
+    let lens = kv.lens();
     let (n_heads, d) = (shape.n_heads(), shape.head_dim());
-    let visible = kv.lens().position(seq, j) + 1; // keys 0..=position
+    let scale = options.scale_for(shape);
+    let cap = f64::from(options.logit_softcap());
+    let position = lens.position(seq, j) as f64;
+    let keys = options
+        .mask()
+        .visible_keys(lens.context_len(seq), lens.query_len(seq), j);
     let mut out = vec![0.0f64; n_heads * d];
     let mut lse = vec![f64::NEG_INFINITY; n_heads];
-    let mut scores = Vec::with_capacity(visible);
+    let mut scores = Vec::with_capacity(keys.len());
     for head in 0..n_heads {
         let kv_head = head / shape.group();
         let q_row = &q[(token * n_heads + head) * d..][..d];
+        let slope = options.alibi_slopes().map_or(0.0, |s| f64::from(s[head]));
+        let sink = options
+            .sinks()
+            .map_or(f64::NEG_INFINITY, |s| f64::from(s[head]));
         scores.clear();
-        scores.extend((0..visible).map(|t| scale * dot(q_row, kv.key(seq, t, kv_head))));
-        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        scores.extend(keys.clone().map(|t| {
+            let mut s = scale * dot(q_row, kv.key(seq, t, kv_head));
+            if cap > 0.0 {
+                s = cap * (s / cap).tanh();
+            }
+            s + slope * (t as f64 - position)
+        }));
+        let max = scores.iter().copied().fold(sink, f64::max);
         if max == f64::NEG_INFINITY {
-            continue; // no visible key: out stays 0, lse stays -inf
+            continue; // no visible key and no sink: out stays 0, lse stays -inf
         }
-        let row_lse = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+        let sum = scores.iter().map(|s| (s - max).exp()).sum::<f64>() + (sink - max).exp();
+        let row_lse = max + sum.ln();
         let o = &mut out[head * d..][..d];
-        for (t, &s) in scores.iter().enumerate() {
+        for (t, &s) in keys.clone().zip(&scores) {
             let p = (s - row_lse).exp();
             for (o, &v) in o.iter_mut().zip(kv.value(seq, t, kv_head)) {
                 *o += p * v.into();

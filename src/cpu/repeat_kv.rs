@@ -4,6 +4,7 @@
 use crate::cpu::{attention, Attention, ContiguousKv, KvSource, PagedKv};
 use crate::error::{Error, Result};
 use crate::shape::GqaShape;
+use crate::variants::{AttendOptions, KeyMask};
 
 /// `repeat_kv` of the Llama reference code on `x` (`[num_tokens, n_kv_heads, head_dim]`):
 /// `x[:, :, None, :].expand(t, n_kv, n_rep, d).reshape(t, n_kv * n_rep, d)`, so output head
@@ -36,7 +37,12 @@ pub fn repeat_kv<T: Copy>(x: &[T], shape: GqaShape, num_tokens: usize) -> Result
 
 /// Copies the K and V rows of every sequence out of the pages into contiguous
 /// `[total_keys, n_kv_heads, head_dim]` tensors, sequences concatenated in batch order.
-pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> (Vec<T>, Vec<T>) {
+pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> Result<(Vec<T>, Vec<T>)> {
+    // Every key is gathered: none may lie in a page a sliding window reclaimed.
+    paged.check_visible(KeyMask {
+        causal: false,
+        window_left: None,
+    })?;
     let lens = paged.lens();
     let shape = paged.shape();
     let len = lens.total_keys() * shape.kv_row_len();
@@ -49,25 +55,26 @@ pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> (Vec<T>, Vec<T>) {
             }
         }
     }
-    (k, v)
+    Ok((k, v))
 }
 
 /// The naive path: gather the pages, materialise `repeat_kv` for K and V, then attention with
 /// one K/V head per query head. Same contract and result as [`attention`] over `paged`.
-pub fn attention_naive<T>(q: &[T], paged: &PagedKv<'_, T>, scale: Option<f64>) -> Result<Attention>
+pub fn attention_naive<T>(
+    q: &[T],
+    paged: &PagedKv<'_, T>,
+    options: &AttendOptions,
+) -> Result<Attention>
 where
     T: Copy + Into<f64> + Sync,
 {
     let shape = paged.shape();
     let lens = paged.lens();
-    let (k, v) = gather_paged(paged);
+    let (k, v) = gather_paged(paged)?;
     let k = repeat_kv(&k, shape, lens.total_keys())?;
     let v = repeat_kv(&v, shape, lens.total_keys())?;
     let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?;
-    // The default scale depends on head_dim only, which repeat_kv keeps.
-    attention(
-        q,
-        &mha,
-        Some(scale.unwrap_or_else(|| shape.default_scale())),
-    )
+    // The default scale depends on head_dim only, and sinks and slopes are per query head:
+    // repeat_kv keeps both.
+    attention(q, &mha, options)
 }

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::kernels::attend::AttendState;
 use crate::kernels::params::AttendTensors;
 use crate::plan::{AttendSchedule, KernelChoice};
+use crate::variants::AttendOptions;
 
 /// An attention batch over pages the caller manages (replaying a case, tests): block tables,
 /// lengths and the schedule validated on the host and uploaded once, the split workspace
@@ -77,8 +78,8 @@ impl AttendBatch {
 
     /// Attention: `q` `[num_tokens, n_heads, head_dim]`, `out` the same, `lse`
     /// `[num_tokens, n_heads]` (natural log); `k_cache`, `v_cache` one layer's
-    /// `[num_blocks, block_size, n_kv_heads, head_dim]`. `scale` defaults to `1/sqrt(head_dim)`.
-    /// `T` must be the dtype given to [`new`](AttendBatch::new).
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]`; the variants of `options` (see
+    /// [`crate::variants`]). `T` must be the dtype given to [`new`](AttendBatch::new).
     #[allow(clippy::too_many_arguments)]
     pub fn run<T: Element>(
         &self,
@@ -88,7 +89,7 @@ impl AttendBatch {
         q: &impl DevicePtr<T>,
         out: &mut impl DevicePtrMut<T>,
         lse: &mut impl DevicePtrMut<f32>,
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         let (k_ptr, _k_sync) = k_cache.device_ptr(stream);
         let (v_ptr, _v_sync) = v_cache.device_ptr(stream);
@@ -108,7 +109,7 @@ impl AttendBatch {
             T::DTYPE,
             &tensors,
             (k_cache.len(), v_cache.len()),
-            scale,
+            options,
         )
     }
 }
@@ -117,10 +118,12 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
     /// Fused GQA attention of `layer` for the plan's batch, any mix of decode tokens and prompt
     /// chunks (their K/V written with [`write`](PagedCache::write) first): `q`, `out`
     /// `[plan.num_new_tokens(), n_heads, head_dim]`, `lse` `[plan.num_new_tokens(), n_heads]`
-    /// f32 (natural log), on the cache's stream. Launches only: no allocation, no host
-    /// synchronisation, so a step can be captured in a CUDA graph (with cudarc's event tracking
-    /// off, `CudaContext::disable_event_tracking`, as any capture through cudarc needs, since
-    /// its cross-stream waits would reach outside the capture).
+    /// f32 (natural log), on the cache's stream, with the variants of `options` (see
+    /// [`crate::variants`]). Launches only: no allocation, no host synchronisation, so a step can
+    /// be captured in a CUDA graph (with cudarc's event tracking off,
+    /// `CudaContext::disable_event_tracking`, as any capture through cudarc needs, since its
+    /// cross-stream waits would reach outside the capture). The exception: options with sinks
+    /// or ALiBi slopes upload them (`n_heads` floats each) for the call.
     pub fn attend(
         &self,
         layer: usize,
@@ -128,7 +131,7 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
         q: &impl DevicePtr<T>,
         out: &mut impl DevicePtrMut<T>,
         lse: &mut impl DevicePtrMut<f32>,
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         self.check(layer, plan)?;
         let pages = &self.storage().pages;
@@ -143,7 +146,7 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
             (q_ptr, q.len()),
             (out_ptr, out_len),
             (lse_ptr, lse_len),
-            scale,
+            options,
         )
     }
 }

@@ -75,6 +75,7 @@ impl Backend for Arc<CudaStream> {
         unsafe {
             match call {
                 Launch::Attend(p) => launch::attend(p, self),
+                Launch::MergeStates(p) => launch::merge_states(p, self),
                 Launch::WriteKv(p) => launch::write_kv(p, self),
                 Launch::CopyBlocks(p) => launch::copy_blocks(p, self),
                 Launch::RepeatKv(p) => launch::repeat_kv(p, self),

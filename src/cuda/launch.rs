@@ -50,6 +50,11 @@ launcher!(
 );
 
 launcher!(
+    /// `pgqa_merge_states`.
+    merge_states, pgqa_merge_states, ffi::pgqa_merge_states_params
+);
+
+launcher!(
     /// `pgqa_gather_kv`.
     gather_kv, pgqa_gather_kv, ffi::pgqa_gather_kv_params
 );

@@ -14,6 +14,7 @@ mod backend;
 mod baseline;
 mod cache;
 mod launch;
+mod merge;
 mod repeat_kv;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub use attend::AttendBatch;
 pub use baseline::NaiveAttention;
 pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};
+pub use merge::merge_states;
 pub use repeat_kv::repeat_kv;
 
 use crate::error::{Error, Result};

@@ -3,18 +3,21 @@
 //! each run then only launches.
 
 use crate::batch::SeqLens;
-use crate::cache::PagedLayout;
+use crate::cache::{block_tables::check_reclaimed_invisible, PagedLayout};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::params::{self, AttendTables, AttendTensors};
+use crate::kernels::params::{self, AttendTables, AttendTensors, LaunchVariants};
 use crate::kernels::{check_same, upload_nonempty, Backend, Launch};
 use crate::plan::{AttendSchedule, KernelChoice};
+use crate::variants::AttendOptions;
 
 /// The uploaded state of one attention batch.
 pub(crate) struct AttendState<B: Backend> {
     pub layout: PagedLayout,
     pub dtype: DType,
-    pub num_tokens: usize,
+    pub lens: SeqLens,
+    /// [batch]: leading reclaimed (-1) pages of each sequence's table row
+    pub reclaimed: Vec<usize>,
     pub max_blocks: usize,
     pub schedule: AttendSchedule,
     /// The device and stream the tables live on; every run must use it.
@@ -45,7 +48,8 @@ impl<B: Backend> AttendState<B> {
         max_blocks: usize,
         choice: KernelChoice,
     ) -> Result<Self> {
-        params::check_tables("attention", &layout, dtype, lens, block_tables, max_blocks)?;
+        let reclaimed =
+            params::check_tables("attention", &layout, dtype, lens, block_tables, max_blocks)?;
         let choice = backend.kernels(choice)?;
         let schedule =
             AttendSchedule::with_kernels(backend.sm_count()?, lens, layout.shape(), choice);
@@ -55,7 +59,8 @@ impl<B: Backend> AttendState<B> {
         Ok(Self {
             layout,
             dtype,
-            num_tokens: lens.num_tokens(),
+            lens: lens.clone(),
+            reclaimed,
             max_blocks,
             block_tables: upload_nonempty(backend, block_tables, -1)?,
             context_lens: upload_nonempty(backend, &lens.context_lens_i32(), 0)?,
@@ -79,7 +84,7 @@ impl<B: Backend> AttendState<B> {
         dtype: DType,
         tensors: &AttendTensors,
         cache_lens: (usize, usize),
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         check_same("the attention batch", &self.backend, backend)?;
         Error::check_len("k_cache", cache_lens.0, self.layout.cache_len())?;
@@ -92,7 +97,8 @@ impl<B: Backend> AttendState<B> {
         }
         let tables = AttendTables {
             layout: self.layout,
-            num_tokens: self.num_tokens,
+            lens: &self.lens,
+            reclaimed: &self.reclaimed,
             max_blocks: self.max_blocks,
             schedule: &self.schedule,
             block_tables: backend.address(&self.block_tables),
@@ -102,24 +108,44 @@ impl<B: Backend> AttendState<B> {
             mma_work: backend.address(&self.mma_work),
             split_workspace: backend.address(&self.workspace),
         };
-        launch_attend(backend, &tables, tensors, dtype, scale)
+        launch_attend(backend, &tables, tensors, dtype, options)
     }
 }
 
-/// Checks the engine's tensors against the tables and launches (attention, then merge).
+/// Checks the options and the engine's tensors against the tables and launches (attention,
+/// then merge). Sinks and ALiBi slopes, when the options have them, are uploaded for this
+/// launch (`n_heads` floats each); nothing is uploaded without them.
 pub(crate) fn launch_attend<B: Backend>(
     backend: &B,
     tables: &AttendTables<'_>,
     tensors: &AttendTensors,
     dtype: DType,
-    scale: Option<f32>,
+    options: &AttendOptions,
 ) -> Result<()> {
-    let Some(params) = params::attend_params(tables, tensors, dtype, scale)? else {
+    let shape = tables.layout.shape();
+    options.validate(shape)?;
+    let mask = options.mask();
+    check_reclaimed_invisible(
+        tables.reclaimed,
+        tables.layout.block_size(),
+        tables.lens,
+        mask,
+    )?;
+    let splits = tables.schedule.splits(tables.lens, mask);
+    let upload = |values: Option<&[f32]>| values.map(|v| backend.upload(v)).transpose();
+    let (sinks, slopes) = (upload(options.sinks())?, upload(options.alibi_slopes())?);
+    let address =
+        |buffer: &Option<B::Buffer<f32>>| buffer.as_ref().map_or(0, |b| backend.address(b));
+    let variants = LaunchVariants::new(options, shape, splits, address(&sinks), address(&slopes))?;
+    let Some(params) = params::attend_params(tables, tensors, dtype, &variants)? else {
         return Ok(());
     };
     // SAFETY: q, out and lse have the lengths num_tokens implies (checked); the caches are one
     // layer's [num_blocks, block_size, n_kv_heads, head_dim] tensors; the block tables were
-    // validated on the host against the same layout and lengths; query_starts and the work list
-    // come from the same lengths; the split workspace holds workspace_floats of the schedule.
+    // validated on the host against the same layout and lengths, and no row sees a reclaimed
+    // page under this mask (checked); query_starts and the work list come from the same
+    // lengths; the split workspace holds workspace_floats of the schedule, which bounds the
+    // splits of any mask; sinks and slopes hold n_heads floats (validated) and are freed in
+    // stream order after the launch.
     unsafe { backend.launch(Launch::Attend(&params)) }
 }

@@ -34,6 +34,7 @@ impl<T> DeviceValue for T where
 /// One launcher of `paged_gqa.h` with its parameters.
 pub(crate) enum Launch<'a> {
     Attend(&'a ffi::pgqa_attend_params),
+    MergeStates(&'a ffi::pgqa_merge_states_params),
     WriteKv(&'a ffi::pgqa_write_kv_params),
     CopyBlocks(&'a ffi::pgqa_copy_blocks_params),
     RepeatKv(&'a ffi::pgqa_repeat_kv_params),

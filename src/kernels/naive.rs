@@ -13,6 +13,7 @@ use crate::kernels::attend::AttendState;
 use crate::kernels::params::{self, check_aligned, to_i32, AttendTensors};
 use crate::kernels::{check_same, upload_nonempty, Backend, Launch};
 use crate::plan::KernelChoice;
+use crate::variants::AttendOptions;
 
 /// Keys per page of the contiguous buffers when they are read as pages (prompts, chunks).
 const NAIVE_PAGE: usize = 16;
@@ -217,7 +218,7 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
                 T::DTYPE,
                 &tensors,
                 (repeated_len, repeated_len),
-                scale,
+                &AttendOptions::new().with_scale_opt(scale.map(f64::from)),
             );
         }
         let scale = scale.unwrap_or(shape.default_scale() as f32);

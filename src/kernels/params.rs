@@ -6,8 +6,9 @@ use crate::cache::{BlockTables, CacheConfig, PagedLayout};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::plan::AttendSchedule;
+use crate::plan::{AttendSchedule, Splits};
 use crate::shape::GqaShape;
+use crate::variants::AttendOptions;
 
 /// Head sizes the attention kernels are built for.
 pub const ATTEND_HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
@@ -58,6 +59,7 @@ pub(crate) fn check_supported(kernel: &'static str, shape: GqaShape, dtype: DTyp
 
 /// The checks every caller-managed batch starts with: block tables valid for the layout and
 /// lengths, a kernel for this shape and dtype.
+/// Returns the leading reclaimed (`-1`) pages of each sequence, `[batch]`.
 pub(crate) fn check_tables(
     kernel: &'static str,
     layout: &PagedLayout,
@@ -65,9 +67,10 @@ pub(crate) fn check_tables(
     lens: &SeqLens,
     block_tables: &[i32],
     max_blocks: usize,
-) -> Result<()> {
-    BlockTables::new(block_tables, max_blocks, layout, lens)?;
-    check_supported(kernel, layout.shape(), dtype)
+) -> Result<Vec<usize>> {
+    let tables = BlockTables::new(block_tables, max_blocks, layout, lens)?;
+    check_supported(kernel, layout.shape(), dtype)?;
+    Ok(tables.reclaimed().to_vec())
 }
 
 /// `query_starts` `[batch + 1]` as the kernel reads them.
@@ -82,7 +85,9 @@ pub(crate) fn query_starts(lens: &SeqLens) -> Vec<i32> {
 /// and the split workspace.
 pub(crate) struct AttendTables<'a> {
     pub layout: PagedLayout,
-    pub num_tokens: usize,
+    pub lens: &'a SeqLens,
+    /// [batch]: leading reclaimed (-1) pages of each sequence's table row
+    pub reclaimed: &'a [usize],
     pub max_blocks: usize,
     pub schedule: &'a AttendSchedule,
     /// [batch, max_blocks] i32
@@ -111,26 +116,64 @@ pub(crate) struct AttendTensors {
     pub lse: (u64, usize),
 }
 
+/// The attention variants of one launch as the kernels take them: validated options, the
+/// splits for their key mask, and the device addresses of the sinks and slopes (0: none).
+pub(crate) struct LaunchVariants {
+    pub scale: f32,
+    pub causal: bool,
+    pub window_left: i32,
+    pub logit_softcap: f32,
+    /// [n_heads] f32, or 0
+    pub sinks: u64,
+    /// [n_heads] f32, or 0
+    pub alibi_slopes: u64,
+    pub splits: Splits,
+}
+
+impl LaunchVariants {
+    /// `options` (validated against `shape` by the caller) with the sinks and slopes at the
+    /// given device addresses (0 where the options have none).
+    pub fn new(
+        options: &AttendOptions,
+        shape: GqaShape,
+        splits: Splits,
+        sinks: u64,
+        alibi_slopes: u64,
+    ) -> Result<Self> {
+        let scale = options.scale_for(shape) as f32;
+        if !scale.is_finite() {
+            return Err(Error::InvalidScale {
+                scale: options.scale_for(shape),
+            });
+        }
+        Ok(Self {
+            scale,
+            causal: options.causal(),
+            window_left: options.window_left(),
+            logit_softcap: options.logit_softcap(),
+            sinks,
+            alibi_slopes,
+            splits,
+        })
+    }
+}
+
 /// `pgqa_attend`'s parameters, after checking the tensors against the tables; `None` when the
 /// schedule has no work.
 pub(crate) fn attend_params(
     tables: &AttendTables<'_>,
     tensors: &AttendTensors,
     dtype: DType,
-    scale: Option<f32>,
+    variants: &LaunchVariants,
 ) -> Result<Option<ffi::pgqa_attend_params>> {
     let shape = tables.layout.shape();
-    let rows = tables.num_tokens * shape.n_heads();
+    let num_tokens = tables.lens.num_tokens();
+    let rows = num_tokens * shape.n_heads();
     Error::check_len("q", tensors.q.1, rows * shape.head_dim())?;
     Error::check_len("out", tensors.out.1, rows * shape.head_dim())?;
     Error::check_len("lse", tensors.lse.1, rows)?;
-    let scale = scale.unwrap_or(shape.default_scale() as f32);
-    if !scale.is_finite() {
-        return Err(Error::InvalidScale {
-            scale: scale as f64,
-        });
-    }
     let schedule = tables.schedule;
+    let splits = variants.splits;
     if schedule.is_empty() {
         return Ok(None);
     }
@@ -143,7 +186,7 @@ pub(crate) fn attend_params(
         check_aligned(name, ptr)?;
     }
     let partial_lse =
-        tables.split_workspace + (rows * schedule.num_splits * shape.head_dim() * 4) as u64;
+        tables.split_workspace + (rows * splits.num_splits * shape.head_dim() * 4) as u64;
     Ok(Some(ffi::pgqa_attend_params {
         q: tensors.q.0 as *const _,
         k_cache: tensors.k_cache as *const _,
@@ -159,7 +202,7 @@ pub(crate) fn attend_params(
         partial_lse: partial_lse as *mut f32,
         num_work: to_i32("work items", schedule.cuda_cores.work.len())?,
         num_mma_work: to_i32("tensor-core work items", schedule.tensor_cores.work.len())?,
-        num_tokens: to_i32("num_tokens", tables.num_tokens)?,
+        num_tokens: to_i32("num_tokens", num_tokens)?,
         n_heads: to_i32("n_heads", shape.n_heads())?,
         n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
         head_dim: to_i32("head_dim", shape.head_dim())?,
@@ -168,10 +211,15 @@ pub(crate) fn attend_params(
         num_blocks: to_i32("num_blocks", tables.layout.num_blocks())?,
         tokens_per_work: to_i32("tokens_per_work", schedule.cuda_cores.tokens_per_work)?,
         mma_tokens_per_work: to_i32("mma_tokens_per_work", schedule.tensor_cores.tokens_per_work)?,
-        num_splits: to_i32("num_splits", schedule.num_splits)?,
-        keys_per_split: to_i32("keys_per_split", schedule.keys_per_split)?,
-        scale,
+        num_splits: to_i32("num_splits", splits.num_splits)?,
+        keys_per_split: to_i32("keys_per_split", splits.keys_per_split)?,
+        scale: variants.scale,
         dtype: self::dtype(dtype),
+        sinks: variants.sinks as *const f32,
+        alibi_slopes: variants.alibi_slopes as *const f32,
+        causal: variants.causal.into(),
+        window_left: variants.window_left,
+        logit_softcap: variants.logit_softcap,
     }))
 }
 
@@ -229,6 +277,48 @@ pub(crate) fn copy_blocks_params(
         num_blocks: num_blocks as i32,
         dtype: dtype(config.dtype()),
     }
+}
+
+/// `pgqa_merge_states`' parameters: rows of `head_dim` outputs `out_a`, `out_b`, `out` and
+/// their lse `lse_a`, `lse_b`, `lse`, each `(address, elements)`; `None` for no rows.
+pub(crate) fn merge_states_params(
+    head_dim: usize,
+    dtype: DType,
+    a: ((u64, usize), (u64, usize)),
+    b: ((u64, usize), (u64, usize)),
+    merged: ((u64, usize), (u64, usize)),
+) -> Result<Option<ffi::pgqa_merge_states_params>> {
+    let rows = a.1 .1;
+    for (name, len, expected) in [
+        ("out_a", a.0 .1, rows * head_dim),
+        ("out_b", b.0 .1, rows * head_dim),
+        ("lse_b", b.1 .1, rows),
+        ("out", merged.0 .1, rows * head_dim),
+        ("lse", merged.1 .1, rows),
+    ] {
+        Error::check_len(name, len, expected)?;
+    }
+    if rows == 0 {
+        return Ok(None);
+    }
+    if head_dim == 0 {
+        return Err(Error::BufferLength {
+            name: "head_dim",
+            expected: 1,
+            actual: 0,
+        });
+    }
+    Ok(Some(ffi::pgqa_merge_states_params {
+        out_a: a.0 .0 as *const _,
+        lse_a: a.1 .0 as *const f32,
+        out_b: b.0 .0 as *const _,
+        lse_b: b.1 .0 as *const f32,
+        out: merged.0 .0 as *mut _,
+        lse: merged.1 .0 as *mut f32,
+        num_rows: i64::from(to_i32("merge rows", rows)?),
+        head_dim: to_i32("head_dim", head_dim)?,
+        dtype: self::dtype(dtype),
+    }))
 }
 
 /// `pgqa_repeat_kv`'s parameters: `src` `[num_tokens, n_kv_heads, head_dim]`, `dst`

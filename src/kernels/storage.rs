@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernels::params::{self, AttendTables, AttendTensors};
 use crate::kernels::{attend, Backend, Launch};
 use crate::plan::{AttendSchedule, KernelChoice};
+use crate::variants::AttendOptions;
 
 /// A [`StepPlan`] whose tables are in device memory, in the storage's workspace:
 /// block tables `[batch, max_blocks]` i32, context lengths `[batch]` i32, query starts
@@ -231,12 +232,13 @@ impl<B: Backend, T: Element> Pages<B, T> {
         q: (u64, usize),
         out: (u64, usize),
         lse: (u64, usize),
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         params::check_supported("attention", self.config.shape(), T::DTYPE)?;
         let tables = AttendTables {
             layout: self.layout(),
-            num_tokens: plan.plan.num_new_tokens(),
+            lens: plan.plan.lens(),
+            reclaimed: &plan.plan.reclaimed,
             max_blocks: plan.plan.max_blocks(),
             schedule: &plan.schedule,
             block_tables: plan.block_tables,
@@ -253,6 +255,6 @@ impl<B: Backend, T: Element> Pages<B, T> {
             out,
             lse,
         };
-        attend::launch_attend(&self.backend, &tables, &tensors, T::DTYPE, scale)
+        attend::launch_attend(&self.backend, &tables, &tensors, T::DTYPE, options)
     }
 }

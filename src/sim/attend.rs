@@ -10,6 +10,7 @@ use crate::kernels::attend::AttendState;
 use crate::kernels::params::AttendTensors;
 use crate::plan::{AttendSchedule, KernelChoice};
 use crate::sim::{SimBuffer, SimDevice, SimStepPlan, SimStorage};
+use crate::variants::AttendOptions;
 
 /// [`cuda::AttendBatch`](crate::cuda::AttendBatch) on the emulator: tables validated and
 /// uploaded once, then [`run`](AttendBatch::run) launches the real kernels.
@@ -69,7 +70,8 @@ impl AttendBatch {
 
     /// Attention: `q` `[num_tokens, n_heads, head_dim]`, `out` the same, `lse`
     /// `[num_tokens, n_heads]` (natural log); `k_cache`, `v_cache` one layer's
-    /// `[num_blocks, block_size, n_kv_heads, head_dim]`. `scale` defaults to `1/sqrt(head_dim)`.
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]`; the variants of `options` (see
+    /// [`crate::variants`]).
     #[allow(clippy::too_many_arguments)]
     pub fn run<T: Element>(
         &self,
@@ -79,7 +81,7 @@ impl AttendBatch {
         q: &SimBuffer<T>,
         out: &mut SimBuffer<T>,
         lse: &mut SimBuffer<f32>,
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         let tensors = AttendTensors {
             k_cache: k_cache.address_on("k_cache", device)?,
@@ -93,7 +95,7 @@ impl AttendBatch {
             T::DTYPE,
             &tensors,
             (k_cache.len(), v_cache.len()),
-            scale,
+            options,
         )
     }
 }
@@ -101,7 +103,7 @@ impl AttendBatch {
 impl<T: Element> PagedCache<SimStorage<T>> {
     /// Fused GQA attention of `layer` for the plan's batch on the emulator: `q`, `out`
     /// `[plan.num_new_tokens(), n_heads, head_dim]`, `lse` `[plan.num_new_tokens(), n_heads]`
-    /// (natural log).
+    /// (natural log), with the variants of `options`.
     pub fn attend(
         &self,
         layer: usize,
@@ -109,7 +111,7 @@ impl<T: Element> PagedCache<SimStorage<T>> {
         q: &SimBuffer<T>,
         out: &mut SimBuffer<T>,
         lse: &mut SimBuffer<f32>,
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         self.check(layer, plan)?;
         let device = self.storage().device();
@@ -119,7 +121,7 @@ impl<T: Element> PagedCache<SimStorage<T>> {
             (q.address_on("q", device)?, q.len()),
             (out.address_on("out", device)?, out.len()),
             (lse.address_on("lse", device)?, lse.len()),
-            scale,
+            options,
         )
     }
 }

@@ -19,11 +19,13 @@
 mod attend;
 mod baseline;
 mod buffer;
+mod merge;
 mod storage;
 
 pub use attend::AttendBatch;
 pub use baseline::{repeat_kv, NaiveAttention};
 pub use buffer::{SimBuffer, SimDevice};
+pub use merge::merge_states;
 pub use storage::{SimStepPlan, SimStorage};
 
 use std::ffi::{c_char, c_void, CStr};
@@ -39,6 +41,11 @@ type pgqa_stream = ffi::pgqa_stream;
 extern "C" {
     fn pgqa_sim_attend(
         params: *const ffi::pgqa_attend_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_sim_merge_states(
+        params: *const ffi::pgqa_merge_states_params,
         stream: pgqa_stream,
         cuda_error: *mut i32,
     ) -> ffi::pgqa_status;
@@ -133,6 +140,10 @@ impl Backend for std::rc::Rc<SimDevice> {
         let (kernel, status) = unsafe {
             match call {
                 Launch::Attend(p) => ("attend", pgqa_sim_attend(p, stream, &mut cuda_error)),
+                Launch::MergeStates(p) => (
+                    "merge_states",
+                    pgqa_sim_merge_states(p, stream, &mut cuda_error),
+                ),
                 Launch::WriteKv(p) => ("write_kv", pgqa_sim_write_kv(p, stream, &mut cuda_error)),
                 Launch::CopyBlocks(p) => (
                     "copy_blocks",

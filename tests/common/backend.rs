@@ -3,6 +3,7 @@
 //! against [`Device`]; each `gpu_xxx` test runs its body on a CUDA stream (skipping without a
 //! GPU) and its twin `sim_xxx` runs the same body on a fresh emulated device.
 
+use paged_gqa::AttendOptions;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -51,7 +52,7 @@ pub trait Device: Clone {
     ) -> Result<Self::Attend>;
     /// The batch's launch plan.
     fn schedule(batch: &Self::Attend) -> &AttendSchedule;
-    /// `AttendBatch::run` with the default scale.
+    /// `AttendBatch::run` with `options`.
     #[allow(clippy::too_many_arguments)]
     fn run_attend<T: Element>(
         &self,
@@ -61,6 +62,7 @@ pub trait Device: Clone {
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
     ) -> Result<()>;
 
     /// `num_blocks` zero-filled pages per tensor.
@@ -81,12 +83,23 @@ pub trait Device: Clone {
         k_new: &Self::Buf<T>,
         v_new: &Self::Buf<T>,
     ) -> Result<()>;
-    /// `PagedCache::attend` with the default scale.
+    /// `PagedCache::attend` with `options`.
     fn attend_cache<T: Element>(
         cache: &PagedCache<Self::Storage<T>>,
         layer: usize,
         plan: &Self::Plan,
         q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
+    ) -> Result<()>;
+
+    /// `merge_states`: `a`, `b` (outputs `[rows, head_dim]`, lse `[rows]`) into `out`, `lse`.
+    fn merge_states<T: Element>(
+        &self,
+        head_dim: usize,
+        a: (&Self::Buf<T>, &Self::Buf<f32>),
+        b: (&Self::Buf<T>, &Self::Buf<f32>),
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
     ) -> Result<()>;
@@ -172,8 +185,9 @@ impl Device for Arc<CudaStream> {
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        batch.run(self, k_cache, v_cache, q, out, lse, None)
+        batch.run(self, k_cache, v_cache, q, out, lse, options)
     }
 
     fn storage<T: Element>(
@@ -205,8 +219,19 @@ impl Device for Arc<CudaStream> {
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        cache.attend(layer, plan, q, out, lse, None)
+        cache.attend(layer, plan, q, out, lse, options)
+    }
+    fn merge_states<T: Element>(
+        &self,
+        head_dim: usize,
+        a: (&Self::Buf<T>, &Self::Buf<f32>),
+        b: (&Self::Buf<T>, &Self::Buf<f32>),
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        cuda::merge_states(self, head_dim, a, b, out, lse)
     }
 
     fn naive<T: Element>(
@@ -279,8 +304,9 @@ impl Device for Rc<SimDevice> {
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        batch.run(self, k_cache, v_cache, q, out, lse, None)
+        batch.run(self, k_cache, v_cache, q, out, lse, options)
     }
 
     fn storage<T: Element>(
@@ -312,8 +338,19 @@ impl Device for Rc<SimDevice> {
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        cache.attend(layer, plan, q, out, lse, None)
+        cache.attend(layer, plan, q, out, lse, options)
+    }
+    fn merge_states<T: Element>(
+        &self,
+        head_dim: usize,
+        a: (&Self::Buf<T>, &Self::Buf<f32>),
+        b: (&Self::Buf<T>, &Self::Buf<f32>),
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        sim::merge_states(self, head_dim, a, b, out, lse)
     }
 
     fn naive<T: Element>(

@@ -2,10 +2,12 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod backend;
+pub mod check;
 
 #[allow(unused_imports)] // as above
 pub use backend::{gpu_stream, Device};
 
+use paged_gqa::AttendOptions;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -138,6 +140,15 @@ impl PagedCase {
     /// [`typed`](Self::typed) with the oracle computed at the query rows `keep` only (NaN
     /// elsewhere): long cases are checked at a sample of rows (see [`sample_tokens`]).
     pub fn typed_at<T: paged_gqa::Element>(&self, keep: &[bool]) -> Typed<T> {
+        self.typed_with(keep, &AttendOptions::default())
+    }
+
+    /// [`typed_at`](Self::typed_at) with the oracle computed with the variants of `options`.
+    pub fn typed_with<T: paged_gqa::Element>(
+        &self,
+        keep: &[bool],
+        options: &AttendOptions,
+    ) -> Typed<T> {
         let to_t = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
         let (q, k_cache, v_cache) = (to_t(&self.q), to_t(&self.k_cache), to_t(&self.v_cache));
         let kv = PagedKv::new(
@@ -149,7 +160,7 @@ impl PagedCase {
             &v_cache,
         )
         .unwrap();
-        let oracle = paged_gqa::cpu::attention_of_tokens(&q, &kv, None, keep).unwrap();
+        let oracle = paged_gqa::cpu::attention_of_tokens(&q, &kv, options, keep).unwrap();
         Typed {
             q,
             k_cache,

@@ -44,7 +44,11 @@ fn run_cpu(case: &Case) -> paged_gqa::Result<Output> {
         &case.k_cache,
         &case.v_cache,
     )?;
-    let result = cpu::attention(&case.q, &kv, case.scale)?;
+    let result = cpu::attention(
+        &case.q,
+        &kv,
+        &paged_gqa::AttendOptions::new().with_scale_opt(case.scale),
+    )?;
     let narrow = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect();
     Ok(Output {
         out: narrow(result.out),
@@ -104,7 +108,7 @@ fn run_sim_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
             &q,
             &mut out,
             &mut lse,
-            case.scale.map(|s| s as f32),
+            &paged_gqa::AttendOptions::new().with_scale_opt(case.scale),
         )
         .map_err(fail)?;
     Ok(Output {
@@ -150,7 +154,7 @@ fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
             &q,
             &mut out,
             &mut lse,
-            case.scale.map(|s| s as f32),
+            &paged_gqa::AttendOptions::new().with_scale_opt(case.scale),
         )
         .map_err(fail)?;
     let out: Vec<T> = stream

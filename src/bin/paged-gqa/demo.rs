@@ -2,6 +2,7 @@
 //! there is a GPU, the same kernel on the emulator with `--backend sim`, else the CPU fallback)
 //! against the naive path (gather, repeat_kv, per-head attention in f64).
 
+use paged_gqa::AttendOptions;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -73,7 +74,7 @@ pub fn run(seed: Option<u64>, backend: Option<Backend>) -> Result<(), Failure> {
     );
 
     // The naive path: gather the pages, materialise repeat_kv, per-head attention (f64).
-    let (k, v) = cpu::gather_paged(&kv);
+    let (k, v) = cpu::gather_paged(&kv).map_err(err)?;
     let keys = lens.total_keys();
     let gpu = match backend {
         None | Some(Backend::Cuda) => cuda::context(0),
@@ -112,7 +113,12 @@ pub fn run(seed: Option<u64>, backend: Option<Backend>) -> Result<(), Failure> {
         ));
     }
     let mha = cpu::ContiguousKv::new(shape.repeated(), &lens, &k_rep, &v_rep).map_err(err)?;
-    let naive = cpu::attention(&q, &mha, Some(shape.default_scale())).map_err(err)?;
+    let naive = cpu::attention(
+        &q,
+        &mha,
+        &AttendOptions::new().with_scale(shape.default_scale()),
+    )
+    .map_err(err)?;
 
     // The fused path: each K/V row read once for its group of query heads.
     let rows = lens.batch() * shape.n_heads();
@@ -140,7 +146,7 @@ pub fn run(seed: Option<u64>, backend: Option<Backend>) -> Result<(), Failure> {
                     &q_dev,
                     &mut out_dev,
                     &mut lse_dev,
-                    None,
+                    &AttendOptions::default(),
                 )
                 .map_err(err)?;
             out = out_dev.as_slice().iter().map(|&x| f32::from(x)).collect();
@@ -180,7 +186,7 @@ pub fn run(seed: Option<u64>, backend: Option<Backend>) -> Result<(), Failure> {
                     &q_dev,
                     &mut out_dev,
                     &mut lse_dev,
-                    None,
+                    &AttendOptions::default(),
                 )
                 .map_err(err)?;
             let out_bf16 = stream
@@ -194,7 +200,7 @@ pub fn run(seed: Option<u64>, backend: Option<Backend>) -> Result<(), Failure> {
             format!("GPU ({name}): CUDA decode kernel, {} split(s); repeat_kv kernel bit-identical to the CPU", batch.schedule().num_splits)
         }
         (Err(why), None) => {
-            cpu::attend(&q, &kv, None, &mut out, &mut lse).map_err(err)?;
+            cpu::attend(&q, &kv, &AttendOptions::default(), &mut out, &mut lse).map_err(err)?;
             format!("CPU fallback decode, f32 ({why})")
         }
     };

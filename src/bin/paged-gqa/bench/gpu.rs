@@ -2,6 +2,7 @@
 //! events, rotating among input sets larger than L2 so the cache does not flatter anyone, and
 //! the device's copy bandwidth measured in the same run.
 
+use paged_gqa::AttendOptions;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
@@ -147,7 +148,15 @@ fn measure<T: Element>(
     .map_err(Failure::runtime)?;
     let fused_ms = time_ms(ctx, stream, iters, |i| {
         let (k, v, q) = &inputs[i % sets];
-        fused.run(stream, k, v, q, &mut out, &mut lse, None)
+        fused.run(
+            stream,
+            k,
+            v,
+            q,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )
     })?;
     let mut naive =
         NaiveAttention::<T>::new(stream, t.layout, &t.lens, &t.block_tables, t.max_blocks)

@@ -3,6 +3,7 @@
 //! kernels bring from the K/V pages (`kv_bytes_fetched`, counted by the emulator at every
 //! cp.async) against the bytes the batch must read (`kv_bytes_needed`).
 
+use paged_gqa::AttendOptions;
 use std::rc::Rc;
 
 use half::{bf16, f16};
@@ -70,12 +71,28 @@ fn measure<T: Element>(
     device.watch(k.address(), k.len() * std::mem::size_of::<T>());
     device.watch(v.address(), v.len() * std::mem::size_of::<T>());
     fused
-        .run(device, &k, &v, &q, &mut out, &mut lse, None)
+        .run(
+            device,
+            &k,
+            &v,
+            &q,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )
         .map_err(fail)?;
     let fetched = device.watched_bytes();
     device.unwatch_all();
     let fused_ms = time_ms(iters, || {
-        fused.run(device, &k, &v, &q, &mut out, &mut lse, None)
+        fused.run(
+            device,
+            &k,
+            &v,
+            &q,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )
     })?;
     let mut naive =
         NaiveAttention::<T>::new(device, t.layout, &t.lens, &t.block_tables, t.max_blocks)
