@@ -27,8 +27,8 @@
 //! let q = vec![0.01f32; lens.num_tokens() * shape.q_row_len()];
 //!
 //! let kv = cpu::PagedKv::new(layout, &lens, &block_tables, 2, &k_cache, &v_cache)?;
-//! let fused = cpu::attention(&q, &kv, None)?; // query head h reads K/V head h / 4
-//! let naive = cpu::attention_naive(&q, &kv, None)?; // gather + repeat_kv + per-head
+//! let fused = cpu::attention(&q, &kv, &Default::default())?; // query head h reads K/V head h / 4
+//! let naive = cpu::attention_naive(&q, &kv, &Default::default())?; // gather + repeat_kv + per-head
 //! let diff = fused.out.iter().zip(&naive.out).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
 //! assert!(diff < 1e-12);
 //! # Ok::<(), paged_gqa::Error>(())

@@ -1,7 +1,9 @@
 //! Property test of the cache bookkeeping and the CPU pages: 10^5 random operations (add,
 //! plan + write, fork, free) checked after every one against a plain Vec model: no block
 //! leaked or owned twice without a matching count, every sequence reads back exactly its
-//! tokens, and OutOfBlocks changes nothing.
+//! tokens, and OutOfBlocks changes nothing. The same with sliding-window reclamation: every
+//! plan gives back exactly the pages its first new token's window no longer sees, and every
+//! token a window can still see reads back.
 
 mod common;
 
@@ -48,17 +50,26 @@ struct Harness {
     model: BTreeMap<SeqId, Vec<u32>>,
     next_uid: u32,
     out_of_blocks: usize,
+    /// The reclamation window (window_left), if any.
+    window: Option<usize>,
+    /// Pages reclaimed over the run.
+    reclaimed: usize,
 }
 
 impl Harness {
-    fn new(block_size: usize) -> Self {
-        let config = CacheConfig::new(shape(), NUM_LAYERS, block_size, DType::F32).unwrap();
+    fn new(block_size: usize, window: Option<usize>) -> Self {
+        let mut config = CacheConfig::new(shape(), NUM_LAYERS, block_size, DType::F32).unwrap();
+        if let Some(window) = window {
+            config = config.with_reclaim_window(window);
+        }
         let cache = PagedCache::new(CpuStorage::new(config, NUM_BLOCKS).unwrap()).unwrap();
         Self {
             cache,
             model: BTreeMap::new(),
             next_uid: 0,
             out_of_blocks: 0,
+            window,
+            reclaimed: 0,
         }
     }
 
@@ -109,6 +120,7 @@ impl Harness {
 
     fn plan_and_write(&mut self, batch: &[(SeqId, usize)]) {
         let before = self.cache.manager().clone();
+        let block_size = before.block_size();
         let plan = match self.cache.plan(batch) {
             Ok(plan) => plan,
             Err(Error::OutOfBlocks { needed, free }) => {
@@ -123,6 +135,29 @@ impl Harness {
             }
             Err(e) => panic!("plan {batch:?}: {e}"),
         };
+        // Reclaimed: exactly the pages wholly before the first new token's window.
+        for (row, &(seq, n)) in batch.iter().enumerate() {
+            let was = before.reclaimed_blocks(seq).unwrap();
+            let want = match self.window {
+                Some(w) if n > 0 => {
+                    was.max(before.len(seq).unwrap().saturating_sub(w) / block_size)
+                }
+                _ => was,
+            };
+            let now = self.cache.manager().reclaimed_blocks(seq).unwrap();
+            assert_eq!(
+                now, want,
+                "seq {seq}: reclaimed pages (window {:?})",
+                self.window
+            );
+            assert_eq!(plan.reclaimed()[row], now);
+            let table = &plan.block_tables()[row * plan.max_blocks()..][..plan.max_blocks()];
+            assert!(
+                table[..now].iter().all(|&b| b == -1),
+                "reclaimed entries are -1"
+            );
+            self.reclaimed += now - was;
+        }
         let mut uids = Vec::new();
         for &(seq, n) in batch {
             let new: Vec<u32> = (0..n as u32).map(|i| self.next_uid + i).collect();
@@ -149,19 +184,28 @@ impl Harness {
         for (&seq, uids) in &self.model {
             assert_eq!(manager.len(seq).unwrap(), uids.len());
             let table = manager.block_table(seq).unwrap();
+            let reclaimed = manager.reclaimed_blocks(seq).unwrap();
+            // The next token's window must still be held (what a query can see reads back).
+            if let Some(w) = self.window {
+                assert!(reclaimed * block_size <= uids.len().saturating_sub(w));
+            } else {
+                assert_eq!(reclaimed, 0);
+            }
+            let first = reclaimed * block_size; // the first token still held
             for layer in 0..NUM_LAYERS {
                 let (k, v) = self.cache.storage().layer(layer);
-                let (want_k, want_v) = rows(uids, layer);
-                for t in 0..uids.len() {
-                    let at = (table[t / block_size] as usize * block_size + t % block_size) * row;
+                let (want_k, want_v) = rows(&uids[first..], layer);
+                for t in first..uids.len() {
+                    let page = table[t / block_size - reclaimed] as usize;
+                    let at = (page * block_size + t % block_size) * row;
                     assert_eq!(
                         &k[at..at + row],
-                        &want_k[t * row..][..row],
+                        &want_k[(t - first) * row..][..row],
                         "seq {seq} token {t} layer {layer} K"
                     );
                     assert_eq!(
                         &v[at..at + row],
-                        &want_v[t * row..][..row],
+                        &want_v[(t - first) * row..][..row],
                         "seq {seq} token {t} layer {layer} V"
                     );
                 }
@@ -176,7 +220,7 @@ fn random_operations_keep_blocks_and_tokens_consistent() {
     let block_sizes = [1, 2, 4, 8, 16];
     let mut out_of_blocks = 0;
     for &block_size in &block_sizes {
-        let mut harness = Harness::new(block_size);
+        let mut harness = Harness::new(block_size, None);
         for _ in 0..OPERATIONS / block_sizes.len() {
             harness.step(&mut rng);
             harness.check();
@@ -188,4 +232,22 @@ fn random_operations_keep_blocks_and_tokens_consistent() {
         out_of_blocks > 100,
         "only {out_of_blocks} OutOfBlocks in {OPERATIONS} operations"
     );
+}
+
+#[test]
+fn random_operations_with_window_reclamation_keep_what_windows_see() {
+    let mut rng = common::rng("random_operations_with_window_reclamation_keep_what_windows_see");
+    let (mut out_of_blocks, mut reclaimed) = (0, 0);
+    // Windows of one key, under a page, of pages, and larger than most sequences.
+    for (block_size, window) in [(1, 0), (2, 1), (4, 9), (8, 3), (16, 40), (16, 5)] {
+        let mut harness = Harness::new(block_size, Some(window));
+        for _ in 0..OPERATIONS / 6 {
+            harness.step(&mut rng);
+            harness.check();
+        }
+        out_of_blocks += harness.out_of_blocks;
+        reclaimed += harness.reclaimed;
+    }
+    assert!(out_of_blocks > 100, "only {out_of_blocks} OutOfBlocks");
+    assert!(reclaimed > 1000, "only {reclaimed} pages reclaimed");
 }

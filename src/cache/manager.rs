@@ -370,10 +370,12 @@ impl BlockManager {
             .max()
             .unwrap_or(0);
         let mut block_tables = vec![-1i32; batch.len() * max_blocks];
-        let mut reclaimed = Vec::with_capacity(batch.len());
+        let reclaimed: Vec<usize> = batch
+            .iter()
+            .map(|(seq, _)| self.sequences[seq].reclaimed)
+            .collect();
         for (row, (seq, _)) in block_tables.chunks_mut(max_blocks.max(1)).zip(batch) {
             let s = &self.sequences[seq];
-            reclaimed.push(s.reclaimed);
             for (entry, &b) in row[s.reclaimed..].iter_mut().zip(&s.blocks) {
                 *entry = b as i32;
             }
