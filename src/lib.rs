@@ -42,6 +42,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod models;
 #[rustfmt::skip] // bindgen output, compared verbatim by tests/ffi_bindings.rs
 pub mod ffi;
 mod kernels;
