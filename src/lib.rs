@@ -44,6 +44,7 @@ pub mod dtype;
 pub mod error;
 #[rustfmt::skip] // bindgen output, compared verbatim by tests/ffi_bindings.rs
 pub mod ffi;
+pub mod fp8;
 mod kernels;
 pub mod plan;
 pub mod shape;
