@@ -380,6 +380,34 @@ fn quantize_divides_by_the_scale_and_dequantize_multiplies() {
     assert!(E5M2.is_nan(fp8::quantize(E5M2, 1.0, f32::NAN)));
 }
 
+/// The stored value is `sat_finite(x / scale)` with the quotient an IEEE division, as the
+/// device computes it: near midpoints `x * (1 / scale)` would store another value.
+#[test]
+fn quantize_rounds_the_ieee_quotient_near_midpoints() {
+    let scale = 0.37f32;
+    let mut separated = 0;
+    for format in FORMATS {
+        for code in 0..format.max_bits() {
+            let mid = (f64::from(reference_decode(format, code))
+                + f64::from(reference_decode(format, code + 1)))
+                / 2.0;
+            let near = (mid * f64::from(scale)) as f32;
+            for k in 0..9 {
+                let x = f32::from_bits(near.to_bits() + k - 4);
+                let want = reference_encode(format, x / scale);
+                assert_eq!(fp8::quantize(format, x, scale), want, "{format:?}: {x:e}");
+                if reference_encode(format, x * (1.0 / scale)) != want {
+                    separated += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        separated > 0,
+        "no input tells x / scale from x * (1 / scale)"
+    );
+}
+
 #[test]
 fn scale_from_amax_stores_amax_as_max() {
     assert_eq!(fp8::scale_from_amax(E4M3, 448.0), Ok(1.0));
