@@ -82,7 +82,8 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) {
         .define("PGQA_SIM", "1")
         .flag("-fno-strict-aliasing")
         .flag("-Wno-unknown-pragmas")
-        // The shims come first: they stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h.
+        // The shims come first: they stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h,
+        // cuda_fp8.h.
         .include(sim_dir.join("include"))
         .include(kernel_dir.join("include"))
         .include(&kernel_dir)

@@ -50,6 +50,10 @@ pub enum Error {
         first_visible_key: usize,
     },
 
+    /// An observed absolute maximum that gives no fp8 scale: NaN, infinite or negative.
+    #[error("amax {amax} is not a finite, non-negative number: it gives no fp8 scale")]
+    InvalidAmax { amax: f32 },
+
     /// A page must hold at least one token.
     #[error("block_size must be positive, got 0")]
     ZeroBlockSize,

@@ -45,6 +45,7 @@ pub mod error;
 pub mod models;
 #[rustfmt::skip] // bindgen output, compared verbatim by tests/ffi_bindings.rs
 pub mod ffi;
+pub mod fp8;
 mod kernels;
 pub mod plan;
 pub mod shape;

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "fp8.cuh"
 #include "mma.cuh"
 
 extern "C" void *pgqa_sim_device_new(void);
@@ -159,6 +160,64 @@ __global__ void __launch_bounds__(kThreads) trapping(float *out) {
   out[threadIdx.x] = 1.0f;
 }
 
+// Every fp8 pattern through each conversion of fp8.cuh from fp8, one warp, lane l holding
+// patterns 8l .. 8l + 7. in: the f32 scale, 12 bytes of padding, then the 256 patterns in order.
+// out: [256] f32 each of fp8_to_float8, fp8_to_float16 (lanes 0-15), fp8_to_float and
+// dequantize8 (under the scale), then [256] f16 and [256] bf16 bits of widen8.
+template <typename F>
+__global__ void __launch_bounds__(32) fp8_decode(const unsigned char *in, unsigned char *out) {
+  const F *tag = nullptr;
+  const int lane = threadIdx.x;
+  const float scale = reinterpret_cast<const float *>(in)[0];
+  const unsigned char *patterns = in + 16;
+  const uint2 v = reinterpret_cast<const uint2 *>(patterns)[lane];
+  float *f = reinterpret_cast<float *>(out);
+  float x[8];
+  pgqa::fp8_to_float8(v, x, tag);
+  for (int i = 0; i < 8; ++i) f[8 * lane + i] = x[i];
+  if (lane < 16) {
+    float y[16];
+    pgqa::fp8_to_float16(reinterpret_cast<const uint4 *>(patterns)[lane], y, tag);
+    for (int i = 0; i < 16; ++i) f[256 + 16 * lane + i] = y[i];
+  }
+  for (int i = 0; i < 8; ++i) f[512 + 8 * lane + i] = pgqa::fp8_to_float(patterns[8 * lane + i], tag);
+  pgqa::dequantize8(v, scale, x, tag);
+  for (int i = 0; i < 8; ++i) f[768 + 8 * lane + i] = x[i];
+  uint4 *wide = reinterpret_cast<uint4 *>(out + 4096);
+  wide[lane] = pgqa::widen8(v, tag, static_cast<const __half *>(nullptr));
+  wide[32 + lane] = pgqa::widen8(v, tag, static_cast<const __nv_bfloat16 *>(nullptr));
+}
+
+// n f32 values (n a multiple of 16) through each conversion of fp8.cuh to fp8, thread t holding
+// values 16t .. 16t + 15. in: the f32 scale, 12 bytes of padding, then the values. out: [n] bytes
+// each of float16_to_fp8, float8_to_fp8, float2_to_fp8x2, float_to_fp8_satfinite and quantize8
+// (under the scale).
+template <typename F>
+__global__ void __launch_bounds__(kThreads) fp8_encode(const unsigned char *in, unsigned char *out, int n) {
+  const F *tag = nullptr;
+  const int t = blockIdx.x * kThreads + threadIdx.x;
+  if (16 * t >= n) return;
+  const float scale = reinterpret_cast<const float *>(in)[0];
+  const float *values = reinterpret_cast<const float *>(in + 16) + 16 * t;
+  float x[16], lo[8], hi[8];
+  for (int i = 0; i < 16; ++i) x[i] = values[i];
+  for (int i = 0; i < 8; ++i) {
+    lo[i] = x[i];
+    hi[i] = x[8 + i];
+  }
+  reinterpret_cast<uint4 *>(out)[t] = pgqa::float16_to_fp8(x, tag);
+  reinterpret_cast<uint2 *>(out + n)[2 * t] = pgqa::float8_to_fp8(lo, tag);
+  reinterpret_cast<uint2 *>(out + n)[2 * t + 1] = pgqa::float8_to_fp8(hi, tag);
+  for (int i = 0; i < 16; i += 2) {
+    const uint16_t pair = pgqa::float2_to_fp8x2(x[i], x[i + 1], tag);
+    out[2 * n + 16 * t + i] = static_cast<unsigned char>(pair & 0xff);
+    out[2 * n + 16 * t + i + 1] = static_cast<unsigned char>(pair >> 8);
+  }
+  for (int i = 0; i < 16; ++i) out[3 * n + 16 * t + i] = pgqa::float_to_fp8_satfinite(x[i], tag);
+  reinterpret_cast<uint2 *>(out + 4 * n)[2 * t] = pgqa::quantize8(lo, scale, tag);
+  reinterpret_cast<uint2 *>(out + 4 * n)[2 * t + 1] = pgqa::quantize8(hi, scale, tag);
+}
+
 void *upload(void *device, const void *data, size_t bytes, size_t capacity) {
   void *p = pgqa_sim_malloc(device, capacity);
   if (bytes > 0) memcpy(p, data, bytes);
@@ -217,6 +276,20 @@ extern "C" int pgqa_sim_check(const char *name, int variant, const void *input, 
     status = PGQA_LAUNCH(mma_tile<__half>, 1, 32, 1024, stream, static_cast<const uint16_t *>(in), out);
   } else if (n == "shuffles") {
     status = PGQA_LAUNCH(shuffles, 1, 32, 0, stream, out);
+  } else if (n == "fp8_e4m3_decode" || n == "fp8_e5m2_decode") {
+    const unsigned char *bytes = static_cast<const unsigned char *>(in);
+    unsigned char *out_bytes = reinterpret_cast<unsigned char *>(out);
+    status = n == "fp8_e4m3_decode"
+                 ? PGQA_LAUNCH(fp8_decode<pgqa::fp8_e4m3>, 1, 32, 0, stream, bytes, out_bytes)
+                 : PGQA_LAUNCH(fp8_decode<pgqa::fp8_e5m2>, 1, 32, 0, stream, bytes, out_bytes);
+  } else if (n == "fp8_e4m3_encode" || n == "fp8_e5m2_encode") {
+    const unsigned char *bytes = static_cast<const unsigned char *>(in);
+    unsigned char *out_bytes = reinterpret_cast<unsigned char *>(out);
+    const int values = static_cast<int>((input_bytes - 16) / 4);
+    const int blocks = (values / 16 + kThreads - 1) / kThreads;
+    status = n == "fp8_e4m3_encode"
+                 ? PGQA_LAUNCH(fp8_encode<pgqa::fp8_e4m3>, blocks, kThreads, 0, stream, bytes, out_bytes, values)
+                 : PGQA_LAUNCH(fp8_encode<pgqa::fp8_e5m2>, blocks, kThreads, 0, stream, bytes, out_bytes, values);
   } else if (n == "trap") {
     status = PGQA_LAUNCH(trapping, 1, kThreads, 0, stream, out);
   }

@@ -16,6 +16,16 @@ struct __half {
 struct __half2 {
   __half x, y;
 };
+// The raw bit containers (cuda_fp8.h's conversions return them), converting to __half and
+// __half2 as CUDA's constructors from them do.
+struct __half_raw {
+  unsigned short x;
+  operator __half() const { return {x}; }
+};
+struct __half2_raw {
+  unsigned short x, y;
+  operator __half2() const { return {{x}, {y}}; }
+};
 
 inline float __half2float(__half h) {
   const uint32_t sign = static_cast<uint32_t>(h.x & 0x8000u) << 16;

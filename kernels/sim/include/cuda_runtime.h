@@ -64,6 +64,7 @@ struct alignas(8) uint2 {
   unsigned x, y;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
@@ -76,6 +77,9 @@ template <typename T>
 inline T max(T a, T b) {
   return a < b ? b : a;
 }
+
+// IEEE division rounded to nearest even: the host's `/` (the emulator is built without fast-math).
+inline float __fdiv_rn(float a, float b) { return a / b; }
 
 inline unsigned syncwarp_mask(unsigned mask = 0xffffffffu) { return mask; }
 

@@ -1,0 +1,213 @@
+//! FP8 storage values for the KV cache: the OCP formats e4m3fn and e5m2, and their host
+//! conversions to and from `f32`, bit-exact with the device's (`kernels/fp8.cuh`: CUDA's
+//! `cuda_fp8.h` conversions with `__NV_SATFINITE`, and the emulator's copy of them).
+//!
+//! | format | bits | bias | largest finite | smallest normal | smallest subnormal | infinities | NaNs |
+//! |---|---|---|---|---|---|---|---|
+//! | [`E4M3`](Fp8Format::E4M3) (e4m3fn) | `s eeee mmm` | 7 | 448 (`0x7E`) | 2^-6 | 2^-9 | none | `0x7F`, `0xFF` |
+//! | [`E5M2`](Fp8Format::E5M2) | `s eeeee mm` | 15 | 57344 (`0x7B`) | 2^-14 | 2^-16 | `0x7C`, `0xFC` | `0x7D`-`0x7F`, `0xFD`-`0xFF` |
+//!
+//! - [`encode`] rounds to the nearest value, ties to even, and saturates: a value past the
+//!   largest finite one, infinities included, becomes ±max (`__NV_SATFINITE`). So it never
+//!   produces an e5m2 infinity. Every NaN becomes [`Fp8Format::NAN_BITS`] (`0x7F`, a NaN in both
+//!   formats, sign dropped): that is what CUDA's `__nv_cvt_float_to_fp8` returns for a float
+//!   NaN, since it replaces any NaN input by `0x7FFFFFFF` before converting. Values below half
+//!   the smallest subnormal become ±0, keeping their sign.
+//! - [`decode`] is exact: every fp8 value is an `f32`, an `f16` and a `bf16` value. Every NaN
+//!   pattern decodes to a NaN; its sign and payload are not kept. A stored e5m2 infinity pattern
+//!   decodes to ±inf.
+//! - Scales: the cache stores `quantize(x, scale) = encode(x / scale)` and reads
+//!   `dequantize(bits, scale) = decode(bits) * scale`, one `f32` scale per (layer, K/V head) for
+//!   K and another for V. [`scale_from_amax`] turns an observed absolute maximum into a scale.
+//!
+//! The bit manipulation is this crate's own; the tests (`tests/fp8.rs`) check it against the
+//! `float8` crate, which follows CUDA's saturating conversion, for every fp8 pattern, every
+//! midpoint and a few million `f32` values.
+//!
+//! ```
+//! use paged_gqa::fp8::{self, Fp8Format::{E4M3, E5M2}};
+//!
+//! assert_eq!(fp8::encode(E4M3, 1.0), 0x38);
+//! assert_eq!(fp8::decode(E4M3, 0x38), 1.0);
+//! assert_eq!(fp8::encode(E4M3, 1000.0), 0x7E); // saturates to 448
+//! assert_eq!(fp8::encode(E5M2, f32::NEG_INFINITY), 0xFB); // -57344, never -inf
+//! assert!(fp8::decode(E4M3, fp8::encode(E4M3, f32::NAN)).is_nan());
+//!
+//! // A K head whose values reach 3.5 in magnitude: 3.5 is stored as 448.
+//! let scale = fp8::scale_from_amax(E4M3, 3.5)?;
+//! assert_eq!(fp8::quantize(E4M3, -3.5, scale), 0xFE);
+//! assert_eq!(fp8::dequantize(E4M3, 0xFE, scale), -3.5);
+//! # Ok::<(), paged_gqa::Error>(())
+//! ```
+
+use crate::error::{Error, Result};
+
+/// One of the two FP8 storage formats of the OCP 8-bit floating point specification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fp8Format {
+    /// e4m3fn: 4 exponent bits (bias 7), 3 mantissa bits, largest finite value 448, no
+    /// infinities, NaN only at `0x7F` and `0xFF`. More precision, less range.
+    E4M3,
+    /// e5m2: 5 exponent bits (bias 15), 2 mantissa bits, largest finite value 57344, IEEE-style
+    /// infinities (`0x7C`, `0xFC`) and NaNs (exponent 31, mantissa not 0). More range.
+    E5M2,
+}
+
+impl Fp8Format {
+    /// The NaN [`encode`] produces in either format: `0x7F` (all exponent and mantissa bits set,
+    /// sign clear), the NaN CUDA's float-to-fp8 conversion returns.
+    pub const NAN_BITS: u8 = 0x7F;
+
+    /// The largest finite value: 448 for e4m3fn, 57344 for e5m2. Encoding saturates to it.
+    pub const fn max(self) -> f32 {
+        match self {
+            Fp8Format::E4M3 => 448.0,
+            Fp8Format::E5M2 => 57344.0,
+        }
+    }
+
+    /// The bits of [`max`](Self::max): `0x7E` for e4m3fn, `0x7B` for e5m2 (`| 0x80` for -max).
+    pub const fn max_bits(self) -> u8 {
+        match self {
+            Fp8Format::E4M3 => 0x7E,
+            Fp8Format::E5M2 => 0x7B,
+        }
+    }
+
+    /// True when `bits` is a NaN of this format: `0x7F` or `0xFF` for e4m3fn; exponent 31 with a
+    /// nonzero mantissa (`0x7D`-`0x7F`, `0xFD`-`0xFF`) for e5m2.
+    pub const fn is_nan(self, bits: u8) -> bool {
+        match self {
+            Fp8Format::E4M3 => bits & 0x7F == 0x7F,
+            Fp8Format::E5M2 => bits & 0x7F > 0x7C,
+        }
+    }
+
+    /// Explicit mantissa bits: 3 or 2.
+    const fn mantissa_bits(self) -> u32 {
+        match self {
+            Fp8Format::E4M3 => 3,
+            Fp8Format::E5M2 => 2,
+        }
+    }
+
+    /// Exponent bias: 7 or 15.
+    const fn bias(self) -> i32 {
+        match self {
+            Fp8Format::E4M3 => 7,
+            Fp8Format::E5M2 => 15,
+        }
+    }
+}
+
+/// `x` in `format`: rounded to the nearest value, ties to even; saturated to ±[`max`] past the
+/// largest finite value (±inf included); a NaN becomes [`Fp8Format::NAN_BITS`]; below half the
+/// smallest subnormal, ±0 (the sign kept). CUDA's `__nv_cvt_float_to_fp8(x, __NV_SATFINITE, ..)`.
+///
+/// [`max`]: Fp8Format::max
+pub fn encode(format: Fp8Format, x: f32) -> u8 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let abs = bits & 0x7FFF_FFFF;
+    if abs > 0x7F80_0000 {
+        return Fp8Format::NAN_BITS;
+    }
+    if abs == 0x7F80_0000 {
+        return sign | format.max_bits();
+    }
+    let biased_exponent = (abs >> 23) as i32;
+    if biased_exponent == 0 {
+        // Zero or an f32 subnormal (below 2^-126): far below half the smallest fp8 subnormal.
+        return sign;
+    }
+    let m = format.mantissa_bits();
+    let exponent = biased_exponent - 127; // |x| = significand * 2^(exponent - 23)
+    let significand = (abs & 0x7F_FFFF) | 0x80_0000;
+    let min_exponent = 1 - format.bias(); // of the normal values; subnormals share its step
+                                          // The step between fp8 values near |x| is 2^(max(exponent, min_exponent) - m): the
+                                          // significand bits below it are rounded off.
+    let shift = (23 - m as i32) + (min_exponent - exponent).max(0);
+    if shift > 24 {
+        return sign; // |x| is below half a step: rounds to zero
+    }
+    let shift = shift as u32;
+    let kept = significand >> shift;
+    let rest = significand & ((1 << shift) - 1);
+    let half = 1 << (shift - 1);
+    let rounded = kept + u32::from(rest > half || (rest == half && kept & 1 == 1));
+    // A normal value's `rounded` holds the implicit bit (2^m ..= 2^(m+1)), so adding
+    // (exponent - min_exponent) << m gives exponent field exponent + bias, and a significand that
+    // rounded up to 2^(m+1) carries into the next binade. A subnormal's `rounded` is its code.
+    let code = (((exponent - min_exponent).max(0) as u32) << m) + rounded;
+    if code > u32::from(format.max_bits()) {
+        // Past max: the e4m3fn NaN 0x7F, e5m2 infinity 0x7C, or anything larger.
+        sign | format.max_bits()
+    } else {
+        sign | code as u8
+    }
+}
+
+/// The value of `bits` in `format`, exactly. NaN patterns ([`Fp8Format::is_nan`]) give a NaN
+/// (sign and payload not kept); e5m2's `0x7C` and `0xFC` give ±inf.
+pub fn decode(format: Fp8Format, bits: u8) -> f32 {
+    if format.is_nan(bits) {
+        return f32::NAN;
+    }
+    let magnitude = bits & 0x7F;
+    let m = format.mantissa_bits();
+    let exponent_field = i32::from(magnitude >> m);
+    let mantissa = u32::from(magnitude) & ((1 << m) - 1);
+    let value = if format == Fp8Format::E5M2 && magnitude == 0x7C {
+        f32::INFINITY
+    } else if exponent_field == 0 {
+        // Zero or subnormal: mantissa steps of 2^(1 - bias - m), exact in f32.
+        let step = f32::from_bits(((128 - format.bias() - m as i32) as u32) << 23);
+        mantissa as f32 * step
+    } else {
+        f32::from_bits(((exponent_field - format.bias() + 127) as u32) << 23 | mantissa << (23 - m))
+    };
+    if bits & 0x80 != 0 {
+        -value
+    } else {
+        value
+    }
+}
+
+/// The stored bits of `x` under `scale`: [`encode`]`(format, x / scale)`, the quotient rounded
+/// to `f32` first (an IEEE division, as the device computes it), so the stored value is
+/// `sat_finite(x / scale)`.
+///
+/// `scale` should be positive and finite, as [`scale_from_amax`] returns it: a zero scale stores
+/// ±max for nonzero `x` and NaN for zero; a NaN scale stores NaN.
+pub fn quantize(format: Fp8Format, x: f32, scale: f32) -> u8 {
+    encode(format, x / scale)
+}
+
+/// The value `bits` stands for under `scale`: [`decode`]`(format, bits) * scale`, rounded to `f32`.
+pub fn dequantize(format: Fp8Format, bits: u8, scale: f32) -> f32 {
+    decode(format, bits) * scale
+}
+
+/// The scale that stores an observed absolute maximum `amax` as the format's largest finite
+/// value: `amax / max` (`amax / 448` for e4m3fn, `amax / 57344` for e5m2), for engines that
+/// calibrate. The result is always positive, finite and a normal `f32`:
+///
+/// - `amax == 0` (every observed value was zero) gives 1.0: any positive scale stores zeros
+///   exactly, and 1.0 is the scale engines use when none was calibrated.
+/// - A tiny `amax` whose quotient would fall below `f32::MIN_POSITIVE` (2^-126) gives
+///   `f32::MIN_POSITIVE`, so that `x / scale` stays finite and exact enough; values up to `amax`
+///   then use less than the whole fp8 range.
+///
+/// # Errors
+///
+/// [`Error::InvalidAmax`] when `amax` is NaN, infinite or negative: a calibration bug that a
+/// substitute scale would hide.
+pub fn scale_from_amax(format: Fp8Format, amax: f32) -> Result<f32> {
+    if amax.is_nan() || amax.is_infinite() || amax < 0.0 {
+        return Err(Error::InvalidAmax { amax });
+    }
+    if amax == 0.0 {
+        return Ok(1.0);
+    }
+    Ok((amax / format.max()).max(f32::MIN_POSITIVE))
+}
