@@ -36,11 +36,30 @@ fn launch_bounds(source: &str) -> Vec<(String, String)> {
     found
 }
 
+/// `source` followed by the text of the kernel headers (`#include "x.cuh"` beside it) it
+/// includes: where its kernels may be defined (prefill_kernel.cuh, instantiated by two files).
+fn with_local_headers(kernel: &Path, source: &str) -> String {
+    let mut text = source.to_string();
+    for line in source.lines() {
+        let included = line
+            .trim()
+            .strip_prefix("#include \"")
+            .and_then(|rest| rest.strip_suffix('"'))
+            .filter(|name| name.ends_with(".cuh"));
+        if let Some(name) = included {
+            if let Ok(header) = std::fs::read_to_string(kernel.with_file_name(name)) {
+                text.push_str(&header);
+            }
+        }
+    }
+    text
+}
+
 /// The wrapper translation unit of `kernel`: the file itself, then its bounds' registration.
 fn wrapper(out_dir: &Path, kernel: &Path) -> PathBuf {
     let source = std::fs::read_to_string(kernel).expect("kernel source is readable");
     let mut text = format!("#include \"{}\"\n", kernel.display());
-    let bounds = launch_bounds(&source);
+    let bounds = launch_bounds(&with_local_headers(kernel, &source));
     if !bounds.is_empty() {
         text.push_str("namespace {\n[[maybe_unused]] const bool pgqa_sim_bounds_registered = (");
         for (bound, name) in &bounds {

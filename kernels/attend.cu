@@ -21,8 +21,16 @@
 // the range starts at the first row's window start and ends at the last row's causal limit, so
 // tiles left of the window or above the diagonal are never loaded. Sinks enter at the end (one
 // split) or in the merge (several).
+//
+// Pages of fp8 (KV = pgqa::fp8_e4m3 or fp8_e5m2; T stays the 16-bit type of q and out): the
+// tiles hold the 8-bit values as they are in memory (16 per 16-byte copy), converted to f32 in
+// the dot products and the P V loop. The scales are folded, not applied per value: the block
+// serves one K/V head, so k_scale multiplies the pre-scaled q (every score carries it once) and
+// v_scale the normalisation factor (every output carries it once); attention over the stored
+// values is then exactly attention over the dequantized ones.
 
 #include "common.cuh"
+#include "fp8.cuh"
 #include "merge.cuh"
 #include "prefill.cuh"
 
@@ -32,50 +40,88 @@ constexpr int kThreads = PGQA_ATTEND_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kAccItems = PGQA_ATTEND_ACC_ITEMS;
 
-template <int D>
+// KV: the pages' element type (T itself, or an fp8 tag); D: head_dim.
+template <typename KV, int D>
 struct Geometry {
-  static constexpr int kChunks = D / 8;  // 16-byte vectors per row
+  static constexpr bool kFp8 = sizeof(KV) == 1;
+  static constexpr int kChunks = D / 8;  // 8-element slices per row (16 bytes of 16-bit K/V)
   // Keys per tile: about 4096 elements of K (and of V) per buffer.
   static constexpr int kKeys = 4096 / D >= 64 ? 64 : (4096 / D >= 32 ? 32 : 16);
-  // Shared-memory row stride in elements: 16 bytes of padding shift consecutive rows by one
-  // 16-byte bank group, so the threads of a quarter warp reading different rows never collide.
-  static constexpr int kRowStride = D + 8;
+  // Elements per 16-byte copy, and copies per row.
+  static constexpr int kCopyElems = 16 / static_cast<int>(sizeof(KV));
+  static constexpr int kCopyChunks = D / kCopyElems;
+  // Shared-memory row stride in elements: an odd number of 16-byte bank groups, so the 8
+  // threads of a quarter warp reading 16 bytes each of 8 different rows never collide. 16-bit:
+  // 16 bytes of padding (2 D + 16 bytes: D / 8 + 1 groups, odd for every head_dim built);
+  // fp8: D bytes when D / 16 is odd (80), else 16 more.
+  static constexpr int kRowStride = !kFp8 ? D + 8 : ((D / 16) % 2 == 1 ? D : D + 16);
   static constexpr int kTileElems = kKeys * kRowStride;
   // Rows one block serves: kAccItems slices of 8 per thread.
   static constexpr int kMaxRows = kAccItems * kThreads / kChunks;
 };
 
-// Shared memory of a block serving `rows` rows: K and V tiles (two buffers each),
+// Shared memory of a block serving `rows` rows: K and V tiles (two buffers each) of KV,
 // then q [rows][D] f32, scores [rows][kKeys] f32, m, l, alpha, bias [rows] f32.
-template <typename T, int D>
+template <typename KV, int D>
 size_t smem_bytes(int rows) {
-  using G = Geometry<D>;
-  return 4 * G::kTileElems * sizeof(T) + static_cast<size_t>(rows) * (D + G::kKeys + 4) * sizeof(float);
+  using G = Geometry<KV, D>;
+  return 4 * G::kTileElems * sizeof(KV) + static_cast<size_t>(rows) * (D + G::kKeys + 4) * sizeof(float);
 }
 
-// q_h . k over D elements: q from shared f32 (pre-scaled), k a shared row of T.
-template <typename T, int D>
-__device__ inline float dot(const float *q, const T *k) {
+// Eight K/V elements of a shared row (a 16-byte or, for fp8, an 8-byte vector) as floats.
+__device__ inline void load8(const __nv_bfloat16 *row, float (&f)[8]) {
+  pgqa::to_float8(*reinterpret_cast<const uint4 *>(row), f, row);
+}
+__device__ inline void load8(const __half *row, float (&f)[8]) {
+  pgqa::to_float8(*reinterpret_cast<const uint4 *>(row), f, row);
+}
+__device__ inline void load8(const pgqa::fp8_e4m3 *row, float (&f)[8]) {
+  pgqa::fp8_to_float8(*reinterpret_cast<const uint2 *>(row), f, row);
+}
+__device__ inline void load8(const pgqa::fp8_e5m2 *row, float (&f)[8]) {
+  pgqa::fp8_to_float8(*reinterpret_cast<const uint2 *>(row), f, row);
+}
+
+// q_h . k over D elements: q from shared f32 (pre-scaled), k a shared row of KV.
+template <typename KV, int D>
+__device__ inline float dot(const float *q, const KV *k) {
   float sum = 0.0f;
+  if constexpr (sizeof(KV) == 2) {
 #pragma unroll
-  for (int c = 0; c < D / 8; ++c) {
-    float kf[8];
-    pgqa::to_float8(*reinterpret_cast<const uint4 *>(k + c * 8), kf, k);
-    const float4 q0 = *reinterpret_cast<const float4 *>(q + c * 8);
-    const float4 q1 = *reinterpret_cast<const float4 *>(q + c * 8 + 4);
-    sum += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
-           q1.z * kf[6] + q1.w * kf[7];
+    for (int c = 0; c < D / 8; ++c) {
+      float kf[8];
+      pgqa::to_float8(*reinterpret_cast<const uint4 *>(k + c * 8), kf, k);
+      const float4 q0 = *reinterpret_cast<const float4 *>(q + c * 8);
+      const float4 q1 = *reinterpret_cast<const float4 *>(q + c * 8 + 4);
+      sum += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
+             q1.z * kf[6] + q1.w * kf[7];
+    }
+  } else {
+    // 16 stored values per 16-byte read (a quarter warp's reads of 8 rows hit distinct banks).
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      float kf[16];
+      pgqa::fp8_to_float16(*reinterpret_cast<const uint4 *>(k + c * 16), kf, k);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float4 q0 = *reinterpret_cast<const float4 *>(q + c * 16 + 8 * h);
+        const float4 q1 = *reinterpret_cast<const float4 *>(q + c * 16 + 8 * h + 4);
+        const float *x = kf + 8 * h;
+        sum += q0.x * x[0] + q0.y * x[1] + q0.z * x[2] + q0.w * x[3] + q1.x * x[4] + q1.y * x[5] +
+               q1.z * x[6] + q1.w * x[7];
+      }
+    }
   }
   return sum;
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     attend_kernel(const pgqa_attend_params p, int block_shift, int group, int head_chunks) {
-  using G = Geometry<D>;
+  using G = Geometry<KV, D>;
   PGQA_DYNAMIC_SHARED(smem);
-  T *k_tiles = reinterpret_cast<T *>(smem);  // [2][kKeys][kRowStride]
-  T *v_tiles = k_tiles + 2 * G::kTileElems;   // [2][kKeys][kRowStride]
+  KV *k_tiles = reinterpret_cast<KV *>(smem);  // [2][kKeys][kRowStride]
+  KV *v_tiles = k_tiles + 2 * G::kTileElems;    // [2][kKeys][kRowStride]
 
   const int seq = p.work[2 * static_cast<int64_t>(blockIdx.x)];
   const int j0 = p.work[2 * static_cast<int64_t>(blockIdx.x) + 1];  // first query row (of seq)
@@ -116,8 +162,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int end = static_cast<int>(min(static_cast<int64_t>(hi), split_start + p.keys_per_split));
   const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
 
-  const T *k_cache = static_cast<const T *>(p.k_cache);
-  const T *v_cache = static_cast<const T *>(p.v_cache);
+  const KV *k_cache = static_cast<const KV *>(p.k_cache);
+  const KV *v_cache = static_cast<const KV *>(p.v_cache);
   const int32_t *block_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
 
   // Issues the copies of tile `tile` into buffer tile % 2 (rows past `end` are not loaded;
@@ -125,19 +171,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto load_tile = [&](int tile) {
     const int base = start + tile * G::kKeys;
     const int valid = min(G::kKeys, end - base);
-    T *k_dst = k_tiles + (tile & 1) * G::kTileElems;
-    T *v_dst = v_tiles + (tile & 1) * G::kTileElems;
-    for (int i = threadIdx.x; i < valid * G::kChunks; i += kThreads) {
-      const int row = i / G::kChunks;
-      const int c = i % G::kChunks;
+    KV *k_dst = k_tiles + (tile & 1) * G::kTileElems;
+    KV *v_dst = v_tiles + (tile & 1) * G::kTileElems;
+    for (int i = threadIdx.x; i < valid * G::kCopyChunks; i += kThreads) {
+      const int row = i / G::kCopyChunks;
+      const int c = (i % G::kCopyChunks) * G::kCopyElems;  // first element of the copy
       const int pos = base + row;
       const int block = block_table[pos >> block_shift];
       if (block < 0 || block >= p.num_blocks) continue;  // validated on the host; never read
       const int slot = pos & (p.block_size - 1);
       const int64_t offset =
-          ((static_cast<int64_t>(block) * p.block_size + slot) * p.n_kv_heads + kv_head) * D + c * 8;
-      pgqa::copy16_async(k_dst + row * G::kRowStride + c * 8, k_cache + offset);
-      pgqa::copy16_async(v_dst + row * G::kRowStride + c * 8, v_cache + offset);
+          ((static_cast<int64_t>(block) * p.block_size + slot) * p.n_kv_heads + kv_head) * D + c;
+      pgqa::copy16_async(k_dst + row * G::kRowStride + c, k_cache + offset);
+      pgqa::copy16_async(v_dst + row * G::kRowStride + c, v_cache + offset);
     }
     pgqa::copy_async_commit();
   };
@@ -146,8 +192,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Soft-cap: q pre-scaled by scale, then s = (cap log2 e) tanh(q.k / cap); else by
   // scale * log2 e. tanhf saturates to +-1 for any large or infinite argument: no NaN.
+  // fp8 pages: k_scale joins the scale (one factor of every score of this K/V head).
   const bool capped = p.logit_softcap > 0.0f;
-  const float q_scale = capped ? p.scale : p.scale * pgqa::kLog2e;
+  float q_scale = capped ? p.scale : p.scale * pgqa::kLog2e;
+  if constexpr (G::kFp8) q_scale *= p.k_scale[kv_head];
   const float inv_cap = capped ? 1.0f / p.logit_softcap : 0.0f;
   const float cap_log2 = p.logit_softcap * pgqa::kLog2e;
   const T *q = static_cast<const T *>(p.q);
@@ -179,8 +227,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     const int base = start + tile * G::kKeys;
     const int valid = min(G::kKeys, end - base);  // >= 1
-    const T *k_tile = k_tiles + (tile & 1) * G::kTileElems;
-    const T *v_tile = v_tiles + (tile & 1) * G::kTileElems;
+    const KV *k_tile = k_tiles + (tile & 1) * G::kTileElems;
+    const KV *v_tile = v_tiles + (tile & 1) * G::kTileElems;
 
     // 1. Scores; keys past the tile or outside the row's visible keys are masked.
     for (int i = threadIdx.x; i < rows * G::kKeys; i += kThreads) {
@@ -191,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool visible = t < valid && key < first_hi + hi_step * j && key >= first_lo + lo_step * j;
       float score = -INFINITY;
       if (visible) {
-        score = dot<T, D>(q_s + r * D, k_tile + t * G::kRowStride);
+        score = dot<KV, D>(q_s + r * D, k_tile + t * G::kRowStride);
         if (capped) score = cap_log2 * tanhf(score * inv_cap);
         score += bias_s[r] * static_cast<float>(key - (first_pos + j));
       }
@@ -237,8 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float *prob = scores + r * G::kKeys;
         for (int t = 0; t < valid; ++t) {
           float vf[8];
-          pgqa::to_float8(*reinterpret_cast<const uint4 *>(v_tile + t * G::kRowStride + c * 8), vf,
-                          v_tile);
+          load8(v_tile + t * G::kRowStride + c * 8, vf);
           const float pt = prob[t];
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[k][j] += pt * vf[j];
@@ -255,7 +302,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // Per row: the factor of its accumulators (into alpha_s) and its lse. One split: the final
   // result, the sink (if any) one more term of the denominator. Several: this split's partial,
-  // without the sink (the merge adds it once).
+  // without the sink (the merge adds it once). fp8 pages: v_scale joins the factor (one factor
+  // of every output of this K/V head, partials included: the merge is linear in them).
+  float out_scale = 1.0f;
+  if constexpr (G::kFp8) out_scale = p.v_scale[kv_head];
   for (int r = threadIdx.x; r < rows; r += kThreads) {
     const float m = m_s[r];
     const float l = l_s[r];
@@ -263,7 +313,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                             ? p.sinks[head0 + r % heads] * pgqa::kLog2e
                             : -INFINITY;
     const pgqa::Finish f = pgqa::finish_row(m, l, sink2);
-    alpha_s[r] = f.factor;
+    if constexpr (G::kFp8) {
+      alpha_s[r] = f.factor * out_scale;
+    } else {
+      alpha_s[r] = f.factor;
+    }
     const int64_t row = out_row(r);
     if (p.num_splits == 1) {
       p.lse[row] = f.lse_log2 * pgqa::kLn2;
@@ -299,21 +353,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // The CUDA-core kernel over params.work (nothing when it is empty): kPrepare checks the launch
 // and raises the shared-memory limit, kLaunch launches.
-template <typename T, int D>
+template <typename T, typename KV, int D>
 pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                    pgqa::Phase phase) {
   if (p.num_work == 0) return PGQA_STATUS_OK;
-  using G = Geometry<D>;
+  using G = Geometry<KV, D>;
   const int group = p.n_heads / p.n_kv_heads;
   const int head_chunks = (group + G::kMaxRows - 1) / G::kMaxRows;
   const int heads = min(group, G::kMaxRows);
   const int64_t grid_y = static_cast<int64_t>(p.n_kv_heads) * head_chunks;
   const int64_t max_rows = static_cast<int64_t>(p.tokens_per_work) * heads;
-  const size_t smem = smem_bytes<T, D>(static_cast<int>(max_rows));
-  auto kernel = attend_kernel<T, D>;
+  const size_t smem = smem_bytes<KV, D>(static_cast<int>(max_rows));
+  auto kernel = attend_kernel<T, KV, D>;
   if (phase == pgqa::Phase::kPrepare) {
     if (grid_y > 65535 || max_rows > G::kMaxRows) return PGQA_STATUS_INVALID_ARGUMENT;
-    return pgqa::allow_shared_memory(kernel, smem_bytes<T, D>(G::kMaxRows), smem, cuda_error);
+    return pgqa::allow_shared_memory(kernel, smem_bytes<KV, D>(G::kMaxRows), smem, cuda_error);
   }
   const dim3 grid(static_cast<unsigned>(p.num_work), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(p.num_splits));
@@ -322,11 +376,11 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
   return pgqa::launch_status(cuda_error);
 }
 
-template <typename T>
+template <typename T, typename KV>
 pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                            pgqa::Phase phase) {
   return pgqa::for_head_dim(p.head_dim, [&](auto dim) {
-    return launch<T, decltype(dim)::value>(p, stream, cuda_error, phase);
+    return launch<T, KV, decltype(dim)::value>(p, stream, cuda_error, phase);
   });
 }
 
@@ -334,12 +388,12 @@ bool is_power_of_two(int x) { return x > 0 && (x & (x - 1)) == 0; }
 
 // Both kernels prepared (nothing launched when either refuses), then the CUDA-core kernel, the
 // tensor-core kernel, and the merge of the splits.
-template <typename T>
+template <typename T, typename KV>
 pgqa_status launch_all(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error) {
   pgqa_status status = PGQA_STATUS_OK;
   for (const pgqa::Phase phase : {pgqa::Phase::kPrepare, pgqa::Phase::kLaunch}) {
     if (status == PGQA_STATUS_OK && p.num_work > 0)
-      status = launch_for_dim<T>(p, stream, cuda_error, phase);
+      status = launch_for_dim<T, KV>(p, stream, cuda_error, phase);
     if (status == PGQA_STATUS_OK) status = pgqa::launch_prefill(p, stream, cuda_error, phase);
   }
   if (status != PGQA_STATUS_OK || p.num_splits == 1) return status;
@@ -369,15 +423,25 @@ extern "C" pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream
       p.context_lens == nullptr || p.query_starts == nullptr ||
       (p.num_work > 0 && p.work == nullptr) || (p.num_mma_work > 0 && p.mma_work == nullptr) ||
       p.out == nullptr || p.lse == nullptr ||
-      (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
+      (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) ||
+      (pgqa::is_fp8(p.kv_dtype) && (p.k_scale == nullptr || p.v_scale == nullptr)))
     return PGQA_STATUS_INVALID_ARGUMENT;
   if (!pgqa::aligned16(p.q) || !pgqa::aligned16(p.k_cache) || !pgqa::aligned16(p.v_cache) ||
       !pgqa::aligned16(p.out) || (p.num_splits > 1 && !pgqa::aligned16(p.partial_out)))
     return PGQA_STATUS_MISALIGNED;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case PGQA_DTYPE_BF16: return launch_all<__nv_bfloat16>(p, s, cuda_error);
-    case PGQA_DTYPE_F16: return launch_all<__half>(p, s, cuda_error);
+  if (p.dtype != PGQA_DTYPE_BF16 && p.dtype != PGQA_DTYPE_F16) return PGQA_STATUS_UNSUPPORTED;
+  const bool bf16 = p.dtype == PGQA_DTYPE_BF16;
+  if (p.kv_dtype == p.dtype)
+    return bf16 ? launch_all<__nv_bfloat16, __nv_bfloat16>(p, s, cuda_error)
+                : launch_all<__half, __half>(p, s, cuda_error);
+  switch (p.kv_dtype) {
+    case PGQA_DTYPE_F8_E4M3:
+      return bf16 ? launch_all<__nv_bfloat16, pgqa::fp8_e4m3>(p, s, cuda_error)
+                  : launch_all<__half, pgqa::fp8_e4m3>(p, s, cuda_error);
+    case PGQA_DTYPE_F8_E5M2:
+      return bf16 ? launch_all<__nv_bfloat16, pgqa::fp8_e5m2>(p, s, cuda_error)
+                  : launch_all<__half, pgqa::fp8_e5m2>(p, s, cuda_error);
     default: return PGQA_STATUS_UNSUPPORTED;
   }
 }

@@ -1,8 +1,10 @@
 // cache.cu: the cache kernels: write new tokens' K/V into their slots, copy blocks.
 //
-// Both move rows as 16-byte vectors and are dtype-agnostic; offsets are 64-bit.
+// The copies move rows as 16-byte vectors and are dtype-agnostic (fp8 pages included); the
+// quantizing write turns each 8 values of a new 16-bit row into 8 fp8 bytes. Offsets are 64-bit.
 
 #include "common.cuh"
+#include "fp8.cuh"
 
 namespace {
 
@@ -23,6 +25,48 @@ __global__ void __launch_bounds__(kThreads)
     k_cache[dst + i] = k_new[src + i];
     v_cache[dst + i] = v_new[src + i];
   }
+}
+
+// One thread block per new token: quantizes its K and V rows (all K/V heads) into its slot of
+// fp8 pages, 8 values (16 bytes in, 8 bytes out) per step: value x of K/V head h is stored as
+// sat_finite(x / k_scale[h]) (v_scale[h] for V). k_new, v_new: [num_tokens, row_len] of T;
+// k_cache, v_cache: [num_slots, row_len] fp8 (F's format); head_dim a multiple of 8.
+template <typename T, typename F>
+__global__ void __launch_bounds__(kThreads)
+    write_kv_fp8_kernel(const T *__restrict__ k_new, const T *__restrict__ v_new,
+                        uint8_t *__restrict__ k_cache, uint8_t *__restrict__ v_cache,
+                        const int64_t *__restrict__ slot_mapping, int64_t num_slots, int row_len,
+                        int head_dim, const float *__restrict__ k_scale,
+                        const float *__restrict__ v_scale) {
+  const int64_t token = blockIdx.x;
+  const int64_t slot = slot_mapping[token];
+  if (slot < 0 || slot >= num_slots) return;  // uniform over the block
+  const int64_t src = token * row_len;
+  const int64_t dst = slot * row_len;
+  const F *tag = nullptr;
+  for (int i = threadIdx.x * 8; i < row_len; i += blockDim.x * 8) {
+    const int head = i / head_dim;
+    float k[8], v[8];
+    pgqa::to_float8(*reinterpret_cast<const uint4 *>(k_new + src + i), k, k_new);
+    pgqa::to_float8(*reinterpret_cast<const uint4 *>(v_new + src + i), v, v_new);
+    *reinterpret_cast<uint2 *>(k_cache + dst + i) = pgqa::quantize8(k, k_scale[head], tag);
+    *reinterpret_cast<uint2 *>(v_cache + dst + i) = pgqa::quantize8(v, v_scale[head], tag);
+  }
+}
+
+template <typename T>
+pgqa_status launch_write_fp8(const pgqa_write_kv_params &p, cudaStream_t stream, int32_t *cuda_error) {
+  const int row_len = p.n_kv_heads * p.head_dim;
+  const dim3 grid(static_cast<unsigned>(p.num_tokens));
+  const T *k_new = static_cast<const T *>(p.k_new);
+  const T *v_new = static_cast<const T *>(p.v_new);
+  uint8_t *k_cache = static_cast<uint8_t *>(p.k_cache);
+  uint8_t *v_cache = static_cast<uint8_t *>(p.v_cache);
+  auto kernel = p.cache_dtype == PGQA_DTYPE_F8_E4M3 ? write_kv_fp8_kernel<T, pgqa::fp8_e4m3>
+                                                    : write_kv_fp8_kernel<T, pgqa::fp8_e5m2>;
+  PGQA_LAUNCH(kernel, grid, kThreads, 0, stream, k_new, v_new, k_cache, v_cache, p.slot_mapping,
+              p.num_slots, row_len, p.head_dim, p.k_scale, p.v_scale);
+  return pgqa::launch_status(cuda_error);
 }
 
 // grid (num_copies, num_tensors): one thread block copies one block of one tensor.
@@ -50,10 +94,23 @@ extern "C" pgqa_status pgqa_write_kv(const pgqa_write_kv_params *params, pgqa_st
   if (elem_bytes == 0 || p.num_tokens < 0 || p.num_slots < 0 || p.n_kv_heads <= 0 ||
       p.head_dim <= 0 || p.num_tokens > 0x7fffffff)
     return PGQA_STATUS_INVALID_ARGUMENT;
+  const bool fp8 = pgqa::is_fp8(p.cache_dtype);
+  if (!fp8 && p.cache_dtype != p.dtype) return PGQA_STATUS_INVALID_ARGUMENT;
+  if (fp8 && p.dtype != PGQA_DTYPE_F16 && p.dtype != PGQA_DTYPE_BF16) return PGQA_STATUS_UNSUPPORTED;
+  if (fp8 && (p.head_dim % 16 != 0 || static_cast<int64_t>(p.n_kv_heads) * p.head_dim > 0x7fffffff))
+    return PGQA_STATUS_INVALID_ARGUMENT;
   if (p.num_tokens == 0) return PGQA_STATUS_OK;
   if (p.k_new == nullptr || p.v_new == nullptr || p.k_cache == nullptr || p.v_cache == nullptr ||
-      p.slot_mapping == nullptr)
+      p.slot_mapping == nullptr || (fp8 && (p.k_scale == nullptr || p.v_scale == nullptr)))
     return PGQA_STATUS_INVALID_ARGUMENT;
+  if (fp8) {
+    if (!pgqa::aligned16(p.k_new) || !pgqa::aligned16(p.v_new) || !pgqa::aligned16(p.k_cache) ||
+        !pgqa::aligned16(p.v_cache))
+      return PGQA_STATUS_MISALIGNED;
+    const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    return p.dtype == PGQA_DTYPE_BF16 ? launch_write_fp8<__nv_bfloat16>(p, s, cuda_error)
+                                      : launch_write_fp8<__half>(p, s, cuda_error);
+  }
   const int64_t row_bytes = static_cast<int64_t>(p.n_kv_heads) * p.head_dim * elem_bytes;
   if (row_bytes % 16 != 0 || !pgqa::aligned16(p.k_new) || !pgqa::aligned16(p.v_new) ||
       !pgqa::aligned16(p.k_cache) || !pgqa::aligned16(p.v_cache))

@@ -25,8 +25,15 @@ __host__ __device__ inline int dtype_bytes(pgqa_dtype dtype) {
     case PGQA_DTYPE_F32: return 4;
     case PGQA_DTYPE_F16: return 2;
     case PGQA_DTYPE_BF16: return 2;
+    case PGQA_DTYPE_F8_E4M3: return 1;
+    case PGQA_DTYPE_F8_E5M2: return 1;
   }
   return 0;
+}
+
+// True for the fp8 page types.
+__host__ __device__ inline bool is_fp8(pgqa_dtype dtype) {
+  return dtype == PGQA_DTYPE_F8_E4M3 || dtype == PGQA_DTYPE_F8_E5M2;
 }
 
 // True when `ptr` may be read or written with 16-byte vector accesses.

@@ -12,4 +12,9 @@ namespace pgqa {
 pgqa_status launch_prefill(const pgqa_attend_params &params, cudaStream_t stream,
                            int32_t *cuda_error, Phase phase);
 
+// launch_prefill for fp8 pages (kv_dtype F8_E4M3 or F8_E5M2; dtype F16 or BF16), in its own
+// translation unit (prefill_fp8.cu).
+pgqa_status launch_prefill_fp8(const pgqa_attend_params &params, cudaStream_t stream,
+                               int32_t *cuda_error, Phase phase);
+
 }  // namespace pgqa

@@ -54,6 +54,31 @@ pub enum Error {
     #[error("amax {amax} is not a finite, non-negative number: it gives no fp8 scale")]
     InvalidAmax { amax: f32 },
 
+    /// An fp8 scale that is zero, negative, NaN or infinite (`name` is `k_scale` or `v_scale`).
+    #[error("{name}[{head}] = {value} is not a positive, finite fp8 scale")]
+    InvalidKvScale {
+        name: &'static str,
+        head: usize,
+        value: f32,
+    },
+
+    /// A compute dtype and page dtype that do not go together: an fp8 compute dtype, or 16-bit
+    /// pages of another type than the compute dtype.
+    #[error(
+        "pages of {page_dtype:?} cannot hold a cache computed in {dtype:?}: the compute dtype \
+         is f32, f16 or bf16, and the pages hold it or fp8 (F8E4M3, F8E5M2)"
+    )]
+    InvalidPageDType {
+        dtype: crate::dtype::DType,
+        page_dtype: crate::dtype::DType,
+    },
+
+    /// fp8 pages read and write 16-byte vectors of 16 values: head_dim must be a multiple of 16.
+    #[error(
+        "fp8 pages need head_dim a multiple of 16 (16-byte rows of 1-byte values), got {head_dim}"
+    )]
+    Fp8HeadDim { head_dim: usize },
+
     /// A page must hold at least one token.
     #[error("block_size must be positive, got 0")]
     ZeroBlockSize,
@@ -178,10 +203,9 @@ pub enum Error {
         generation: u64,
     },
 
-    /// A storage's element type differs from the one its configuration names.
-    #[error(
-        "dtype mismatch: the cache is configured for {expected:?}, the storage holds {actual:?}"
-    )]
+    /// A storage's page type, or the rows, queries or outputs given to a cache or batch, differ
+    /// from the dtype its configuration names.
+    #[error("dtype mismatch: configured for {expected:?}, given {actual:?}")]
     DTypeMismatch {
         expected: crate::dtype::DType,
         actual: crate::dtype::DType,

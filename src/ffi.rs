@@ -16,9 +16,11 @@ impl pgqa_dtype {
     pub const PGQA_DTYPE_F32: pgqa_dtype = pgqa_dtype(0);
     pub const PGQA_DTYPE_F16: pgqa_dtype = pgqa_dtype(1);
     pub const PGQA_DTYPE_BF16: pgqa_dtype = pgqa_dtype(2);
+    pub const PGQA_DTYPE_F8_E4M3: pgqa_dtype = pgqa_dtype(3);
+    pub const PGQA_DTYPE_F8_E5M2: pgqa_dtype = pgqa_dtype(4);
 }
 #[repr(transparent)]
-#[doc = " Element type of a tensor."]
+#[doc = " Element type of a tensor. The two fp8 types are page types only (KV cache pages: queries,\n outputs and new K/V rows stay F16 or BF16): OCP e4m3fn (largest finite 448, no infinities)\n and e5m2 (largest finite 57344), each value stored as sat_finite(x / scale) rounded to nearest\n even (NaN stays NaN) and read as stored * scale, with one f32 scale per K/V head for K\n (k_scale) and one for V (v_scale)."]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct pgqa_dtype(pub ::core::ffi::c_uint);
 impl pgqa_status {
@@ -79,17 +81,17 @@ unsafe extern "C" {
         cuda_error: *mut i32,
     ) -> pgqa_status;
 }
-#[doc = " Writes the K and V rows of a step's new tokens into their slots of one layer's pages, the\n whole batch in one launch. Slot s is token s % block_size of block s / block_size; a slot\n outside [0, num_slots) is skipped (the host validates slots; this is a second guard)."]
+#[doc = " Writes the K and V rows of a step's new tokens into their slots of one layer's pages, the\n whole batch in one launch. Slot s is token s % block_size of block s / block_size; a slot\n outside [0, num_slots) is skipped (the host validates slots; this is a second guard).\n Pages of cache_dtype == dtype get the rows as they are (any dtype). fp8 pages (cache_dtype\n F8_E4M3 or F8_E5M2, dtype F16 or BF16) get each value x of K/V head h quantized:\n sat_finite(x / k_scale[h]) (v_scale[h] for V), the quotient an IEEE division, rounded to\n nearest even; head_dim must then be a multiple of 16 and the scales non-null."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pgqa_write_kv_params {
-    #[doc = "< [num_tokens, n_kv_heads, head_dim]"]
+    #[doc = "< [num_tokens, n_kv_heads, head_dim] (dtype)"]
     pub k_new: *const ::core::ffi::c_void,
-    #[doc = "< [num_tokens, n_kv_heads, head_dim]"]
+    #[doc = "< [num_tokens, n_kv_heads, head_dim] (dtype)"]
     pub v_new: *const ::core::ffi::c_void,
-    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim]"]
+    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim] (cache_dtype)"]
     pub k_cache: *mut ::core::ffi::c_void,
-    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim]"]
+    #[doc = "< [num_blocks, block_size, n_kv_heads, head_dim] (cache_dtype)"]
     pub v_cache: *mut ::core::ffi::c_void,
     #[doc = "< [num_tokens]"]
     pub slot_mapping: *const i64,
@@ -99,10 +101,16 @@ pub struct pgqa_write_kv_params {
     pub n_kv_heads: i32,
     pub head_dim: i32,
     pub dtype: pgqa_dtype,
+    #[doc = "< the pages' element type: dtype, or an fp8 type"]
+    pub cache_dtype: pgqa_dtype,
+    #[doc = "< [n_kv_heads] for fp8 pages (ignored otherwise; may be null)"]
+    pub k_scale: *const f32,
+    #[doc = "< [n_kv_heads] for fp8 pages (ignored otherwise; may be null)"]
+    pub v_scale: *const f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pgqa_write_kv_params"][::core::mem::size_of::<pgqa_write_kv_params>() - 72usize];
+    ["Size of pgqa_write_kv_params"][::core::mem::size_of::<pgqa_write_kv_params>() - 88usize];
     ["Alignment of pgqa_write_kv_params"][::core::mem::align_of::<pgqa_write_kv_params>() - 8usize];
     ["Offset of field: pgqa_write_kv_params::k_new"]
         [::core::mem::offset_of!(pgqa_write_kv_params, k_new) - 0usize];
@@ -124,6 +132,12 @@ const _: () = {
         [::core::mem::offset_of!(pgqa_write_kv_params, head_dim) - 60usize];
     ["Offset of field: pgqa_write_kv_params::dtype"]
         [::core::mem::offset_of!(pgqa_write_kv_params, dtype) - 64usize];
+    ["Offset of field: pgqa_write_kv_params::cache_dtype"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, cache_dtype) - 68usize];
+    ["Offset of field: pgqa_write_kv_params::k_scale"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, k_scale) - 72usize];
+    ["Offset of field: pgqa_write_kv_params::v_scale"]
+        [::core::mem::offset_of!(pgqa_write_kv_params, v_scale) - 80usize];
 };
 unsafe extern "C" {
     pub fn pgqa_write_kv(
@@ -146,6 +160,7 @@ pub struct pgqa_copy_blocks_params {
     #[doc = "< 2 * num_layers (every layer's K and V); at most 65535"]
     pub num_tensors: i32,
     pub num_blocks: i32,
+    #[doc = "< the pages' element type (fp8 pages included: 1 byte)"]
     pub dtype: pgqa_dtype,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -187,7 +202,7 @@ pub const PGQA_ATTEND_MAX_SPLITS: _bindgen_ty_1 = _bindgen_ty_1(65535);
 #[doc = " Attention kernel geometry, shared with the planner (src/plan.rs)."]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct _bindgen_ty_1(pub ::core::ffi::c_uint);
-#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts). Query row j of a sequence with L keys and n query rows sits at\n position p = L - n + j (bottom-right) and sees the keys k with\n   k <= p                    when causal (else every key up to L - 1), and\n   k >= p - window_left      when window_left >= 0 (a sliding window of window_left + 1 keys).\n Scores, in this order: s = scale * q . k; s = cap * tanh(s / cap) when logit_softcap = cap > 0;\n s += alibi_slopes[h] * (k - p) when alibi_slopes is not null; then the mask. Softmax over the\n visible keys, plus exp(sinks[h]) in the denominator (no value) when sinks is not null: the\n sink is counted once per row whatever the splits, and the returned lse includes it.\n\n Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and\n every query row of every sequence must be in exactly one of them:\n - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are\n   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /\n   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).\n - `mma_work`: the tensor-core kernel (mma.sync m16n8k16, sm_80 or newer), for items with many\n   rows (prompts, chunks, large groups): PGQA_ATTEND_MMA_ROWS rows per block,\n   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).\n\n Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and\n one split of its key range; it reads each K and V row of the range once for all its rows, and\n masks inside. The range runs from its first row's window start (0 without a window) to its\n last row's causal limit (L when not causal): tiles above the diagonal or left of the window\n are never loaded, and block table entries there are never read (they may be -1).\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them (adding the sinks). A row with no visible key gives 0 and lse sinks[h] (-inf without).\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when\n mma_work is not empty on a GPU older than sm_80."]
+#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts). Query row j of a sequence with L keys and n query rows sits at\n position p = L - n + j (bottom-right) and sees the keys k with\n   k <= p                    when causal (else every key up to L - 1), and\n   k >= p - window_left      when window_left >= 0 (a sliding window of window_left + 1 keys).\n Scores, in this order: s = scale * q . k; s = cap * tanh(s / cap) when logit_softcap = cap > 0;\n s += alibi_slopes[h] * (k - p) when alibi_slopes is not null; then the mask. Softmax over the\n visible keys, plus exp(sinks[h]) in the denominator (no value) when sinks is not null: the\n sink is counted once per row whatever the splits, and the returned lse includes it.\n\n Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and\n every query row of every sequence must be in exactly one of them:\n - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are\n   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /\n   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).\n - `mma_work`: the tensor-core kernel (mma.sync m16n8k16, sm_80 or newer), for items with many\n   rows (prompts, chunks, large groups): PGQA_ATTEND_MMA_ROWS rows per block,\n   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).\n\n Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and\n one split of its key range; it reads each K and V row of the range once for all its rows, and\n masks inside. The range runs from its first row's window start (0 without a window) to its\n last row's causal limit (L when not causal): tiles above the diagonal or left of the window\n are never loaded, and block table entries there are never read (they may be -1).\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them (adding the sinks). A row with no visible key gives 0 and lse sinks[h] (-inf without).\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when\n mma_work is not empty on a GPU older than sm_80.\n\n Pages (kv_dtype): dtype, or fp8 (F8_E4M3, F8_E5M2) with k_scale and v_scale: attention is\n then exactly attention over the dequantized K/V (stored * scale of the row's K/V head). Both\n kernels fold the scales instead of dequantizing: the block serves one K/V head, so k_scale is\n one factor of every score (multiplied into scale, before the soft-cap) and v_scale one factor\n of every output (multiplied in at the normalisation, split partials included). The 8-bit\n values cross memory once; the CUDA-core kernel converts them in its dot products, the\n tensor-core kernel widens each tile to dtype in shared memory before ldmatrix."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pgqa_attend_params {
@@ -245,10 +260,16 @@ pub struct pgqa_attend_params {
     pub window_left: i32,
     #[doc = "< 0: off; > 0: s = cap * tanh(s / cap)"]
     pub logit_softcap: f32,
+    #[doc = "< element type of k_cache and v_cache: dtype, or an fp8 type"]
+    pub kv_dtype: pgqa_dtype,
+    #[doc = "< [n_kv_heads] for fp8 pages (ignored otherwise; may be null)"]
+    pub k_scale: *const f32,
+    #[doc = "< [n_kv_heads] for fp8 pages (ignored otherwise; may be null)"]
+    pub v_scale: *const f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 192usize];
+    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 208usize];
     ["Alignment of pgqa_attend_params"][::core::mem::align_of::<pgqa_attend_params>() - 8usize];
     ["Offset of field: pgqa_attend_params::q"]
         [::core::mem::offset_of!(pgqa_attend_params, q) - 0usize];
@@ -314,6 +335,12 @@ const _: () = {
         [::core::mem::offset_of!(pgqa_attend_params, window_left) - 180usize];
     ["Offset of field: pgqa_attend_params::logit_softcap"]
         [::core::mem::offset_of!(pgqa_attend_params, logit_softcap) - 184usize];
+    ["Offset of field: pgqa_attend_params::kv_dtype"]
+        [::core::mem::offset_of!(pgqa_attend_params, kv_dtype) - 188usize];
+    ["Offset of field: pgqa_attend_params::k_scale"]
+        [::core::mem::offset_of!(pgqa_attend_params, k_scale) - 192usize];
+    ["Offset of field: pgqa_attend_params::v_scale"]
+        [::core::mem::offset_of!(pgqa_attend_params, v_scale) - 200usize];
 };
 unsafe extern "C" {
     pub fn pgqa_attend(

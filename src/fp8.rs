@@ -211,3 +211,193 @@ pub fn scale_from_amax(format: Fp8Format, amax: f32) -> Result<f32> {
     }
     Ok((amax / format.max()).max(f32::MIN_POSITIVE))
 }
+
+/// One stored e4m3fn value (its bits): the element of [`DType::F8E4M3`](crate::DType::F8E4M3)
+/// pages. Converting it to `f32` or `f64` gives the stored value, [`decode`]: multiply by the
+/// scale for the value it stands for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(transparent)]
+pub struct Fp8E4M3(pub u8);
+
+/// One stored e5m2 value (its bits): the element of [`DType::F8E5M2`](crate::DType::F8E5M2)
+/// pages, as [`Fp8E4M3`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(transparent)]
+pub struct Fp8E5M2(pub u8);
+
+// SAFETY: one byte of plain data, every bit pattern valid (zero included), no padding.
+unsafe impl cudarc::driver::DeviceRepr for Fp8E4M3 {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::ValidAsZeroBits for Fp8E4M3 {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for Fp8E5M2 {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::ValidAsZeroBits for Fp8E5M2 {}
+
+/// A stored fp8 value of one format: [`Fp8E4M3`] or [`Fp8E5M2`].
+pub trait Fp8Element: crate::dtype::PageElement + Into<f32> + Into<f64> + Send + Sync {
+    /// The format of the stored bits.
+    const FORMAT: Fp8Format;
+    /// The value with these bits.
+    fn from_bits(bits: u8) -> Self;
+    /// The stored bits.
+    fn to_bits(self) -> u8;
+    /// `x` stored under `scale`: [`quantize`]`(FORMAT, x, scale)`.
+    fn quantize(x: f32, scale: f32) -> Self {
+        Self::from_bits(quantize(Self::FORMAT, x, scale))
+    }
+}
+
+macro_rules! fp8_element {
+    ($ty:ident, $format:expr) => {
+        impl Fp8Element for $ty {
+            const FORMAT: Fp8Format = $format;
+            fn from_bits(bits: u8) -> Self {
+                $ty(bits)
+            }
+            fn to_bits(self) -> u8 {
+                self.0
+            }
+        }
+        impl From<$ty> for f32 {
+            /// The stored value, exactly ([`decode`]), without a scale.
+            fn from(x: $ty) -> f32 {
+                decode($format, x.0)
+            }
+        }
+        impl From<$ty> for f64 {
+            /// The stored value, exactly ([`decode`]), without a scale.
+            fn from(x: $ty) -> f64 {
+                f64::from(decode($format, x.0))
+            }
+        }
+    };
+}
+fp8_element!(Fp8E4M3, Fp8Format::E4M3);
+fp8_element!(Fp8E5M2, Fp8Format::E5M2);
+
+/// The fp8 scales of one layer of a cache: `k` and `v`, one `f32` per K/V head (`[n_kv_heads]`
+/// each; a per-layer scale is the same value repeated). K/V head `h`'s values are stored as
+/// [`quantize`]`(x, k[h])` and read as [`dequantize`]`(bits, k[h])` (`v[h]` for V). Every scale
+/// is positive and finite.
+///
+/// ```
+/// use paged_gqa::fp8::{Fp8Format, KvScales};
+/// // Calibrated per head from observed maxima (8 K/V heads), or one value per layer.
+/// let k_amax = [3.5, 2.0, 1.0, 7.0, 0.5, 3.0, 2.5, 4.0];
+/// let scales = KvScales::from_amax(Fp8Format::E4M3, &k_amax, &[1.0; 8])?;
+/// assert_eq!(scales.k()[0], 3.5 / 448.0);
+/// let layer = KvScales::per_layer(8, 0.01, 0.02)?;
+/// assert_eq!(layer.v(), &[0.02; 8]);
+/// assert!(KvScales::new(vec![1.0, 0.0], vec![1.0, 1.0]).is_err()); // k_scale[1] = 0
+/// # Ok::<(), paged_gqa::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvScales {
+    /// [n_kv_heads]
+    k: Vec<f32>,
+    /// [n_kv_heads]
+    v: Vec<f32>,
+}
+
+impl KvScales {
+    /// Scales `k` and `v`, `[n_kv_heads]` each. Errors: lengths that differ or are zero, a scale
+    /// that is not positive and finite ([`Error::InvalidKvScale`]).
+    pub fn new(k: Vec<f32>, v: Vec<f32>) -> Result<Self> {
+        if k.is_empty() {
+            return Err(Error::BufferLength {
+                name: "k_scale",
+                expected: 1,
+                actual: 0,
+            });
+        }
+        Error::check_len("v_scale (as many as k_scale)", v.len(), k.len())?;
+        for (name, scales) in [("k_scale", &k), ("v_scale", &v)] {
+            if let Some((head, &value)) = scales
+                .iter()
+                .enumerate()
+                .find(|(_, s)| !(s.is_finite() && **s > 0.0))
+            {
+                return Err(Error::InvalidKvScale { name, head, value });
+            }
+        }
+        Ok(Self { k, v })
+    }
+
+    /// One K scale and one V scale for every head (a per-layer, per-tensor scale).
+    pub fn per_layer(n_kv_heads: usize, k: f32, v: f32) -> Result<Self> {
+        Self::new(vec![k; n_kv_heads], vec![v; n_kv_heads])
+    }
+
+    /// Scale 1.0 for every head (the engines' default when nothing was calibrated).
+    pub fn ones(n_kv_heads: usize) -> Self {
+        Self {
+            k: vec![1.0; n_kv_heads.max(1)],
+            v: vec![1.0; n_kv_heads.max(1)],
+        }
+    }
+
+    /// The scales that store each head's observed absolute maximum as the format's largest
+    /// value ([`scale_from_amax`] per head): `k_amax`, `v_amax` `[n_kv_heads]`.
+    pub fn from_amax(format: Fp8Format, k_amax: &[f32], v_amax: &[f32]) -> Result<Self> {
+        let scales = |amax: &[f32]| -> Result<Vec<f32>> {
+            amax.iter().map(|&a| scale_from_amax(format, a)).collect()
+        };
+        Self::new(scales(k_amax)?, scales(v_amax)?)
+    }
+
+    /// The K scales, `[n_kv_heads]`.
+    pub fn k(&self) -> &[f32] {
+        &self.k
+    }
+
+    /// The V scales, `[n_kv_heads]`.
+    pub fn v(&self) -> &[f32] {
+        &self.v
+    }
+
+    /// K/V heads the scales are for.
+    pub fn n_kv_heads(&self) -> usize {
+        self.k.len()
+    }
+
+    /// `Err(BufferLength)` unless there is one scale per K/V head.
+    pub(crate) fn check_heads(&self, n_kv_heads: usize) -> Result<()> {
+        Error::check_len("k_scale (one per K/V head)", self.k.len(), n_kv_heads)?;
+        Error::check_len("v_scale (one per K/V head)", self.v.len(), n_kv_heads)
+    }
+
+    /// `[k..., v...]`, `[2, n_kv_heads]`: the layout the device storages keep per layer.
+    pub(crate) fn concat(&self) -> Vec<f32> {
+        self.k.iter().chain(&self.v).copied().collect()
+    }
+}
+
+/// The absolute maximum of each K/V head's values in `rows` (`[num_tokens, n_kv_heads,
+/// head_dim]`), `[n_kv_heads]`, for [`KvScales::from_amax`]. A NaN anywhere in a head makes
+/// its maximum NaN (which [`scale_from_amax`] refuses), so a bad calibration batch is not
+/// silently skipped.
+pub fn head_amax(rows: &[f32], n_kv_heads: usize, head_dim: usize) -> Result<Vec<f32>> {
+    let row_len = n_kv_heads * head_dim;
+    if row_len == 0 || rows.len() % row_len != 0 {
+        return Err(Error::BufferLength {
+            name: "rows (whole [n_kv_heads, head_dim] rows)",
+            expected: rows.len().next_multiple_of(row_len.max(1)),
+            actual: rows.len(),
+        });
+    }
+    let mut amax = vec![0.0f32; n_kv_heads];
+    for row in rows.chunks(row_len) {
+        for (head, values) in row.chunks(head_dim).enumerate() {
+            for &x in values {
+                let a = &mut amax[head];
+                *a = if x.is_nan() || a.is_nan() {
+                    f32::NAN
+                } else {
+                    a.max(x.abs())
+                };
+            }
+        }
+    }
+    Ok(amax)
+}

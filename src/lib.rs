@@ -54,7 +54,7 @@ pub mod variants;
 
 pub use batch::SeqLens;
 pub use cache::{BlockTables, PagedLayout};
-pub use dtype::{DType, Element};
+pub use dtype::{DType, Element, PageElement};
 pub use error::{Error, Result};
 pub use kernels::storage::DeviceStepPlan;
 pub use kernels::DeviceValue;

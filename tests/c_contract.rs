@@ -45,6 +45,9 @@ fn params() -> pgqa_attend_params {
         causal: 1,
         window_left: -1,
         logit_softcap: 0.0,
+        kv_dtype: pgqa_dtype::PGQA_DTYPE_BF16,
+        k_scale: std::ptr::null(),
+        v_scale: std::ptr::null(),
     }
 }
 
@@ -141,6 +144,33 @@ fn head_dims_and_dtypes_without_a_kernel_are_unsupported() {
     let mut p = params();
     p.dtype = pgqa_dtype::PGQA_DTYPE_F32;
     assert_refused(p, unsupported, "f32");
+    let mut p = params();
+    p.kv_dtype = pgqa_dtype::PGQA_DTYPE_F16;
+    assert_refused(p, unsupported, "bf16 queries over f16 pages");
+    let mut p = params();
+    p.dtype = pgqa_dtype::PGQA_DTYPE_F8_E4M3;
+    p.kv_dtype = pgqa_dtype::PGQA_DTYPE_F8_E4M3;
+    p.k_scale = (0xd000usize) as *const f32;
+    p.v_scale = (0xd000usize) as *const f32;
+    assert_refused(p, unsupported, "fp8 queries");
+}
+
+#[test]
+fn fp8_pages_without_their_scales_are_invalid_arguments() {
+    let invalid = pgqa_status::PGQA_STATUS_INVALID_ARGUMENT;
+    for kv_dtype in [
+        pgqa_dtype::PGQA_DTYPE_F8_E4M3,
+        pgqa_dtype::PGQA_DTYPE_F8_E5M2,
+    ] {
+        let mut p = params();
+        p.kv_dtype = kv_dtype;
+        assert_refused(p, invalid, "fp8 pages, no scales");
+        p.k_scale = (0xd000usize) as *const f32;
+        assert_refused(p, invalid, "fp8 pages, no v_scale");
+        p.k_scale = std::ptr::null();
+        p.v_scale = (0xd000usize) as *const f32;
+        assert_refused(p, invalid, "fp8 pages, no k_scale");
+    }
 }
 
 #[test]

@@ -19,11 +19,19 @@ extern "C" {
 /** The CUDA stream type. Identical to CUstream and cudaStream_t, declared here without them. */
 typedef struct CUstream_st *pgqa_stream;
 
-/** Element type of a tensor. */
+/**
+ * Element type of a tensor. The two fp8 types are page types only (KV cache pages: queries,
+ * outputs and new K/V rows stay F16 or BF16): OCP e4m3fn (largest finite 448, no infinities)
+ * and e5m2 (largest finite 57344), each value stored as sat_finite(x / scale) rounded to nearest
+ * even (NaN stays NaN) and read as stored * scale, with one f32 scale per K/V head for K
+ * (k_scale) and one for V (v_scale).
+ */
 typedef enum pgqa_dtype {
   PGQA_DTYPE_F32 = 0,
   PGQA_DTYPE_F16 = 1,
-  PGQA_DTYPE_BF16 = 2
+  PGQA_DTYPE_BF16 = 2,
+  PGQA_DTYPE_F8_E4M3 = 3,
+  PGQA_DTYPE_F8_E5M2 = 4
 } pgqa_dtype;
 
 /**
@@ -62,18 +70,25 @@ pgqa_status pgqa_repeat_kv(const pgqa_repeat_kv_params *params, pgqa_stream stre
  * Writes the K and V rows of a step's new tokens into their slots of one layer's pages, the
  * whole batch in one launch. Slot s is token s % block_size of block s / block_size; a slot
  * outside [0, num_slots) is skipped (the host validates slots; this is a second guard).
+ * Pages of cache_dtype == dtype get the rows as they are (any dtype). fp8 pages (cache_dtype
+ * F8_E4M3 or F8_E5M2, dtype F16 or BF16) get each value x of K/V head h quantized:
+ * sat_finite(x / k_scale[h]) (v_scale[h] for V), the quotient an IEEE division, rounded to
+ * nearest even; head_dim must then be a multiple of 16 and the scales non-null.
  */
 typedef struct pgqa_write_kv_params {
-  const void *k_new;           /**< [num_tokens, n_kv_heads, head_dim] */
-  const void *v_new;           /**< [num_tokens, n_kv_heads, head_dim] */
-  void *k_cache;               /**< [num_blocks, block_size, n_kv_heads, head_dim] */
-  void *v_cache;               /**< [num_blocks, block_size, n_kv_heads, head_dim] */
+  const void *k_new;           /**< [num_tokens, n_kv_heads, head_dim] (dtype) */
+  const void *v_new;           /**< [num_tokens, n_kv_heads, head_dim] (dtype) */
+  void *k_cache;               /**< [num_blocks, block_size, n_kv_heads, head_dim] (cache_dtype) */
+  void *v_cache;               /**< [num_blocks, block_size, n_kv_heads, head_dim] (cache_dtype) */
   const int64_t *slot_mapping; /**< [num_tokens] */
   int64_t num_tokens;
   int64_t num_slots; /**< num_blocks * block_size */
   int32_t n_kv_heads;
   int32_t head_dim;
   pgqa_dtype dtype;
+  pgqa_dtype cache_dtype;  /**< the pages' element type: dtype, or an fp8 type */
+  const float *k_scale;    /**< [n_kv_heads] for fp8 pages (ignored otherwise; may be null) */
+  const float *v_scale;    /**< [n_kv_heads] for fp8 pages (ignored otherwise; may be null) */
 } pgqa_write_kv_params;
 
 pgqa_status pgqa_write_kv(const pgqa_write_kv_params *params, pgqa_stream stream,
@@ -91,7 +106,7 @@ typedef struct pgqa_copy_blocks_params {
   int64_t block_len; /**< elements per block: block_size * n_kv_heads * head_dim */
   int32_t num_tensors; /**< 2 * num_layers (every layer's K and V); at most 65535 */
   int32_t num_blocks;
-  pgqa_dtype dtype;
+  pgqa_dtype dtype; /**< the pages' element type (fp8 pages included: 1 byte) */
 } pgqa_copy_blocks_params;
 
 pgqa_status pgqa_copy_blocks(const pgqa_copy_blocks_params *params, pgqa_stream stream,
@@ -135,6 +150,14 @@ enum {
  * them (adding the sinks). A row with no visible key gives 0 and lse sinks[h] (-inf without).
  * head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when
  * mma_work is not empty on a GPU older than sm_80.
+ *
+ * Pages (kv_dtype): dtype, or fp8 (F8_E4M3, F8_E5M2) with k_scale and v_scale: attention is
+ * then exactly attention over the dequantized K/V (stored * scale of the row's K/V head). Both
+ * kernels fold the scales instead of dequantizing: the block serves one K/V head, so k_scale is
+ * one factor of every score (multiplied into scale, before the soft-cap) and v_scale one factor
+ * of every output (multiplied in at the normalisation, split partials included). The 8-bit
+ * values cross memory once; the CUDA-core kernel converts them in its dot products, the
+ * tensor-core kernel widens each tile to dtype in shared memory before ldmatrix.
  */
 typedef struct pgqa_attend_params {
   const void *q;               /**< [num_tokens, n_heads, head_dim] */
@@ -171,6 +194,9 @@ typedef struct pgqa_attend_params {
   int32_t causal;            /**< 1: keys <= p; 0: every key of the sequence */
   int32_t window_left;       /**< -1: no window; else keys >= p - window_left */
   float logit_softcap;       /**< 0: off; > 0: s = cap * tanh(s / cap) */
+  pgqa_dtype kv_dtype;       /**< element type of k_cache and v_cache: dtype, or an fp8 type */
+  const float *k_scale;      /**< [n_kv_heads] for fp8 pages (ignored otherwise; may be null) */
+  const float *v_scale;      /**< [n_kv_heads] for fp8 pages (ignored otherwise; may be null) */
 } pgqa_attend_params;
 
 pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream stream,

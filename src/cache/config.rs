@@ -1,4 +1,5 @@
-//! What a cache holds: heads, layers, page size and element type, and the memory arithmetic.
+//! What a cache holds: heads, layers, page size, compute and page element types, and the memory
+//! arithmetic.
 
 use crate::cache::PagedLayout;
 use crate::dtype::DType;
@@ -10,8 +11,11 @@ pub const MAX_BLOCK_SIZE: usize = 256;
 
 /// The fixed geometry of a paged K/V cache for a whole model.
 ///
-/// Every layer has a K and a V tensor `[num_blocks, block_size, n_kv_heads, head_dim]`. Bytes
-/// per token = `2 * num_layers * n_kv_heads * head_dim * dtype size`.
+/// Every layer has a K and a V tensor `[num_blocks, block_size, n_kv_heads, head_dim]` of the
+/// page dtype. Bytes per token = `2 * num_layers * n_kv_heads * head_dim * page dtype size`.
+/// The compute dtype ([`dtype`](CacheConfig::dtype)) is that of the queries, outputs and new
+/// K/V rows; the pages hold it too unless [`with_page_dtype`](CacheConfig::with_page_dtype)
+/// chose fp8 (half the bytes of bf16).
 ///
 /// ```
 /// use paged_gqa::{cache::CacheConfig, DType, GqaShape};
@@ -20,6 +24,10 @@ pub const MAX_BLOCK_SIZE: usize = 256;
 /// assert_eq!(config.bytes_per_token(), 2 * 80 * 8 * 128 * 2); // 320 KiB
 /// let blocks = config.blocks_for_budget(40 << 30)?;
 /// assert_eq!(blocks * 16, 131_072); // tokens that fit in 40 GiB
+/// // The same model over fp8 pages: 160 KiB a token, twice the tokens.
+/// let fp8 = config.with_page_dtype(DType::F8E4M3)?;
+/// assert_eq!(fp8.bytes_per_token(), 2 * 80 * 8 * 128);
+/// assert_eq!(fp8.blocks_for_budget(40 << 30)? * 16, 262_144);
 /// # Ok::<(), paged_gqa::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,11 +36,14 @@ pub struct CacheConfig {
     num_layers: usize,
     block_size: usize,
     dtype: DType,
+    page_dtype: DType,
     reclaim_window: Option<usize>,
 }
 
 impl CacheConfig {
-    /// Validates: at least one layer, `block_size` a power of two from 1 to 256.
+    /// Validates: at least one layer, `block_size` a power of two from 1 to 256, a compute
+    /// `dtype` that is not fp8 (fp8 is a page type:
+    /// [`with_page_dtype`](CacheConfig::with_page_dtype)).
     pub fn new(
         shape: GqaShape,
         num_layers: usize,
@@ -42,6 +53,12 @@ impl CacheConfig {
         if num_layers == 0 {
             return Err(Error::ZeroLayers);
         }
+        if dtype.is_fp8() {
+            return Err(Error::InvalidPageDType {
+                dtype,
+                page_dtype: dtype,
+            });
+        }
         if !block_size.is_power_of_two() || block_size > MAX_BLOCK_SIZE {
             return Err(Error::InvalidBlockSize { block_size });
         }
@@ -50,8 +67,31 @@ impl CacheConfig {
             num_layers,
             block_size,
             dtype,
+            page_dtype: dtype,
             reclaim_window: None,
         })
+    }
+
+    /// The pages' element type: the compute dtype (the default), or fp8 ([`DType::F8E4M3`],
+    /// [`DType::F8E5M2`]) under an f16, bf16 or f32 compute dtype, K/V then stored under
+    /// per-(layer, K/V head) scales (see [`crate::fp8`]). Errors:
+    /// [`Error::InvalidPageDType`] for any other pair, [`Error::Fp8HeadDim`] for fp8 pages
+    /// whose head_dim is not a multiple of 16.
+    pub fn with_page_dtype(mut self, page_dtype: DType) -> Result<Self> {
+        let fp8_under = matches!(self.dtype, DType::F16 | DType::BF16 | DType::F32);
+        if page_dtype != self.dtype && !(page_dtype.is_fp8() && fp8_under) {
+            return Err(Error::InvalidPageDType {
+                dtype: self.dtype,
+                page_dtype,
+            });
+        }
+        if page_dtype.is_fp8() && self.shape.head_dim() % 16 != 0 {
+            return Err(Error::Fp8HeadDim {
+                head_dim: self.shape.head_dim(),
+            });
+        }
+        self.page_dtype = page_dtype;
+        Ok(self)
     }
 
     /// Declares that every layer attends with a sliding window of `window_left` (all of
@@ -84,14 +124,22 @@ impl CacheConfig {
         self.block_size
     }
 
-    /// Element type of the pages.
+    /// The compute dtype: that of the queries, outputs and new K/V rows (and of the pages,
+    /// unless [`page_dtype`](CacheConfig::page_dtype) says fp8).
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
-    /// Bytes one token occupies over all layers, K and V.
+    /// Element type of the pages: [`dtype`](CacheConfig::dtype), or an fp8 type.
+    pub fn page_dtype(&self) -> DType {
+        self.page_dtype
+    }
+
+    /// Bytes one token occupies over all layers, K and V (in the page dtype).
     pub fn bytes_per_token(&self) -> u64 {
-        2 * self.num_layers as u64 * self.shape.kv_row_len() as u64 * self.dtype.size_bytes() as u64
+        2 * self.num_layers as u64
+            * self.shape.kv_row_len() as u64
+            * self.page_dtype.size_bytes() as u64
     }
 
     /// Bytes one block occupies over all layers, K and V.

@@ -3,12 +3,16 @@
 use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
 use crate::cpu::{attention, Attention, PagedKv};
 use crate::error::{Error, Result};
+use crate::fp8::{Fp8Element, KvScales};
 use crate::variants::AttendOptions;
 
 /// Pages of every layer in host memory, `[num_layers, 2 (K, V), num_blocks, block_size,
 /// n_kv_heads, head_dim]`.
 ///
-/// `T` is any plain element: `f32`, `f16`, `bf16`, or an integer in tests that track tokens.
+/// `T` is any plain element: `f32`, `f16`, `bf16`, an integer in tests that track tokens, or a
+/// stored fp8 value ([`Fp8E4M3`](crate::fp8::Fp8E4M3), [`Fp8E5M2`](crate::fp8::Fp8E5M2)):
+/// fp8 pages take rows through [`write_quantized`](PagedCache::write_quantized) and are read
+/// under each layer's [`KvScales`] ([`set_scales`](CpuStorage::set_scales); 1.0 until set).
 #[derive(Debug, Clone)]
 pub struct CpuStorage<T> {
     config: CacheConfig,
@@ -17,6 +21,8 @@ pub struct CpuStorage<T> {
     tensor_len: usize,
     /// [num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]
     pages: Vec<T>,
+    /// [num_layers]: the scales the stored values are read under (1.0 but for fp8 pages).
+    scales: Vec<KvScales>,
 }
 
 impl<T: Copy + Default> CpuStorage<T> {
@@ -28,6 +34,7 @@ impl<T: Copy + Default> CpuStorage<T> {
             num_blocks,
             tensor_len,
             pages: vec![T::default(); total],
+            scales: vec![KvScales::ones(config.shape().n_kv_heads()); config.num_layers()],
         })
     }
 
@@ -54,6 +61,14 @@ impl<T: Copy + Default> CpuStorage<T> {
             .split_at_mut(self.tensor_len)
     }
 
+    /// `layer`'s scales (1.0 but for fp8 pages whose scales were set).
+    pub fn scales(&self, layer: usize) -> Result<&KvScales> {
+        let num_layers = self.config.num_layers();
+        self.scales
+            .get(layer)
+            .ok_or(Error::LayerOutOfRange { layer, num_layers })
+    }
+
     /// Writes rows `[num_new_tokens, n_kv_heads, head_dim]` of K and V into their slots.
     fn write_rows(&mut self, layer: usize, slot_mapping: &[i64], k_new: &[T], v_new: &[T]) {
         let row = self.config.shape().kv_row_len();
@@ -63,6 +78,23 @@ impl<T: Copy + Default> CpuStorage<T> {
             k[at..at + row].copy_from_slice(&k_new[token * row..][..row]);
             v[at..at + row].copy_from_slice(&v_new[token * row..][..row]);
         }
+    }
+}
+
+impl<F: Fp8Element + Default> CpuStorage<F> {
+    /// Sets `layer`'s fp8 scales (`[n_kv_heads]` for K and for V): what
+    /// [`write_quantized`](PagedCache::write_quantized) divides by and attention multiplies
+    /// by. Set them before the layer's first write. Errors: a layer out of range, scales for
+    /// another number of K/V heads.
+    pub fn set_scales(&mut self, layer: usize, scales: &KvScales) -> Result<()> {
+        scales.check_heads(self.config.shape().n_kv_heads())?;
+        let num_layers = self.config.num_layers();
+        let slot = self
+            .scales
+            .get_mut(layer)
+            .ok_or(Error::LayerOutOfRange { layer, num_layers })?;
+        *slot = scales.clone();
+        Ok(())
     }
 }
 
@@ -91,7 +123,9 @@ impl<T: Copy + Default> PageStorage for CpuStorage<T> {
 
 impl<T: Copy + Default> PagedCache<CpuStorage<T>> {
     /// Writes the plan's new tokens of `layer`: `k_new`, `v_new` are
-    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]`, rows in batch order.
+    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]`, rows in batch order, stored as they are
+    /// (for fp8 pages: stored bits, already quantized; see
+    /// [`write_quantized`](PagedCache::write_quantized)).
     pub fn write(&mut self, layer: usize, plan: &StepPlan, k_new: &[T], v_new: &[T]) -> Result<()> {
         self.check(layer, plan)?;
         let expected = plan.num_new_tokens() * self.config().shape().kv_row_len();
@@ -102,7 +136,8 @@ impl<T: Copy + Default> PagedCache<CpuStorage<T>> {
         Ok(())
     }
 
-    /// The paged K/V of `layer` as the plan's batch sees it (for attention and read-back).
+    /// The paged K/V of `layer` as the plan's batch sees it (for attention and read-back),
+    /// read under the layer's scales.
     pub fn paged_kv<'a>(&'a self, layer: usize, plan: &'a StepPlan) -> Result<PagedKv<'a, T>> {
         self.check(layer, plan)?;
         let (k, v) = self.storage().layer(layer);
@@ -113,19 +148,58 @@ impl<T: Copy + Default> PagedCache<CpuStorage<T>> {
             plan.max_blocks(),
             k,
             v,
-        )
+        )?
+        .with_scales(self.storage().scales(layer)?)
+    }
+}
+
+impl<F: Fp8Element + Default> PagedCache<CpuStorage<F>> {
+    /// Sets `layer`'s fp8 scales (see [`CpuStorage::set_scales`]).
+    pub fn set_scales(&mut self, layer: usize, scales: &KvScales) -> Result<()> {
+        self.storage_mut().set_scales(layer, scales)
+    }
+
+    /// Writes the plan's new tokens of `layer` into fp8 pages: `k_new`, `v_new`
+    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]` (f32, f16 or bf16), rows in batch order,
+    /// each value of K/V head `h` stored as [`quantize`](crate::fp8::quantize)`(x, k_scale[h])`
+    /// (`v_scale[h]` for V), bit for bit what the device's write kernel stores.
+    pub fn write_quantized<X: Copy + Into<f32>>(
+        &mut self,
+        layer: usize,
+        plan: &StepPlan,
+        k_new: &[X],
+        v_new: &[X],
+    ) -> Result<()> {
+        self.check(layer, plan)?;
+        let shape = self.config().shape();
+        let expected = plan.num_new_tokens() * shape.kv_row_len();
+        Error::check_len("k_new", k_new.len(), expected)?;
+        Error::check_len("v_new", v_new.len(), expected)?;
+        let scales = self.storage().scales(layer)?.clone();
+        let d = shape.head_dim();
+        let quantize = |rows: &[X], scale: &[f32]| -> Vec<F> {
+            rows.iter()
+                .enumerate()
+                .map(|(i, &x)| F::quantize(x.into(), scale[(i / d) % shape.n_kv_heads()]))
+                .collect()
+        };
+        let (k, v) = (quantize(k_new, scales.k()), quantize(v_new, scales.v()));
+        self.storage_mut()
+            .write_rows(layer, plan.slot_mapping(), &k, &v);
+        Ok(())
     }
 }
 
 impl<T: Copy + Default + Into<f32> + Sync> PagedCache<CpuStorage<T>> {
     /// Fused GQA attention of `layer` for the plan's batch, any mix of decode tokens and prompt
-    /// chunks (the f32 fallback; see [`crate::cpu::attend`]): `q`, `out`
-    /// `[plan.num_new_tokens(), n_heads, head_dim]`, `lse` `[plan.num_new_tokens(), n_heads]`.
-    pub fn attend(
+    /// chunks (the f32 fallback; see [`crate::cpu::attend`]): `q` (f32, f16 or bf16), `out`
+    /// `[plan.num_new_tokens(), n_heads, head_dim]`, `lse` `[plan.num_new_tokens(), n_heads]`;
+    /// fp8 pages are read under the layer's scales.
+    pub fn attend<Q: Copy + Into<f32> + Sync>(
         &self,
         layer: usize,
         plan: &StepPlan,
-        q: &[T],
+        q: &[Q],
         out: &mut [f32],
         lse: &mut [f32],
         options: &AttendOptions,
@@ -136,12 +210,13 @@ impl<T: Copy + Default + Into<f32> + Sync> PagedCache<CpuStorage<T>> {
 
 impl<T: Copy + Default + Into<f64> + Sync> PagedCache<CpuStorage<T>> {
     /// The f64 reference attention of the plan's new tokens over `layer`'s pages (the oracle,
-    /// for tests): `q` is `[plan.num_new_tokens(), n_heads, head_dim]`.
-    pub fn reference(
+    /// for tests; fp8 pages read under the layer's scales): `q` is
+    /// `[plan.num_new_tokens(), n_heads, head_dim]`.
+    pub fn reference<Q: Copy + Into<f64> + Sync>(
         &self,
         layer: usize,
         plan: &StepPlan,
-        q: &[T],
+        q: &[Q],
         options: &AttendOptions,
     ) -> Result<Attention> {
         attention(q, &self.paged_kv(layer, plan)?, options)

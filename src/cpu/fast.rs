@@ -8,25 +8,28 @@ use std::thread;
 use crate::batch::SeqLens;
 use crate::cpu::{gather_paged, repeat_kv, ContiguousKv, KvSource, PagedKv};
 use crate::error::{Error, Result};
+use crate::fp8::KvScales;
 use crate::variants::{AttendOptions, KeyMask};
 
 /// Query rows (tokens) per tile of a sequence's prompt in the CPU attention.
 const TILE_TOKENS: usize = 16;
 
 /// GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, the query rows of the sequences of
-/// `kv.lens()` in batch order) over `kv` (paged or contiguous), into `out`
+/// `kv.lens()` in batch order) over `kv` (paged or contiguous; fp8 pages dequantized to f32 as
+/// each row is read: stored value times the head's scale), into `out`
 /// (`[num_tokens, n_heads, head_dim]`) and `lse` (`[num_tokens, n_heads]`, natural log), with
 /// the variants of `options` (see [`crate::variants`]; causal, `scale = 1/sqrt(head_dim)` by
 /// default).
-pub fn attend<T, K>(
-    q: &[T],
+pub fn attend<Q, T, K>(
+    q: &[Q],
     kv: &K,
     options: &AttendOptions,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()>
 where
-    T: Copy + Into<f32> + Sync,
+    Q: Copy + Into<f32> + Sync,
+    T: Copy + Into<f32>,
     K: KvSource<T> + Sync,
 {
     let shape = kv.shape();
@@ -88,8 +91,8 @@ struct Group {
 }
 
 impl Group {
-    fn run<T: Copy + Into<f32>>(
-        q: &[T],
+    fn run<Q: Copy + Into<f32>, T: Copy + Into<f32>>(
+        q: &[Q],
         options: &AttendOptions,
         kv: &impl KvSource<T>,
         seq: usize,
@@ -121,19 +124,20 @@ impl Group {
         let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
         let mut out = vec![0.0f32; rows * d];
         let (mut k, mut v) = (vec![0.0f32; d], vec![0.0f32; d]);
-        // Query rows in tiles of TILE_TOKENS, so a tile's queries and outputs stay in cache
-        // while every key it sees streams past (a prompt's rows would not fit at once); each
-        // tile reads the keys from its first row's window start to its last row's limit.
+        let (k_scale, v_scale) = kv.scales(kv_head); // 1 but for fp8 pages
+                                                     // Query rows in tiles of TILE_TOKENS, so a tile's queries and outputs stay in cache
+                                                     // while every key it sees streams past (a prompt's rows would not fit at once); each
+                                                     // tile reads the keys from its first row's window start to its last row's limit.
         for j_start in (0..query_len).step_by(TILE_TOKENS) {
             let j_end = (j_start + TILE_TOKENS).min(query_len);
             let keys = mask.visible_keys(context_len, query_len, j_start).start
                 ..mask.visible_keys(context_len, query_len, j_end - 1).end;
             for t in keys {
                 for (dst, &x) in k.iter_mut().zip(kv.key(seq, t, kv_head)) {
-                    *dst = x.into();
+                    *dst = x.into() * k_scale;
                 }
                 for (dst, &x) in v.iter_mut().zip(kv.value(seq, t, kv_head)) {
-                    *dst = x.into();
+                    *dst = x.into() * v_scale;
                 }
                 let (j_first, j_last) = rows_seeing(mask, first_position, t);
                 let rows =
@@ -255,14 +259,15 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The naive path on the CPU, the benchmarks' baseline: gather the pages into contiguous K/V,
 /// materialise `repeat_kv`, then attention with one K/V head per query head (each head reads
 /// its own copy). Same contract and result as [`attend`].
-pub fn attend_naive<T>(
-    q: &[T],
+pub fn attend_naive<Q, T>(
+    q: &[Q],
     kv: &PagedKv<'_, T>,
     options: &AttendOptions,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()>
 where
+    Q: Copy + Into<f32> + Sync,
     T: Copy + Into<f32> + Sync,
 {
     let shape = kv.shape();
@@ -270,8 +275,18 @@ where
     let (k, v) = gather_paged(kv)?;
     let k = repeat_kv(&k, shape, lens.total_keys())?;
     let v = repeat_kv(&v, shape, lens.total_keys())?;
-    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?;
+    let scales = repeated_scales(kv)?;
+    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?.with_scales(&scales)?;
     // Sinks and slopes are per query head, and the default scale per head_dim: repeat_kv
     // keeps both.
     attend(q, &mha, options, out, lse)
+}
+
+/// The scales of `kv`'s K/V heads repeated as `repeat_kv` repeats the heads (`[n_heads]`
+/// each: query head `h` reads K/V head `h / group`'s); ones when `kv` has none.
+pub(crate) fn repeated_scales<T>(kv: &PagedKv<'_, T>) -> Result<KvScales> {
+    let shape = kv.layout().shape();
+    let heads = 0..shape.n_heads();
+    let (k, v): (Vec<f32>, Vec<f32>) = heads.map(|h| kv.scales(h / shape.group())).unzip();
+    KvScales::new(k, v)
 }

@@ -1,13 +1,17 @@
 //! Host views of K/V: contiguous per sequence, or paged. Both answer "the K (or V) row of
-//! this sequence, position and K/V head", which is all the reference attention needs.
+//! this sequence, position and K/V head", which is all the reference attention needs, and the
+//! scales its stored values are read with (fp8 pages: see [`crate::fp8`]).
 
 use crate::batch::SeqLens;
 use crate::cache::{BlockTables, PagedLayout};
 use crate::error::{Error, Result};
+use crate::fp8::KvScales;
 use crate::shape::GqaShape;
 use crate::variants::KeyMask;
 
-/// Where the reference attention reads K/V rows from.
+/// Where the reference attention reads K/V rows from. A row holds stored values: the value
+/// of element `i` of K/V head `h`'s key row is `key(..)[i] * scales(h).0` (the value row's,
+/// `value(..)[i] * scales(h).1`); the scales are 1 except for fp8 pages read under theirs.
 pub trait KvSource<T> {
     /// The heads K/V are stored for.
     fn shape(&self) -> GqaShape;
@@ -17,6 +21,12 @@ pub trait KvSource<T> {
     fn value(&self, seq: usize, pos: usize, kv_head: usize) -> &[T];
     /// The lengths this source was validated for.
     fn lens(&self) -> &SeqLens;
+    /// `(k_scale, v_scale)` of K/V head `kv_head`: the factors its stored values are read
+    /// with. `(1, 1)` unless the source was given [`KvScales`].
+    fn scales(&self, kv_head: usize) -> (f32, f32) {
+        let _ = kv_head;
+        (1.0, 1.0)
+    }
     /// Checks that every key a query row sees under `mask` is stored (pages reclaimed by a
     /// sliding window are not).
     fn check_visible(&self, mask: KeyMask) -> Result<()> {
@@ -37,6 +47,8 @@ pub struct ContiguousKv<'a, T> {
     v: &'a [T],
     /// First row of each sequence.
     key_starts: Vec<usize>,
+    /// The stored values' scales, `[n_kv_heads]` for K and V (none: 1).
+    scales: Option<&'a KvScales>,
 }
 
 impl<'a, T> ContiguousKv<'a, T> {
@@ -60,7 +72,16 @@ impl<'a, T> ContiguousKv<'a, T> {
             k,
             v,
             key_starts,
+            scales: None,
         })
+    }
+
+    /// The same K/V read under `scales` (one K and one V scale per K/V head): stored fp8
+    /// values, say. Errors: scales for another number of K/V heads.
+    pub fn with_scales(mut self, scales: &'a KvScales) -> Result<Self> {
+        scales.check_heads(self.shape.n_kv_heads())?;
+        self.scales = Some(scales);
+        Ok(self)
     }
 
     fn row(&self, data: &'a [T], seq: usize, pos: usize, kv_head: usize) -> &'a [T] {
@@ -83,10 +104,16 @@ impl<T> KvSource<T> for ContiguousKv<'_, T> {
     fn lens(&self) -> &SeqLens {
         self.lens
     }
+    fn scales(&self, kv_head: usize) -> (f32, f32) {
+        self.scales
+            .map_or((1.0, 1.0), |s| (s.k()[kv_head], s.v()[kv_head]))
+    }
 }
 
 /// A paged K/V cache on the host, `[num_blocks, block_size, n_kv_heads, head_dim]` each, with
-/// validated block tables.
+/// validated block tables; fp8 pages ([`Fp8E4M3`](crate::fp8::Fp8E4M3),
+/// [`Fp8E5M2`](crate::fp8::Fp8E5M2)) come with their scales
+/// ([`with_scales`](PagedKv::with_scales)).
 #[derive(Debug, Clone)]
 pub struct PagedKv<'a, T> {
     layout: PagedLayout,
@@ -96,6 +123,8 @@ pub struct PagedKv<'a, T> {
     k_cache: &'a [T],
     /// [num_blocks, block_size, n_kv_heads, head_dim]
     v_cache: &'a [T],
+    /// The stored values' scales, `[n_kv_heads]` for K and V (none: 1).
+    scales: Option<&'a KvScales>,
 }
 
 impl<'a, T> PagedKv<'a, T> {
@@ -118,7 +147,22 @@ impl<'a, T> PagedKv<'a, T> {
             lens,
             k_cache,
             v_cache,
+            scales: None,
         })
+    }
+
+    /// The same pages read under `scales` (one K and one V scale per K/V head): fp8 pages,
+    /// whose stored value `x` of head `h` stands for `x * k_scale[h]` (V: `v_scale[h]`).
+    /// Errors: scales for another number of K/V heads.
+    pub fn with_scales(mut self, scales: &'a KvScales) -> Result<Self> {
+        scales.check_heads(self.layout.shape().n_kv_heads())?;
+        self.scales = Some(scales);
+        Ok(self)
+    }
+
+    /// The scales the pages are read under, if any.
+    pub fn kv_scales(&self) -> Option<&'a KvScales> {
+        self.scales
     }
 
     /// The validated block tables.
@@ -154,5 +198,9 @@ impl<T> KvSource<T> for PagedKv<'_, T> {
     }
     fn check_visible(&self, mask: KeyMask) -> Result<()> {
         self.tables.check_visible(self.lens, mask)
+    }
+    fn scales(&self, kv_head: usize) -> (f32, f32) {
+        self.scales
+            .map_or((1.0, 1.0), |s| (s.k()[kv_head], s.v()[kv_head]))
     }
 }

@@ -4,7 +4,8 @@
 //! For query row `j` of sequence `s` (position `p = context_len - query_len + j`) and query
 //! head `h` reading K/V head `h / group`, over the keys `t` the row sees (`0..=p` for plain
 //! causal attention; see [`crate::variants`] for the window and the non-causal pass):
-//!   `score_t = scale * q . k_t`, then `cap * tanh(score_t / cap)` with a soft-cap, then
+//!   `score_t = scale * q . k_t` (`k_t` the key's values: its stored values times the source's
+//!   K scale, exactly in f64; `v_t` likewise), then `cap * tanh(score_t / cap)` with a soft-cap, then
 //!   `+ slope[h] * (t - p)` with ALiBi,
 //!   `lse = ln(sum_t exp(score_t) + exp(sink[h]))` (natural log; no sink term without sinks),
 //!   `out = sum_t exp(score_t - lse) * v_t`.
@@ -24,8 +25,8 @@ pub struct Attention {
 }
 
 /// GQA attention of `q` (`[num_tokens, n_heads, head_dim]`, rows of the sequences of
-/// `kv.lens()` concatenated in batch order) over `kv`, with the variants of `options` (causal,
-/// `scale = 1/sqrt(head_dim)` by default).
+/// `kv.lens()` concatenated in batch order) over `kv` (its values: stored values times its
+/// scales), with the variants of `options` (causal, `scale = 1/sqrt(head_dim)` by default).
 ///
 /// ```
 /// use paged_gqa::{cpu, GqaShape, SeqLens};
@@ -37,9 +38,10 @@ pub struct Attention {
 /// assert_eq!(&att.out[8..16], &[0., 1., 2., 3., 4., 5., 6., 7.]); // one key: out = v
 /// # Ok::<(), paged_gqa::Error>(())
 /// ```
-pub fn attention<T, K>(q: &[T], kv: &K, options: &AttendOptions) -> Result<Attention>
+pub fn attention<Q, T, K>(q: &[Q], kv: &K, options: &AttendOptions) -> Result<Attention>
 where
-    T: Copy + Into<f64> + Sync,
+    Q: Copy + Into<f64> + Sync,
+    T: Copy + Into<f64>,
     K: KvSource<T> + Sync,
 {
     attention_of_tokens(q, kv, options, &vec![true; kv.lens().num_tokens()])
@@ -49,14 +51,15 @@ where
 /// every other row's `out` and `lse` are NaN, so a comparison that forgets to skip them fails.
 /// For checking long cases against the oracle at a sample of their rows. Rows are computed on
 /// all the machine's cores (each exactly as [`attention`] defines it).
-pub fn attention_of_tokens<T, K>(
-    q: &[T],
+pub fn attention_of_tokens<Q, T, K>(
+    q: &[Q],
     kv: &K,
     options: &AttendOptions,
     keep: &[bool],
 ) -> Result<Attention>
 where
-    T: Copy + Into<f64> + Sync,
+    Q: Copy + Into<f64> + Sync,
+    T: Copy + Into<f64>,
     K: KvSource<T> + Sync,
 {
     let shape = kv.shape();
@@ -118,8 +121,8 @@ type TokenRows = (usize, Vec<f64>, Vec<f64>);
 
 /// All heads of query row `j` of sequence `seq` (row `token` of `q`): out `[n_heads, head_dim]`
 /// and lse `[n_heads]`, from the definition.
-fn token_attention<T, K>(
-    q: &[T],
+fn token_attention<Q, T, K>(
+    q: &[Q],
     kv: &K,
     options: &AttendOptions,
     seq: usize,
@@ -127,6 +130,7 @@ fn token_attention<T, K>(
     token: usize,
 ) -> (Vec<f64>, Vec<f64>)
 where
+    Q: Copy + Into<f64>,
     T: Copy + Into<f64>,
     K: KvSource<T>,
 {
@@ -144,6 +148,8 @@ where
     let mut scores = Vec::with_capacity(keys.len());
     for head in 0..n_heads {
         let kv_head = head / shape.group();
+        let (k_scale, v_scale) = kv.scales(kv_head);
+        let (k_scale, v_scale) = (f64::from(k_scale), f64::from(v_scale));
         let q_row = &q[(token * n_heads + head) * d..][..d];
         let slope = options.alibi_slopes().map_or(0.0, |s| f64::from(s[head]));
         let sink = options
@@ -151,7 +157,8 @@ where
             .map_or(f64::NEG_INFINITY, |s| f64::from(s[head]));
         scores.clear();
         scores.extend(keys.clone().map(|t| {
-            let mut s = scale * dot(q_row, kv.key(seq, t, kv_head));
+            // Stored values times the source's K scale (1 but for fp8 pages), in f64.
+            let mut s = scale * (dot(q_row, kv.key(seq, t, kv_head)) * k_scale);
             if cap > 0.0 {
                 s = cap * (s / cap).tanh();
             }
@@ -167,7 +174,7 @@ where
         for (t, &s) in keys.clone().zip(&scores) {
             let p = (s - row_lse).exp();
             for (o, &v) in o.iter_mut().zip(kv.value(seq, t, kv_head)) {
-                *o += p * v.into();
+                *o += p * (v.into() * v_scale);
             }
         }
         lse[head] = row_lse;
@@ -175,6 +182,6 @@ where
     (out, lse)
 }
 
-fn dot<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+fn dot<Q: Copy + Into<f64>, T: Copy + Into<f64>>(a: &[Q], b: &[T]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x.into() * y.into()).sum()
 }

@@ -36,7 +36,8 @@ pub fn repeat_kv<T: Copy>(x: &[T], shape: GqaShape, num_tokens: usize) -> Result
 }
 
 /// Copies the K and V rows of every sequence out of the pages into contiguous
-/// `[total_keys, n_kv_heads, head_dim]` tensors, sequences concatenated in batch order.
+/// `[total_keys, n_kv_heads, head_dim]` tensors, sequences concatenated in batch order: the
+/// stored values (fp8 pages' scales stay with [`PagedKv::kv_scales`]).
 pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> Result<(Vec<T>, Vec<T>)> {
     // Every key is gathered: none may lie in a page a sliding window reclaimed.
     paged.check_visible(KeyMask {
@@ -60,12 +61,13 @@ pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> Result<(Vec<T>, Vec<T>)>
 
 /// The naive path: gather the pages, materialise `repeat_kv` for K and V, then attention with
 /// one K/V head per query head. Same contract and result as [`attention`] over `paged`.
-pub fn attention_naive<T>(
-    q: &[T],
+pub fn attention_naive<Q, T>(
+    q: &[Q],
     paged: &PagedKv<'_, T>,
     options: &AttendOptions,
 ) -> Result<Attention>
 where
+    Q: Copy + Into<f64> + Sync,
     T: Copy + Into<f64> + Sync,
 {
     let shape = paged.shape();
@@ -73,7 +75,9 @@ where
     let (k, v) = gather_paged(paged)?;
     let k = repeat_kv(&k, shape, lens.total_keys())?;
     let v = repeat_kv(&v, shape, lens.total_keys())?;
-    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?;
+    // fp8 pages' scales follow their heads through repeat_kv.
+    let scales = crate::cpu::fast::repeated_scales(paged)?;
+    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?.with_scales(&scales)?;
     // The default scale depends on head_dim only, and sinks and slopes are per query head:
     // repeat_kv keeps both.
     attention(q, &mha, options)

@@ -8,8 +8,9 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use crate::batch::SeqLens;
 use crate::cache::{PagedCache, PagedLayout};
 use crate::cuda::{check_built, CudaStepPlan, CudaStorage};
-use crate::dtype::{DType, Element};
+use crate::dtype::{DType, Element, PageElement};
 use crate::error::Result;
+use crate::fp8::{Fp8Element, KvScales};
 use crate::kernels::attend::AttendState;
 use crate::kernels::params::AttendTensors;
 use crate::plan::{AttendSchedule, KernelChoice};
@@ -100,6 +101,9 @@ impl AttendBatch {
         let tensors = AttendTensors {
             k_cache: k_ptr,
             v_cache: v_ptr,
+            kv_dtype: T::DTYPE,
+            k_scale: 0,
+            v_scale: 0,
             q: (q_ptr, q.len()),
             out: (out_ptr, out_len),
             lse: (lse_ptr, lse_len),
@@ -112,19 +116,67 @@ impl AttendBatch {
             options,
         )
     }
+
+    /// [`run`](AttendBatch::run) over fp8 caches: `k_cache`, `v_cache` one layer's
+    /// `[num_blocks, block_size, n_kv_heads, head_dim]` of stored fp8 values ([`Fp8E4M3`] or
+    /// [`Fp8E5M2`]), read under `scales` (one K and one V scale per K/V head, uploaded for
+    /// this call); `q`, `out` of the dtype given to [`new`](AttendBatch::new). The result is
+    /// attention over the dequantized K/V (see [`crate::fp8`]).
+    ///
+    /// [`Fp8E4M3`]: crate::fp8::Fp8E4M3
+    /// [`Fp8E5M2`]: crate::fp8::Fp8E5M2
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_fp8<T: Element, F: Fp8Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        k_cache: &impl DevicePtr<F>,
+        v_cache: &impl DevicePtr<F>,
+        scales: &KvScales,
+        q: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: &mut impl DevicePtrMut<f32>,
+        options: &AttendOptions,
+    ) -> Result<()> {
+        let (k_ptr, _k_sync) = k_cache.device_ptr(stream);
+        let (v_ptr, _v_sync) = v_cache.device_ptr(stream);
+        let (q_ptr, _q_sync) = q.device_ptr(stream);
+        let (out_len, lse_len) = (out.len(), lse.len());
+        let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
+        let (lse_ptr, _lse_sync) = lse.device_ptr_mut(stream);
+        let tensors = AttendTensors {
+            k_cache: k_ptr,
+            v_cache: v_ptr,
+            kv_dtype: F::PAGE_DTYPE,
+            k_scale: 0,
+            v_scale: 0,
+            q: (q_ptr, q.len()),
+            out: (out_ptr, out_len),
+            lse: (lse_ptr, lse_len),
+        };
+        self.state.run_fp8(
+            stream,
+            T::DTYPE,
+            tensors,
+            (k_cache.len(), v_cache.len()),
+            scales,
+            options,
+        )
+    }
 }
 
-impl<T: Element> PagedCache<CudaStorage<T>> {
+impl<P: PageElement> PagedCache<CudaStorage<P>> {
     /// Fused GQA attention of `layer` for the plan's batch, any mix of decode tokens and prompt
     /// chunks (their K/V written with [`write`](PagedCache::write) first): `q`, `out`
-    /// `[plan.num_new_tokens(), n_heads, head_dim]`, `lse` `[plan.num_new_tokens(), n_heads]`
+    /// `[plan.num_new_tokens(), n_heads, head_dim]` of the compute dtype `T`
+    /// ([`CacheConfig::dtype`](crate::cache::CacheConfig::dtype); fp8 pages are read under the
+    /// layer's scales), `lse` `[plan.num_new_tokens(), n_heads]`
     /// f32 (natural log), on the cache's stream, with the variants of `options` (see
     /// [`crate::variants`]). Launches only: no allocation, no host synchronisation, so a step can
     /// be captured in a CUDA graph (with cudarc's event tracking off,
     /// `CudaContext::disable_event_tracking`, as any capture through cudarc needs, since its
     /// cross-stream waits would reach outside the capture). The exception: options with sinks
     /// or ALiBi slopes upload them (`n_heads` floats each) for the call.
-    pub fn attend(
+    pub fn attend<T: Element>(
         &self,
         layer: usize,
         plan: &CudaStepPlan,
@@ -143,6 +195,7 @@ impl<T: Element> PagedCache<CudaStorage<T>> {
         pages.attend(
             layer,
             plan,
+            T::DTYPE,
             (q_ptr, q.len()),
             (out_ptr, out_len),
             (lse_ptr, lse_len),

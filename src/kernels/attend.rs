@@ -6,6 +6,7 @@ use crate::batch::SeqLens;
 use crate::cache::{block_tables::check_reclaimed_invisible, PagedLayout};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::fp8::KvScales;
 use crate::kernels::params::{self, AttendTables, AttendTensors, LaunchVariants};
 use crate::kernels::{check_same, upload_nonempty, Backend, Launch};
 use crate::plan::{AttendSchedule, KernelChoice};
@@ -110,11 +111,41 @@ impl<B: Backend> AttendState<B> {
         };
         launch_attend(backend, &tables, tensors, dtype, options)
     }
+
+    /// [`run`](Self::run) over fp8 caches (`tensors.kv_dtype`): `scales` (one K and one V scale
+    /// per K/V head) are uploaded for this launch and freed in stream order after it.
+    pub fn run_fp8(
+        &self,
+        backend: &B,
+        dtype: DType,
+        tensors: AttendTensors,
+        cache_lens: (usize, usize),
+        scales: &KvScales,
+        options: &AttendOptions,
+    ) -> Result<()> {
+        let n_kv = self.layout.shape().n_kv_heads();
+        scales.check_heads(n_kv)?;
+        if !tensors.kv_dtype.is_fp8() {
+            return Err(Error::InvalidPageDType {
+                dtype,
+                page_dtype: tensors.kv_dtype,
+            });
+        }
+        let uploaded = backend.upload(&scales.concat())?;
+        let k_scale = backend.address(&uploaded);
+        let tensors = AttendTensors {
+            k_scale,
+            v_scale: k_scale + (4 * n_kv) as u64,
+            ..tensors
+        };
+        self.run(backend, dtype, &tensors, cache_lens, options)
+    }
 }
 
 /// Checks the options and the engine's tensors against the tables and launches (attention,
 /// then merge). Sinks and ALiBi slopes, when the options have them, are uploaded for this
-/// launch (`n_heads` floats each); nothing is uploaded without them.
+/// launch (`n_heads` floats each); nothing is uploaded without them. fp8 caches carry their
+/// scales' addresses in `tensors`.
 pub(crate) fn launch_attend<B: Backend>(
     backend: &B,
     tables: &AttendTables<'_>,
@@ -146,6 +177,7 @@ pub(crate) fn launch_attend<B: Backend>(
     // page under this mask (checked); query_starts and the work list come from the same
     // lengths; the split workspace holds workspace_floats of the schedule, which bounds the
     // splits of any mask; sinks and slopes hold n_heads floats (validated) and are freed in
-    // stream order after the launch.
+    // stream order after the launch; fp8 caches come with n_kv_heads K and V scales each
+    // (their callers checked or made them).
     unsafe { backend.launch(Launch::Attend(&params)) }
 }

@@ -209,6 +209,9 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
             let tensors = AttendTensors {
                 k_cache: k,
                 v_cache: v,
+                kv_dtype: T::DTYPE,
+                k_scale: 0,
+                v_scale: 0,
                 q,
                 out,
                 lse: (backend.address(&self.lse), rows),

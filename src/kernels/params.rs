@@ -39,6 +39,8 @@ pub(crate) fn dtype(dtype: DType) -> ffi::pgqa_dtype {
         DType::F32 => ffi::pgqa_dtype::PGQA_DTYPE_F32,
         DType::F16 => ffi::pgqa_dtype::PGQA_DTYPE_F16,
         DType::BF16 => ffi::pgqa_dtype::PGQA_DTYPE_BF16,
+        DType::F8E4M3 => ffi::pgqa_dtype::PGQA_DTYPE_F8_E4M3,
+        DType::F8E5M2 => ffi::pgqa_dtype::PGQA_DTYPE_F8_E5M2,
     }
 }
 
@@ -51,8 +53,17 @@ pub(crate) fn check_supported(kernel: &'static str, shape: GqaShape, dtype: DTyp
             supported: "64, 80, 96, 128, 256",
         });
     }
-    if dtype == DType::F32 {
+    if !matches!(dtype, DType::F16 | DType::BF16) {
         return Err(Error::UnsupportedDType { kernel, dtype });
+    }
+    Ok(())
+}
+
+/// Checks that the attention kernels read pages of `page_dtype` under queries of `dtype`: the
+/// same type, or fp8.
+pub(crate) fn check_page_dtype(dtype: DType, page_dtype: DType) -> Result<()> {
+    if page_dtype != dtype && !page_dtype.is_fp8() {
+        return Err(Error::InvalidPageDType { dtype, page_dtype });
     }
     Ok(())
 }
@@ -106,9 +117,14 @@ pub(crate) struct AttendTables<'a> {
 
 /// The engine's tensors of one attention call: device addresses and element counts.
 pub(crate) struct AttendTensors {
-    /// one layer's [num_blocks, block_size, n_kv_heads, head_dim]
+    /// one layer's [num_blocks, block_size, n_kv_heads, head_dim] of `kv_dtype`
     pub k_cache: u64,
     pub v_cache: u64,
+    /// The caches' element type: the query dtype, or fp8.
+    pub kv_dtype: DType,
+    /// [n_kv_heads] f32 each for fp8 caches (0 otherwise)
+    pub k_scale: u64,
+    pub v_scale: u64,
     /// [num_tokens, n_heads, head_dim]: address, elements
     pub q: (u64, usize),
     pub out: (u64, usize),
@@ -174,6 +190,14 @@ pub(crate) fn attend_params(
     Error::check_len("lse", tensors.lse.1, rows)?;
     let schedule = tables.schedule;
     let splits = variants.splits;
+    check_page_dtype(dtype, tensors.kv_dtype)?;
+    if tensors.kv_dtype.is_fp8() && (tensors.k_scale == 0 || tensors.v_scale == 0) {
+        return Err(Error::BufferLength {
+            name: "k_scale and v_scale (fp8 pages need both)",
+            expected: shape.n_kv_heads(),
+            actual: 0,
+        });
+    }
     if schedule.is_empty() {
         return Ok(None);
     }
@@ -220,12 +244,16 @@ pub(crate) fn attend_params(
         causal: variants.causal.into(),
         window_left: variants.window_left,
         logit_softcap: variants.logit_softcap,
+        kv_dtype: self::dtype(tensors.kv_dtype),
+        k_scale: tensors.k_scale as *const f32,
+        v_scale: tensors.v_scale as *const f32,
     }))
 }
 
 /// `pgqa_write_kv`'s parameters for one layer: `k_new`, `v_new` `(address, elements)`
-/// `[num_tokens, n_kv_heads, head_dim]`, the layer's K and V tensors at `k_cache`, `v_cache`;
-/// `None` for no tokens.
+/// `[num_tokens, n_kv_heads, head_dim]` of the compute dtype, the layer's K and V tensors at
+/// `k_cache`, `v_cache` (of the page dtype), and for fp8 pages the layer's scales
+/// (`[n_kv_heads]` f32 each at `scales.0`, `scales.1`); `None` for no tokens.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_kv_params(
     config: &CacheConfig,
@@ -236,6 +264,7 @@ pub(crate) fn write_kv_params(
     k_cache: u64,
     v_cache: u64,
     slot_mapping: u64,
+    scales: (u64, u64),
 ) -> Result<Option<ffi::pgqa_write_kv_params>> {
     let shape = config.shape();
     Error::check_len("k_new", k_new.1, num_tokens * shape.kv_row_len())?;
@@ -256,6 +285,9 @@ pub(crate) fn write_kv_params(
         n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads())?,
         head_dim: to_i32("head_dim", shape.head_dim())?,
         dtype: dtype(config.dtype()),
+        cache_dtype: dtype(config.page_dtype()),
+        k_scale: scales.0 as *const f32,
+        v_scale: scales.1 as *const f32,
     }))
 }
 
@@ -275,7 +307,7 @@ pub(crate) fn copy_blocks_params(
         block_len: (config.block_size() * config.shape().kv_row_len()) as i64,
         num_tensors: (2 * config.num_layers()) as i32,
         num_blocks: num_blocks as i32,
-        dtype: dtype(config.dtype()),
+        dtype: dtype(config.page_dtype()),
     }
 }
 

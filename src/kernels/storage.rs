@@ -5,8 +5,9 @@
 use std::marker::PhantomData;
 
 use crate::cache::{CacheConfig, PagedLayout, StepPlan};
-use crate::dtype::Element;
+use crate::dtype::{DType, PageElement};
 use crate::error::{Error, Result};
+use crate::fp8::KvScales;
 use crate::kernels::params::{self, AttendTables, AttendTensors};
 use crate::kernels::{attend, Backend, Launch};
 use crate::plan::{AttendSchedule, KernelChoice};
@@ -69,31 +70,37 @@ fn push_section<V: bytemuck::Pod>(bytes: &mut Vec<u8>, values: &[V]) -> usize {
 }
 
 /// Pages of every layer, `[num_layers, 2 (K, V), num_blocks, block_size, n_kv_heads,
-/// head_dim]` in one allocation, and the workspaces of each step's tables and splits.
-pub(crate) struct Pages<B: Backend, T: Element> {
+/// head_dim]` of `P` in one allocation, their fp8 scales, and the workspaces of each step's
+/// tables and splits.
+pub(crate) struct Pages<B: Backend, P: PageElement> {
     pub config: CacheConfig,
     pub num_blocks: usize,
     /// Elements of one (layer, K or V) tensor.
     pub tensor_len: usize,
     pub backend: B,
     /// [num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]
-    pub pages: B::Buffer<T>,
+    pub pages: B::Buffer<P>,
+    /// [num_layers, 2 (K, V), n_kv_heads]: the fp8 scales (1.0 until set; unused by 16-bit
+    /// pages), and their host copy.
+    scales: B::Buffer<f32>,
+    host_scales: Vec<f32>,
     /// The current step's tables; grows, never shrinks.
     workspace: B::Buffer<u8>,
     /// The current step's split-KV partials (sized by the attention schedule); grows.
     split_workspace: B::Buffer<f32>,
     sm_count: usize,
     kernels: KernelChoice,
-    element: PhantomData<T>,
+    element: PhantomData<P>,
 }
 
-impl<B: Backend, T: Element> Pages<B, T> {
-    /// `num_blocks` zero-filled pages per tensor.
+impl<B: Backend, P: PageElement> Pages<B, P> {
+    /// `num_blocks` zero-filled pages per tensor (of the config's page dtype, which must be
+    /// `P`'s), every fp8 scale 1.0.
     pub fn new(backend: B, config: CacheConfig, num_blocks: usize) -> Result<Self> {
-        if config.dtype() != T::DTYPE {
+        if config.page_dtype() != P::PAGE_DTYPE {
             return Err(Error::DTypeMismatch {
-                expected: config.dtype(),
-                actual: T::DTYPE,
+                expected: config.page_dtype(),
+                actual: P::PAGE_DTYPE,
             });
         }
         params::to_i32("num_blocks", num_blocks)?;
@@ -105,9 +112,12 @@ impl<B: Backend, T: Element> Pages<B, T> {
                 limit: 65535,
             });
         }
-        let (tensor_len, total) = config.page_lens(num_blocks, std::mem::size_of::<T>())?;
+        let (tensor_len, total) = config.page_lens(num_blocks, std::mem::size_of::<P>())?;
+        let host_scales = vec![1.0f32; 2 * config.num_layers() * config.shape().n_kv_heads()];
         Ok(Self {
-            pages: backend.alloc_zeros::<T>(total)?,
+            pages: backend.alloc_zeros::<P>(total)?,
+            scales: backend.upload(&host_scales)?,
+            host_scales,
             workspace: backend.alloc_zeros::<u8>(4096)?,
             split_workspace: backend.alloc_zeros::<f32>(1024)?,
             sm_count: backend.sm_count()?,
@@ -133,7 +143,62 @@ impl<B: Backend, T: Element> Pages<B, T> {
     /// Device address of the first element of `layer`'s K (`v = false`) or V tensor.
     pub fn tensor_ptr(&self, layer: usize, v: bool) -> u64 {
         self.backend.address(&self.pages)
-            + ((2 * layer + v as usize) * self.tensor_len * std::mem::size_of::<T>()) as u64
+            + ((2 * layer + v as usize) * self.tensor_len * std::mem::size_of::<P>()) as u64
+    }
+
+    /// Sets `layer`'s fp8 scales (one upload of every layer's, in stream order: launches
+    /// already queued read the old ones). Errors: pages that are not fp8, a layer out of
+    /// range, scales for another number of K/V heads.
+    pub fn set_scales(&mut self, layer: usize, scales: &KvScales) -> Result<()> {
+        let page_dtype = self.config.page_dtype();
+        if !page_dtype.is_fp8() {
+            return Err(Error::InvalidOption {
+                option: "fp8 scales",
+                value: format!("scales for {page_dtype:?} pages"),
+                expected: "fp8 pages (16-bit pages hold K/V as they are, without scales)",
+            });
+        }
+        let num_layers = self.config.num_layers();
+        if layer >= num_layers {
+            return Err(Error::LayerOutOfRange { layer, num_layers });
+        }
+        let n_kv = self.config.shape().n_kv_heads();
+        scales.check_heads(n_kv)?;
+        self.host_scales[2 * layer * n_kv..][..2 * n_kv].copy_from_slice(&scales.concat());
+        self.backend.write(&self.host_scales, &mut self.scales)
+    }
+
+    /// `layer`'s fp8 scales, as last set (1.0 until then).
+    pub fn scales(&self, layer: usize) -> Result<KvScales> {
+        let num_layers = self.config.num_layers();
+        if layer >= num_layers {
+            return Err(Error::LayerOutOfRange { layer, num_layers });
+        }
+        let n_kv = self.config.shape().n_kv_heads();
+        let at = &self.host_scales[2 * layer * n_kv..][..2 * n_kv];
+        KvScales::new(at[..n_kv].to_vec(), at[n_kv..].to_vec())
+    }
+
+    /// Device addresses of `layer`'s K and V scales (`[n_kv_heads]` f32 each) for fp8 pages,
+    /// `(0, 0)` for 16-bit pages (the kernels ignore them).
+    fn scale_ptrs(&self, layer: usize) -> (u64, u64) {
+        if !self.config.page_dtype().is_fp8() {
+            return (0, 0);
+        }
+        let n_kv = self.config.shape().n_kv_heads();
+        let k = self.backend.address(&self.scales) + (2 * layer * n_kv * 4) as u64;
+        (k, k + (n_kv * 4) as u64)
+    }
+
+    /// `Err(DTypeMismatch)` unless `dtype` (of the caller's rows) is the compute dtype.
+    fn check_dtype(&self, dtype: DType) -> Result<()> {
+        if dtype != self.config.dtype() {
+            return Err(Error::DTypeMismatch {
+                expected: self.config.dtype(),
+                actual: dtype,
+            });
+        }
+        Ok(())
     }
 
     /// One host-to-device copy of the step's tables, then one launch for all block copies.
@@ -196,14 +261,17 @@ impl<B: Backend, T: Element> Pages<B, T> {
     }
 
     /// Writes the plan's new tokens of `layer`: `k_new`, `v_new` `(address, elements)`
-    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]`. One launch.
+    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]` of `dtype` (the compute dtype), into
+    /// the pages as they are, or quantized under the layer's scales (fp8 pages). One launch.
     pub fn write(
         &mut self,
         layer: usize,
         plan: &DeviceStepPlan,
+        dtype: DType,
         k_new: (u64, usize),
         v_new: (u64, usize),
     ) -> Result<()> {
+        self.check_dtype(dtype)?;
         let Some(params) = params::write_kv_params(
             &self.config,
             self.num_blocks,
@@ -213,28 +281,34 @@ impl<B: Backend, T: Element> Pages<B, T> {
             self.tensor_ptr(layer, false),
             self.tensor_ptr(layer, true),
             plan.slot_mapping,
+            self.scale_ptrs(layer),
         )?
         else {
             return Ok(());
         };
         // SAFETY: the plan is this cache's current one (checked by the caller), so its slot
         // mapping in the workspace holds num_tokens validated slots < num_slots; k_new / v_new
-        // hold num_tokens rows (checked); the layer's K and V tensors lie inside the pages.
+        // hold num_tokens rows (checked); the layer's K and V tensors lie inside the pages, and
+        // so do its scales for fp8 pages (n_kv_heads each).
         unsafe { self.backend.launch(Launch::WriteKv(&params)) }
     }
 
     /// Attention of `layer` over the plan's batch: `q`, `out` `[num_new_tokens, n_heads,
-    /// head_dim]`, `lse` `[num_new_tokens, n_heads]`, each `(address, elements)`.
+    /// head_dim]` of `dtype` (the compute dtype), `lse` `[num_new_tokens, n_heads]`, each
+    /// `(address, elements)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
         layer: usize,
         plan: &DeviceStepPlan,
+        dtype: DType,
         q: (u64, usize),
         out: (u64, usize),
         lse: (u64, usize),
         options: &AttendOptions,
     ) -> Result<()> {
-        params::check_supported("attention", self.config.shape(), T::DTYPE)?;
+        self.check_dtype(dtype)?;
+        params::check_supported("attention", self.config.shape(), dtype)?;
         let tables = AttendTables {
             layout: self.layout(),
             lens: plan.plan.lens(),
@@ -248,13 +322,17 @@ impl<B: Backend, T: Element> Pages<B, T> {
             mma_work: plan.mma_work,
             split_workspace: plan.split_workspace,
         };
+        let (k_scale, v_scale) = self.scale_ptrs(layer);
         let tensors = AttendTensors {
             k_cache: self.tensor_ptr(layer, false),
             v_cache: self.tensor_ptr(layer, true),
+            kv_dtype: self.config.page_dtype(),
+            k_scale,
+            v_scale,
             q,
             out,
             lse,
         };
-        attend::launch_attend(&self.backend, &tables, &tensors, T::DTYPE, options)
+        attend::launch_attend(&self.backend, &tables, &tensors, dtype, options)
     }
 }

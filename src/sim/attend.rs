@@ -4,8 +4,9 @@ use std::rc::Rc;
 
 use crate::batch::SeqLens;
 use crate::cache::{PagedCache, PagedLayout};
-use crate::dtype::{DType, Element};
+use crate::dtype::{DType, Element, PageElement};
 use crate::error::Result;
+use crate::fp8::{Fp8Element, KvScales};
 use crate::kernels::attend::AttendState;
 use crate::kernels::params::AttendTensors;
 use crate::plan::{AttendSchedule, KernelChoice};
@@ -86,6 +87,9 @@ impl AttendBatch {
         let tensors = AttendTensors {
             k_cache: k_cache.address_on("k_cache", device)?,
             v_cache: v_cache.address_on("v_cache", device)?,
+            kv_dtype: T::DTYPE,
+            k_scale: 0,
+            v_scale: 0,
             q: (q.address_on("q", device)?, q.len()),
             out: (out.address_on("out", device)?, out.len()),
             lse: (lse.address_on("lse", device)?, lse.len()),
@@ -98,13 +102,48 @@ impl AttendBatch {
             options,
         )
     }
+
+    /// [`run`](AttendBatch::run) over fp8 caches read under `scales` (see
+    /// [`cuda::AttendBatch::run_fp8`](crate::cuda::AttendBatch::run_fp8)).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_fp8<T: Element, F: Fp8Element>(
+        &self,
+        device: &Rc<SimDevice>,
+        k_cache: &SimBuffer<F>,
+        v_cache: &SimBuffer<F>,
+        scales: &KvScales,
+        q: &SimBuffer<T>,
+        out: &mut SimBuffer<T>,
+        lse: &mut SimBuffer<f32>,
+        options: &AttendOptions,
+    ) -> Result<()> {
+        let tensors = AttendTensors {
+            k_cache: k_cache.address_on("k_cache", device)?,
+            v_cache: v_cache.address_on("v_cache", device)?,
+            kv_dtype: F::PAGE_DTYPE,
+            k_scale: 0,
+            v_scale: 0,
+            q: (q.address_on("q", device)?, q.len()),
+            out: (out.address_on("out", device)?, out.len()),
+            lse: (lse.address_on("lse", device)?, lse.len()),
+        };
+        self.state.run_fp8(
+            device,
+            T::DTYPE,
+            tensors,
+            (k_cache.len(), v_cache.len()),
+            scales,
+            options,
+        )
+    }
 }
 
-impl<T: Element> PagedCache<SimStorage<T>> {
+impl<P: PageElement> PagedCache<SimStorage<P>> {
     /// Fused GQA attention of `layer` for the plan's batch on the emulator: `q`, `out`
-    /// `[plan.num_new_tokens(), n_heads, head_dim]`, `lse` `[plan.num_new_tokens(), n_heads]`
-    /// (natural log), with the variants of `options`.
-    pub fn attend(
+    /// `[plan.num_new_tokens(), n_heads, head_dim]` of the compute dtype `T` (fp8 pages read
+    /// under the layer's scales), `lse` `[plan.num_new_tokens(), n_heads]` (natural log), with
+    /// the variants of `options`.
+    pub fn attend<T: Element>(
         &self,
         layer: usize,
         plan: &SimStepPlan,
@@ -118,6 +157,7 @@ impl<T: Element> PagedCache<SimStorage<T>> {
         self.storage().pages.attend(
             layer,
             plan,
+            T::DTYPE,
             (q.address_on("q", device)?, q.len()),
             (out.address_on("out", device)?, out.len()),
             (lse.address_on("lse", device)?, lse.len()),

@@ -3,8 +3,9 @@
 use std::rc::Rc;
 
 use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
-use crate::dtype::Element;
+use crate::dtype::{Element, PageElement};
 use crate::error::Result;
+use crate::fp8::KvScales;
 use crate::kernels::storage::{DeviceStepPlan, Pages};
 use crate::sim::{SimBuffer, SimDevice};
 
@@ -13,14 +14,16 @@ use crate::sim::{SimBuffer, SimDevice};
 pub type SimStepPlan = DeviceStepPlan;
 
 /// [`CudaStorage`](crate::cuda::CudaStorage) on the emulator: every layer's pages,
-/// `[num_layers, 2 (K, V), num_blocks, block_size, n_kv_heads, head_dim]`, in one emulated
-/// allocation, written and read by the real cache and attention kernels.
-pub struct SimStorage<T: Element> {
-    pub(crate) pages: Pages<Rc<SimDevice>, T>,
+/// `[num_layers, 2 (K, V), num_blocks, block_size, n_kv_heads, head_dim]` of `P` (the compute
+/// dtype, or a stored fp8 value), in one emulated allocation, written and read by the real
+/// cache and attention kernels.
+pub struct SimStorage<P: PageElement> {
+    pub(crate) pages: Pages<Rc<SimDevice>, P>,
 }
 
-impl<T: Element> SimStorage<T> {
-    /// `num_blocks` zero-filled pages per tensor on `device`.
+impl<P: PageElement> SimStorage<P> {
+    /// `num_blocks` zero-filled pages per tensor on `device` (the config's page dtype must be
+    /// `P`'s).
     pub fn new(device: Rc<SimDevice>, config: CacheConfig, num_blocks: usize) -> Result<Self> {
         Ok(Self {
             pages: Pages::new(device, config, num_blocks)?,
@@ -28,13 +31,24 @@ impl<T: Element> SimStorage<T> {
     }
 
     /// All pages, `[num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]`.
-    pub fn pages(&self) -> &SimBuffer<T> {
+    pub fn pages(&self) -> &SimBuffer<P> {
         &self.pages.pages
     }
 
     /// All pages, to fill before a [`PagedCache`] takes the storage.
-    pub fn pages_mut(&mut self) -> &mut SimBuffer<T> {
+    pub fn pages_mut(&mut self) -> &mut SimBuffer<P> {
         &mut self.pages.pages
+    }
+
+    /// Sets `layer`'s fp8 scales (see
+    /// [`CudaStorage::set_scales`](crate::cuda::CudaStorage::set_scales)).
+    pub fn set_scales(&mut self, layer: usize, scales: &KvScales) -> Result<()> {
+        self.pages.set_scales(layer, scales)
+    }
+
+    /// `layer`'s fp8 scales, as last set.
+    pub fn scales(&self, layer: usize) -> Result<KvScales> {
+        self.pages.scales(layer)
     }
 
     /// The device every operation of this cache runs on.
@@ -47,12 +61,12 @@ impl<T: Element> SimStorage<T> {
     pub fn kv_range(&self, layer: usize) -> (u64, usize) {
         (
             self.pages.tensor_ptr(layer, false),
-            2 * self.pages.tensor_len * std::mem::size_of::<T>(),
+            2 * self.pages.tensor_len * std::mem::size_of::<P>(),
         )
     }
 }
 
-impl<T: Element> PageStorage for SimStorage<T> {
+impl<P: PageElement> PageStorage for SimStorage<P> {
     type Plan = SimStepPlan;
 
     fn config(&self) -> &CacheConfig {
@@ -69,10 +83,11 @@ impl<T: Element> PageStorage for SimStorage<T> {
     }
 }
 
-impl<T: Element> PagedCache<SimStorage<T>> {
+impl<P: PageElement> PagedCache<SimStorage<P>> {
     /// Writes the plan's new tokens of `layer` with the real write kernel: `k_new`, `v_new`
-    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]`, rows in batch order.
-    pub fn write(
+    /// `[plan.num_new_tokens(), n_kv_heads, head_dim]` of the compute dtype `T`, rows in batch
+    /// order (quantized under the layer's scales for fp8 pages).
+    pub fn write<T: Element>(
         &mut self,
         layer: usize,
         plan: &SimStepPlan,
@@ -84,8 +99,16 @@ impl<T: Element> PagedCache<SimStorage<T>> {
         self.storage_mut().pages.write(
             layer,
             plan,
+            T::DTYPE,
             (k_new.address_on("k_new", &device)?, k_new.len()),
             (v_new.address_on("v_new", &device)?, v_new.len()),
         )
+    }
+}
+
+impl<P: PageElement> PagedCache<SimStorage<P>> {
+    /// Sets `layer`'s fp8 scales (see [`SimStorage::set_scales`]).
+    pub fn set_scales(&mut self, layer: usize, scales: &KvScales) -> Result<()> {
+        self.storage_mut().pages.set_scales(layer, scales)
     }
 }

@@ -1,0 +1,468 @@
+// prefill_kernel.cuh: the tensor-core kernel of pgqa_attend (see paged_gqa.h), for work items
+// with many rows: prompts, prompt chunks, and large groups, and its launcher, as templates over
+// the MMA type T, the page type KV and head_dim D. Instantiated by prefill.cu (16-bit pages,
+// KV = T) and prefill_fp8.cu (fp8 pages): two translation units, so that adding the fp8
+// kernels leaves the 16-bit kernels' code generation (registers) as it was.
+//
+// One thread block = one (work item, K/V head or chunk of 64 of its query heads, split of the
+// keys). Its kRows = 64 rows are (query row, query head) pairs packed as in attend.cu: row r is
+// query row j0 + r / heads, head head0 + r % heads; rows from tokens * heads on are padding
+// (their Q is zero and they are never stored). Warp w owns rows 16 w .. 16 w + 15; in the MMA
+// fragments (mma.cuh) lane 4 g + t holds rows g and g + 8 of them. Per tile of kKeys keys:
+//   0. cp.async brings the tile's K and V rows into shared memory (two buffers: the next tile's
+//      copies fly while this one is computed). Rows past the range are zero-filled: P V must
+//      never multiply a zero probability by stale bits that happen to be NaN;
+//   1. S = Q K^T on tensor cores (ldmatrix of Q and of K rows, m16n8k16, f32), then in the
+//      log2 domain S *= scale * log2 e (or, soft-capped, S = (cap log2 e) tanh(scale S / cap)),
+//      plus the ALiBi bias (slope log2 e) (key - position), -inf outside each row's visible keys
+//      (causal limit, window);
+//   2. online softmax in registers: running max m (a quad of lanes shares a row: max over the
+//      quad by shuffles), P = exp2(S - m), alpha = exp2(m_old - m_new); a row that has seen no
+//      key keeps m = -inf and uses 0 as the base, so P = 0 and alpha = 0, never NaN;
+//   3. O = alpha O + P V: P re-packed from the S accumulators as the A operand, V by
+//      ldmatrix.trans as the B operand.
+// The sum l of P stays per lane (its columns) and is summed over the quad at the end, where the
+// sink (one split) joins the denominator. The block's key range runs from its first row's window
+// start to its last row's causal limit: tiles left of the window or above the diagonal are never
+// loaded or computed. Each K and V byte of the range crosses HBM once for all 64 rows.
+//
+// Pages of fp8 (KV = pgqa::fp8_e4m3 or fp8_e5m2; T, the MMA operand type, stays q's 16-bit
+// type): step 0 brings the tile's 8-bit rows into a staging buffer (two buffers: the next tile's
+// copies fly while this one is computed), then, after the barrier that makes them visible,
+// every thread widens 8 values at a time (exact: each fp8 value is a T value) into the one
+// 16-bit K and V tile, and a second barrier makes that visible to ldmatrix: the K/V bytes cross
+// global memory once, as 8-bit values. The scales are folded as in attend.cu: k_scale into the
+// score scale (before the soft-cap), v_scale into the normalisation factor.
+
+#pragma once
+
+#include "fp8.cuh"
+#include "mma.cuh"
+#include "prefill.cuh"
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kRows = PGQA_ATTEND_MMA_ROWS;  // 16 per warp
+static_assert(kRows == 16 * (kThreads / 32), "one 16-row MMA tile per warp");
+
+// KV: the pages' element type (the MMA type T itself, or an fp8 tag); D: head_dim.
+template <typename KV, int D>
+struct TileGeometry {
+  static_assert(D % 16 == 0, "head_dim must be a multiple of 16 for m16n8k16");
+  static constexpr bool kFp8 = sizeof(KV) == 1;
+  static constexpr int kChunks = D / 8;               // 16-byte vectors per 16-bit row
+  static constexpr int kKeys = D <= 128 ? 64 : 32;    // keys per tile
+  // Row stride in elements: 16 bytes of padding move consecutive rows by 4 banks, so the 8 row
+  // addresses of an ldmatrix (or of a quarter warp's 16-byte copies) hit distinct banks.
+  static constexpr int kStride = D + 8;
+  static constexpr int kTileElems = kKeys * kStride;
+  static constexpr int kQElems = kRows * kStride;
+  // 16-bit K and V tiles: two buffers each that cp.async fills; fp8: one each, filled by the
+  // widening, and two 8-bit staging buffers each ([kKeys][D] bytes, unpadded) that cp.async
+  // fills.
+  static constexpr int kBuffers = kFp8 ? 1 : 2;
+  static constexpr int kStageBytes = kFp8 ? kKeys * D : 0;
+};
+
+// Shared memory: Q [kRows][kStride], K tiles [kBuffers][kKeys][kStride], V tiles the same (T);
+// fp8: then K staging [2][kKeys][D], V staging [2][kKeys][D] (bytes).
+template <typename T, typename KV, int D>
+constexpr size_t smem_bytes() {
+  using G = TileGeometry<KV, D>;
+  return (G::kQElems + 2 * G::kBuffers * G::kTileElems) * sizeof(T) + 4 * G::kStageBytes;
+}
+
+template <typename T, typename KV, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    prefill_kernel(const pgqa_attend_params p, int block_shift, int group, int head_chunks) {
+#if PGQA_MMA_CODE
+  using G = TileGeometry<KV, D>;
+  PGQA_DYNAMIC_SHARED(smem);
+  T *q_s = reinterpret_cast<T *>(smem);                 // [kRows][kStride]
+  T *k_tiles = q_s + G::kQElems;                        // [kBuffers][kKeys][kStride]
+  T *v_tiles = k_tiles + G::kBuffers * G::kTileElems;   // [kBuffers][kKeys][kStride]
+  // fp8 only: [2][kKeys][D] each (empty otherwise).
+  uint8_t *k_stage = reinterpret_cast<uint8_t *>(v_tiles + G::kBuffers * G::kTileElems);
+  uint8_t *v_stage = k_stage + 2 * G::kStageBytes;
+
+  const int seq = p.mma_work[2 * static_cast<int64_t>(blockIdx.x)];
+  const int j0 = p.mma_work[2 * static_cast<int64_t>(blockIdx.x) + 1];  // first query row
+  const int kv_head = blockIdx.y / head_chunks;
+  const int chunk = blockIdx.y % head_chunks;
+  const int split = blockIdx.z;
+  const int head0 = kv_head * group + chunk * kRows;  // first query head served
+  const int heads = min(kRows, group - chunk * kRows);
+  const int q_begin = p.query_starts[seq];
+  const int query_len = p.query_starts[seq + 1] - q_begin;
+  const int tokens = min(p.mma_tokens_per_work, query_len - j0);
+  const int rows = tokens * heads;  // <= kRows (checked by the launcher)
+
+  const int context_len = p.context_lens[seq];
+  // Row r sits at position first_pos + r / heads and sees keys [row_lo, row_hi): row_hi is
+  // position + 1 (causal, bottom-right) or context_len; row_lo is position - window_left or 0.
+  const int first_pos = context_len - query_len + j0;
+  const bool windowed = p.window_left >= 0;
+  const int first_hi = p.causal ? first_pos + 1 : context_len;
+  const int first_lo = windowed ? first_pos - p.window_left : 0;  // may be negative
+  const int hi_step = p.causal ? 1 : 0;                           // per query row
+  const int lo_step = windowed ? 1 : 0;
+  // The block's range: from its first row's window start to its last row's limit; this split
+  // takes keys_per_split of it. 64-bit: lo + (split + 1) * keys_per_split can pass 2^31.
+  const int lo = max(first_lo, 0);
+  const int hi = min(context_len, first_hi + hi_step * (tokens - 1));
+  const int64_t split_start = static_cast<int64_t>(lo) + static_cast<int64_t>(split) * p.keys_per_split;
+  const int start = static_cast<int>(min(split_start, static_cast<int64_t>(hi)));
+  const int end = static_cast<int>(min(static_cast<int64_t>(hi), split_start + p.keys_per_split));
+  const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
+
+  const KV *k_cache = static_cast<const KV *>(p.k_cache);
+  const KV *v_cache = static_cast<const KV *>(p.v_cache);
+  const int32_t *block_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+
+  // Q rows of the block (zero for padding rows), in the same copy group as tile 0.
+  const T *q = static_cast<const T *>(p.q);
+  for (int i = threadIdx.x; i < kRows * G::kChunks; i += kThreads) {
+    const int r = i / G::kChunks;
+    const int c = i % G::kChunks;
+    T *dst = q_s + r * G::kStride + c * 8;
+    if (r < rows) {
+      const int64_t token = q_begin + j0 + r / heads;
+      pgqa::copy16_async(dst, q + (token * p.n_heads + head0 + r % heads) * D + c * 8);
+    } else {
+      *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // Issues the copies of tile `tile` into buffer tile % 2 (fp8: its staging buffer); rows past
+  // `end` become zeros.
+  auto load_tile = [&](int tile) {
+    const int base = start + tile * G::kKeys;
+    const int valid = min(G::kKeys, end - base);
+    if constexpr (!G::kFp8) {
+      T *k_dst = k_tiles + (tile & 1) * G::kTileElems;
+      T *v_dst = v_tiles + (tile & 1) * G::kTileElems;
+      for (int i = threadIdx.x; i < G::kKeys * G::kChunks; i += kThreads) {
+        const int row = i / G::kChunks;
+        const int c = i % G::kChunks;
+        T *k_row = k_dst + row * G::kStride + c * 8;
+        T *v_row = v_dst + row * G::kStride + c * 8;
+        const int pos = base + row;
+        const int block = row < valid ? block_table[pos >> block_shift] : -1;
+        if (block >= 0 && block < p.num_blocks) {  // ids were validated on the host
+          const int slot = pos & (p.block_size - 1);
+          const int64_t offset =
+              ((static_cast<int64_t>(block) * p.block_size + slot) * p.n_kv_heads + kv_head) * D +
+              c * 8;
+          pgqa::copy16_async(k_row, k_cache + offset);
+          pgqa::copy16_async(v_row, v_cache + offset);
+        } else {
+          *reinterpret_cast<uint4 *>(k_row) = make_uint4(0, 0, 0, 0);
+          *reinterpret_cast<uint4 *>(v_row) = make_uint4(0, 0, 0, 0);
+        }
+      }
+    } else {
+      // 16 fp8 values per copy into the unpadded staging rows [kKeys][D].
+      uint8_t *k_dst = k_stage + (tile & 1) * G::kStageBytes;
+      uint8_t *v_dst = v_stage + (tile & 1) * G::kStageBytes;
+      for (int i = threadIdx.x; i < G::kKeys * (D / 16); i += kThreads) {
+        const int row = i / (D / 16);
+        const int c = (i % (D / 16)) * 16;
+        uint8_t *k_row = k_dst + row * D + c;
+        uint8_t *v_row = v_dst + row * D + c;
+        const int pos = base + row;
+        const int block = row < valid ? block_table[pos >> block_shift] : -1;
+        if (block >= 0 && block < p.num_blocks) {  // ids were validated on the host
+          const int slot = pos & (p.block_size - 1);
+          const int64_t offset =
+              ((static_cast<int64_t>(block) * p.block_size + slot) * p.n_kv_heads + kv_head) * D + c;
+          pgqa::copy16_async(k_row, k_cache + offset);
+          pgqa::copy16_async(v_row, v_cache + offset);
+        } else {
+          *reinterpret_cast<uint4 *>(k_row) = make_uint4(0, 0, 0, 0);  // +0 in either format
+          *reinterpret_cast<uint4 *>(v_row) = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+    pgqa::copy_async_commit();
+  };
+
+  if (num_tiles > 0) {
+    load_tile(0);
+  } else {
+    pgqa::copy_async_commit();  // the Q copies
+  }
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int quad_lane = lane % 4;                // t: this lane's column pair in a fragment
+  const int row_lo = warp * 16 + lane / 4;        // block row of c0, c1 (and a0, a2)
+  const int row_hi = row_lo + 8;                  // block row of c2, c3
+  const bool warp_has_rows = warp * 16 < rows;    // all-padding warps skip the arithmetic
+  const int j_lo = row_lo / heads;                // query rows (of the item) of row_lo, row_hi
+  const int j_hi = row_hi / heads;
+  // Keys in [low, limit) are visible to the row.
+  const int limit_lo = min(first_hi + hi_step * j_lo, end);
+  const int limit_hi = min(first_hi + hi_step * j_hi, end);
+  const int low_lo = first_lo + lo_step * j_lo;
+  const int low_hi = first_lo + lo_step * j_hi;
+  const int pos_lo = first_pos + j_lo;
+  const int pos_hi = first_pos + j_hi;
+  // ALiBi slopes of the rows' heads, log2 domain (0 without ALiBi). Padding rows read a slope
+  // of a real head of the chunk (r % heads < heads) and are never stored.
+  const float bias_lo = p.alibi_slopes != nullptr ? p.alibi_slopes[head0 + row_lo % heads] * pgqa::kLog2e : 0.0f;
+  const float bias_hi = p.alibi_slopes != nullptr ? p.alibi_slopes[head0 + row_hi % heads] * pgqa::kLog2e : 0.0f;
+  // Soft-cap: S = (cap log2 e) tanh(S * scale / cap), tanhf saturating to +-1 (no NaN for huge
+  // or infinite S); else S * scale * log2 e.
+  // fp8 pages: k_scale joins the scale (one factor of every score of this K/V head).
+  const bool capped = p.logit_softcap > 0.0f;
+  float s_scale = capped ? p.scale / p.logit_softcap : p.scale * pgqa::kLog2e;
+  if constexpr (G::kFp8) s_scale *= p.k_scale[kv_head];
+  const float cap_log2 = p.logit_softcap * pgqa::kLog2e;
+  const T *tag = nullptr;  // selects the dtype's overloads
+
+  float o[D / 8][4];  // O rows (lo, hi) x D columns: 8-column tiles in the C layout
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+  float m_lo = -INFINITY, m_hi = -INFINITY;  // running max (log2 domain, scaled)
+  float l_lo = 0.0f, l_hi = 0.0f;            // this lane's part of the running sum
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    if (tile + 1 < num_tiles) {
+      load_tile(tile + 1);  // its buffer was last read before the previous iteration's barrier
+      pgqa::copy_async_wait<1>();
+    } else {
+      pgqa::copy_async_wait<0>();
+    }
+    __syncthreads();  // tile `tile` (and, the first time, Q) visible to every thread
+
+    if constexpr (G::kFp8) {
+      // Widen the staged 8-bit rows into the 16-bit tiles, 8 values per step. The previous
+      // tile's reads of them ended at the last iteration's final barrier.
+      const uint8_t *k_src = k_stage + (tile & 1) * G::kStageBytes;
+      const uint8_t *v_src = v_stage + (tile & 1) * G::kStageBytes;
+      const KV *fp8_tag = nullptr;
+      for (int i = threadIdx.x; i < G::kKeys * G::kChunks; i += kThreads) {
+        const int row = i / G::kChunks;
+        const int c = (i % G::kChunks) * 8;
+        *reinterpret_cast<uint4 *>(k_tiles + row * G::kStride + c) =
+            pgqa::widen8(*reinterpret_cast<const uint2 *>(k_src + row * D + c), fp8_tag, tag);
+        *reinterpret_cast<uint4 *>(v_tiles + row * G::kStride + c) =
+            pgqa::widen8(*reinterpret_cast<const uint2 *>(v_src + row * D + c), fp8_tag, tag);
+      }
+      __syncthreads();  // the widened tile visible to every warp's ldmatrix
+    }
+
+    const int base = start + tile * G::kKeys;
+    const T *k_tile = k_tiles + (G::kFp8 ? 0 : (tile & 1)) * G::kTileElems;
+    const T *v_tile = v_tiles + (G::kFp8 ? 0 : (tile & 1)) * G::kTileElems;
+
+    if (warp_has_rows) {
+      // 1. S = Q K^T: 16 rows x kKeys keys per warp.
+      float s[G::kKeys / 8][4];
+#pragma unroll
+      for (int n = 0; n < G::kKeys / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+#pragma unroll
+      for (int kt = 0; kt < D / 16; ++kt) {
+        uint32_t a[4];  // Q rows 16 w .. 16 w + 15, dims 16 kt .. 16 kt + 15
+        pgqa::ldmatrix_x4(a, q_s + (warp * 16 + (lane & 15)) * G::kStride + kt * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int np = 0; np < G::kKeys / 16; ++np) {
+          // Matrices: keys 16 np + (0-7 | 8-15) x dims (0-7 | 8-15) of the k-step; registers
+          // 0, 1 are b0, b1 of key tile 2 np and 2, 3 those of key tile 2 np + 1.
+          uint32_t b[4];
+          pgqa::ldmatrix_x4(b, k_tile + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * G::kStride +
+                                   kt * 16 + ((lane >> 3) & 1) * 8);
+          pgqa::mma_16816(s[2 * np], a, b[0], b[1], tag);
+          pgqa::mma_16816(s[2 * np + 1], a, b[2], b[3], tag);
+        }
+      }
+
+      // 2. Scale (soft-cap), bias, mask, online softmax. Key of s[n][e]: base + 8 n + 2 t + (e & 1).
+      float max_lo = -INFINITY, max_hi = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < G::kKeys / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = base + 8 * n + 2 * quad_lane + e;
+          float x_lo = s[n][e] * s_scale;
+          float x_hi = s[n][2 + e] * s_scale;
+          if (capped) {
+            x_lo = cap_log2 * tanhf(x_lo);
+            x_hi = cap_log2 * tanhf(x_hi);
+          }
+          x_lo += bias_lo * static_cast<float>(key - pos_lo);
+          x_hi += bias_hi * static_cast<float>(key - pos_hi);
+          s[n][e] = key < limit_lo && key >= low_lo ? x_lo : -INFINITY;
+          s[n][2 + e] = key < limit_hi && key >= low_hi ? x_hi : -INFINITY;
+          max_lo = fmaxf(max_lo, s[n][e]);
+          max_hi = fmaxf(max_hi, s[n][2 + e]);
+        }
+      }
+#pragma unroll
+      for (int offset = 1; offset < 4; offset *= 2) {  // over the quad that shares the rows
+        max_lo = fmaxf(max_lo, __shfl_xor_sync(0xffffffffu, max_lo, offset));
+        max_hi = fmaxf(max_hi, __shfl_xor_sync(0xffffffffu, max_hi, offset));
+      }
+      const float m_new_lo = fmaxf(m_lo, max_lo);
+      const float m_new_hi = fmaxf(m_hi, max_hi);
+      const float base_lo = m_new_lo == -INFINITY ? 0.0f : m_new_lo;  // no key yet: P = 0
+      const float base_hi = m_new_hi == -INFINITY ? 0.0f : m_new_hi;
+      const float alpha_lo = exp2f(m_lo - base_lo);  // m_lo = -inf: 0 (O and l are 0 anyway)
+      const float alpha_hi = exp2f(m_hi - base_hi);
+      m_lo = m_new_lo;
+      m_hi = m_new_hi;
+      float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+      for (int n = 0; n < G::kKeys / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[n][e] = exp2f(s[n][e] - base_lo);
+          s[n][2 + e] = exp2f(s[n][2 + e] - base_hi);
+          sum_lo += s[n][e];
+          sum_hi += s[n][2 + e];
+        }
+      }
+      l_lo = l_lo * alpha_lo + sum_lo;
+      l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= alpha_lo;
+        o[n][1] *= alpha_lo;
+        o[n][2] *= alpha_hi;
+        o[n][3] *= alpha_hi;
+      }
+
+      // 3. O += P V, 16 keys per step.
+#pragma unroll
+      for (int kk = 0; kk < G::kKeys / 16; ++kk) {
+        // A = P rows x keys 16 kk .. 16 kk + 15: key tiles 2 kk (a0, a1) and 2 kk + 1 (a2, a3).
+        const uint32_t a[4] = {pgqa::pack2(s[2 * kk][0], s[2 * kk][1], tag),
+                               pgqa::pack2(s[2 * kk][2], s[2 * kk][3], tag),
+                               pgqa::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], tag),
+                               pgqa::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], tag)};
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          // Matrices (transposed): keys (0-7 | 8-15) x dims 16 dp + (0-7 | 8-15); registers
+          // 0, 1 are b0, b1 of dim tile 2 dp and 2, 3 those of dim tile 2 dp + 1.
+          uint32_t b[4];
+          pgqa::ldmatrix_x4_trans(b, v_tile + (kk * 16 + (lane & 15)) * G::kStride + dp * 16 +
+                                         (lane >> 4) * 8);
+          pgqa::mma_16816(o[2 * dp], a, b[0], b[1], tag);
+          pgqa::mma_16816(o[2 * dp + 1], a, b[2], b[3], tag);
+        }
+      }
+    }
+    __syncthreads();  // this tile's buffers are free for the load two iterations on (fp8: the
+                      // 16-bit tiles for the next widening)
+  }
+  pgqa::copy_async_wait<0>();  // the Q copies, when there was no tile
+
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, offset);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, offset);
+  }
+
+  // Normalise and store: the final output, or this split's partial for the merge. Row r's output
+  // row is (token q_begin + j0 + r / heads, head head0 + r % heads).
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half == 0 ? row_lo : row_hi;
+    if (r >= rows) continue;
+    const float l = half == 0 ? l_lo : l_hi;
+    const float m = half == 0 ? m_lo : m_hi;
+    // One split: the final result, with the sink (if any) in the denominator. Several: this
+    // split's partial, without it (the merge adds it once).
+    const float sink2 = p.num_splits == 1 && p.sinks != nullptr
+                            ? p.sinks[head0 + r % heads] * pgqa::kLog2e
+                            : -INFINITY;
+    const pgqa::Finish f = pgqa::finish_row(m, l, sink2);
+    float inv = f.factor;
+    if constexpr (G::kFp8) inv *= p.v_scale[kv_head];  // v_scale: one factor of every output
+    const int64_t row = (static_cast<int64_t>(q_begin) + j0 + r / heads) * p.n_heads + head0 + r % heads;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int d = 8 * n + 2 * quad_lane;
+      const float x0 = o[n][2 * half] * inv;
+      const float x1 = o[n][2 * half + 1] * inv;
+      if (p.num_splits == 1) {
+        T *out = static_cast<T *>(p.out) + row * D + d;
+        *reinterpret_cast<uint32_t *>(out) = pgqa::pack2(x0, x1, tag);
+      } else {
+        float *out = p.partial_out + (row * p.num_splits + split) * D + d;
+        *reinterpret_cast<float2 *>(out) = make_float2(x0, x1);
+      }
+    }
+    if (quad_lane == 0) {
+      if (p.num_splits == 1) {
+        p.lse[row] = f.lse_log2 * pgqa::kLn2;
+      } else {
+        p.partial_lse[row * p.num_splits + split] = f.lse_log2;
+      }
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for a GPU without bf16/f16 mma.sync; the launcher refuses before this
+#endif
+}
+
+// OK when the current device runs mma.sync m16n8k16 on bf16 and f16 (sm_80 or newer).
+pgqa_status check_device_has_mma(int32_t *cuda_error) {
+  int device = 0;
+  int major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+    return PGQA_STATUS_CUDA_ERROR;
+  }
+  return major >= 8 ? PGQA_STATUS_OK : PGQA_STATUS_UNSUPPORTED;
+}
+
+template <typename T, typename KV, int D>
+pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
+                   pgqa::Phase phase) {
+  const int group = p.n_heads / p.n_kv_heads;
+  const int head_chunks = (group + kRows - 1) / kRows;
+  const int64_t grid_y = static_cast<int64_t>(p.n_kv_heads) * head_chunks;
+  constexpr size_t smem = smem_bytes<T, KV, D>();
+  auto kernel = prefill_kernel<T, KV, D>;
+  if (phase == pgqa::Phase::kPrepare) {
+    const int64_t max_rows = static_cast<int64_t>(p.mma_tokens_per_work) * min(group, kRows);
+    if (grid_y > 65535 || max_rows > kRows) return PGQA_STATUS_INVALID_ARGUMENT;
+    const pgqa_status device_status = check_device_has_mma(cuda_error);
+    if (device_status != PGQA_STATUS_OK) return device_status;
+    // The image the driver picked for this device must come from sm_80+ code: a build for
+    // older GPUs only (PAGED_GQA_CUDA_ARCHS=75) has an empty kernel here.
+    cudaFuncAttributes attributes;
+    const cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      if (cuda_error != nullptr) *cuda_error = static_cast<int32_t>(err);
+      return PGQA_STATUS_CUDA_ERROR;
+    }
+    if (attributes.ptxVersion < 80) return PGQA_STATUS_UNSUPPORTED;
+    return pgqa::allow_shared_memory(kernel, smem, smem, cuda_error);
+  }
+  const dim3 grid(static_cast<unsigned>(p.num_mma_work), static_cast<unsigned>(grid_y),
+                  static_cast<unsigned>(p.num_splits));
+  const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
+  PGQA_LAUNCH(kernel, grid, kThreads, smem, stream, p, block_shift, group, head_chunks);
+  return pgqa::launch_status(cuda_error);
+}
+
+template <typename T, typename KV>
+pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
+                           pgqa::Phase phase) {
+  return pgqa::for_head_dim(p.head_dim, [&](auto dim) {
+    return launch<T, KV, decltype(dim)::value>(p, stream, cuda_error, phase);
+  });
+}
+
+}  // namespace
