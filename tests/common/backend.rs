@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use paged_gqa::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
 use paged_gqa::cuda::{self, CudaStorage, CudaStream};
+use paged_gqa::fp8::{Fp8Element, KvScales};
 use paged_gqa::plan::{AttendSchedule, KernelChoice};
 use paged_gqa::sim::{self, SimDevice, SimStorage};
-use paged_gqa::{DType, DeviceValue, Element, GqaShape, PagedLayout, Result, SeqLens};
+use paged_gqa::{DType, DeviceValue, Element, GqaShape, PageElement, PagedLayout, Result, SeqLens};
 
 /// What the GPU tests need of a backend: its memory, the attention batch, the paged cache's
 /// storage, the naive baseline and repeat_kv. Host copies panic on failure (test helpers);
@@ -23,8 +24,8 @@ pub trait Device: Clone {
     type Attend;
     /// The step plan of this backend's cache storage.
     type Plan: AsRef<StepPlan>;
-    /// The pages of a [`PagedCache`] on this backend.
-    type Storage<T: Element>: PageStorage<Plan = Self::Plan>;
+    /// The pages of a [`PagedCache`] on this backend (of the compute dtype, or fp8).
+    type Storage<P: PageElement>: PageStorage<Plan = Self::Plan>;
     /// The naive path (gather, repeat_kv, per-head attention).
     type Naive<T: Element>;
 
@@ -64,28 +65,47 @@ pub trait Device: Clone {
         lse: &mut Self::Buf<f32>,
         options: &AttendOptions,
     ) -> Result<()>;
+    /// `AttendBatch::run_fp8` with `options`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_attend_fp8<T: Element, F: Fp8Element>(
+        &self,
+        batch: &Self::Attend,
+        k_cache: &Self::Buf<F>,
+        v_cache: &Self::Buf<F>,
+        scales: &KvScales,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
+    ) -> Result<()>;
 
     /// `num_blocks` zero-filled pages per tensor.
-    fn storage<T: Element>(
+    fn storage<P: PageElement>(
         &self,
         config: CacheConfig,
         num_blocks: usize,
-    ) -> Result<Self::Storage<T>>;
+    ) -> Result<Self::Storage<P>>;
     /// All pages, `[num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]`.
-    fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T>;
+    fn pages<P: PageElement>(storage: &Self::Storage<P>) -> &Self::Buf<P>;
     /// Overwrites every page element with `values`.
-    fn fill_pages<T: Element>(&self, storage: &mut Self::Storage<T>, values: &[T]);
-    /// `PagedCache::write`.
-    fn write_kv<T: Element>(
-        cache: &mut PagedCache<Self::Storage<T>>,
+    fn fill_pages<P: PageElement>(&self, storage: &mut Self::Storage<P>, values: &[P]);
+    /// `PagedCache::set_scales` (fp8 pages).
+    fn set_scales<P: PageElement>(
+        cache: &mut PagedCache<Self::Storage<P>>,
+        layer: usize,
+        scales: &KvScales,
+    ) -> Result<()>;
+    /// `PagedCache::write` (rows of the compute dtype `T`).
+    fn write_kv<P: PageElement, T: Element>(
+        cache: &mut PagedCache<Self::Storage<P>>,
         layer: usize,
         plan: &Self::Plan,
         k_new: &Self::Buf<T>,
         v_new: &Self::Buf<T>,
     ) -> Result<()>;
     /// `PagedCache::attend` with `options`.
-    fn attend_cache<T: Element>(
-        cache: &PagedCache<Self::Storage<T>>,
+    fn attend_cache<P: PageElement, T: Element>(
+        cache: &PagedCache<Self::Storage<P>>,
         layer: usize,
         plan: &Self::Plan,
         q: &Self::Buf<T>,
@@ -150,7 +170,7 @@ impl Device for Arc<CudaStream> {
     type Buf<T: DeviceValue> = cuda::CudaSlice<T>;
     type Attend = cuda::AttendBatch;
     type Plan = cuda::CudaStepPlan;
-    type Storage<T: Element> = CudaStorage<T>;
+    type Storage<P: PageElement> = CudaStorage<P>;
     type Naive<T: Element> = cuda::NaiveAttention<T>;
 
     fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
@@ -189,22 +209,42 @@ impl Device for Arc<CudaStream> {
     ) -> Result<()> {
         batch.run(self, k_cache, v_cache, q, out, lse, options)
     }
+    fn run_attend_fp8<T: Element, F: Fp8Element>(
+        &self,
+        batch: &Self::Attend,
+        k_cache: &Self::Buf<F>,
+        v_cache: &Self::Buf<F>,
+        scales: &KvScales,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
+    ) -> Result<()> {
+        batch.run_fp8(self, k_cache, v_cache, scales, q, out, lse, options)
+    }
 
-    fn storage<T: Element>(
+    fn storage<P: PageElement>(
         &self,
         config: CacheConfig,
         num_blocks: usize,
-    ) -> Result<Self::Storage<T>> {
+    ) -> Result<Self::Storage<P>> {
         CudaStorage::new(self.clone(), config, num_blocks)
     }
-    fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T> {
+    fn pages<P: PageElement>(storage: &Self::Storage<P>) -> &Self::Buf<P> {
         storage.pages()
     }
-    fn fill_pages<T: Element>(&self, storage: &mut Self::Storage<T>, values: &[T]) {
+    fn fill_pages<P: PageElement>(&self, storage: &mut Self::Storage<P>, values: &[P]) {
         self.memcpy_htod(values, storage.pages_mut()).unwrap();
     }
-    fn write_kv<T: Element>(
-        cache: &mut PagedCache<Self::Storage<T>>,
+    fn set_scales<P: PageElement>(
+        cache: &mut PagedCache<Self::Storage<P>>,
+        layer: usize,
+        scales: &KvScales,
+    ) -> Result<()> {
+        cache.set_scales(layer, scales)
+    }
+    fn write_kv<P: PageElement, T: Element>(
+        cache: &mut PagedCache<Self::Storage<P>>,
         layer: usize,
         plan: &Self::Plan,
         k_new: &Self::Buf<T>,
@@ -212,8 +252,8 @@ impl Device for Arc<CudaStream> {
     ) -> Result<()> {
         cache.write(layer, plan, k_new, v_new)
     }
-    fn attend_cache<T: Element>(
-        cache: &PagedCache<Self::Storage<T>>,
+    fn attend_cache<P: PageElement, T: Element>(
+        cache: &PagedCache<Self::Storage<P>>,
         layer: usize,
         plan: &Self::Plan,
         q: &Self::Buf<T>,
@@ -269,7 +309,7 @@ impl Device for Rc<SimDevice> {
     type Buf<T: DeviceValue> = sim::SimBuffer<T>;
     type Attend = sim::AttendBatch;
     type Plan = sim::SimStepPlan;
-    type Storage<T: Element> = SimStorage<T>;
+    type Storage<P: PageElement> = SimStorage<P>;
     type Naive<T: Element> = sim::NaiveAttention<T>;
 
     fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
@@ -308,22 +348,42 @@ impl Device for Rc<SimDevice> {
     ) -> Result<()> {
         batch.run(self, k_cache, v_cache, q, out, lse, options)
     }
+    fn run_attend_fp8<T: Element, F: Fp8Element>(
+        &self,
+        batch: &Self::Attend,
+        k_cache: &Self::Buf<F>,
+        v_cache: &Self::Buf<F>,
+        scales: &KvScales,
+        q: &Self::Buf<T>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+        options: &AttendOptions,
+    ) -> Result<()> {
+        batch.run_fp8(self, k_cache, v_cache, scales, q, out, lse, options)
+    }
 
-    fn storage<T: Element>(
+    fn storage<P: PageElement>(
         &self,
         config: CacheConfig,
         num_blocks: usize,
-    ) -> Result<Self::Storage<T>> {
+    ) -> Result<Self::Storage<P>> {
         SimStorage::new(self.clone(), config, num_blocks)
     }
-    fn pages<T: Element>(storage: &Self::Storage<T>) -> &Self::Buf<T> {
+    fn pages<P: PageElement>(storage: &Self::Storage<P>) -> &Self::Buf<P> {
         storage.pages()
     }
-    fn fill_pages<T: Element>(&self, storage: &mut Self::Storage<T>, values: &[T]) {
+    fn fill_pages<P: PageElement>(&self, storage: &mut Self::Storage<P>, values: &[P]) {
         storage.pages_mut().copy_from(values).unwrap();
     }
-    fn write_kv<T: Element>(
-        cache: &mut PagedCache<Self::Storage<T>>,
+    fn set_scales<P: PageElement>(
+        cache: &mut PagedCache<Self::Storage<P>>,
+        layer: usize,
+        scales: &KvScales,
+    ) -> Result<()> {
+        cache.set_scales(layer, scales)
+    }
+    fn write_kv<P: PageElement, T: Element>(
+        cache: &mut PagedCache<Self::Storage<P>>,
         layer: usize,
         plan: &Self::Plan,
         k_new: &Self::Buf<T>,
@@ -331,8 +391,8 @@ impl Device for Rc<SimDevice> {
     ) -> Result<()> {
         cache.write(layer, plan, k_new, v_new)
     }
-    fn attend_cache<T: Element>(
-        cache: &PagedCache<Self::Storage<T>>,
+    fn attend_cache<P: PageElement, T: Element>(
+        cache: &PagedCache<Self::Storage<P>>,
         layer: usize,
         plan: &Self::Plan,
         q: &Self::Buf<T>,

@@ -170,6 +170,83 @@ impl PagedCase {
     }
 }
 
+/// A case's q rounded to `T` and its K/V stored in fp8 (`F`) under `scales`, with the f64
+/// oracle's attention over exactly those (the dequantized K/V: stored value times scale).
+pub struct Fp8Typed<T, F> {
+    pub q: Vec<T>,
+    pub k_cache: Vec<F>,
+    pub v_cache: Vec<F>,
+    pub scales: paged_gqa::fp8::KvScales,
+    pub oracle: paged_gqa::cpu::Attention,
+}
+
+impl PagedCase {
+    /// Multiplies K/V head `h`'s values by `k[h]` (K) and `v[h]` (V): heads of different
+    /// magnitudes, so per-head scales differ and a kernel reading another head's is caught.
+    pub fn scale_heads(&mut self, k: &[f32], v: &[f32]) {
+        let (n_kv, d) = (
+            self.layout.shape().n_kv_heads(),
+            self.layout.shape().head_dim(),
+        );
+        for (cache, factors) in [(&mut self.k_cache, k), (&mut self.v_cache, v)] {
+            for (i, x) in cache.iter_mut().enumerate() {
+                *x *= factors[(i / d) % n_kv];
+            }
+        }
+    }
+
+    /// Per-head scales from the case's own K/V maxima (`amax / max` of `F`'s format).
+    pub fn amax_scales<F: paged_gqa::fp8::Fp8Element>(&self) -> paged_gqa::fp8::KvScales {
+        let shape = self.layout.shape();
+        let amax =
+            |x: &[f32]| paged_gqa::fp8::head_amax(x, shape.n_kv_heads(), shape.head_dim()).unwrap();
+        paged_gqa::fp8::KvScales::from_amax(F::FORMAT, &amax(&self.k_cache), &amax(&self.v_cache))
+            .unwrap()
+    }
+
+    /// q as `T`, K/V quantized to `F` under `scales` (head `h`'s values divided by its scale),
+    /// and the oracle over the dequantized K/V at the query rows `keep`, with `options`.
+    pub fn fp8_typed<T: paged_gqa::Element, F: paged_gqa::fp8::Fp8Element>(
+        &self,
+        scales: &paged_gqa::fp8::KvScales,
+        keep: &[bool],
+        options: &AttendOptions,
+    ) -> Fp8Typed<T, F> {
+        let shape = self.layout.shape();
+        let d = shape.head_dim();
+        let quantize = |x: &[f32], s: &[f32]| -> Vec<F> {
+            x.iter()
+                .enumerate()
+                .map(|(i, &v)| F::quantize(v, s[(i / d) % shape.n_kv_heads()]))
+                .collect()
+        };
+        let q: Vec<T> = self.q.iter().map(|&v| T::from_f32(v)).collect();
+        let (k_cache, v_cache) = (
+            quantize(&self.k_cache, scales.k()),
+            quantize(&self.v_cache, scales.v()),
+        );
+        let kv = PagedKv::new(
+            self.layout,
+            &self.lens,
+            &self.tables,
+            self.max_blocks,
+            &k_cache,
+            &v_cache,
+        )
+        .unwrap()
+        .with_scales(scales)
+        .unwrap();
+        let oracle = paged_gqa::cpu::attention_of_tokens(&q, &kv, options, keep).unwrap();
+        Fp8Typed {
+            q,
+            k_cache,
+            v_cache,
+            scales: scales.clone(),
+            oracle,
+        }
+    }
+}
+
 /// Query rows (tokens) to check a long case at: each sequence's first and last 16 rows, and
 /// every `stride`-th row between (every row when `stride` is 1). `[num_tokens]`.
 pub fn sample_tokens(lens: &SeqLens, stride: usize) -> Vec<bool> {
