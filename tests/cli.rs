@@ -629,12 +629,14 @@ fn metadata_and_tensor_variants_are_applied() {
         scale: case.default_scale(),
         ..Variants::default()
     };
-    let cases: Vec<(
-        &str,
+    // (what, metadata, extra tensors, the variants they mean)
+    type VariantCase<'a> = (
+        &'a str,
         Option<HashMap<String, String>>,
-        Vec<(&str, Raw)>,
+        Vec<(&'a str, Raw)>,
         Variants,
-    )> = vec![
+    );
+    let cases: Vec<VariantCase> = vec![
         (
             "window_left 3",
             metadata(&[("window_left", "3")]),
