@@ -519,3 +519,39 @@ twins!(
     sim_reclaiming_cache_attends_like_one_that_keeps_every_page,
     reclaiming_cache
 );
+
+/// The naive baseline (gather, repeat_kv, per-head attention) with the variants: decode runs
+/// the MHA kernels over the repeated K/V instead of the plain decode kernel, and agrees with the
+/// oracle.
+fn naive_with_variants<D: Device>(dev: &D, test: &str) {
+    let mut rng = common::rng(test);
+    let shape = GqaShape::new(8, 2, 64).unwrap();
+    let case = PagedCase::random(&mut rng, shape, 16, &[1, 40, 300], &[1, 1, 1]);
+    let sinks: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..2.0)).collect();
+    for options in [
+        AttendOptions::new().with_window_left(20).with_sinks(sinks),
+        AttendOptions::new()
+            .with_alibi_slopes(alibi_slopes(8))
+            .with_logit_softcap(3.0),
+    ] {
+        let typed = case.typed_with::<bf16>(&vec![true; case.lens.num_tokens()], &options);
+        let mut naive = dev
+            .naive::<bf16>(case.layout, &case.lens, &case.tables, case.max_blocks)
+            .unwrap();
+        let (k, v, q) = (
+            dev.upload(&typed.k_cache),
+            dev.upload(&typed.v_cache),
+            dev.upload(&typed.q),
+        );
+        let mut out = dev.alloc_poisoned::<bf16>(typed.q.len());
+        dev.run_naive(&mut naive, &k, &v, &q, &mut out, &options)
+            .unwrap();
+        let err = common::rel_l2(&dev.download_f64(&out), &typed.oracle.out);
+        assert!(err < 1e-2, "naive with {options:?}: relative error {err:e}");
+    }
+}
+twins!(
+    gpu_naive_baseline_runs_the_variants,
+    sim_naive_baseline_runs_the_variants,
+    naive_with_variants
+);

@@ -112,7 +112,7 @@ pub trait Device: Clone {
         tables: &[i32],
         max_blocks: usize,
     ) -> Result<Self::Naive<T>>;
-    /// `NaiveAttention::run` with the default scale.
+    /// `NaiveAttention::run` with `options`.
     fn run_naive<T: Element>(
         &self,
         naive: &mut Self::Naive<T>,
@@ -120,6 +120,7 @@ pub trait Device: Clone {
         v_cache: &Self::Buf<T>,
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
+        options: &AttendOptions,
     ) -> Result<()>;
 
     /// `repeat_kv`: `src` `[num_tokens, n_kv_heads, head_dim]` to `dst` `[num_tokens,
@@ -250,8 +251,9 @@ impl Device for Arc<CudaStream> {
         v_cache: &Self::Buf<T>,
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        naive.run(self, k_cache, v_cache, q, out, None)
+        naive.run(self, k_cache, v_cache, q, out, options)
     }
 
     fn repeat_kv<T: Element>(
@@ -369,8 +371,9 @@ impl Device for Rc<SimDevice> {
         v_cache: &Self::Buf<T>,
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        naive.run(self, k_cache, v_cache, q, out, None)
+        naive.run(self, k_cache, v_cache, q, out, options)
     }
 
     fn repeat_kv<T: Element>(
