@@ -10,7 +10,7 @@
 //! `cargo run --example shared_prefix`
 
 use paged_gqa::cpu::{self, PagedKv};
-use paged_gqa::{AttendOptions, GqaShape, PagedLayout, SeqLens};
+use paged_gqa::{AttendOptions, AttentionState, GqaShape, PagedLayout, SeqLens};
 
 fn main() -> Result<(), paged_gqa::Error> {
     let shape = GqaShape::new(32, 8, 128)?; // Llama-3-8B heads
@@ -88,10 +88,9 @@ fn main() -> Result<(), paged_gqa::Error> {
     let (mut out, mut lse) = (vec![0.0; rows * shape.head_dim()], vec![0.0; rows]);
     cpu::merge_states(
         shape.head_dim(),
-        (&prefix_out, &prefix_lse),
-        (&own_out, &own_lse),
-        &mut out,
-        &mut lse,
+        AttentionState::new(&prefix_out[..], &prefix_lse[..]),
+        AttentionState::new(&own_out[..], &own_lse[..]),
+        AttentionState::new(&mut out[..], &mut lse[..]),
     )?;
 
     // The oracle: causal attention over the concatenated tables, in f64.

@@ -17,7 +17,7 @@ use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::plan::KernelChoice;
 use paged_gqa::sim::{AttendBatch, SimDevice};
 use paged_gqa::variants::{alibi_slopes, window_left_from_sliding_window};
-use paged_gqa::{AttendOptions, Element, GqaShape, KeyMask};
+use paged_gqa::{AttendOptions, AttentionState, Element, GqaShape, KeyMask};
 use rand::Rng;
 
 use common::check::check_variant;
@@ -226,10 +226,9 @@ fn merge<D: Device>(dev: &D, test: &str) {
     let (mut want, mut want_lse) = (vec![0.0; rows * d], vec![0.0; rows]);
     paged_gqa::cpu::merge_states(
         d,
-        (&a_out, &a_lse),
-        (&b_out, &b_lse),
-        &mut want,
-        &mut want_lse,
+        AttentionState::new(&a_out[..], &a_lse[..]),
+        AttentionState::new(&b_out[..], &b_lse[..]),
+        AttentionState::new(&mut want[..], &mut want_lse[..]),
     )
     .unwrap();
     fn check<D: Device, T: Element>(

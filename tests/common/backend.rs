@@ -3,7 +3,7 @@
 //! against [`Device`]; each `gpu_xxx` test runs its body on a CUDA stream (skipping without a
 //! GPU) and its twin `sim_xxx` runs the same body on a fresh emulated device.
 
-use paged_gqa::AttendOptions;
+use paged_gqa::{AttendOptions, AttentionState};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -232,7 +232,13 @@ impl Device for Arc<CudaStream> {
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
     ) -> Result<()> {
-        cuda::merge_states(self, head_dim, a, b, out, lse)
+        cuda::merge_states(
+            self,
+            head_dim,
+            AttentionState::new(a.0, a.1),
+            AttentionState::new(b.0, b.1),
+            AttentionState::new(out, lse),
+        )
     }
 
     fn naive<T: Element>(
@@ -352,7 +358,13 @@ impl Device for Rc<SimDevice> {
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
     ) -> Result<()> {
-        sim::merge_states(self, head_dim, a, b, out, lse)
+        sim::merge_states(
+            self,
+            head_dim,
+            AttentionState::new(a.0, a.1),
+            AttentionState::new(b.0, b.1),
+            AttentionState::new(out, lse),
+        )
     }
 
     fn naive<T: Element>(
