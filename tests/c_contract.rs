@@ -192,7 +192,8 @@ fn merge_states_refuses_malformed_calls_and_does_nothing_for_no_rows() {
         "no rows: nothing to do"
     );
     let invalid = pgqa_status::PGQA_STATUS_INVALID_ARGUMENT;
-    let cases: [(&str, fn(&mut ffi::pgqa_merge_states_params)); 4] = [
+    type BreakMerge = fn(&mut ffi::pgqa_merge_states_params);
+    let cases: [(&str, BreakMerge); 4] = [
         ("negative rows", |p| p.num_rows = -1),
         ("more rows than a grid holds", |p| p.num_rows = 1 << 31),
         ("zero head_dim", |p| p.head_dim = 0),
