@@ -554,3 +554,47 @@ twins!(
     sim_naive_baseline_runs_the_variants,
     naive_with_variants
 );
+
+/// Options that do not fit the batch are refused before anything is uploaded or launched.
+#[test]
+fn sim_invalid_options_launch_nothing() {
+    let device = SimDevice::new();
+    let mut rng = common::rng("sim_invalid_options_launch_nothing");
+    let case = mixed_batch(&mut rng, GqaShape::new(8, 2, 64).unwrap());
+    let typed = case.typed::<bf16>();
+    let batch = AttendBatch::new(
+        &device,
+        case.layout,
+        bf16::DTYPE,
+        &case.lens,
+        &case.tables,
+        case.max_blocks,
+    )
+    .unwrap();
+    let (k, v, q) = (
+        device.upload(&typed.k_cache).unwrap(),
+        device.upload(&typed.v_cache).unwrap(),
+        device.upload(&typed.q).unwrap(),
+    );
+    let mut out = device.alloc::<bf16>(typed.q.len()).unwrap();
+    let mut lse = device.alloc::<f32>(case.lens.num_tokens() * 8).unwrap();
+    for options in [
+        AttendOptions::new().with_sinks(vec![0.0; 7]),
+        AttendOptions::new().with_alibi_slopes(alibi_slopes(40)),
+        AttendOptions::new().with_window_left(-3),
+        AttendOptions::new().with_logit_softcap(-2.0),
+    ] {
+        let before = device.launches();
+        let err = batch
+            .run(&device, &k, &v, &q, &mut out, &mut lse, &options)
+            .unwrap_err();
+        assert_eq!(device.launches(), before, "{options:?} launched");
+        assert!(
+            matches!(
+                err,
+                paged_gqa::Error::InvalidOption { .. } | paged_gqa::Error::BufferLength { .. }
+            ),
+            "{err}"
+        );
+    }
+}
