@@ -138,7 +138,9 @@ fn gpu(c: &mut Criterion) {
         bench.iter_custom(|iters| {
             gpu_time(&ctx, &stream, iters, |i| {
                 let (k, v, q) = &sets[i % 2];
-                naive.run(&stream, k, v, q, &mut out, None).unwrap();
+                naive
+                    .run(&stream, k, v, q, &mut out, &AttendOptions::default())
+                    .unwrap();
             })
         })
     });

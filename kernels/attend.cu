@@ -145,21 +145,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int context_len = p.context_lens[seq];
-  // Row r sits at position first_pos + r / heads and sees keys [row_lo, row_hi): row_hi is
-  // position + 1 (causal, bottom-right) or context_len; row_lo is position - window_left or 0.
-  const int first_pos = context_len - query_len + j0;
-  const bool windowed = p.window_left >= 0;
-  const int first_hi = p.causal ? first_pos + 1 : context_len;
-  const int first_lo = windowed ? first_pos - p.window_left : 0;  // may be negative
-  const int hi_step = p.causal ? 1 : 0;                           // per query row
-  const int lo_step = windowed ? 1 : 0;
-  // The block's range: from its first row's window start to its last row's limit; this split
-  // takes keys_per_split of it. 64-bit: lo + (split + 1) * keys_per_split can pass 2^31.
-  const int lo = max(first_lo, 0);
-  const int hi = min(context_len, first_hi + hi_step * (tokens - 1));
-  const int64_t split_start = static_cast<int64_t>(lo) + static_cast<int64_t>(split) * p.keys_per_split;
-  const int start = static_cast<int>(min(split_start, static_cast<int64_t>(hi)));
-  const int end = static_cast<int>(min(static_cast<int64_t>(hi), split_start + p.keys_per_split));
+  // Query row j of the item (row r: j = r / heads) sees keys [keys.lo(j), keys.hi(j)); the block
+  // reads [start, end), this split's share of its range.
+  const pgqa::BlockKeys keys = pgqa::block_keys(p, context_len, query_len, j0, tokens, split);
+  const int start = keys.start;
+  const int end = keys.end;
   const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
 
   const KV *k_cache = static_cast<const KV *>(p.k_cache);
@@ -236,12 +226,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int t = i % G::kKeys;
       const int key = base + t;
       const int j = r / heads;
-      const bool visible = t < valid && key < first_hi + hi_step * j && key >= first_lo + lo_step * j;
+      const bool visible = t < valid && key < keys.hi(j) && key >= keys.lo(j);
       float score = -INFINITY;
       if (visible) {
         score = dot<KV, D>(q_s + r * D, k_tile + t * G::kRowStride);
         if (capped) score = cap_log2 * tanhf(score * inv_cap);
-        score += bias_s[r] * static_cast<float>(key - (first_pos + j));
+        score += bias_s[r] * static_cast<float>(key - keys.position(j));
       }
       scores[i] = score;
     }

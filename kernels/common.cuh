@@ -151,6 +151,45 @@ __device__ inline Finish finish_row(float m, float l, float sink2) {
   return {keys / z, top + log2f(z)};
 }
 
+// The keys of one attention block (see pgqa_attend in paged_gqa.h). Query row j of its work item
+// sits at position(j) and sees keys [lo(j), hi(j)): hi is position + 1 (causal, bottom-right) or
+// the context length; lo is position - window_left (may be negative: from 0) or 0. The block
+// reads [start, end): this split's keys_per_split of its range, which runs from its first row's
+// window start to its last row's limit (tiles left of the window or above the diagonal are never
+// loaded).
+struct BlockKeys {
+  int first_pos;  // position of the item's query row 0
+  int first_lo;   // lo(0)
+  int first_hi;   // hi(0)
+  int lo_step;    // 1 with a window, else 0
+  int hi_step;    // 1 when causal, else 0
+  int start;
+  int end;
+  __device__ int position(int j) const { return first_pos + j; }
+  __device__ int lo(int j) const { return first_lo + lo_step * j; }
+  __device__ int hi(int j) const { return first_hi + hi_step * j; }
+};
+
+// The keys of the block serving query rows j0 .. j0 + tokens - 1 of a sequence with context_len
+// keys and query_len query rows, for split `split`.
+__device__ inline BlockKeys block_keys(const pgqa_attend_params &p, int context_len, int query_len,
+                                       int j0, int tokens, int split) {
+  BlockKeys k;
+  const bool windowed = p.window_left >= 0;
+  k.first_pos = context_len - query_len + j0;
+  k.first_lo = windowed ? k.first_pos - p.window_left : 0;
+  k.first_hi = p.causal ? k.first_pos + 1 : context_len;
+  k.lo_step = windowed ? 1 : 0;
+  k.hi_step = p.causal ? 1 : 0;
+  const int lo = max(k.first_lo, 0);
+  const int hi = min(context_len, k.hi(tokens - 1));
+  // 64-bit: lo + (split + 1) * keys_per_split can pass 2^31.
+  const int64_t split_start = static_cast<int64_t>(lo) + static_cast<int64_t>(split) * p.keys_per_split;
+  k.start = static_cast<int>(min(split_start, static_cast<int64_t>(hi)));
+  k.end = static_cast<int>(min(static_cast<int64_t>(hi), split_start + p.keys_per_split));
+  return k;
+}
+
 // Warp-wide reductions; every lane of the warp must call them.
 __device__ inline float warp_max(float x) {
 #pragma unroll

@@ -99,21 +99,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int rows = tokens * heads;  // <= kRows (checked by the launcher)
 
   const int context_len = p.context_lens[seq];
-  // Row r sits at position first_pos + r / heads and sees keys [row_lo, row_hi): row_hi is
-  // position + 1 (causal, bottom-right) or context_len; row_lo is position - window_left or 0.
-  const int first_pos = context_len - query_len + j0;
-  const bool windowed = p.window_left >= 0;
-  const int first_hi = p.causal ? first_pos + 1 : context_len;
-  const int first_lo = windowed ? first_pos - p.window_left : 0;  // may be negative
-  const int hi_step = p.causal ? 1 : 0;                           // per query row
-  const int lo_step = windowed ? 1 : 0;
-  // The block's range: from its first row's window start to its last row's limit; this split
-  // takes keys_per_split of it. 64-bit: lo + (split + 1) * keys_per_split can pass 2^31.
-  const int lo = max(first_lo, 0);
-  const int hi = min(context_len, first_hi + hi_step * (tokens - 1));
-  const int64_t split_start = static_cast<int64_t>(lo) + static_cast<int64_t>(split) * p.keys_per_split;
-  const int start = static_cast<int>(min(split_start, static_cast<int64_t>(hi)));
-  const int end = static_cast<int>(min(static_cast<int64_t>(hi), split_start + p.keys_per_split));
+  // Query row j of the item (row r: j = r / heads) sees keys [keys.lo(j), keys.hi(j)); the block
+  // reads [start, end), this split's share of its range.
+  const pgqa::BlockKeys keys = pgqa::block_keys(p, context_len, query_len, j0, tokens, split);
+  const int start = keys.start;
+  const int end = keys.end;
   const int num_tiles = end > start ? (end - start + G::kKeys - 1) / G::kKeys : 0;
 
   const KV *k_cache = static_cast<const KV *>(p.k_cache);
@@ -202,12 +192,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int j_lo = row_lo / heads;                // query rows (of the item) of row_lo, row_hi
   const int j_hi = row_hi / heads;
   // Keys in [low, limit) are visible to the row.
-  const int limit_lo = min(first_hi + hi_step * j_lo, end);
-  const int limit_hi = min(first_hi + hi_step * j_hi, end);
-  const int low_lo = first_lo + lo_step * j_lo;
-  const int low_hi = first_lo + lo_step * j_hi;
-  const int pos_lo = first_pos + j_lo;
-  const int pos_hi = first_pos + j_hi;
+  const int limit_lo = min(keys.hi(j_lo), end);
+  const int limit_hi = min(keys.hi(j_hi), end);
+  const int low_lo = keys.lo(j_lo);
+  const int low_hi = keys.lo(j_hi);
+  const int pos_lo = keys.position(j_lo);
+  const int pos_hi = keys.position(j_hi);
   // ALiBi slopes of the rows' heads, log2 domain (0 without ALiBi). Padding rows read a slope
   // of a real head of the chunk (r % heads < heads) and are never stored.
   const float bias_lo = p.alibi_slopes != nullptr ? p.alibi_slopes[head0 + row_lo % heads] * pgqa::kLog2e : 0.0f;

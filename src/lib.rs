@@ -50,6 +50,7 @@ mod kernels;
 pub mod plan;
 pub mod shape;
 pub mod sim;
+pub mod state;
 pub mod variants;
 
 pub use batch::SeqLens;
@@ -59,6 +60,7 @@ pub use error::{Error, Result};
 pub use kernels::storage::DeviceStepPlan;
 pub use kernels::DeviceValue;
 pub use shape::GqaShape;
+pub use state::AttentionState;
 pub use variants::{AttendOptions, KeyMask};
 
 /// The README's Rust examples, compiled and run as doctests.

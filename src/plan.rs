@@ -166,9 +166,12 @@ pub struct AttendSchedule {
     pub cuda_cores: KernelWork,
     /// Work of the tensor-core kernel (kernels/prefill.cu): many rows per sequence.
     pub tensor_cores: KernelWork,
-    /// Splits of the keys (1: no split, no merge); both kernels use the same.
+    /// Splits of the keys (1: no split, no merge) for plain causal attention; both kernels use
+    /// the same. Other key masks (a sliding window, non-causal) take
+    /// [`splits`](AttendSchedule::splits).
     pub num_splits: usize,
-    /// Keys per split: split `s` covers keys `[s * keys_per_split, (s + 1) * keys_per_split)`.
+    /// Keys per split: split `s` covers keys `[s * keys_per_split, (s + 1) * keys_per_split)`
+    /// of each block's range.
     pub keys_per_split: usize,
     /// Splits the GPU would like: enough blocks to fill it.
     wanted_splits: usize,

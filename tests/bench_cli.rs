@@ -155,8 +155,9 @@ fn bad_bench_options_are_errors() {
 
 /// On the emulator the table says its times are emulation, and the traffic counter shows each
 /// visible K/V byte fetched exactly once per group for groups that fit one block (Llama-3-8B,
-/// Qwen2-7B: decode on CUDA cores; a prompt on tensor cores); Falcon-7B's 71 heads take two
-/// tensor-core blocks of 64 rows, so its decode reads the pages twice (recorded, not hidden).
+/// Qwen2-7B: decode on CUDA cores; a prompt on tensor cores; gpt-oss-20b's sliding layer, only
+/// its window); Falcon-7B's 71 heads take two tensor-core blocks of 64 rows, so its decode reads
+/// the pages twice (recorded, not hidden).
 #[test]
 fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
     let json = temp("sim-records.json");
@@ -189,6 +190,8 @@ fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
         "Qwen2-7B",
         "--model",
         "Falcon-7B",
+        "--model",
+        "gpt-oss-20b",
         "--batch",
         "2",
         "--context",
@@ -196,7 +199,11 @@ fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    assert_eq!(decode.len(), 3);
+    assert_eq!(decode.len(), 4);
+    // gpt-oss-20b's layer 0 slides over 128 keys: that is all it needs and all it fetches.
+    let gpt_oss = decode.iter().find(|r| r["model"] == "gpt-oss-20b").unwrap();
+    assert_eq!(gpt_oss["variant"], "window 128, sinks");
+    assert_eq!(gpt_oss["kv_bytes_needed"], 2 * 128 * 2 * 8 * 64 * 2);
     for r in &decode {
         assert_eq!(r["backend"], "sim");
         assert!(r["timing"].as_str().unwrap().contains("EMULATION"), "{r}");

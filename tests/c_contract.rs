@@ -81,7 +81,12 @@ fn a_null_params_pointer_is_an_invalid_argument() {
 #[test]
 fn malformed_shapes_and_schedules_are_invalid_arguments() {
     let invalid = pgqa_status::PGQA_STATUS_INVALID_ARGUMENT;
-    let cases: [(&str, Break); 11] = [
+    let cases: [(&str, Break); 16] = [
+        ("window_left below -1", |p| p.window_left = -2),
+        ("causal neither 0 nor 1", |p| p.causal = 2),
+        ("negative soft-cap", |p| p.logit_softcap = -1.0),
+        ("NaN soft-cap", |p| p.logit_softcap = f32::NAN),
+        ("infinite soft-cap", |p| p.logit_softcap = f32::INFINITY),
         ("n_heads not a multiple of n_kv_heads", |p| p.n_heads = 30),
         ("zero n_kv_heads", |p| p.n_kv_heads = 0),
         ("block_size not a power of two", |p| p.block_size = 24),
@@ -183,4 +188,53 @@ fn a_call_with_nothing_to_do_succeeds_without_touching_its_pointers() {
     let mut p = params();
     p.num_tokens = 0;
     assert_refused(p, pgqa_status::PGQA_STATUS_OK, "no tokens");
+}
+
+/// Calls `pgqa_merge_states`; returns its status.
+fn merge(p: Option<&ffi::pgqa_merge_states_params>) -> pgqa_status {
+    let mut cuda_error = -7;
+    let p = p.map_or(std::ptr::null(), |p| p as *const _);
+    // SAFETY: every call below is refused (or has no rows) before any pointer is dereferenced
+    // or any work is enqueued; the null stream is never used.
+    let status = unsafe { ffi::pgqa_merge_states(p, std::ptr::null_mut(), &mut cuda_error) };
+    assert_eq!(cuda_error, 0, "cuda_error is reset");
+    status
+}
+
+#[test]
+fn merge_states_refuses_malformed_calls_and_does_nothing_for_no_rows() {
+    let at = |a: usize| a as *const c_void;
+    let good = ffi::pgqa_merge_states_params {
+        out_a: at(0x1000),
+        lse_a: at(0x2000).cast(),
+        out_b: at(0x3000),
+        lse_b: at(0x4000).cast(),
+        out: at(0x1000).cast_mut(), // in place over a: allowed
+        lse: at(0x2000).cast_mut().cast(),
+        num_rows: 0,
+        head_dim: 128,
+        dtype: pgqa_dtype::PGQA_DTYPE_BF16,
+    };
+    assert_eq!(merge(None), pgqa_status::PGQA_STATUS_INVALID_ARGUMENT);
+    assert_eq!(
+        merge(Some(&good)),
+        pgqa_status::PGQA_STATUS_OK,
+        "no rows: nothing to do"
+    );
+    let invalid = pgqa_status::PGQA_STATUS_INVALID_ARGUMENT;
+    type BreakMerge = fn(&mut ffi::pgqa_merge_states_params);
+    let cases: [(&str, BreakMerge); 4] = [
+        ("negative rows", |p| p.num_rows = -1),
+        ("more rows than a grid holds", |p| p.num_rows = 1 << 31),
+        ("zero head_dim", |p| p.head_dim = 0),
+        ("a null input", |p| {
+            p.num_rows = 4;
+            p.lse_b = std::ptr::null();
+        }),
+    ];
+    for (what, breaks) in cases {
+        let mut p = good;
+        breaks(&mut p);
+        assert_eq!(merge(Some(&p)), invalid, "{what}");
+    }
 }

@@ -339,6 +339,47 @@ struct Expected {
 /// `context_len - query_len + j` and sees keys `0..=position`; query head `h` reads K/V head
 /// `h / (n_heads / n_kv_heads)`; `lse` is the natural log of the sum of `exp(score)`.
 fn reference(case: &Case, scale: f64) -> Expected {
+    reference_with(
+        case,
+        &Variants {
+            scale,
+            ..Variants::default()
+        },
+    )
+}
+
+/// The attention variants of a case, as the contract defines them.
+#[derive(Clone, Debug)]
+struct Variants {
+    scale: f64,
+    causal: bool,
+    /// Keys from position - window_left on.
+    window_left: Option<usize>,
+    /// score = cap * tanh(score / cap).
+    softcap: Option<f64>,
+    /// [n_heads]: exp(sink) joins each head's denominator.
+    sinks: Option<Vec<f64>>,
+    /// [n_heads]: score += slope * (key - position).
+    slopes: Option<Vec<f64>>,
+}
+
+impl Default for Variants {
+    fn default() -> Self {
+        Self {
+            scale: 0.125,
+            causal: true,
+            window_left: None,
+            softcap: None,
+            sinks: None,
+            slopes: None,
+        }
+    }
+}
+
+/// [`reference`] with the variants: keys `[position - window_left, position]` (or up to the last
+/// key when not causal), then scale, soft-cap, ALiBi, and the sink in the denominator.
+fn reference_with(case: &Case, variants: &Variants) -> Expected {
+    let scale = variants.scale;
     let g = &case.g;
     let (n_heads, n_kv, d, bs) = (g.n_heads, g.n_kv_heads, g.head_dim, g.block_size);
     let group = n_heads / n_kv;
@@ -359,16 +400,33 @@ fn reference(case: &Case, scale: f64) -> Expected {
             for h in 0..n_heads {
                 let kv_head = h / group;
                 let q = &case.q[(token * n_heads + h) * d..][..d];
-                let scores: Vec<f64> = (0..=position)
+                let last = if variants.causal {
+                    position
+                } else {
+                    context_len - 1
+                };
+                let first = variants
+                    .window_left
+                    .map_or(0, |w| position.saturating_sub(w));
+                let scores: Vec<f64> = (first..=last)
                     .map(|t| {
                         let k = &case.k_cache[at(t, kv_head)..][..d];
-                        scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>()
+                        let mut s = scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>();
+                        if let Some(cap) = variants.softcap {
+                            s = cap * (s / cap).tanh();
+                        }
+                        if let Some(slopes) = &variants.slopes {
+                            s += slopes[h] * (t as f64 - position as f64);
+                        }
+                        s
                     })
                     .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                let sink = variants.sinks.as_ref().map_or(f64::NEG_INFINITY, |s| s[h]);
+                let max = scores.iter().copied().fold(sink, f64::max);
+                let sum: f64 =
+                    scores.iter().map(|s| (s - max).exp()).sum::<f64>() + (sink - max).exp();
                 let o = &mut out[(token * n_heads + h) * d..][..d];
-                for (t, s) in scores.iter().enumerate() {
+                for (t, s) in (first..=last).zip(&scores) {
                     let p = (s - max).exp() / sum;
                     let v = &case.v_cache[at(t, kv_head)..][..d];
                     for (o, v) in o.iter_mut().zip(v) {
@@ -546,6 +604,183 @@ fn metadata_scale_is_applied() {
         max_abs(&with_scale.1, &default.lse) > 1e3 * TOLERANCE,
         "{test}: scale did not change lse"
     );
+}
+
+/// `(name, value)` pairs as safetensors metadata.
+fn metadata(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+#[test]
+fn metadata_and_tensor_variants_are_applied() {
+    let test = "metadata_and_tensor_variants_are_applied";
+    let mut rng = common::rng(test);
+    let case = Case::random(&mut rng, Geometry::default(), Dtype::F32);
+    let heads = |values: Vec<f64>| (Raw::float(Dtype::F32, vec![8], &values), values);
+    let (sinks, sink_values) = heads((0..8).map(|h| h as f64 * 0.5 - 1.0).collect());
+    let (slopes, slope_values) = heads((0..8).map(|h| 0.5f64.powi(h + 1)).collect());
+    let plain = reference(&case, case.default_scale());
+    let v = Variants {
+        scale: case.default_scale(),
+        ..Variants::default()
+    };
+    // (what, metadata, extra tensors, the variants they mean)
+    type VariantCase<'a> = (
+        &'a str,
+        Option<HashMap<String, String>>,
+        Vec<(&'a str, Raw)>,
+        Variants,
+    );
+    let cases: Vec<VariantCase> = vec![
+        (
+            "window_left 3",
+            metadata(&[("window_left", "3")]),
+            vec![],
+            Variants {
+                window_left: Some(3),
+                ..v.clone()
+            },
+        ),
+        (
+            "soft-cap 0.05",
+            metadata(&[("logit_softcap", "0.05")]),
+            vec![],
+            Variants {
+                softcap: Some(0.05),
+                ..v.clone()
+            },
+        ),
+        (
+            "not causal",
+            metadata(&[("causal", "false")]),
+            vec![],
+            Variants {
+                causal: false,
+                ..v.clone()
+            },
+        ),
+        (
+            "sinks",
+            None,
+            vec![("sinks", sinks.clone())],
+            Variants {
+                sinks: Some(sink_values.clone()),
+                ..v.clone()
+            },
+        ),
+        (
+            "ALiBi",
+            None,
+            vec![("alibi_slopes", slopes.clone())],
+            Variants {
+                slopes: Some(slope_values.clone()),
+                ..v.clone()
+            },
+        ),
+        (
+            "all at once, scale 0.3",
+            metadata(&[
+                ("scale", "0.3"),
+                ("window_left", "20"),
+                ("logit_softcap", "2"),
+                ("causal", "true"),
+            ]),
+            vec![("sinks", sinks), ("alibi_slopes", slopes)],
+            Variants {
+                scale: 0.3,
+                window_left: Some(20),
+                softcap: Some(2.0),
+                sinks: Some(sink_values),
+                slopes: Some(slope_values),
+                ..v.clone()
+            },
+        ),
+    ];
+    for (what, meta, extra, variants) in cases {
+        let dir = Workdir::new(test);
+        let mut tensors = case.tensors();
+        tensors.extend(extra.into_iter().map(|(name, raw)| (name.to_string(), raw)));
+        let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
+        write_case(&case_path, &tensors, meta);
+        let output = attend(&case_path, &out_path, &[]);
+        assert!(output.status.success(), "{what}: {}", stderr(&output));
+        let got = read_output(&out_path, &case);
+        assert_matches(
+            &format!("{test}: {what}"),
+            &got,
+            &reference_with(&case, &variants),
+        );
+        // Each variant moves the result far beyond the tolerance: the match means it was used.
+        let apart = relative_l2(&got.0, &plain.out).max(max_abs(&got.1, &plain.lse));
+        assert!(
+            apart > 1e3 * TOLERANCE,
+            "{what}: barely changes the result ({apart:e})"
+        );
+    }
+}
+
+#[test]
+fn malformed_variants_are_rejected_naming_the_key() {
+    let test = "malformed_variants_are_rejected_naming_the_key";
+    let case = default_case(test);
+    for (key, value) in [
+        ("window_left", "-2"),
+        ("window_left", "4.5"),
+        ("logit_softcap", "-1"),
+        ("logit_softcap", "inf"),
+        ("causal", "yes"),
+        ("scale", "nan"),
+    ] {
+        let needle = format!("`{key}`");
+        assert_rejected(
+            test,
+            &case.tensors(),
+            metadata(&[(key, value)]),
+            &[&needle, value],
+        );
+    }
+    for (name, raw, needle) in [
+        (
+            "sinks",
+            Raw::float(Dtype::F32, vec![7], &[0.0; 7]),
+            "expected 8",
+        ),
+        (
+            "sinks",
+            Raw::float(Dtype::F16, vec![8], &[0.0; 8]),
+            "expected F32",
+        ),
+        (
+            "sinks",
+            Raw::float(Dtype::F32, vec![8, 1], &[0.0; 8]),
+            "rank 2",
+        ),
+        (
+            "sinks",
+            Raw::float(Dtype::F32, vec![8], &[f64::NAN; 8]),
+            "NaN",
+        ),
+        (
+            "alibi_slopes",
+            Raw::float(Dtype::F32, vec![40], &[0.5; 40]),
+            "expected 8",
+        ),
+        (
+            "alibi_slopes",
+            Raw::float(Dtype::F32, vec![8], &[f64::NEG_INFINITY; 8]),
+            "-inf",
+        ),
+    ] {
+        let mut tensors = case.tensors();
+        tensors.insert(name.to_string(), raw);
+        let quoted = format!("`{name}`");
+        assert_rejected(test, &tensors, None, &[&quoted, needle]);
+    }
 }
 
 #[test]

@@ -46,8 +46,15 @@ fn check_queries<D: Device, T: Element>(
         .unwrap();
     let (k_dev, v_dev, q_dev) = (dev.upload(&k), dev.upload(&v), dev.upload(&q));
     let mut out = dev.alloc_poisoned::<T>(q.len());
-    dev.run_naive(&mut naive, &k_dev, &v_dev, &q_dev, &mut out)
-        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    dev.run_naive(
+        &mut naive,
+        &k_dev,
+        &v_dev,
+        &q_dev,
+        &mut out,
+        &paged_gqa::AttendOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{test}: {e}"));
     let out = dev.download_f64(&out);
     assert!(
         out.iter().all(|x| x.is_finite()),

@@ -17,7 +17,7 @@ use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::plan::KernelChoice;
 use paged_gqa::sim::{AttendBatch, SimDevice};
 use paged_gqa::variants::{alibi_slopes, window_left_from_sliding_window};
-use paged_gqa::{AttendOptions, Element, GqaShape, KeyMask};
+use paged_gqa::{AttendOptions, AttentionState, Element, GqaShape, KeyMask};
 use rand::Rng;
 
 use common::check::check_variant;
@@ -226,10 +226,9 @@ fn merge<D: Device>(dev: &D, test: &str) {
     let (mut want, mut want_lse) = (vec![0.0; rows * d], vec![0.0; rows]);
     paged_gqa::cpu::merge_states(
         d,
-        (&a_out, &a_lse),
-        (&b_out, &b_lse),
-        &mut want,
-        &mut want_lse,
+        AttentionState::new(&a_out[..], &a_lse[..]),
+        AttentionState::new(&b_out[..], &b_lse[..]),
+        AttentionState::new(&mut want[..], &mut want_lse[..]),
     )
     .unwrap();
     fn check<D: Device, T: Element>(
@@ -519,3 +518,83 @@ twins!(
     sim_reclaiming_cache_attends_like_one_that_keeps_every_page,
     reclaiming_cache
 );
+
+/// The naive baseline (gather, repeat_kv, per-head attention) with the variants: decode runs
+/// the MHA kernels over the repeated K/V instead of the plain decode kernel, and agrees with the
+/// oracle.
+fn naive_with_variants<D: Device>(dev: &D, test: &str) {
+    let mut rng = common::rng(test);
+    let shape = GqaShape::new(8, 2, 64).unwrap();
+    let case = PagedCase::random(&mut rng, shape, 16, &[1, 40, 300], &[1, 1, 1]);
+    let sinks: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..2.0)).collect();
+    for options in [
+        AttendOptions::new().with_window_left(20).with_sinks(sinks),
+        AttendOptions::new()
+            .with_alibi_slopes(alibi_slopes(8))
+            .with_logit_softcap(3.0),
+    ] {
+        let typed = case.typed_with::<bf16>(&vec![true; case.lens.num_tokens()], &options);
+        let mut naive = dev
+            .naive::<bf16>(case.layout, &case.lens, &case.tables, case.max_blocks)
+            .unwrap();
+        let (k, v, q) = (
+            dev.upload(&typed.k_cache),
+            dev.upload(&typed.v_cache),
+            dev.upload(&typed.q),
+        );
+        let mut out = dev.alloc_poisoned::<bf16>(typed.q.len());
+        dev.run_naive(&mut naive, &k, &v, &q, &mut out, &options)
+            .unwrap();
+        let err = common::rel_l2(&dev.download_f64(&out), &typed.oracle.out);
+        assert!(err < 1e-2, "naive with {options:?}: relative error {err:e}");
+    }
+}
+twins!(
+    gpu_naive_baseline_runs_the_variants,
+    sim_naive_baseline_runs_the_variants,
+    naive_with_variants
+);
+
+/// Options that do not fit the batch are refused before anything is uploaded or launched.
+#[test]
+fn sim_invalid_options_launch_nothing() {
+    let device = SimDevice::new();
+    let mut rng = common::rng("sim_invalid_options_launch_nothing");
+    let case = mixed_batch(&mut rng, GqaShape::new(8, 2, 64).unwrap());
+    let typed = case.typed::<bf16>();
+    let batch = AttendBatch::new(
+        &device,
+        case.layout,
+        bf16::DTYPE,
+        &case.lens,
+        &case.tables,
+        case.max_blocks,
+    )
+    .unwrap();
+    let (k, v, q) = (
+        device.upload(&typed.k_cache).unwrap(),
+        device.upload(&typed.v_cache).unwrap(),
+        device.upload(&typed.q).unwrap(),
+    );
+    let mut out = device.alloc::<bf16>(typed.q.len()).unwrap();
+    let mut lse = device.alloc::<f32>(case.lens.num_tokens() * 8).unwrap();
+    for options in [
+        AttendOptions::new().with_sinks(vec![0.0; 7]),
+        AttendOptions::new().with_alibi_slopes(alibi_slopes(40)),
+        AttendOptions::new().with_window_left(-3),
+        AttendOptions::new().with_logit_softcap(-2.0),
+    ] {
+        let before = device.launches();
+        let err = batch
+            .run(&device, &k, &v, &q, &mut out, &mut lse, &options)
+            .unwrap_err();
+        assert_eq!(device.launches(), before, "{options:?} launched");
+        assert!(
+            matches!(
+                err,
+                paged_gqa::Error::InvalidOption { .. } | paged_gqa::Error::BufferLength { .. }
+            ),
+            "{err}"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! GqaShape, SeqLens, PagedLayout and BlockTables: valid inputs give the documented numbers,
 //! every bad input is an error that carries the offending values.
 
-use paged_gqa::{BlockTables, Error, GqaShape, PagedLayout, SeqLens};
+use paged_gqa::{BlockTables, Error, GqaShape, KeyMask, PagedLayout, SeqLens};
 
 #[test]
 fn group_and_kv_head_follow_repeat_kv_not_modulo() {
@@ -262,6 +262,32 @@ fn negative_block_id_in_use_is_an_error() {
             num_blocks: 4
         }
     );
+}
+
+#[test]
+fn leading_reclaimed_pages_are_accepted_and_counted_but_never_seen() {
+    let lens = SeqLens::decode(&[40, 16]).unwrap();
+    // Sequence 0's first two pages were reclaimed by a sliding window; its last one is held.
+    let tables = BlockTables::new(&[-1, -1, 3, 0, -1, -1], 3, &layout_4x16(), &lens).unwrap();
+    assert_eq!(tables.reclaimed(), &[2, 0]);
+    let window = |w| KeyMask {
+        causal: true,
+        window_left: Some(w),
+    };
+    // The decode row at 39 with window_left 7 sees keys 32..=39: page 2 only.
+    tables.check_visible(&lens, window(7)).unwrap();
+    // With window_left 8 it would see key 31, in reclaimed page 1.
+    assert_eq!(
+        tables.check_visible(&lens, window(8)).unwrap_err(),
+        Error::ReclaimedBlockVisible {
+            seq: 0,
+            index: 1,
+            block_size: 16,
+            first_visible_key: 31
+        }
+    );
+    // A hole after a held page is not a reclaimed page.
+    assert!(BlockTables::new(&[3, -1, 2, 0, -1, -1], 3, &layout_4x16(), &lens).is_err());
 }
 
 #[test]

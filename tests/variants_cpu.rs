@@ -11,7 +11,7 @@ use common::PagedCase;
 use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::cpu::{self, ContiguousKv, CpuStorage};
 use paged_gqa::variants::{alibi_slopes, window_left_from_sliding_window};
-use paged_gqa::{AttendOptions, DType, Error, GqaShape, KeyMask, SeqLens};
+use paged_gqa::{AttendOptions, AttentionState, DType, Error, GqaShape, KeyMask, SeqLens};
 use rand::Rng;
 
 fn shape() -> GqaShape {
@@ -259,7 +259,13 @@ fn merging_two_key_sets_equals_attention_over_their_union() {
     let (a, b) = (part(0..split), part(split..context));
     let d = shape.head_dim();
     let (mut out, mut lse) = (vec![f32::NAN; a.0.len()], vec![f32::NAN; a.1.len()]);
-    cpu::merge_states(d, (&a.0, &a.1), (&b.0, &b.1), &mut out, &mut lse).unwrap();
+    cpu::merge_states(
+        d,
+        AttentionState::new(&a.0[..], &a.1[..]),
+        AttentionState::new(&b.0[..], &b.1[..]),
+        AttentionState::new(&mut out[..], &mut lse[..]),
+    )
+    .unwrap();
     let widen = |x: &[f32]| x.iter().map(|&y| f64::from(y)).collect::<Vec<f64>>();
     assert!(common::rel_l2(&widen(&out), &full.out) < 1e-6);
     assert!(max_abs(&widen(&lse), &full.lse) < 1e-5);
@@ -267,20 +273,18 @@ fn merging_two_key_sets_equals_attention_over_their_union() {
     let (mut swapped, mut swapped_lse) = (vec![0.0; out.len()], vec![0.0; lse.len()]);
     cpu::merge_states(
         d,
-        (&b.0, &b.1),
-        (&a.0, &a.1),
-        &mut swapped,
-        &mut swapped_lse,
+        AttentionState::new(&b.0[..], &b.1[..]),
+        AttentionState::new(&a.0[..], &a.1[..]),
+        AttentionState::new(&mut swapped[..], &mut swapped_lse[..]),
     )
     .unwrap();
     assert_eq!((&swapped, &swapped_lse), (&out, &lse));
     let empty = (vec![0.0f32; out.len()], vec![f32::NEG_INFINITY; lse.len()]);
     cpu::merge_states(
         d,
-        (&a.0, &a.1),
-        (&empty.0, &empty.1),
-        &mut swapped,
-        &mut swapped_lse,
+        AttentionState::new(&a.0[..], &a.1[..]),
+        AttentionState::new(&empty.0[..], &empty.1[..]),
+        AttentionState::new(&mut swapped[..], &mut swapped_lse[..]),
     )
     .unwrap();
     assert_eq!((&swapped, &swapped_lse), (&a.0, &a.1));

@@ -7,7 +7,8 @@ use crate::variants::KeyMask;
 
 /// Block tables `[batch, max_blocks]` (i32, row-major), checked against a cache layout and a
 /// batch: every entry a sequence uses (`ceil(context_len / block_size)` of them) is a block id
-/// in `0..num_blocks`, except a leading run of `-1`: pages a sliding window no longer sees,
+/// in `0..num_blocks`, except a leading run of `-1` (never the last page): pages a sliding
+/// window no longer sees,
 /// reclaimed (see [`CacheConfig::with_reclaim_window`](crate::cache::CacheConfig::with_reclaim_window)).
 /// Attention checks that no query row sees keys of a reclaimed page
 /// ([`check_visible`](BlockTables::check_visible)). Entries past those are padding, never read.
@@ -58,7 +59,13 @@ impl<'a> BlockTables<'a> {
                 });
             }
             let row = &table[seq * max_blocks..][..needed_blocks];
-            let leading = row.iter().take_while(|&&b| b == -1).count();
+            // Reclaimed pages lead; the last page holds the newest key, which some row always
+            // sees, so it is never one of them.
+            let leading = row
+                .iter()
+                .take_while(|&&b| b == -1)
+                .count()
+                .min(needed_blocks.saturating_sub(1));
             reclaimed.push(leading);
             for (index, &block_id) in row.iter().enumerate().skip(leading) {
                 if block_id < 0 || block_id as usize >= layout.num_blocks() {

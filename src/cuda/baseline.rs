@@ -13,6 +13,7 @@ use crate::cuda::check_built;
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::kernels::naive::NaiveState;
+use crate::variants::AttendOptions;
 
 /// A batch run the naive way, with every buffer it needs allocated once: contiguous K/V
 /// `[keys, n_kv_heads, head_dim]` and their repeat_kv copies `[keys, n_heads, head_dim]`
@@ -41,7 +42,8 @@ impl<T: Element> NaiveAttention<T> {
     }
 
     /// The whole naive path: gather, repeat_kv of K and V, per-head attention. `q`, `out`
-    /// `[num_tokens, n_heads, head_dim]`; `k_cache`, `v_cache` one layer's pages.
+    /// `[num_tokens, n_heads, head_dim]`; `k_cache`, `v_cache` one layer's pages; the attention
+    /// variants of `options`.
     pub fn run(
         &mut self,
         stream: &Arc<CudaStream>,
@@ -49,11 +51,11 @@ impl<T: Element> NaiveAttention<T> {
         v_cache: &impl DevicePtr<T>,
         q: &impl DevicePtr<T>,
         out: &mut impl DevicePtrMut<T>,
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         self.gather(stream, k_cache, v_cache)?;
         self.state.repeat(stream)?;
-        self.attention(stream, q, out, scale)
+        self.attention(stream, q, out, options)
     }
 
     /// Step 1: the pages of every sequence into the contiguous K/V buffers.
@@ -75,12 +77,12 @@ impl<T: Element> NaiveAttention<T> {
         stream: &Arc<CudaStream>,
         q: &impl DevicePtr<T>,
         out: &mut impl DevicePtrMut<T>,
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         let (q_ptr, _q) = q.device_ptr(stream);
         let out_len = out.len();
         let (out_ptr, _o) = out.device_ptr_mut(stream);
         self.state
-            .attention(stream, (q_ptr, q.len()), (out_ptr, out_len), scale)
+            .attention(stream, (q_ptr, q.len()), (out_ptr, out_len), options)
     }
 }

@@ -6,21 +6,22 @@ use crate::cuda::launch;
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::kernels::params;
+use crate::state::AttentionState;
 
 /// [`cpu::merge_states`](crate::cpu::merge_states) on the GPU: merges two attention results over
-/// disjoint key sets of the same rows, `a = (out_a, lse_a)` and `b = (out_b, lse_b)`, into
-/// `(out, lse)`. Rows are `(token, head)` pairs: outputs `[num_rows, head_dim]`, lse
-/// `[num_rows]` f32, **natural log** (FlashInfer's base-2 LSE must be converted first,
-/// [`cpu::lse_log2_to_ln`](crate::cpu::lse_log2_to_ln)); an empty key set is `(0, -inf)`.
-/// `T` is f32, f16 or bf16. Enqueued on `stream`.
+/// disjoint key sets of the same rows, `a` and `b`, into `merged`. Rows are `(token, head)`
+/// pairs: outputs `[num_rows, head_dim]`, LSE `[num_rows]` f32 in **natural log** (see
+/// [`AttentionState`]); an empty key set is `(0, -inf)`. `T` is f32, f16 or bf16. Enqueued on
+/// `stream`.
 pub fn merge_states<T: Element>(
     stream: &CudaStream,
     head_dim: usize,
-    a: (&impl DevicePtr<T>, &impl DevicePtr<f32>),
-    b: (&impl DevicePtr<T>, &impl DevicePtr<f32>),
-    out: &mut impl DevicePtrMut<T>,
-    lse: &mut impl DevicePtrMut<f32>,
+    a: AttentionState<&impl DevicePtr<T>, &impl DevicePtr<f32>>,
+    b: AttentionState<&impl DevicePtr<T>, &impl DevicePtr<f32>>,
+    merged: AttentionState<&mut impl DevicePtrMut<T>, &mut impl DevicePtrMut<f32>>,
 ) -> Result<()> {
+    let (a, b) = ((a.out, a.lse_ln), (b.out, b.lse_ln));
+    let (out, lse) = (merged.out, merged.lse_ln);
     let (out_len, lse_len) = (out.len(), lse.len());
     let (a_out, _a_out_sync) = a.0.device_ptr(stream);
     let (a_lse, _a_lse_sync) = a.1.device_ptr(stream);

@@ -27,10 +27,13 @@ pub(crate) struct NaiveState<B: Backend, T: Element> {
     backend: B,
     /// Rows of the contiguous buffers (every sequence padded to NAIVE_PAGE).
     keys: usize,
-    /// The MHA attention batch over the repeated K/V, for batches with more than one query row
-    /// per sequence; `None` for decode batches (the per-head decode kernel).
+    /// Whether every sequence brings one query row: the per-head decode kernel serves the batch
+    /// (unless attention variants need the MHA batch).
+    decode_only: bool,
+    /// The MHA attention batch over the repeated K/V, for prompts and chunks, and for decode with
+    /// attention variants; `None` for a decode batch of a shape the attention kernels lack.
     mha: Option<AttendState<B>>,
-    /// [num_tokens, n_heads] (the MHA batch's lse; one element for decode)
+    /// [num_tokens, n_heads] (the MHA batch's lse)
     lse: B::Buffer<f32>,
     block_tables: B::Buffer<i32>,
     context_lens: B::Buffer<i32>,
@@ -53,13 +56,23 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
         block_tables: &[i32],
         max_blocks: usize,
     ) -> Result<Self> {
-        params::check_tables(
+        let reclaimed = params::check_tables(
             "naive attention",
             &layout,
             T::DTYPE,
             lens,
             block_tables,
             max_blocks,
+        )?;
+        // The gather copies every key: none may lie in a page a sliding window gave back.
+        crate::cache::block_tables::check_reclaimed_invisible(
+            &reclaimed,
+            layout.block_size(),
+            lens,
+            crate::variants::KeyMask {
+                causal: false,
+                window_left: None,
+            },
         )?;
         if layout.shape().head_dim() > 256 {
             return Err(Error::UnsupportedHeadDim {
@@ -88,9 +101,10 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
             })
             .collect();
         let keys = (pages.iter().sum::<usize>() * NAIVE_PAGE).max(NAIVE_PAGE);
-        let mha = if (0..lens.batch()).all(|s| lens.query_len(s) == 1) {
-            None
-        } else {
+        // The MHA batch serves prompts and chunks, and decode with attention variants (the per-head
+        // decode kernel has only the scale).
+        let decode_only = (0..lens.batch()).all(|s| lens.query_len(s) == 1);
+        let mha = (|| {
             let mha_layout = PagedLayout::new(shape.repeated(), keys / NAIVE_PAGE, NAIVE_PAGE)?;
             let mha_max_blocks = pages.iter().copied().max().unwrap_or(0).max(1);
             let mut table = vec![-1i32; lens.batch() * mha_max_blocks];
@@ -100,7 +114,7 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
                     *entry = (first + i) as i32;
                 }
             }
-            Some(AttendState::new(
+            AttendState::new(
                 backend,
                 mha_layout,
                 T::DTYPE,
@@ -108,18 +122,22 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
                 &table,
                 mha_max_blocks,
                 KernelChoice::Auto,
-            )?)
+            )
+        })();
+        // Decode batches keep the decode kernel when the attention kernels lack the shape.
+        let mha = match mha {
+            Ok(state) => Some(state),
+            Err(_) if decode_only => None,
+            Err(e) => return Err(e),
         };
-        let lse_len = match mha {
-            Some(_) => (lens.num_tokens() * shape.n_heads()).max(1),
-            None => 1,
-        };
+        let lse_len = (lens.num_tokens() * shape.n_heads()).max(1);
         Ok(Self {
             layout,
             lens: lens.clone(),
             max_blocks,
             backend: backend.clone(),
             keys,
+            decode_only,
             mha,
             lse: backend.alloc_zeros(lse_len)?,
             block_tables: upload_nonempty(backend, block_tables, -1)?,
@@ -186,15 +204,19 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
         Ok(())
     }
 
-    /// Step 3 alone (after gather and repeat_kv): per-head attention over the repeated K/V;
-    /// `q`, `out` `(address, elements)` `[num_tokens, n_heads, head_dim]`.
+    /// Step 3 alone (after gather and repeat_kv): per-head attention over the repeated K/V, with
+    /// the variants of `options`; `q`, `out` `(address, elements)` `[num_tokens, n_heads,
+    /// head_dim]`. Decode batches with plain options (a scale at most) run the per-head decode
+    /// kernel, everything else the fused kernels with the MHA shape.
     pub fn attention(
         &self,
         backend: &B,
         q: (u64, usize),
         out: (u64, usize),
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
+        options.validate(self.layout.shape())?;
+        let plain = AttendOptions::new().with_scale_opt(options.scale());
         check_same("the naive batch", &self.backend, backend)?;
         let shape = self.layout.shape();
         let rows = self.lens.num_tokens() * shape.n_heads();
@@ -204,7 +226,15 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
             backend.address(&self.k_repeated),
             backend.address(&self.v_repeated),
         );
-        if let Some(mha) = &self.mha {
+        if !self.decode_only || *options != plain {
+            let Some(mha) = &self.mha else {
+                // The MHA shape has no attention kernel: say why, with the numbers.
+                params::check_supported("naive attention with variants", shape, T::DTYPE)?;
+                return Err(Error::Launch {
+                    kernel: "naive attention with variants",
+                    detail: "its MHA batch could not be made when the batch was".into(),
+                });
+            };
             let repeated_len = self.keys * shape.q_row_len();
             let tensors = AttendTensors {
                 k_cache: k,
@@ -221,15 +251,10 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
                 T::DTYPE,
                 &tensors,
                 (repeated_len, repeated_len),
-                &AttendOptions::new().with_scale_opt(scale.map(f64::from)),
+                options,
             );
         }
-        let scale = scale.unwrap_or(shape.default_scale() as f32);
-        if !scale.is_finite() {
-            return Err(Error::InvalidScale {
-                scale: scale as f64,
-            });
-        }
+        let scale = options.scale_for(shape) as f32;
         let params = ffi::pgqa_naive_decode_params {
             q: q.0 as *const _,
             k: k as *const _,

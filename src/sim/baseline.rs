@@ -10,6 +10,7 @@ use crate::kernels::naive::NaiveState;
 use crate::kernels::{params, Backend, Launch};
 use crate::shape::GqaShape;
 use crate::sim::{SimBuffer, SimDevice};
+use crate::variants::AttendOptions;
 
 /// [`cuda::NaiveAttention`](crate::cuda::NaiveAttention) on the emulator: gather, repeat_kv,
 /// per-head attention, with the real kernels.
@@ -32,7 +33,8 @@ impl<T: Element> NaiveAttention<T> {
     }
 
     /// The whole naive path: gather, repeat_kv of K and V, per-head attention. `q`, `out`
-    /// `[num_tokens, n_heads, head_dim]`; `k_cache`, `v_cache` one layer's pages.
+    /// `[num_tokens, n_heads, head_dim]`; `k_cache`, `v_cache` one layer's pages; the attention
+    /// variants of `options`.
     pub fn run(
         &mut self,
         device: &Rc<SimDevice>,
@@ -40,7 +42,7 @@ impl<T: Element> NaiveAttention<T> {
         v_cache: &SimBuffer<T>,
         q: &SimBuffer<T>,
         out: &mut SimBuffer<T>,
-        scale: Option<f32>,
+        options: &AttendOptions,
     ) -> Result<()> {
         self.state.gather(
             device,
@@ -52,7 +54,7 @@ impl<T: Element> NaiveAttention<T> {
             device,
             (q.address_on("q", device)?, q.len()),
             (out.address_on("out", device)?, out.len()),
-            scale,
+            options,
         )
     }
 }

@@ -6,17 +6,19 @@ use crate::dtype::Element;
 use crate::error::Result;
 use crate::kernels::{params, Backend, Launch};
 use crate::sim::{SimBuffer, SimDevice};
+use crate::state::AttentionState;
 
 /// [`cuda::merge_states`](crate::cuda::merge_states) on the emulator: outputs `[num_rows,
-/// head_dim]`, lse `[num_rows]` (natural log), `a` and `b` over disjoint key sets.
+/// head_dim]`, LSE `[num_rows]` (natural log), `a` and `b` over disjoint key sets.
 pub fn merge_states<T: Element>(
     device: &Rc<SimDevice>,
     head_dim: usize,
-    a: (&SimBuffer<T>, &SimBuffer<f32>),
-    b: (&SimBuffer<T>, &SimBuffer<f32>),
-    out: &mut SimBuffer<T>,
-    lse: &mut SimBuffer<f32>,
+    a: AttentionState<&SimBuffer<T>, &SimBuffer<f32>>,
+    b: AttentionState<&SimBuffer<T>, &SimBuffer<f32>>,
+    merged: AttentionState<&mut SimBuffer<T>, &mut SimBuffer<f32>>,
 ) -> Result<()> {
+    let (a, b) = ((a.out, a.lse_ln), (b.out, b.lse_ln));
+    let (out, lse) = (merged.out, merged.lse_ln);
     let Some(params) = params::merge_states_params(
         head_dim,
         T::DTYPE,

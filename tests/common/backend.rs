@@ -3,7 +3,7 @@
 //! against [`Device`]; each `gpu_xxx` test runs its body on a CUDA stream (skipping without a
 //! GPU) and its twin `sim_xxx` runs the same body on a fresh emulated device.
 
-use paged_gqa::AttendOptions;
+use paged_gqa::{AttendOptions, AttentionState};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -132,7 +132,7 @@ pub trait Device: Clone {
         tables: &[i32],
         max_blocks: usize,
     ) -> Result<Self::Naive<T>>;
-    /// `NaiveAttention::run` with the default scale.
+    /// `NaiveAttention::run` with `options`.
     fn run_naive<T: Element>(
         &self,
         naive: &mut Self::Naive<T>,
@@ -140,6 +140,7 @@ pub trait Device: Clone {
         v_cache: &Self::Buf<T>,
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
+        options: &AttendOptions,
     ) -> Result<()>;
 
     /// `repeat_kv`: `src` `[num_tokens, n_kv_heads, head_dim]` to `dst` `[num_tokens,
@@ -271,7 +272,13 @@ impl Device for Arc<CudaStream> {
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
     ) -> Result<()> {
-        cuda::merge_states(self, head_dim, a, b, out, lse)
+        cuda::merge_states(
+            self,
+            head_dim,
+            AttentionState::new(a.0, a.1),
+            AttentionState::new(b.0, b.1),
+            AttentionState::new(out, lse),
+        )
     }
 
     fn naive<T: Element>(
@@ -290,8 +297,9 @@ impl Device for Arc<CudaStream> {
         v_cache: &Self::Buf<T>,
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        naive.run(self, k_cache, v_cache, q, out, None)
+        naive.run(self, k_cache, v_cache, q, out, options)
     }
 
     fn repeat_kv<T: Element>(
@@ -410,7 +418,13 @@ impl Device for Rc<SimDevice> {
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
     ) -> Result<()> {
-        sim::merge_states(self, head_dim, a, b, out, lse)
+        sim::merge_states(
+            self,
+            head_dim,
+            AttentionState::new(a.0, a.1),
+            AttentionState::new(b.0, b.1),
+            AttentionState::new(out, lse),
+        )
     }
 
     fn naive<T: Element>(
@@ -429,8 +443,9 @@ impl Device for Rc<SimDevice> {
         v_cache: &Self::Buf<T>,
         q: &Self::Buf<T>,
         out: &mut Self::Buf<T>,
+        options: &AttendOptions,
     ) -> Result<()> {
-        naive.run(self, k_cache, v_cache, q, out, None)
+        naive.run(self, k_cache, v_cache, q, out, options)
     }
 
     fn repeat_kv<T: Element>(

@@ -44,11 +44,7 @@ fn run_cpu(case: &Case) -> paged_gqa::Result<Output> {
         &case.k_cache,
         &case.v_cache,
     )?;
-    let result = cpu::attention(
-        &case.q,
-        &kv,
-        &paged_gqa::AttendOptions::new().with_scale_opt(case.scale),
-    )?;
+    let result = cpu::attention(&case.q, &kv, &case.options)?;
     let narrow = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect();
     Ok(Output {
         out: narrow(result.out),
@@ -101,15 +97,7 @@ fn run_sim_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
         .alloc::<f32>(case.q.len() / case.layout.shape().head_dim())
         .map_err(fail)?;
     batch
-        .run(
-            &device,
-            &k,
-            &v,
-            &q,
-            &mut out,
-            &mut lse,
-            &paged_gqa::AttendOptions::new().with_scale_opt(case.scale),
-        )
+        .run(&device, &k, &v, &q, &mut out, &mut lse, &case.options)
         .map_err(fail)?;
     Ok(Output {
         out: out.as_slice().iter().map(|&x| x.into() as f32).collect(),
@@ -147,15 +135,7 @@ fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
         .alloc_zeros::<f32>(case.q.len() / case.layout.shape().head_dim())
         .map_err(|e| fail(paged_gqa::Error::from(e)))?;
     batch
-        .run(
-            &stream,
-            &k,
-            &v,
-            &q,
-            &mut out,
-            &mut lse,
-            &paged_gqa::AttendOptions::new().with_scale_opt(case.scale),
-        )
+        .run(&stream, &k, &v, &q, &mut out, &mut lse, &case.options)
         .map_err(fail)?;
     let out: Vec<T> = stream
         .clone_dtoh(&out)

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use paged_gqa::{DType, GqaShape, PagedLayout, SeqLens};
+use paged_gqa::{AttendOptions, DType, GqaShape, PagedLayout, SeqLens};
 use safetensors::{Dtype, SafeTensors};
 
 /// A validated case, floats widened to f64 exactly.
@@ -19,7 +19,9 @@ pub struct Case {
     /// [batch, max_blocks]
     pub block_tables: Vec<i32>,
     pub max_blocks: usize,
-    pub scale: Option<f64>,
+    /// The attention variants: `scale`, `window_left`, `logit_softcap` and `causal` from the
+    /// metadata, `sinks` and `alibi_slopes` from F32 tensors.
+    pub options: AttendOptions,
     /// The element type of `q`, `k_cache` and `v_cache` when they share one.
     pub dtype: Option<DType>,
 }
@@ -112,16 +114,84 @@ fn ints(
     Ok((view.shape().to_vec(), values))
 }
 
-fn scale(metadata: Option<&HashMap<String, String>>) -> Result<Option<f64>, String> {
-    let Some(text) = metadata.and_then(|m| m.get("scale")) else {
+/// The value of metadata key `key`, parsed by `parse`; `what` says what it must be.
+fn meta<T>(
+    metadata: Option<&HashMap<String, String>>,
+    key: &str,
+    what: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, String> {
+    let Some(text) = metadata.and_then(|m| m.get(key)) else {
         return Ok(None);
     };
-    match text.trim().parse::<f64>() {
-        Ok(scale) if scale.is_finite() => Ok(Some(scale)),
-        _ => Err(format!(
-            "metadata `scale` = {text:?} is not a finite number"
-        )),
+    parse(text.trim())
+        .map(Some)
+        .ok_or_else(|| format!("metadata `{key}` = {text:?} is not {what}"))
+}
+
+/// The variants of the metadata: `scale`, `window_left`, `logit_softcap`, `causal`.
+fn metadata_options(metadata: Option<&HashMap<String, String>>) -> Result<AttendOptions, String> {
+    let scale = meta(metadata, "scale", "a finite number", |t| {
+        t.parse::<f64>().ok().filter(|x| x.is_finite())
+    })?;
+    let window_left = meta(
+        metadata,
+        "window_left",
+        "an integer >= -1 (-1: no window)",
+        |t| t.parse::<i32>().ok().filter(|&w| w >= -1),
+    )?;
+    let softcap = meta(
+        metadata,
+        "logit_softcap",
+        "a finite number >= 0 (0: off)",
+        |t| t.parse::<f32>().ok().filter(|c| c.is_finite() && *c >= 0.0),
+    )?;
+    let causal = meta(metadata, "causal", "`true` or `false`", |t| match t {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    })?;
+    Ok(AttendOptions::new()
+        .with_scale_opt(scale)
+        .with_window_left(window_left.unwrap_or(-1))
+        .with_logit_softcap(softcap.unwrap_or(0.0))
+        .with_causal(causal.unwrap_or(true)))
+}
+
+/// An optional F32 tensor `[n_heads]` (sinks, ALiBi slopes) of finite values (`-inf` allowed
+/// where `allow_neg_inf`).
+fn head_values(
+    st: &SafeTensors,
+    name: &str,
+    n_heads: usize,
+    allow_neg_inf: bool,
+) -> Result<Option<Vec<f32>>, String> {
+    let Ok(view) = st.tensor(name) else {
+        return Ok(None);
+    };
+    check_rank(name, view.shape(), 1, "[n_heads]")?;
+    check_dim(name, 0, view.shape()[0], n_heads, "n_heads, from q")?;
+    if view.dtype() != Dtype::F32 {
+        return Err(format!(
+            "tensor `{name}` has dtype {:?}, expected F32",
+            view.dtype()
+        ));
     }
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    if let Some((head, x)) = values
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !(x.is_finite() || (allow_neg_inf && **x == f32::NEG_INFINITY)))
+    {
+        return Err(format!(
+            "tensor `{name}` has {x} at head {head}: not allowed"
+        ));
+    }
+    Ok(Some(values))
 }
 
 /// Parses and validates the bytes of a case file.
@@ -129,7 +199,7 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
     let (_, metadata) =
         SafeTensors::read_metadata(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
-    let scale = scale(metadata.metadata().as_ref())?;
+    let mut options = metadata_options(metadata.metadata().as_ref())?;
 
     let float_dtypes: Vec<Dtype> = ["q", "k_cache", "v_cache"]
         .iter()
@@ -190,8 +260,18 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
     )?;
     let max_blocks = bt_shape[1];
     // Validates the block tables against the cache and the lengths.
-    paged_gqa::BlockTables::new(&block_tables, max_blocks, &layout, &lens)
+    let tables = paged_gqa::BlockTables::new(&block_tables, max_blocks, &layout, &lens)
         .map_err(|e| e.to_string())?;
+    if let Some(sinks) = head_values(&st, "sinks", shape.n_heads(), true)? {
+        options = options.with_sinks(sinks);
+    }
+    if let Some(slopes) = head_values(&st, "alibi_slopes", shape.n_heads(), false)? {
+        options = options.with_alibi_slopes(slopes);
+    }
+    options.validate(shape).map_err(|e| e.to_string())?;
+    tables
+        .check_visible(&lens, options.mask())
+        .map_err(|e| format!("block_tables: {e}"))?;
 
     Ok(Case {
         dtype,
@@ -202,7 +282,7 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
         v_cache,
         block_tables,
         max_blocks,
-        scale,
+        options,
     })
 }
 

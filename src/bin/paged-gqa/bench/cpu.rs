@@ -1,7 +1,6 @@
 //! The sweep on the CPU backend: the fused f32 decode against the naive path, wall-clock
 //! medians, and the host's measured copy bandwidth.
 
-use paged_gqa::AttendOptions;
 use std::time::Instant;
 
 use half::{bf16, f16};
@@ -88,10 +87,10 @@ fn measure<T: Element + Into<f32>>(
     );
 
     let fused = time_ms(iters, || {
-        cpu::attend(&q, &kv, &AttendOptions::default(), &mut out, &mut lse)
+        cpu::attend(&q, &kv, &case.options, &mut out, &mut lse)
     })?;
     let naive = time_ms(iters, || {
-        cpu::attend_naive(&q, &kv, &AttendOptions::default(), &mut out, &mut lse)
+        cpu::attend_naive(&q, &kv, &case.options, &mut out, &mut lse)
     })?;
     // The attention step alone, over K/V materialised beforehand.
     let (kc, vc) = cpu::gather_paged(&kv).map_err(Failure::runtime)?;
@@ -102,7 +101,7 @@ fn measure<T: Element + Into<f32>>(
     );
     let mha =
         ContiguousKv::new(case.shape.repeated(), &t.lens, &kr, &vr).map_err(Failure::runtime)?;
-    let scale = AttendOptions::new().with_scale(case.shape.default_scale());
-    let attention = time_ms(iters, || cpu::attend(&q, &mha, &scale, &mut out, &mut lse))?;
+    let scale = &case.options;
+    let attention = time_ms(iters, || cpu::attend(&q, &mha, scale, &mut out, &mut lse))?;
     Ok((fused, Some(naive), Some(attention)))
 }

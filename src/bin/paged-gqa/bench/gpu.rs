@@ -2,7 +2,6 @@
 //! events, rotating among input sets larger than L2 so the cache does not flatter anyone, and
 //! the device's copy bandwidth measured in the same run.
 
-use paged_gqa::AttendOptions;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
@@ -148,25 +147,17 @@ fn measure<T: Element>(
     .map_err(Failure::runtime)?;
     let fused_ms = time_ms(ctx, stream, iters, |i| {
         let (k, v, q) = &inputs[i % sets];
-        fused.run(
-            stream,
-            k,
-            v,
-            q,
-            &mut out,
-            &mut lse,
-            &AttendOptions::default(),
-        )
+        fused.run(stream, k, v, q, &mut out, &mut lse, &case.options)
     })?;
     let mut naive =
         NaiveAttention::<T>::new(stream, t.layout, &t.lens, &t.block_tables, t.max_blocks)
             .map_err(Failure::runtime)?;
     let naive_ms = time_ms(ctx, stream, iters, |i| {
         let (k, v, q) = &inputs[i % sets];
-        naive.run(stream, k, v, q, &mut out, None)
+        naive.run(stream, k, v, q, &mut out, &case.options)
     })?;
     let attention_ms = time_ms(ctx, stream, iters, |i| {
-        naive.attention(stream, &inputs[i % sets].2, &mut out, None)
+        naive.attention(stream, &inputs[i % sets].2, &mut out, &case.options)
     })?;
     Ok((fused_ms, Some(naive_ms), Some(attention_ms)))
 }

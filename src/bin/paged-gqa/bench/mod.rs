@@ -11,22 +11,15 @@ mod sim;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use paged_gqa::models::{Model, MODELS};
 use paged_gqa::plan::KernelChoice;
-use paged_gqa::{DType, GqaShape};
+use paged_gqa::{AttendOptions, DType, GqaShape};
 
 use crate::Failure;
 
-/// Models the sweep knows: (name, n_heads, n_kv_heads, head_dim).
-pub const MODELS: [(&str, usize, usize, usize); 8] = [
-    ("Llama-3-8B", 32, 8, 128),
-    ("Llama-3-70B", 64, 8, 128),
-    ("Qwen2-7B", 28, 4, 128),
-    ("Qwen2.5-0.5B", 14, 2, 64),
-    ("Mistral-7B", 32, 8, 128),
-    ("Gemma-2-9B", 16, 8, 256),
-    ("Falcon-7B", 71, 1, 64),
-    ("Phi-3-medium", 40, 10, 128),
-];
+/// The sinks the sweep gives models that have them: one illustrative logit per head (not a
+/// checkpoint's values; the kernels' cost does not depend on them).
+const BENCH_SINK: f32 = 0.5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchBackend {
@@ -139,6 +132,10 @@ pub struct BenchArgs {
 pub struct Case {
     pub model: &'static str,
     pub shape: GqaShape,
+    /// The attention of the model's layer 0 (its sliding window, soft-cap, sinks, ALiBi).
+    pub options: AttendOptions,
+    /// What `options` turn on, for the records ("plain causal" when nothing).
+    pub variant: String,
     pub batch: usize,
     pub context: usize,
     pub page_size: usize,
@@ -158,9 +155,14 @@ impl std::fmt::Display for Case {
 }
 
 impl Case {
-    /// Bytes of K and V the batch must read: the floor of a decode step's memory traffic.
+    /// Bytes of K and V the batch must read: the floor of a decode step's memory traffic (a
+    /// sliding window's keys only, for a windowed decode row).
     pub fn kv_bytes(&self) -> u64 {
-        2 * (self.batch * self.context * self.shape.kv_row_len() * self.dtype.size_bytes()) as u64
+        let keys = match self.mode {
+            BenchMode::Decode => self.options.mask().visible_keys(self.context, 1, 0).len(),
+            BenchMode::Prefill => self.context,
+        };
+        2 * (self.batch * keys * self.shape.kv_row_len() * self.dtype.size_bytes()) as u64
     }
 
     /// Query rows per sequence: 1 for decode, the whole prompt for prefill.
@@ -174,25 +176,51 @@ impl Case {
     /// Floating-point operations of the attention actually computed (the causal region):
     /// 4 * head_dim * n_heads per visible (query row, key) pair (QK^T and PV, 2 each).
     pub fn flops(&self) -> f64 {
-        let pairs = match self.mode {
-            BenchMode::Decode => self.context as f64,
-            BenchMode::Prefill => self.context as f64 * (self.context as f64 + 1.0) / 2.0,
-        };
+        let mask = self.options.mask();
+        let query_len = self.query_len();
+        let pairs: usize = (0..query_len)
+            .map(|j| mask.visible_keys(self.context, query_len, j).len())
+            .sum();
+        let pairs = pairs as f64;
         4.0 * (self.shape.head_dim() * self.shape.n_heads() * self.batch) as f64 * pairs
     }
 }
 
-fn model(name: &str) -> Result<(&'static str, GqaShape), Failure> {
-    let &(name, h, kv, d) = MODELS
+fn model(name: &str) -> Result<&'static Model, Failure> {
+    MODELS
         .iter()
-        .find(|m| m.0.eq_ignore_ascii_case(name))
+        .find(|m| m.name.eq_ignore_ascii_case(name))
         .ok_or_else(|| {
             Failure::input(format!(
                 "unknown model `{name}`; known: {}",
-                MODELS.iter().map(|m| m.0).collect::<Vec<_>>().join(", ")
+                MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
             ))
-        })?;
-    Ok((name, GqaShape::new(h, kv, d).map_err(Failure::input)?))
+        })
+}
+
+/// The attention options of `model`'s layer 0 and a label of what they turn on.
+fn layer0(model: &Model) -> Result<(AttendOptions, String), Failure> {
+    let sinks = model.sinks.then(|| vec![BENCH_SINK; model.n_heads]);
+    let options = model.options(0, sinks).map_err(Failure::input)?;
+    let mut parts = Vec::new();
+    if options.window_left() >= 0 {
+        parts.push(format!("window {}", options.window_left() + 1));
+    }
+    if options.logit_softcap() > 0.0 {
+        parts.push(format!("soft-cap {}", options.logit_softcap()));
+    }
+    if options.sinks().is_some() {
+        parts.push("sinks".to_string());
+    }
+    if options.alibi_slopes().is_some() {
+        parts.push("ALiBi".to_string());
+    }
+    let label = if parts.is_empty() {
+        "plain causal".to_string()
+    } else {
+        parts.join(", ")
+    };
+    Ok((options, label))
 }
 
 /// Where the sweep runs: its default cases differ.
@@ -213,7 +241,7 @@ fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
                 (vec!["Llama-3-8B"], vec![1], vec![128, 512])
             }
             _ if target == Target::Sim => (
-                vec!["Llama-3-8B", "Qwen2-7B", "Falcon-7B"],
+                vec!["Llama-3-8B", "Qwen2-7B", "Falcon-7B", "gpt-oss-20b"],
                 vec![1, 4],
                 vec![1024, 4096],
             ),
@@ -229,7 +257,7 @@ fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
                 vec![1024, 4096, 8192],
             ),
             (true, true, BenchMode::Prefill) => (
-                MODELS.iter().map(|m| m.0).collect(),
+                MODELS.iter().map(|m| m.name).collect(),
                 vec![1, 4],
                 vec![1024, 4096, 8192, 16_384],
             ),
@@ -245,7 +273,7 @@ fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
                 vec![1024, 8192, 32_768],
             ),
             (true, true, BenchMode::Decode) => (
-                MODELS.iter().map(|m| m.0).collect(),
+                MODELS.iter().map(|m| m.name).collect(),
                 vec![1, 16, 64, 128],
                 vec![1024, 4096, 8192, 32_768],
             ),
@@ -278,12 +306,16 @@ fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
     }
     let mut cases = Vec::new();
     for name in &models {
-        let (model, shape) = model(name)?;
+        let model = model(name)?;
+        let shape = model.shape().map_err(Failure::input)?;
+        let (options, variant) = layer0(model)?;
         for &batch in &batches {
             for &context in &contexts {
                 cases.push(Case {
-                    model,
+                    model: model.name,
                     shape,
+                    options: options.clone(),
+                    variant: variant.clone(),
                     batch,
                     context,
                     page_size: args.page_size,

@@ -15,6 +15,9 @@ pub type Times = (f64, Option<f64>, Option<f64>);
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
     pub model: String,
+    /// The attention variants of the model's layer 0 that ran ("plain causal", "window 128,
+    /// sinks", ...): the fused and the naive path run the same.
+    pub variant: String,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -70,6 +73,7 @@ impl Record {
         let bandwidth_gbs = case.kv_bytes() as f64 / (fused_ms * 1e-3) / 1e9;
         Self {
             model: case.model.to_string(),
+            variant: case.variant.clone(),
             n_heads: case.shape.n_heads(),
             n_kv_heads: case.shape.n_kv_heads(),
             head_dim: case.shape.head_dim(),
@@ -150,8 +154,32 @@ pub fn print_table(records: &[Record]) {
         .first()
         .is_some_and(|r| r.kv_bytes_fetched.is_some())
     {
-        return print_traffic_table(records);
+        print_traffic_table(records);
+    } else {
+        print_time_table(records);
     }
+    print_variants(records);
+}
+
+/// Which attention each model's rows ran (its layer 0: a sliding window, sinks, ...).
+fn print_variants(records: &[Record]) {
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for r in records {
+        if !seen.iter().any(|(m, _)| *m == r.model) {
+            seen.push((&r.model, &r.variant));
+        }
+    }
+    let list: Vec<String> = seen.iter().map(|(m, v)| format!("{m}: {v}")).collect();
+    if !list.is_empty() {
+        println!(
+            "attention (layer 0 of each model, fused and naive alike): {}",
+            list.join("; ")
+        );
+    }
+}
+
+/// The GPU's and the CPU's table: times, speedup, bandwidth, TFLOP/s.
+fn print_time_table(records: &[Record]) {
     println!(
         "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>11} {:>11} {:>11} {:>8} {:>9} {:>8} {:>8} {:>7}",
         "model",

@@ -3,7 +3,6 @@
 //! kernels bring from the K/V pages (`kv_bytes_fetched`, counted by the emulator at every
 //! cp.async) against the bytes the batch must read (`kv_bytes_needed`).
 
-use paged_gqa::AttendOptions;
 use std::rc::Rc;
 
 use half::{bf16, f16};
@@ -71,32 +70,18 @@ fn measure<T: Element>(
     device.watch(k.address(), k.len() * std::mem::size_of::<T>());
     device.watch(v.address(), v.len() * std::mem::size_of::<T>());
     fused
-        .run(
-            device,
-            &k,
-            &v,
-            &q,
-            &mut out,
-            &mut lse,
-            &AttendOptions::default(),
-        )
+        .run(device, &k, &v, &q, &mut out, &mut lse, &case.options)
         .map_err(fail)?;
     let fetched = device.watched_bytes();
     device.unwatch_all();
     let fused_ms = time_ms(iters, || {
-        fused.run(
-            device,
-            &k,
-            &v,
-            &q,
-            &mut out,
-            &mut lse,
-            &AttendOptions::default(),
-        )
+        fused.run(device, &k, &v, &q, &mut out, &mut lse, &case.options)
     })?;
     let mut naive =
         NaiveAttention::<T>::new(device, t.layout, &t.lens, &t.block_tables, t.max_blocks)
             .map_err(fail)?;
-    let naive_ms = time_ms(iters, || naive.run(device, &k, &v, &q, &mut out, None))?;
+    let naive_ms = time_ms(iters, || {
+        naive.run(device, &k, &v, &q, &mut out, &case.options)
+    })?;
     Ok(((fused_ms, Some(naive_ms), None), fetched))
 }
