@@ -614,6 +614,7 @@ fn fp8_fetched<F: Fp8Element>(
 ) -> usize {
     let scales = case.amax_scales::<F>();
     let typed = case.fp8_typed::<bf16, F>(&scales, &[false; 4], &AttendOptions::new());
+    let scales = paged_gqa::sim::DeviceKvScales::new(device, &scales).unwrap();
     let (k, v) = (
         device.upload(&typed.k_cache).unwrap(),
         device.upload(&typed.v_cache).unwrap(),

@@ -11,7 +11,7 @@ use crate::cuda::{check_built, CudaStepPlan, CudaStorage};
 use crate::dtype::{DType, Element, PageElement};
 use crate::error::Result;
 use crate::fp8::{Fp8Element, KvScales};
-use crate::kernels::attend::AttendState;
+use crate::kernels::attend::{AttendState, UploadedScales};
 use crate::kernels::params::AttendTensors;
 use crate::plan::{AttendSchedule, KernelChoice};
 use crate::variants::AttendOptions;
@@ -119,9 +119,10 @@ impl AttendBatch {
 
     /// [`run`](AttendBatch::run) over fp8 caches: `k_cache`, `v_cache` one layer's
     /// `[num_blocks, block_size, n_kv_heads, head_dim]` of stored fp8 values ([`Fp8E4M3`] or
-    /// [`Fp8E5M2`]), read under `scales` (one K and one V scale per K/V head, uploaded for
-    /// this call); `q`, `out` of the dtype given to [`new`](AttendBatch::new). The result is
-    /// attention over the dequantized K/V (see [`crate::fp8`]).
+    /// [`Fp8E5M2`]), read under `scales` (one K and one V scale per K/V head, uploaded on this
+    /// stream once: [`DeviceKvScales::new`]); `q`, `out` of the dtype given to
+    /// [`new`](AttendBatch::new). The result is attention over the dequantized K/V (see
+    /// [`crate::fp8`]). Launches only, as [`run`](AttendBatch::run).
     ///
     /// [`Fp8E4M3`]: crate::fp8::Fp8E4M3
     /// [`Fp8E5M2`]: crate::fp8::Fp8E5M2
@@ -131,7 +132,7 @@ impl AttendBatch {
         stream: &Arc<CudaStream>,
         k_cache: &impl DevicePtr<F>,
         v_cache: &impl DevicePtr<F>,
-        scales: &KvScales,
+        scales: &DeviceKvScales,
         q: &impl DevicePtr<T>,
         out: &mut impl DevicePtrMut<T>,
         lse: &mut impl DevicePtrMut<f32>,
@@ -158,9 +159,30 @@ impl AttendBatch {
             T::DTYPE,
             tensors,
             (k_cache.len(), v_cache.len()),
-            scales,
+            &scales.uploaded,
             options,
         )
+    }
+}
+
+/// fp8 scales on the GPU for [`AttendBatch::run_fp8`]: one K and one V scale per K/V head
+/// (`[n_kv_heads]` f32 each), validated ([`KvScales`]) and uploaded once.
+pub struct DeviceKvScales {
+    uploaded: UploadedScales<Arc<CudaStream>>,
+}
+
+impl DeviceKvScales {
+    /// Uploads `scales` on `stream` (the stream the batch runs on).
+    pub fn new(stream: &Arc<CudaStream>, scales: &KvScales) -> Result<Self> {
+        check_built()?;
+        Ok(Self {
+            uploaded: UploadedScales::new(stream, scales)?,
+        })
+    }
+
+    /// The scales, as uploaded.
+    pub fn scales(&self) -> &KvScales {
+        &self.uploaded.scales
     }
 }
 

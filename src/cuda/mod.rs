@@ -20,7 +20,7 @@ mod repeat_kv;
 use std::sync::Arc;
 
 pub use crate::kernels::params::ATTEND_HEAD_DIMS;
-pub use attend::AttendBatch;
+pub use attend::{AttendBatch, DeviceKvScales};
 pub use baseline::NaiveAttention;
 pub use cache::{CudaStepPlan, CudaStorage};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut};

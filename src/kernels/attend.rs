@@ -112,33 +112,59 @@ impl<B: Backend> AttendState<B> {
         launch_attend(backend, &tables, tensors, dtype, options)
     }
 
-    /// [`run`](Self::run) over fp8 caches (`tensors.kv_dtype`): `scales` (one K and one V scale
-    /// per K/V head) are uploaded for this launch and freed in stream order after it.
+    /// [`run`](Self::run) over fp8 caches (`tensors.kv_dtype`) read under `scales` (one K and
+    /// one V scale per K/V head, on this backend).
     pub fn run_fp8(
         &self,
         backend: &B,
         dtype: DType,
         tensors: AttendTensors,
         cache_lens: (usize, usize),
-        scales: &KvScales,
+        scales: &UploadedScales<B>,
         options: &AttendOptions,
     ) -> Result<()> {
-        let n_kv = self.layout.shape().n_kv_heads();
-        scales.check_heads(n_kv)?;
+        check_same("the fp8 scales", &scales.backend, backend)?;
+        scales
+            .scales
+            .check_heads(self.layout.shape().n_kv_heads())?;
         if !tensors.kv_dtype.is_fp8() {
             return Err(Error::InvalidPageDType {
                 dtype,
                 page_dtype: tensors.kv_dtype,
             });
         }
-        let uploaded = backend.upload(&scales.concat())?;
-        let k_scale = backend.address(&uploaded);
+        let (k_scale, v_scale) = scales.addresses();
         let tensors = AttendTensors {
             k_scale,
-            v_scale: k_scale + (4 * n_kv) as u64,
+            v_scale,
             ..tensors
         };
         self.run(backend, dtype, &tensors, cache_lens, options)
+    }
+}
+
+/// fp8 scales in a backend's memory: `[2 (K, V), n_kv_heads]` f32, validated on the host
+/// ([`KvScales`]) and uploaded once.
+pub(crate) struct UploadedScales<B: Backend> {
+    pub scales: KvScales,
+    buffer: B::Buffer<f32>,
+    backend: B,
+}
+
+impl<B: Backend> UploadedScales<B> {
+    /// Uploads `scales`.
+    pub fn new(backend: &B, scales: &KvScales) -> Result<Self> {
+        Ok(Self {
+            buffer: backend.upload(&scales.concat())?,
+            scales: scales.clone(),
+            backend: backend.clone(),
+        })
+    }
+
+    /// Device addresses of the K scales and of the V scales.
+    pub fn addresses(&self) -> (u64, u64) {
+        let k = self.backend.address(&self.buffer);
+        (k, k + (4 * self.scales.n_kv_heads()) as u64)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::cache::{PagedCache, PagedLayout};
 use crate::dtype::{DType, Element, PageElement};
 use crate::error::Result;
 use crate::fp8::{Fp8Element, KvScales};
-use crate::kernels::attend::AttendState;
+use crate::kernels::attend::{AttendState, UploadedScales};
 use crate::kernels::params::AttendTensors;
 use crate::plan::{AttendSchedule, KernelChoice};
 use crate::sim::{SimBuffer, SimDevice, SimStepPlan, SimStorage};
@@ -111,7 +111,7 @@ impl AttendBatch {
         device: &Rc<SimDevice>,
         k_cache: &SimBuffer<F>,
         v_cache: &SimBuffer<F>,
-        scales: &KvScales,
+        scales: &DeviceKvScales,
         q: &SimBuffer<T>,
         out: &mut SimBuffer<T>,
         lse: &mut SimBuffer<f32>,
@@ -132,9 +132,28 @@ impl AttendBatch {
             T::DTYPE,
             tensors,
             (k_cache.len(), v_cache.len()),
-            scales,
+            &scales.uploaded,
             options,
         )
+    }
+}
+
+/// [`cuda::DeviceKvScales`](crate::cuda::DeviceKvScales) on the emulator.
+pub struct DeviceKvScales {
+    uploaded: UploadedScales<Rc<SimDevice>>,
+}
+
+impl DeviceKvScales {
+    /// Uploads `scales` to `device`.
+    pub fn new(device: &Rc<SimDevice>, scales: &KvScales) -> Result<Self> {
+        Ok(Self {
+            uploaded: UploadedScales::new(device, scales)?,
+        })
+    }
+
+    /// The scales, as uploaded.
+    pub fn scales(&self) -> &KvScales {
+        &self.uploaded.scales
     }
 }
 

@@ -22,7 +22,7 @@ mod buffer;
 mod merge;
 mod storage;
 
-pub use attend::AttendBatch;
+pub use attend::{AttendBatch, DeviceKvScales};
 pub use baseline::{repeat_kv, NaiveAttention};
 pub use buffer::{SimBuffer, SimDevice};
 pub use merge::merge_states;

@@ -221,7 +221,8 @@ impl Device for Arc<CudaStream> {
         lse: &mut Self::Buf<f32>,
         options: &AttendOptions,
     ) -> Result<()> {
-        batch.run_fp8(self, k_cache, v_cache, scales, q, out, lse, options)
+        let scales = cuda::DeviceKvScales::new(self, scales)?;
+        batch.run_fp8(self, k_cache, v_cache, &scales, q, out, lse, options)
     }
 
     fn storage<P: PageElement>(
@@ -367,7 +368,8 @@ impl Device for Rc<SimDevice> {
         lse: &mut Self::Buf<f32>,
         options: &AttendOptions,
     ) -> Result<()> {
-        batch.run_fp8(self, k_cache, v_cache, scales, q, out, lse, options)
+        let scales = sim::DeviceKvScales::new(self, scales)?;
+        batch.run_fp8(self, k_cache, v_cache, &scales, q, out, lse, options)
     }
 
     fn storage<P: PageElement>(
