@@ -1292,3 +1292,239 @@ fn a_nonexistent_case_path_is_rejected() {
         &["cannot read case", "no-such-case.safetensors"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// fp8 caches: k_cache and v_cache in F8_E4M3 or F8_E5M2, with F32 k_scale and v_scale
+// [n_kv_heads].
+
+/// A case's K/V as an fp8 file stores them: bits from the float8 crate (CUDA's saturating
+/// conversion) of `value / scale`, and the scales.
+struct Fp8 {
+    dtype: Dtype,
+    k_bits: Vec<u8>,
+    v_bits: Vec<u8>,
+    k_scale: Vec<f32>,
+    v_scale: Vec<f32>,
+}
+
+/// `x` in `dtype`'s fp8 format (float8's saturating conversion), and the value the bits hold.
+fn fp8_encode(dtype: Dtype, x: f32) -> (u8, f64) {
+    match dtype {
+        Dtype::F8_E4M3 => {
+            let v = float8::F8E4M3::from_f32(x);
+            (v.to_bits(), v.to_f32() as f64)
+        }
+        Dtype::F8_E5M2 => {
+            let v = float8::F8E5M2::from_f32(x);
+            (v.to_bits(), v.to_f32() as f64)
+        }
+        other => panic!("not an fp8 dtype: {other:?}"),
+    }
+}
+
+/// A random case whose K/V are stored in `fp8` under per-head scales (K/V head `h`:
+/// `(h + 1) / 448` for K, `(h + 2) / 896` for V): the case's k_cache and v_cache become the
+/// values the bits stand for (stored value times scale, in f64), what the definition reads.
+fn fp8_case(test: &str, q_dtype: Dtype, fp8: Dtype) -> (Case, Fp8) {
+    let mut case = Case::random(&mut common::rng(test), Geometry::default(), q_dtype);
+    let (n_kv, d) = (case.g.n_kv_heads, case.g.head_dim);
+    let k_scale: Vec<f32> = (0..n_kv).map(|h| (h + 1) as f32 / 448.0).collect();
+    let v_scale: Vec<f32> = (0..n_kv).map(|h| (h + 2) as f32 / 896.0).collect();
+    let quantize = |values: &mut Vec<f64>, scales: &[f32]| -> Vec<u8> {
+        values
+            .iter_mut()
+            .enumerate()
+            .map(|(i, x)| {
+                let scale = scales[(i / d) % n_kv];
+                let (bits, stored) = fp8_encode(fp8, *x as f32 / scale);
+                *x = stored * scale as f64;
+                bits
+            })
+            .collect()
+    };
+    let k_bits = quantize(&mut case.k_cache, &k_scale);
+    let v_bits = quantize(&mut case.v_cache, &v_scale);
+    let fp8 = Fp8 {
+        dtype: fp8,
+        k_bits,
+        v_bits,
+        k_scale,
+        v_scale,
+    };
+    (case, fp8)
+}
+
+/// The contract's tensors of an fp8 case: the caches as bits, and the two scale tensors.
+fn fp8_tensors(case: &Case, fp8: &Fp8) -> Tensors {
+    let mut tensors = case.tensors();
+    for (name, bits) in [("k_cache", &fp8.k_bits), ("v_cache", &fp8.v_bits)] {
+        tensors.insert(
+            name.into(),
+            Raw {
+                dtype: fp8.dtype,
+                shape: case.cache_shape(),
+                data: bits.clone(),
+            },
+        );
+    }
+    let n_kv = case.g.n_kv_heads;
+    tensors.insert("k_scale".into(), Raw::f32(vec![n_kv], &fp8.k_scale));
+    tensors.insert("v_scale".into(), Raw::f32(vec![n_kv], &fp8.v_scale));
+    tensors
+}
+
+/// Writes an fp8 case, runs `extra`, checks success; returns OUT.
+fn run_fp8(
+    test: &str,
+    dir: &Workdir,
+    case: &Case,
+    fp8: &Fp8,
+    extra: &[&str],
+) -> (Vec<f64>, Vec<f64>) {
+    let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
+    write_case(&case_path, &fp8_tensors(case, fp8), None);
+    let output = attend(&case_path, &out_path, extra);
+    assert!(
+        output.status.success(),
+        "{test}: exit {:?}, stderr:\n{}",
+        output.status.code(),
+        stderr(&output)
+    );
+    read_output(&out_path, case)
+}
+
+/// f32, f16 and bf16 queries over e4m3 and e5m2 caches: the CPU backend matches the definition
+/// over the dequantized values.
+#[test]
+fn fp8_cases_match_the_definition_over_the_dequantized_values() {
+    let test = "fp8_cases_match_the_definition_over_the_dequantized_values";
+    for fp8 in [Dtype::F8_E4M3, Dtype::F8_E5M2] {
+        for q_dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let (case, stored) = fp8_case(test, q_dtype, fp8);
+            let dir = Workdir::new(test);
+            let got = run_fp8(test, &dir, &case, &stored, &[]);
+            assert_matches(
+                &format!("{test} {q_dtype:?} over {fp8:?}"),
+                &got,
+                &reference(&case, case.default_scale()),
+            );
+        }
+    }
+}
+
+/// The emulated kernels replay fp8 cases (bf16 queries over e4m3, f16 over e5m2).
+#[test]
+fn sim_backend_replays_fp8_cases_through_the_kernels() {
+    let test = "sim_backend_replays_fp8_cases_through_the_kernels";
+    for (q_dtype, fp8) in [(Dtype::BF16, Dtype::F8_E4M3), (Dtype::F16, Dtype::F8_E5M2)] {
+        let (case, stored) = fp8_case(test, q_dtype, fp8);
+        let dir = Workdir::new(test);
+        let (out, lse) = run_fp8(test, &dir, &case, &stored, &["--backend", "sim"]);
+        let expected = reference(&case, case.default_scale());
+        let out_err = relative_l2(&out, &expected.out);
+        let lse_err = max_abs(&lse, &expected.lse);
+        assert!(
+            out_err < 1e-2 && lse_err < 1e-3,
+            "{test} {q_dtype:?} over {fp8:?}: out {out_err:e}, lse {lse_err:e}"
+        );
+    }
+}
+
+/// Malformed fp8 combinations: exit 2 naming the tensor.
+#[test]
+fn malformed_fp8_cases_are_rejected_naming_the_tensor() {
+    let test = "malformed_fp8_cases_are_rejected_naming_the_tensor";
+    let (case, fp8) = fp8_case(test, Dtype::BF16, Dtype::F8_E4M3);
+    let good = fp8_tensors(&case, &fp8);
+    type Break = fn(&mut Tensors);
+    let cases: [(&str, Break, &[&str]); 10] = [
+        (
+            "no k_scale",
+            |t| {
+                t.remove("k_scale");
+            },
+            &["`k_scale`", "missing", "[n_kv_heads]"],
+        ),
+        (
+            "no v_scale",
+            |t| {
+                t.remove("v_scale");
+            },
+            &["`v_scale`", "missing"],
+        ),
+        (
+            "k_scale of 3 heads",
+            |t| {
+                *t.get_mut("k_scale").unwrap() = Raw::f32(vec![3], &[0.1, 0.1, 0.1]);
+            },
+            &["`k_scale`", "dimension 0 is 3, expected 2"],
+        ),
+        (
+            "k_scale of rank 2",
+            |t| {
+                *t.get_mut("k_scale").unwrap() = Raw::f32(vec![1, 2], &[0.1, 0.1]);
+            },
+            &["`k_scale`", "rank 2"],
+        ),
+        (
+            "v_scale in F16",
+            |t| {
+                *t.get_mut("v_scale").unwrap() = Raw::float(Dtype::F16, vec![2], &[0.1, 0.1]);
+            },
+            &["`v_scale`", "F16", "expected F32"],
+        ),
+        (
+            "a zero v_scale",
+            |t| {
+                *t.get_mut("v_scale").unwrap() = Raw::f32(vec![2], &[0.1, 0.0]);
+            },
+            &["`v_scale`", "v_scale[1] = 0"],
+        ),
+        (
+            "a NaN k_scale",
+            |t| {
+                *t.get_mut("k_scale").unwrap() = Raw::f32(vec![2], &[f32::NAN, 0.1]);
+            },
+            &["`k_scale`", "k_scale[0] = NaN"],
+        ),
+        (
+            "e4m3 K, e5m2 V",
+            |t| {
+                t.get_mut("v_cache").unwrap().dtype = Dtype::F8_E5M2;
+            },
+            &["`v_cache`", "F8_E5M2", "`k_cache` has F8_E4M3"],
+        ),
+        (
+            "bf16 K, e4m3 V",
+            |t| {
+                let v = t["v_cache"].clone();
+                let k = t.get_mut("k_cache").unwrap();
+                *k = Raw::float(Dtype::BF16, v.shape.clone(), &vec![0.5; v.data.len()]);
+            },
+            &["`k_cache`", "BF16", "`v_cache` has F8_E4M3"],
+        ),
+        (
+            "q in fp8",
+            |t| {
+                let q = t.get_mut("q").unwrap();
+                q.dtype = Dtype::F8_E4M3;
+                q.data.truncate(q.data.len() / 2);
+            },
+            &["`q`", "F8_E4M3", "expected F32, F16 or BF16"],
+        ),
+    ];
+    for (what, breaks, needles) in cases {
+        let mut tensors = good.clone();
+        breaks(&mut tensors);
+        assert_rejected(&format!("{test}: {what}"), &tensors, None, needles);
+    }
+    // Scales beside 16-bit caches are a mistake too.
+    let mut tensors = case.tensors();
+    tensors.insert("k_scale".into(), Raw::f32(vec![2], &[0.1, 0.1]));
+    assert_rejected(
+        test,
+        &tensors,
+        None,
+        &["`k_scale`", "F8_E4M3 or F8_E5M2 caches only"],
+    );
+}

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use half::{bf16, f16};
 use paged_gqa::cuda::{self, AttendBatch};
+use paged_gqa::fp8::{Fp8E4M3, Fp8E5M2, Fp8Element};
 use paged_gqa::{cpu, sim, DType, Element};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -34,7 +35,7 @@ pub fn run(case_path: &Path, out_path: &Path, backend: Backend) -> Result<(), Fa
     )
 }
 
-/// The definition, in f64, from the case's values.
+/// The definition, in f64, from the case's values (fp8 caches: the dequantized values).
 fn run_cpu(case: &Case) -> paged_gqa::Result<Output> {
     let kv = cpu::PagedKv::new(
         case.layout,
@@ -55,14 +56,14 @@ fn run_cpu(case: &Case) -> paged_gqa::Result<Output> {
 type RunTyped = fn(&Case) -> Result<Output, Failure>;
 
 /// The fused attention kernels (on the GPU or the emulator), any query lengths. Take f16 and
-/// bf16 cases.
+/// bf16 cases, over pages of the same type or fp8.
 fn run_kernels(case: &Case, bf16_run: RunTyped, f16_run: RunTyped) -> Result<Output, Failure> {
     match case.dtype {
         Some(DType::BF16) => bf16_run(case),
         Some(DType::F16) => f16_run(case),
         other => Err(Failure::runtime(format!(
-            "--backend cuda and --backend sim take cases whose q, k_cache and v_cache are all F16 or all BF16 (this one: {}). \
-             Use --backend cpu.",
+            "--backend cuda and --backend sim take cases whose q, k_cache and v_cache are all F16 or all BF16, \
+             or F16 or BF16 q over F8_E4M3 or F8_E5M2 caches (this one: {}). Use --backend cpu.",
             other.map_or("mixed".to_string(), |d| format!("{d:?}"))
         ))),
     }
@@ -73,8 +74,62 @@ fn typed<T: Element>(values: &[f64]) -> Vec<T> {
     values.iter().map(|&v| T::from_f32(v as f32)).collect()
 }
 
+/// The stored fp8 bits as `F` values.
+fn stored<F: Fp8Element>(bits: &[u8]) -> Vec<F> {
+    bits.iter().map(|&b| F::from_bits(b)).collect()
+}
+
 /// The exact kernel code on the emulator (see the README, "Running the kernels without a GPU").
 fn run_sim_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
+    match case.fp8.as_ref().map(|f| f.dtype) {
+        Some(DType::F8E4M3) => run_sim_fp8::<T, Fp8E4M3>(case),
+        Some(_) => run_sim_fp8::<T, Fp8E5M2>(case),
+        None => run_sim_pages::<T>(case),
+    }
+}
+
+/// [`run_sim_typed`] over fp8 pages of `F`.
+fn run_sim_fp8<T: Element, F: Fp8Element>(case: &Case) -> Result<Output, Failure> {
+    let fail = Failure::runtime;
+    let fp8 = case.fp8.as_ref().expect("an fp8 case");
+    let device = sim::SimDevice::new();
+    let batch = sim::AttendBatch::new(
+        &device,
+        case.layout,
+        T::DTYPE,
+        &case.lens,
+        &case.block_tables,
+        case.max_blocks,
+    )
+    .map_err(fail)?;
+    let q = device.upload(&typed::<T>(&case.q)).map_err(fail)?;
+    let k = device.upload(&stored::<F>(&fp8.k_bits)).map_err(fail)?;
+    let v = device.upload(&stored::<F>(&fp8.v_bits)).map_err(fail)?;
+    let scales = sim::DeviceKvScales::new(&device, &fp8.scales).map_err(fail)?;
+    let mut out = device.alloc::<T>(case.q.len()).map_err(fail)?;
+    let mut lse = device
+        .alloc::<f32>(case.q.len() / case.layout.shape().head_dim())
+        .map_err(fail)?;
+    batch
+        .run_fp8(
+            &device,
+            &k,
+            &v,
+            &scales,
+            &q,
+            &mut out,
+            &mut lse,
+            &case.options,
+        )
+        .map_err(fail)?;
+    Ok(Output {
+        out: out.as_slice().iter().map(|&x| x.into() as f32).collect(),
+        lse: lse.to_vec(),
+    })
+}
+
+/// [`run_sim_typed`] over pages of `T`.
+fn run_sim_pages<T: Element>(case: &Case) -> Result<Output, Failure> {
     let fail = Failure::runtime;
     let device = sim::SimDevice::new();
     let batch = sim::AttendBatch::new(
@@ -107,6 +162,7 @@ fn run_sim_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
 
 fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
     let fail = Failure::runtime;
+    let driver = |e: cudarc::driver::DriverError| fail(paged_gqa::Error::from(e));
     let ctx = cuda::context(0).map_err(fail)?;
     let stream = ctx.default_stream();
     let batch = AttendBatch::new(
@@ -118,25 +174,54 @@ fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
         case.max_blocks,
     )
     .map_err(fail)?;
-    let upload = |x: &[f64]| {
-        stream
-            .clone_htod(&typed::<T>(x))
-            .map_err(|e| fail(paged_gqa::Error::from(e)))
-    };
-    let (q, k, v) = (
-        upload(&case.q)?,
-        upload(&case.k_cache)?,
-        upload(&case.v_cache)?,
-    );
-    let mut out = stream
-        .alloc_zeros::<T>(case.q.len())
-        .map_err(|e| fail(paged_gqa::Error::from(e)))?;
+    let q = stream.clone_htod(&typed::<T>(&case.q)).map_err(driver)?;
+    let mut out = stream.alloc_zeros::<T>(case.q.len()).map_err(driver)?;
     let mut lse = stream
         .alloc_zeros::<f32>(case.q.len() / case.layout.shape().head_dim())
-        .map_err(|e| fail(paged_gqa::Error::from(e)))?;
-    batch
-        .run(&stream, &k, &v, &q, &mut out, &mut lse, &case.options)
-        .map_err(fail)?;
+        .map_err(driver)?;
+    match &case.fp8 {
+        None => {
+            let k = stream
+                .clone_htod(&typed::<T>(&case.k_cache))
+                .map_err(driver)?;
+            let v = stream
+                .clone_htod(&typed::<T>(&case.v_cache))
+                .map_err(driver)?;
+            batch
+                .run(&stream, &k, &v, &q, &mut out, &mut lse, &case.options)
+                .map_err(fail)?;
+        }
+        Some(fp8) => {
+            fn run<T: Element, F: Fp8Element>(
+                stream: &std::sync::Arc<cuda::CudaStream>,
+                batch: &AttendBatch,
+                case: &Case,
+                fp8: &crate::case::Fp8Cache,
+                q: &cuda::CudaSlice<T>,
+                out: &mut cuda::CudaSlice<T>,
+                lse: &mut cuda::CudaSlice<f32>,
+            ) -> Result<(), Failure> {
+                let driver =
+                    |e: cudarc::driver::DriverError| Failure::runtime(paged_gqa::Error::from(e));
+                let k = stream
+                    .clone_htod(&stored::<F>(&fp8.k_bits))
+                    .map_err(driver)?;
+                let v = stream
+                    .clone_htod(&stored::<F>(&fp8.v_bits))
+                    .map_err(driver)?;
+                let scales =
+                    cuda::DeviceKvScales::new(stream, &fp8.scales).map_err(Failure::runtime)?;
+                batch
+                    .run_fp8(stream, &k, &v, &scales, q, out, lse, &case.options)
+                    .map_err(Failure::runtime)
+            }
+            if fp8.dtype == DType::F8E4M3 {
+                run::<T, Fp8E4M3>(&stream, &batch, case, fp8, &q, &mut out, &mut lse)?;
+            } else {
+                run::<T, Fp8E5M2>(&stream, &batch, case, fp8, &q, &mut out, &mut lse)?;
+            }
+        }
+    }
     let out: Vec<T> = stream
         .clone_dtoh(&out)
         .map_err(|e| fail(paged_gqa::Error::from(e)))?;

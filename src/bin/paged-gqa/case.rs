@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use paged_gqa::fp8::{self, KvScales};
 use paged_gqa::{AttendOptions, DType, GqaShape, PagedLayout, SeqLens};
 use safetensors::{Dtype, SafeTensors};
 
@@ -12,9 +13,10 @@ pub struct Case {
     pub lens: SeqLens,
     /// [num_tokens, n_heads, head_dim]
     pub q: Vec<f64>,
-    /// [num_blocks, block_size, n_kv_heads, head_dim]
+    /// [num_blocks, block_size, n_kv_heads, head_dim]: the values (fp8 caches: stored value
+    /// times its head's scale, exactly)
     pub k_cache: Vec<f64>,
-    /// [num_blocks, block_size, n_kv_heads, head_dim]
+    /// [num_blocks, block_size, n_kv_heads, head_dim]: as `k_cache`
     pub v_cache: Vec<f64>,
     /// [batch, max_blocks]
     pub block_tables: Vec<i32>,
@@ -22,8 +24,23 @@ pub struct Case {
     /// The attention variants: `scale`, `window_left`, `logit_softcap` and `causal` from the
     /// metadata, `sinks` and `alibi_slopes` from F32 tensors.
     pub options: AttendOptions,
-    /// The element type of `q`, `k_cache` and `v_cache` when they share one.
+    /// The element type of `q`, `k_cache` and `v_cache` when they share one; with fp8 caches,
+    /// `q`'s.
     pub dtype: Option<DType>,
+    /// fp8 caches (`F8_E4M3` or `F8_E5M2`): their stored bits and scales.
+    pub fp8: Option<Fp8Cache>,
+}
+
+/// The K and V caches of an fp8 case as the file stores them.
+pub struct Fp8Cache {
+    /// `DType::F8E4M3` or `DType::F8E5M2`
+    pub dtype: DType,
+    /// [num_blocks, block_size, n_kv_heads, head_dim]
+    pub k_bits: Vec<u8>,
+    /// [num_blocks, block_size, n_kv_heads, head_dim]
+    pub v_bits: Vec<u8>,
+    /// `k_scale`, `v_scale`: F32 [n_kv_heads] each
+    pub scales: KvScales,
 }
 
 fn tensor<'a>(
@@ -89,6 +106,62 @@ fn floats(
         }
     };
     Ok((view.shape().to_vec(), values))
+}
+
+/// The page dtype of an fp8 safetensors dtype.
+fn fp8_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F8_E4M3 => Some(DType::F8E4M3),
+        Dtype::F8_E5M2 => Some(DType::F8E5M2),
+        _ => None,
+    }
+}
+
+/// A cache tensor stored in fp8, of the given rank: its bytes.
+fn fp8_bits(st: &SafeTensors, name: &str, rank: usize, layout: &str) -> Result<Vec<u8>, String> {
+    let view = tensor(st, name)?;
+    check_rank(name, view.shape(), rank, layout)?;
+    Ok(view.data().to_vec())
+}
+
+/// `k_scale` or `v_scale`: F32 `[n_kv_heads]` (required with fp8 caches).
+fn scale_tensor(st: &SafeTensors, name: &str, n_kv_heads: usize) -> Result<Vec<f32>, String> {
+    let view = st.tensor(name).map_err(|_| {
+        format!(
+            "tensor `{name}` is missing: fp8 caches need k_scale and v_scale, F32 [n_kv_heads] \
+             ({n_kv_heads} here)"
+        )
+    })?;
+    check_rank(name, view.shape(), 1, "[n_kv_heads]")?;
+    check_dim(
+        name,
+        0,
+        view.shape()[0],
+        n_kv_heads,
+        "n_kv_heads, from k_cache",
+    )?;
+    if view.dtype() != Dtype::F32 {
+        return Err(format!(
+            "tensor `{name}` has dtype {:?}, expected F32",
+            view.dtype()
+        ));
+    }
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect())
+}
+
+/// The values `bits` stand for under `scales` (`[n_kv_heads]`; rows of `head_dim` cycle over
+/// the heads): stored value times scale, exact in f64.
+fn dequantized(format: fp8::Fp8Format, bits: &[u8], scales: &[f32], head_dim: usize) -> Vec<f64> {
+    bits.iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            f64::from(fp8::decode(format, b)) * f64::from(scales[(i / head_dim) % scales.len()])
+        })
+        .collect()
 }
 
 /// An i32 tensor of the given rank.
@@ -205,7 +278,7 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
         .iter()
         .filter_map(|name| st.tensor(name).ok().map(|t| t.dtype()))
         .collect();
-    let dtype = match float_dtypes[..] {
+    let mut dtype = match float_dtypes[..] {
         [Dtype::F32, Dtype::F32, Dtype::F32] => Some(DType::F32),
         [Dtype::F16, Dtype::F16, Dtype::F16] => Some(DType::F16),
         [Dtype::BF16, Dtype::BF16, Dtype::BF16] => Some(DType::BF16),
@@ -213,8 +286,42 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
     };
     let (q_shape, q) = floats(&st, "q", 3, "[num_tokens, n_heads, head_dim]")?;
     let cache_layout = "[num_blocks, block_size, n_kv_heads, head_dim]";
-    let (k_shape, k_cache) = floats(&st, "k_cache", 4, cache_layout)?;
-    let (v_shape, v_cache) = floats(&st, "v_cache", 4, cache_layout)?;
+    // fp8 caches: both of one fp8 type, read as bits here, dequantized once the scales are in.
+    let k_dtype = tensor(&st, "k_cache")?.dtype();
+    let v_dtype = tensor(&st, "v_cache")?.dtype();
+    let page_dtype = fp8_dtype(k_dtype).or(fp8_dtype(v_dtype));
+    if page_dtype.is_some() && k_dtype != v_dtype {
+        let (odd, other) = if fp8_dtype(k_dtype).is_some() {
+            ("v_cache", "k_cache")
+        } else {
+            ("k_cache", "v_cache")
+        };
+        let (odd_dtype, other_dtype) = if odd == "v_cache" {
+            (v_dtype, k_dtype)
+        } else {
+            (k_dtype, v_dtype)
+        };
+        return Err(format!(
+            "tensor `{odd}` has dtype {odd_dtype:?}, `{other}` has {other_dtype:?}: fp8 caches \
+             must both be F8_E4M3 or both F8_E5M2"
+        ));
+    }
+    let (k_shape, mut k_cache, v_shape, mut v_cache, bits) = if page_dtype.is_some() {
+        let k_bits = fp8_bits(&st, "k_cache", 4, cache_layout)?;
+        let v_bits = fp8_bits(&st, "v_cache", 4, cache_layout)?;
+        let shape = |name| tensor(&st, name).map(|t| t.shape().to_vec());
+        (
+            shape("k_cache")?,
+            Vec::new(),
+            shape("v_cache")?,
+            Vec::new(),
+            Some((k_bits, v_bits)),
+        )
+    } else {
+        let (k_shape, k_cache) = floats(&st, "k_cache", 4, cache_layout)?;
+        let (v_shape, v_cache) = floats(&st, "v_cache", 4, cache_layout)?;
+        (k_shape, k_cache, v_shape, v_cache, None)
+    };
     let (bt_shape, block_tables) = ints(&st, "block_tables", 2, "[batch, max_blocks]")?;
     let (cl_shape, context_lens) = ints(&st, "context_lens", 1, "[batch]")?;
     let (ql_shape, query_lens) = ints(&st, "query_lens", 1, "[batch]")?;
@@ -234,6 +341,47 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
     })?;
     let layout =
         PagedLayout::new(shape, num_blocks, block_size).map_err(|e| format!("k_cache: {e}"))?;
+    let fp8 = match (page_dtype, bits) {
+        (Some(page_dtype), Some((k_bits, v_bits))) => {
+            let format = page_dtype.fp8_format().expect("an fp8 page dtype");
+            let k = scale_tensor(&st, "k_scale", n_kv_heads)?;
+            let v = scale_tensor(&st, "v_scale", n_kv_heads)?;
+            let scales = KvScales::new(k, v).map_err(|e| {
+                let name = if e.to_string().starts_with("k_scale") {
+                    "k_scale"
+                } else {
+                    "v_scale"
+                };
+                format!("tensor `{name}`: {e}")
+            })?;
+            k_cache = dequantized(format, &k_bits, scales.k(), head_dim);
+            v_cache = dequantized(format, &v_bits, scales.v(), head_dim);
+            // The kernels take q's type over fp8 pages.
+            dtype = match q_dtype(&st)? {
+                Dtype::F32 => Some(DType::F32),
+                Dtype::F16 => Some(DType::F16),
+                Dtype::BF16 => Some(DType::BF16),
+                _ => None,
+            };
+            Some(Fp8Cache {
+                dtype: page_dtype,
+                k_bits,
+                v_bits,
+                scales,
+            })
+        }
+        _ => {
+            for name in ["k_scale", "v_scale"] {
+                if st.tensor(name).is_ok() {
+                    return Err(format!(
+                        "tensor `{name}` is given, but the caches are {k_dtype:?}: k_scale and \
+                         v_scale go with F8_E4M3 or F8_E5M2 caches only"
+                    ));
+                }
+            }
+            None
+        }
+    };
 
     let batch = bt_shape[0];
     check_dim(
@@ -275,6 +423,7 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
 
     Ok(Case {
         dtype,
+        fp8,
         layout,
         lens,
         q,
@@ -284,6 +433,11 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
         max_blocks,
         options,
     })
+}
+
+/// The dtype of `q`.
+fn q_dtype(st: &SafeTensors) -> Result<Dtype, String> {
+    Ok(tensor(st, "q")?.dtype())
 }
 
 /// Reads and validates a case file.
