@@ -238,3 +238,119 @@ fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
     );
     let _ = std::fs::remove_file(&json);
 }
+
+/// `--kv-dtype fp8-e4m3|fp8-e5m2` on the emulator: the table and the records carry the page
+/// dtype and its bytes, and every kernel fetches exactly half the K/V bytes of bf16 pages on
+/// the same shapes (Llama-3-8B and Qwen2-7B decode on CUDA cores, a prefill on tensor cores).
+#[test]
+fn sim_sweep_with_fp8_pages_fetches_half_the_bytes_of_bf16() {
+    let run = |kv_dtype: &str, mode: &str, json: &std::path::Path| {
+        let output = bench(&[
+            "--backend",
+            "sim",
+            "--mode",
+            mode,
+            "--model",
+            "Llama-3-8B",
+            "--model",
+            "Qwen2-7B",
+            "--batch",
+            "2",
+            "--context",
+            "200",
+            "--kv-dtype",
+            kv_dtype,
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("KV dtype"), "{stdout}");
+        let records: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        (stdout, records.as_array().unwrap().clone())
+    };
+    for mode in ["decode", "prefill"] {
+        let json = temp(&format!("fp8-{mode}.json"));
+        let (_, bf16) = run("auto", mode, &json);
+        for kv_dtype in ["fp8-e4m3", "fp8-e5m2"] {
+            let (stdout, fp8) = run(kv_dtype, mode, &json);
+            assert!(stdout.contains(kv_dtype), "{stdout}");
+            assert_eq!(fp8.len(), bf16.len());
+            for (f, b) in fp8.iter().zip(&bf16) {
+                assert_eq!(f["model"], b["model"]);
+                assert_eq!(
+                    (&f["dtype"], &f["kv_dtype"]),
+                    (&b["dtype"], &kv_dtype.into())
+                );
+                assert_eq!(b["kv_dtype"], "bf16");
+                assert_eq!(
+                    f["kv_bytes_per_token"].as_u64().unwrap() * 2,
+                    b["kv_bytes_per_token"].as_u64().unwrap()
+                );
+                assert_eq!(
+                    2 * f["kv_bytes_needed"].as_u64().unwrap(),
+                    b["kv_bytes_needed"].as_u64().unwrap()
+                );
+                let (ff, bf) = (
+                    f["kv_bytes_fetched"].as_u64().unwrap(),
+                    b["kv_bytes_fetched"].as_u64().unwrap(),
+                );
+                assert_eq!(
+                    2 * ff,
+                    bf,
+                    "{mode} {kv_dtype} {}: fetched {ff} against {bf}",
+                    f["model"]
+                );
+                // The naive path has no fp8 pages on the emulator.
+                assert!(f["baseline_ms"].is_null(), "{f}");
+            }
+        }
+        let _ = std::fs::remove_file(&json);
+    }
+}
+
+/// The CPU fallback over fp8 pages, fused and naive (its scales repeated with the heads).
+#[test]
+fn cpu_sweep_with_fp8_pages_reports_the_page_dtype() {
+    let json = temp("cpu-fp8.json");
+    let output = bench(&[
+        "--backend",
+        "cpu",
+        "--model",
+        "Qwen2.5-0.5B",
+        "--batch",
+        "1",
+        "--context",
+        "100",
+        "--iters",
+        "1",
+        "--kv-dtype",
+        "fp8-e5m2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("fp8-e5m2"), "{stdout}");
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = &records[0];
+    assert_eq!(r["kv_dtype"], "fp8-e5m2");
+    // 2 K/V heads of 64, 1 byte each, K and V.
+    assert_eq!(r["kv_bytes_per_token"], 2 * 2 * 64);
+    assert_eq!(r["kv_bytes"], 100 * 2 * 2 * 64);
+    assert!(r["baseline_ms"].as_f64().unwrap() > 0.0);
+    let _ = std::fs::remove_file(json);
+    let bad = bench(&["--backend", "cpu", "--kv-dtype", "fp8"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("fp8-e4m3"));
+}

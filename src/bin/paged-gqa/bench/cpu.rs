@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use half::{bf16, f16};
 use paged_gqa::cpu::{self, ContiguousKv, PagedKv};
+use paged_gqa::fp8::{Fp8E4M3, Fp8E5M2, Fp8Element, KvScales};
 use paged_gqa::{DType, Element};
 
 use super::{data, report::Record, Case};
@@ -50,8 +51,12 @@ pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
     let mut records = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         eprintln!("bench [{}/{}] {case}", i + 1, cases.len());
-        let times = match case.dtype {
-            DType::F16 => measure::<f16>(case, iters)?,
+        let times = match (case.dtype, case.kv_dtype) {
+            (DType::F16, DType::F8E4M3) => measure_fp8::<f16, Fp8E4M3>(case, iters)?,
+            (DType::F16, DType::F8E5M2) => measure_fp8::<f16, Fp8E5M2>(case, iters)?,
+            (_, DType::F8E4M3) => measure_fp8::<bf16, Fp8E4M3>(case, iters)?,
+            (_, DType::F8E5M2) => measure_fp8::<bf16, Fp8E5M2>(case, iters)?,
+            (DType::F16, _) => measure::<f16>(case, iters)?,
             _ => measure::<bf16>(case, iters)?,
         };
         records.push(Record::new(
@@ -64,6 +69,50 @@ pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
         ));
     }
     Ok(records)
+}
+
+/// [`measure`] over fp8 pages of `F`: the fallback reads them under their scales; the naive
+/// path gathers and repeats the stored values, their scales repeated alike.
+fn measure_fp8<T: Element + Into<f32>, F: Fp8Element>(
+    case: &Case,
+    iters: usize,
+) -> Result<(f64, Option<f64>, Option<f64>), Failure> {
+    let mut rng = data::rng();
+    let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
+    let (k, v, scales) = data::fp8_kv::<F>(&mut rng, &t.layout).map_err(Failure::runtime)?;
+    let q: Vec<T> = data::random(&mut rng, t.lens.num_tokens() * case.shape.q_row_len());
+    let kv = PagedKv::new(t.layout, &t.lens, &t.block_tables, t.max_blocks, &k, &v)
+        .and_then(|kv| kv.with_scales(&scales))
+        .map_err(Failure::runtime)?;
+    let rows = t.lens.num_tokens() * case.shape.n_heads();
+    let (mut out, mut lse) = (
+        vec![0.0f32; rows * case.shape.head_dim()],
+        vec![0.0f32; rows],
+    );
+    let fused = time_ms(iters, || {
+        cpu::attend(&q, &kv, &case.options, &mut out, &mut lse)
+    })?;
+    let naive = time_ms(iters, || {
+        cpu::attend_naive(&q, &kv, &case.options, &mut out, &mut lse)
+    })?;
+    let (kc, vc) = cpu::gather_paged(&kv).map_err(Failure::runtime)?;
+    let keys = t.lens.total_keys();
+    let (kr, vr) = (
+        cpu::repeat_kv(&kc, case.shape, keys).map_err(Failure::runtime)?,
+        cpu::repeat_kv(&vc, case.shape, keys).map_err(Failure::runtime)?,
+    );
+    let group = case.shape.group();
+    let repeat =
+        |s: &[f32]| -> Vec<f32> { (0..case.shape.n_heads()).map(|h| s[h / group]).collect() };
+    let repeated =
+        KvScales::new(repeat(scales.k()), repeat(scales.v())).map_err(Failure::runtime)?;
+    let mha = ContiguousKv::new(case.shape.repeated(), &t.lens, &kr, &vr)
+        .and_then(|kv| kv.with_scales(&repeated))
+        .map_err(Failure::runtime)?;
+    let attention = time_ms(iters, || {
+        cpu::attend(&q, &mha, &case.options, &mut out, &mut lse)
+    })?;
+    Ok((fused, Some(naive), Some(attention)))
 }
 
 /// (fused, naive whole path, naive attention alone), milliseconds.

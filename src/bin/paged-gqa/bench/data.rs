@@ -1,6 +1,7 @@
 //! Random paged decode batches for the benchmarks: pages handed out in shuffled order, values
 //! uniform in [-1, 1) (never zeros).
 
+use paged_gqa::fp8::{self, Fp8Element, KvScales};
 use paged_gqa::{Element, PagedLayout, SeqLens};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -45,4 +46,32 @@ pub fn random<T: Element>(rng: &mut StdRng, n: usize) -> Vec<T> {
     (0..n)
         .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
         .collect()
+}
+
+/// Random K and V pages of `layout` stored in fp8 (`F`): values uniform in [-1, 1) quantized
+/// under per-head scales from their own maxima, and those scales.
+pub fn fp8_kv<F: Fp8Element>(
+    rng: &mut StdRng,
+    layout: &PagedLayout,
+) -> paged_gqa::Result<(Vec<F>, Vec<F>, KvScales)> {
+    let shape = layout.shape();
+    let (n_kv, d) = (shape.n_kv_heads(), shape.head_dim());
+    let values = |rng: &mut StdRng| -> Vec<f32> {
+        (0..layout.cache_len())
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect()
+    };
+    let (k, v) = (values(rng), values(rng));
+    let scales = KvScales::from_amax(
+        F::FORMAT,
+        &fp8::head_amax(&k, n_kv, d)?,
+        &fp8::head_amax(&v, n_kv, d)?,
+    )?;
+    let quantize = |x: &[f32], s: &[f32]| -> Vec<F> {
+        x.iter()
+            .enumerate()
+            .map(|(i, &x)| F::quantize(x, s[(i / d) % n_kv]))
+            .collect()
+    };
+    Ok((quantize(&k, scales.k()), quantize(&v, scales.v()), scales))
 }

@@ -8,7 +8,8 @@ use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use paged_gqa::cuda::{AttendBatch, NaiveAttention};
-use paged_gqa::{DType, Element};
+use paged_gqa::fp8::{Fp8E4M3, Fp8E5M2, Fp8Element};
+use paged_gqa::{DType, DeviceValue, Element};
 
 use super::{data, report::Record, Case};
 use crate::Failure;
@@ -58,7 +59,7 @@ fn copy_bandwidth_gbs(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Resul
 
 /// A device buffer of `n` random elements: a random host pattern of up to 16 Mi elements,
 /// uploaded repeatedly (values never zero; their exact pattern does not matter to the timing).
-fn random_device<T: Element>(
+fn random_device<T: DeviceValue>(
     stream: &Arc<CudaStream>,
     pattern: &[T],
     n: usize,
@@ -93,8 +94,16 @@ pub fn run(ctx: &Arc<CudaContext>, cases: &[Case], iters: usize) -> Result<Vec<R
     for (i, case) in cases.iter().enumerate() {
         eprintln!("bench [{}/{}] {case}", i + 1, cases.len());
         let sets = ((2 * l2).div_ceil(case.kv_bytes().max(1)) as usize).clamp(1, MAX_SETS);
-        let result = match case.dtype {
-            DType::F16 => measure::<f16>(ctx, &stream, case, sets, iters),
+        let result = match (case.dtype, case.kv_dtype) {
+            (DType::F16, DType::F8E4M3) => {
+                measure_fp8::<f16, Fp8E4M3>(ctx, &stream, case, sets, iters)
+            }
+            (DType::F16, DType::F8E5M2) => {
+                measure_fp8::<f16, Fp8E5M2>(ctx, &stream, case, sets, iters)
+            }
+            (_, DType::F8E4M3) => measure_fp8::<bf16, Fp8E4M3>(ctx, &stream, case, sets, iters),
+            (_, DType::F8E5M2) => measure_fp8::<bf16, Fp8E5M2>(ctx, &stream, case, sets, iters),
+            (DType::F16, _) => measure::<f16>(ctx, &stream, case, sets, iters),
             _ => measure::<bf16>(ctx, &stream, case, sets, iters),
         };
         match result {
@@ -103,6 +112,61 @@ pub fn run(ctx: &Arc<CudaContext>, cases: &[Case], iters: usize) -> Result<Vec<R
         }
     }
     Ok(records)
+}
+
+/// [`measure`] over fp8 pages of `F` (the fused path only: the naive path has no fp8 pages).
+fn measure_fp8<T: Element, F: Fp8Element>(
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    case: &Case,
+    sets: usize,
+    iters: usize,
+) -> Result<(f64, Option<f64>, Option<f64>), Failure> {
+    let mut rng = data::rng();
+    let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
+    // One random fp8 pattern (at most 16 Mi values per tensor, repeated), rotated per set.
+    let pattern_layout = paged_gqa::PagedLayout::new(
+        case.shape,
+        t.layout
+            .num_blocks()
+            .min((16 << 20) / (case.page_size * case.shape.kv_row_len()))
+            .max(1),
+        case.page_size,
+    )
+    .map_err(Failure::runtime)?;
+    let (pk, pv, scales) =
+        data::fp8_kv::<F>(&mut rng, &pattern_layout).map_err(Failure::runtime)?;
+    let scales = paged_gqa::cuda::DeviceKvScales::new(stream, &scales).map_err(Failure::runtime)?;
+    let q_pattern: Vec<T> = data::random(&mut rng, 1 << 16);
+    let q_len = t.lens.num_tokens() * case.shape.q_row_len();
+    let mut inputs = Vec::with_capacity(sets);
+    for s in 0..sets {
+        let offset = s * 7919 % pk.len().max(1);
+        let rotated: Vec<F> = pk[offset..].iter().chain(&pk[..offset]).copied().collect();
+        let k = random_device(stream, &rotated, t.layout.cache_len())?;
+        let v = random_device(stream, &pv, t.layout.cache_len())?;
+        let q = random_device(stream, &q_pattern, q_len)?;
+        inputs.push((k, v, q));
+    }
+    let mut out = stream.alloc_zeros::<T>(q_len).map_err(driver)?;
+    let mut lse = stream
+        .alloc_zeros::<f32>(t.lens.num_tokens() * case.shape.n_heads())
+        .map_err(driver)?;
+    let fused = AttendBatch::with_kernels(
+        stream,
+        t.layout,
+        T::DTYPE,
+        &t.lens,
+        &t.block_tables,
+        t.max_blocks,
+        case.kernels.choice(),
+    )
+    .map_err(Failure::runtime)?;
+    let fused_ms = time_ms(ctx, stream, iters, |i| {
+        let (k, v, q) = &inputs[i % sets];
+        fused.run_fp8(stream, k, v, &scales, q, &mut out, &mut lse, &case.options)
+    })?;
+    Ok((fused_ms, None, None))
 }
 
 /// (fused, naive whole path, naive attention alone), milliseconds per step. The naive path of

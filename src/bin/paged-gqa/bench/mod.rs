@@ -84,6 +84,39 @@ impl BenchDType {
     }
 }
 
+/// The K/V pages' element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchKvDType {
+    /// The compute dtype (`--dtype`), as vLLM's `kv_cache_dtype=auto`.
+    Auto,
+    /// OCP fp8 e4m3fn pages under per-head scales (calibrated from the random values).
+    #[value(name = "fp8-e4m3")]
+    Fp8E4m3,
+    /// OCP fp8 e5m2 pages under per-head scales.
+    #[value(name = "fp8-e5m2")]
+    Fp8E5m2,
+}
+
+impl BenchKvDType {
+    /// The page dtype under compute dtype `dtype`.
+    pub fn dtype(self, dtype: DType) -> DType {
+        match self {
+            BenchKvDType::Auto => dtype,
+            BenchKvDType::Fp8E4m3 => DType::F8E4M3,
+            BenchKvDType::Fp8E5m2 => DType::F8E5M2,
+        }
+    }
+}
+
+/// A page dtype's name in the table and the records: "bf16", "f16", "fp8-e4m3", "fp8-e5m2".
+pub fn kv_dtype_name(dtype: DType) -> String {
+    match dtype {
+        DType::F8E4M3 => "fp8-e4m3".to_string(),
+        DType::F8E5M2 => "fp8-e5m2".to_string(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 /// Options of `paged-gqa bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -113,6 +146,10 @@ pub struct BenchArgs {
     pub page_size: usize,
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: BenchDType,
+    /// The K/V pages' element type: `auto` (the compute dtype) or fp8 (half the bytes). The
+    /// naive path has no fp8 pages on the GPU and the emulator: its columns are empty there.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_dtype: BenchKvDType,
     /// The fused path's kernels (GPU only): to time one kernel against the other.
     #[arg(long, value_enum, default_value = "auto")]
     pub kernels: BenchKernels,
@@ -139,7 +176,10 @@ pub struct Case {
     pub batch: usize,
     pub context: usize,
     pub page_size: usize,
+    /// The compute dtype: q, out (and the pages when `kv_dtype` is the same).
     pub dtype: DType,
+    /// The pages' element type: `dtype`, or fp8.
+    pub kv_dtype: DType,
     pub mode: BenchMode,
     pub kernels: BenchKernels,
 }
@@ -155,14 +195,14 @@ impl std::fmt::Display for Case {
 }
 
 impl Case {
-    /// Bytes of K and V the batch must read: the floor of a decode step's memory traffic (a
-    /// sliding window's keys only, for a windowed decode row).
+    /// Bytes of K and V the batch must read, in the page dtype: the floor of a decode step's
+    /// memory traffic (a sliding window's keys only, for a windowed decode row).
     pub fn kv_bytes(&self) -> u64 {
         let keys = match self.mode {
             BenchMode::Decode => self.options.mask().visible_keys(self.context, 1, 0).len(),
             BenchMode::Prefill => self.context,
         };
-        2 * (self.batch * keys * self.shape.kv_row_len() * self.dtype.size_bytes()) as u64
+        2 * (self.batch * keys * self.shape.kv_row_len() * self.kv_dtype.size_bytes()) as u64
     }
 
     /// Query rows per sequence: 1 for decode, the whole prompt for prefill.
@@ -320,6 +360,7 @@ fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
                     context,
                     page_size: args.page_size,
                     dtype: args.dtype.dtype(),
+                    kv_dtype: args.kv_dtype.dtype(args.dtype.dtype()),
                     mode: args.mode,
                     kernels: args.kernels,
                 });

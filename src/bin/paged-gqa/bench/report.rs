@@ -24,7 +24,13 @@ pub struct Record {
     pub batch: usize,
     pub context: usize,
     pub page_size: usize,
+    /// The compute dtype (q, out).
     pub dtype: String,
+    /// The K/V pages' element type: the compute dtype, "fp8-e4m3" or "fp8-e5m2".
+    pub kv_dtype: String,
+    /// Bytes one token's K and V take in one layer's pages (`2 * n_kv_heads * head_dim *`
+    /// the page dtype's size).
+    pub kv_bytes_per_token: u64,
     /// "decode" (one new token per sequence) or "prefill" (whole causal prompts).
     pub mode: String,
     /// The fused path's kernel choice (`--kernels`): "auto", "cuda-cores" or "tensor-cores".
@@ -44,7 +50,7 @@ pub struct Record {
     pub flops: f64,
     /// flops / fused time, in TFLOP/s.
     pub tflops: f64,
-    /// K and V bytes the batch must read.
+    /// K and V bytes the batch must read (in the page dtype).
     pub kv_bytes: u64,
     /// The same: each visible K/V byte of the batch once (named beside `kv_bytes_fetched`).
     pub kv_bytes_needed: u64,
@@ -81,6 +87,8 @@ impl Record {
             context: case.context,
             page_size: case.page_size,
             dtype: format!("{:?}", case.dtype).to_lowercase(),
+            kv_dtype: super::kv_dtype_name(case.kv_dtype),
+            kv_bytes_per_token: (2 * case.shape.kv_row_len() * case.kv_dtype.size_bytes()) as u64,
             mode: format!("{:?}", case.mode).to_lowercase(),
             kernels: case.kernels.name(),
             backend: backend.to_string(),
@@ -106,13 +114,14 @@ impl Record {
 /// The emulator's table: traffic counted, times labelled as emulation.
 fn print_traffic_table(records: &[Record]) {
     println!(
-        "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>12} {:>12} {:>14} {:>15} {:>9}",
+        "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>8} {:>12} {:>12} {:>14} {:>15} {:>9}",
         "model",
         "mode",
         "batch",
         "context",
         "page",
         "dtype",
+        "KV dtype",
         "emulated ms",
         "naive emul.",
         "KV needed MB",
@@ -122,13 +131,14 @@ fn print_traffic_table(records: &[Record]) {
     for r in records {
         let fetched = r.kv_bytes_fetched.unwrap_or(0);
         println!(
-            "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>12.1} {:>12} {:>14.3} {:>15.3} {:>8.3}x",
+            "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>8} {:>12.1} {:>12} {:>14.3} {:>15.3} {:>8.3}x",
             r.model,
             r.mode,
             r.batch,
             r.context,
             r.page_size,
             r.dtype,
+            r.kv_dtype,
             r.fused_ms,
             ms(r.baseline_ms),
             r.kv_bytes_needed as f64 / 1e6,
@@ -181,13 +191,14 @@ fn print_variants(records: &[Record]) {
 /// The GPU's and the CPU's table: times, speedup, bandwidth, TFLOP/s.
 fn print_time_table(records: &[Record]) {
     println!(
-        "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>11} {:>11} {:>11} {:>8} {:>9} {:>8} {:>8} {:>7}",
+        "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>8} {:>11} {:>11} {:>11} {:>8} {:>9} {:>8} {:>8} {:>7}",
         "model",
         "mode",
         "batch",
         "context",
         "page",
         "dtype",
+        "KV dtype",
         "fused ms",
         "naive ms",
         "naive attn",
@@ -199,13 +210,14 @@ fn print_time_table(records: &[Record]) {
     );
     for r in records {
         println!(
-            "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>11.3} {:>11} {:>11} {:>8} {:>9.1} {:>8.1} {:>7.1}% {:>7.3}",
+            "{:<13} {:>7} {:>5} {:>7} {:>4} {:>5} {:>8} {:>11.3} {:>11} {:>11} {:>8} {:>9.1} {:>8.1} {:>7.1}% {:>7.3}",
             r.model,
             r.mode,
             r.batch,
             r.context,
             r.page_size,
             r.dtype,
+            r.kv_dtype,
             r.fused_ms,
             ms(r.baseline_ms),
             ms(r.baseline_attention_ms),
