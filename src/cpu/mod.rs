@@ -9,6 +9,8 @@ mod reference;
 mod repeat_kv;
 
 pub use cache::CpuStorage;
+#[cfg(feature = "candle")]
+pub(crate) use cache::{copy_blocks, write_rows};
 pub use fast::{attend, attend_naive};
 pub use kv::{ContiguousKv, KvSource, PagedKv};
 pub use reference::{attention, attention_of_tokens, Attention};
