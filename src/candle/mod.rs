@@ -32,7 +32,7 @@
 //! fine; strided tensors are refused, not honoured: call `.contiguous()`), every block id a
 //! sequence uses and every slot inside the cache, and no cache written in place that shares
 //! memory with another tensor of the call. A failure is a `candle_core::Error` carrying this
-//! crate's [`Error`](crate::Error) message with the numbers.
+//! crate's [`crate::Error`] message with the numbers.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};

@@ -41,7 +41,7 @@ use super::CandleElement;
 /// let v = Tensor::ones((2, 2, 64), DType::F32, &dev)?;
 /// let slot_mapping = Tensor::new(&[35i64, -1], &dev)?; // block 2, offset 3; padding
 /// write_kv(&k, &v, &k_cache, &v_cache, &slot_mapping)?;
-/// assert_eq!(k_cache.flatten_to(1)?.sum(1)?.to_vec1::<f32>()?[35], 128.0);
+/// assert_eq!(k_cache.reshape((64, 128))?.sum(1)?.to_vec1::<f32>()?[35], 128.0); // slot 35: its row
 /// assert_eq!(k_cache.sum_all()?.to_scalar::<f32>()?, 128.0);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
