@@ -250,6 +250,61 @@ pub enum Error {
         kernel: &'static str,
         detail: String,
     },
+
+    // The tensors of the candle ops (feature `candle`).
+    /// A tensor's rank or shape is not what the op needs.
+    #[error("{name} has shape {actual:?}, expected {expected}")]
+    TensorShape {
+        name: &'static str,
+        expected: String,
+        actual: Vec<usize>,
+    },
+
+    /// A tensor's element type is not one the op takes.
+    #[error("{name} has dtype {actual}, expected {expected}")]
+    TensorDType {
+        name: &'static str,
+        expected: String,
+        actual: String,
+    },
+
+    /// A tensor is not stored row-major contiguous (any start offset is fine).
+    #[error(
+        "{name} is not contiguous (shape {shape:?}, strides {stride:?}); call .contiguous() first"
+    )]
+    NotContiguous {
+        name: &'static str,
+        shape: Vec<usize>,
+        stride: Vec<usize>,
+    },
+
+    /// A tensor on another device than the one the op runs on.
+    #[error("{name} is on {actual}, {reference} on {expected}: every tensor of the op must be on one device")]
+    TensorDevice {
+        name: &'static str,
+        reference: &'static str,
+        expected: String,
+        actual: String,
+    },
+
+    /// A slot past the cache's last slot.
+    #[error("slot_mapping[{token}] = {slot} is out of range for {num_slots} slots (num_blocks * block_size)")]
+    SlotOutOfRange {
+        token: usize,
+        slot: i64,
+        num_slots: usize,
+    },
+
+    /// A tensor written in place shares memory with another tensor of the op.
+    #[error("{written} shares memory with {other}: a cache written in place must not alias another tensor of the op")]
+    Aliased {
+        written: &'static str,
+        other: &'static str,
+    },
+
+    /// candle refused an operation on the pages of a candle-backed cache.
+    #[error("candle: {0}")]
+    Candle(String),
 }
 
 impl From<cudarc::driver::DriverError> for Error {

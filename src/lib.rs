@@ -38,6 +38,8 @@
 
 pub mod batch;
 pub mod cache;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;

@@ -73,10 +73,53 @@ impl<T: Copy + Default> CpuStorage<T> {
     fn write_rows(&mut self, layer: usize, slot_mapping: &[i64], k_new: &[T], v_new: &[T]) {
         let row = self.config.shape().kv_row_len();
         let (k, v) = self.layer_mut(layer);
-        for (token, &slot) in slot_mapping.iter().enumerate() {
-            let at = slot as usize * row;
-            k[at..at + row].copy_from_slice(&k_new[token * row..][..row]);
-            v[at..at + row].copy_from_slice(&v_new[token * row..][..row]);
+        write_rows(k, v, row, slot_mapping, k_new, v_new);
+    }
+}
+
+/// Writes token `t`'s rows of `k_new`, `v_new` (`[num_tokens, row]`) into slot
+/// `slot_mapping[t]` of `k_cache`, `v_cache` (`[num_slots, row]`). A slot outside
+/// `0..num_slots` is skipped, as the write kernel skips it (callers validate slots first; a
+/// negative slot is padding).
+pub(crate) fn write_rows<T: Copy>(
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    row: usize,
+    slot_mapping: &[i64],
+    k_new: &[T],
+    v_new: &[T],
+) {
+    let rows = k_new.chunks_exact(row).zip(v_new.chunks_exact(row));
+    for (&slot, (k_row, v_row)) in slot_mapping.iter().zip(rows) {
+        let Ok(slot) = usize::try_from(slot) else {
+            continue;
+        };
+        let at = slot.saturating_mul(row)..slot.saturating_mul(row).saturating_add(row);
+        if let (Some(k), Some(v)) = (k_cache.get_mut(at.clone()), v_cache.get_mut(at)) {
+            k.copy_from_slice(k_row);
+            v.copy_from_slice(v_row);
+        }
+    }
+}
+
+/// Copies whole blocks `(src, dst)` of `block_len` elements within every tensor of `pages`
+/// (`[num_tensors, tensor_len]`), the copy-on-write step. Pairs outside the tensor are skipped,
+/// as the copy kernel skips them.
+pub(crate) fn copy_blocks<T: Copy>(
+    pages: &mut [T],
+    tensor_len: usize,
+    block_len: usize,
+    block_copies: &[[i32; 2]],
+) {
+    let num_blocks = tensor_len / block_len.max(1);
+    for tensor in pages.chunks_exact_mut(tensor_len.max(1)) {
+        for &[src, dst] in block_copies {
+            let (Ok(src), Ok(dst)) = (usize::try_from(src), usize::try_from(dst)) else {
+                continue;
+            };
+            if src < num_blocks && dst < num_blocks {
+                tensor.copy_within(src * block_len..(src + 1) * block_len, dst * block_len);
+            }
         }
     }
 }
@@ -111,12 +154,12 @@ impl<T: Copy + Default> PageStorage for CpuStorage<T> {
 
     fn prepare(&mut self, plan: StepPlan) -> Result<StepPlan> {
         let block_len = self.config.block_size() * self.config.shape().kv_row_len();
-        for tensor in self.pages.chunks_mut(self.tensor_len) {
-            for &[src, dst] in plan.block_copies() {
-                let (src, dst) = (src as usize * block_len, dst as usize * block_len);
-                tensor.copy_within(src..src + block_len, dst);
-            }
-        }
+        copy_blocks(
+            &mut self.pages,
+            self.tensor_len,
+            block_len,
+            plan.block_copies(),
+        );
         Ok(plan)
     }
 }

@@ -10,6 +10,8 @@ mod reference;
 mod repeat_kv;
 
 pub use cache::CpuStorage;
+#[cfg(feature = "candle")]
+pub(crate) use cache::{copy_blocks, write_rows};
 pub use fast::{attend, attend_naive};
 pub use kv::{ContiguousKv, KvSource, PagedKv};
 pub use merge::{lse_ln_to_log2, lse_log2_to_ln, merge_states};

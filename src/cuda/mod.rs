@@ -44,8 +44,7 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !KERNELS_BUILT {
         return Err(built_without_kernels());
     }
-    // SAFETY: only probes whether the driver library can be loaded.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return Err(Error::CudaUnavailable {
             reason: "libcuda.so (the NVIDIA driver) is not installed".into(),
         });
@@ -59,6 +58,22 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
         });
     }
     Ok(CudaContext::new(ordinal)?)
+}
+
+/// Whether the driver library (libcuda) can be loaded, before cudarc is asked (it panics when
+/// it cannot load it). cudarc's own probe, `is_culib_present`, exists only in its
+/// dynamic-loading mode; under `dynamic-linking` (which candle's `cuda` feature turns on) the
+/// binary links libcuda, and this finds it already loaded.
+fn driver_present() -> bool {
+    let names: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
+    names.iter().any(|name| {
+        // SAFETY: loads the driver library (running its initialisers), as cudarc itself does.
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
 }
 
 /// The error of every CUDA entry point in a build without kernels.
