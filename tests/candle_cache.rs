@@ -92,6 +92,7 @@ fn candle_dtype(dtype: paged_gqa::DType) -> DType {
         paged_gqa::DType::F32 => DType::F32,
         paged_gqa::DType::F16 => DType::F16,
         paged_gqa::DType::BF16 => DType::BF16,
+        other => panic!("the candle tests use 16-bit and f32 caches, not {other:?}"),
     }
 }
 
@@ -211,5 +212,31 @@ fn layer_views_are_the_pages_of_that_layer() {
             .to_scalar::<f32>()
             .unwrap(),
         256.0
+    );
+}
+
+/// fp8 pages are not wired to candle tensors: a configuration with them is refused, naming the
+/// page dtype, instead of allocating pages of the compute dtype.
+#[test]
+fn fp8_page_configurations_are_refused() {
+    let config = CacheConfig::new(
+        GqaShape::new(8, 2, 64).unwrap(),
+        2,
+        16,
+        paged_gqa::DType::BF16,
+    )
+    .unwrap()
+    .with_page_dtype(paged_gqa::DType::F8E4M3)
+    .unwrap();
+    let err = CandleStorage::new(config, 4, &Device::Cpu).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            paged_gqa::Error::UnsupportedDType {
+                dtype: paged_gqa::DType::F8E4M3,
+                ..
+            }
+        ),
+        "{err}"
     );
 }

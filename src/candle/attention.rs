@@ -187,6 +187,10 @@ impl CustomOp3 for AttentionOp<'_> {
             DType::F32 => self.cpu::<f32>(args.0, args.1, args.2),
             DType::F16 => self.cpu::<half::f16>(args.0, args.1, args.2),
             DType::BF16 => self.cpu::<half::bf16>(args.0, args.1, args.2),
+            dtype @ (DType::F8E4M3 | DType::F8E5M2) => Err(crate::Error::UnsupportedDType {
+                kernel: "candle attention",
+                dtype,
+            }),
         }?;
         Ok((out, self.out_shape()))
     }

@@ -67,7 +67,14 @@ impl CandleStorage {
             shape.n_kv_heads(),
             shape.head_dim(),
         );
-        let pages = Tensor::zeros(dims, validate::candle_dtype(config.dtype()), device)
+        // fp8 pages are not wired to candle tensors yet: the storage holds the compute dtype.
+        if config.page_dtype() != config.dtype() {
+            return Err(Error::UnsupportedDType {
+                kernel: "candle cache storage (pages of the compute dtype only)",
+                dtype: config.page_dtype(),
+            });
+        }
+        let pages = Tensor::zeros(dims, validate::candle_dtype(config.dtype())?, device)
             .map_err(candle_error)?;
         Ok(Self {
             config,
@@ -227,6 +234,10 @@ impl InplaceOp1 for CopyBlocks<'_> {
             DType::F32 => self.cpu::<f32>(pages, layout),
             DType::F16 => self.cpu::<half::f16>(pages, layout),
             DType::BF16 => self.cpu::<half::bf16>(pages, layout),
+            dtype @ (DType::F8E4M3 | DType::F8E5M2) => Err(crate::Error::UnsupportedDType {
+                kernel: "candle copy_blocks",
+                dtype,
+            }),
         }?)
     }
 

@@ -211,9 +211,9 @@ pub(crate) fn attention(
     match op.geometry.dtype {
         DType::F16 => attention_as::<half::f16>(op, q, k_cache, v_cache),
         DType::BF16 => attention_as::<half::bf16>(op, q, k_cache, v_cache),
-        DType::F32 => Err(Error::UnsupportedDType {
+        dtype @ (DType::F32 | DType::F8E4M3 | DType::F8E5M2) => Err(Error::UnsupportedDType {
             kernel: "attention",
-            dtype: DType::F32,
+            dtype,
         }
         .into()),
     }
@@ -271,6 +271,9 @@ fn attention_as<T: CandleElement + CudaDType>(
         let tensors = AttendTensors {
             k_cache: k_ptr,
             v_cache: v_ptr,
+            kv_dtype: <T as Element>::DTYPE,
+            k_scale: 0,
+            v_scale: 0,
             q: (q_ptr, q_len),
             out: (out_ptr, q_len),
             lse: (lse_ptr, rows),
@@ -310,6 +313,11 @@ pub(crate) fn write(
         DType::F16 => write_as::<half::f16>(write, caches, k, v),
         DType::BF16 => write_as::<half::bf16>(write, caches, k, v),
         DType::F32 => write_as::<f32>(write, caches, k, v),
+        dtype @ (DType::F8E4M3 | DType::F8E5M2) => Err(Error::UnsupportedDType {
+            kernel: "candle write_kv",
+            dtype,
+        }
+        .into()),
     }
 }
 
@@ -364,6 +372,7 @@ fn write_as<T: CandleElement + CudaDType>(
             k_cache,
             v_cache,
             slots_ptr,
+            (0, 0),
         )?
         else {
             return Ok(());
@@ -413,6 +422,11 @@ pub(crate) fn copy_blocks(
         DType::F16 => copy_blocks_as::<half::f16>(op, pages, layout),
         DType::BF16 => copy_blocks_as::<half::bf16>(op, pages, layout),
         DType::F32 => copy_blocks_as::<f32>(op, pages, layout),
+        dtype @ (DType::F8E4M3 | DType::F8E5M2) => Err(Error::UnsupportedDType {
+            kernel: "candle copy_blocks",
+            dtype,
+        }
+        .into()),
     }
 }
 

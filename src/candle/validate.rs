@@ -50,12 +50,16 @@ pub(crate) fn float_dtype(t: &Tensor, name: &'static str) -> Result<DType> {
     }
 }
 
-/// candle's dtype for one of ours.
-pub(crate) fn candle_dtype(dtype: DType) -> CandleDType {
+/// candle's dtype for one of ours (f32, f16, bf16; the fp8 page types have none here).
+pub(crate) fn candle_dtype(dtype: DType) -> Result<CandleDType> {
     match dtype {
-        DType::F32 => CandleDType::F32,
-        DType::F16 => CandleDType::F16,
-        DType::BF16 => CandleDType::BF16,
+        DType::F32 => Ok(CandleDType::F32),
+        DType::F16 => Ok(CandleDType::F16),
+        DType::BF16 => Ok(CandleDType::BF16),
+        DType::F8E4M3 | DType::F8E5M2 => Err(Error::UnsupportedDType {
+            kernel: "candle integration",
+            dtype,
+        }),
     }
 }
 

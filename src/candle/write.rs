@@ -384,6 +384,10 @@ fn cpu_write(
         DType::F32 => cpu_write_as::<f32>(write, caches, k, v),
         DType::F16 => cpu_write_as::<half::f16>(write, caches, k, v),
         DType::BF16 => cpu_write_as::<half::bf16>(write, caches, k, v),
+        dtype @ (DType::F8E4M3 | DType::F8E5M2) => Err(crate::Error::UnsupportedDType {
+            kernel: "candle write_kv",
+            dtype,
+        }),
     }
 }
 
