@@ -191,6 +191,18 @@ pub enum Error {
     #[error("out of blocks: {needed} needed, {free} free")]
     OutOfBlocks { needed: usize, free: usize },
 
+    /// A plan reaches past the token ids a sequence added with its prompt knows: append the
+    /// sampled tokens first, so its blocks can be named for the prefix cache.
+    #[error(
+        "sequence {seq} would hold {needed} tokens but knows the ids of {known}: append the \
+         sampled tokens (append_tokens) before the plan that computes them"
+    )]
+    UnknownTokens {
+        seq: u64,
+        needed: usize,
+        known: usize,
+    },
+
     /// A plan used after the cache changed (or with another cache).
     #[error(
         "stale plan: made for cache {plan_cache} at generation {plan_generation}, \

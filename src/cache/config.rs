@@ -38,6 +38,7 @@ pub struct CacheConfig {
     dtype: DType,
     page_dtype: DType,
     reclaim_window: Option<usize>,
+    prefix_caching: bool,
 }
 
 impl CacheConfig {
@@ -69,6 +70,7 @@ impl CacheConfig {
             dtype,
             page_dtype: dtype,
             reclaim_window: None,
+            prefix_caching: true,
         })
     }
 
@@ -107,6 +109,19 @@ impl CacheConfig {
     /// The window pages are reclaimed for, if any.
     pub fn reclaim_window(&self) -> Option<usize> {
         self.reclaim_window
+    }
+
+    /// Switches prefix caching on (the default) or off for a
+    /// [`PagedCache`](crate::cache::PagedCache) over storage of this configuration: see
+    /// [`PagedCache::add_sequence_with_prompt`](crate::cache::PagedCache::add_sequence_with_prompt).
+    pub fn with_prefix_caching(mut self, enabled: bool) -> Self {
+        self.prefix_caching = enabled;
+        self
+    }
+
+    /// Whether prefix caching is on.
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
     }
 
     /// The attention heads the cache serves.

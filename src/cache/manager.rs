@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::batch::{SeqLens, MAX_CONTEXT_LEN, MAX_TOKENS};
+use crate::cache::prefix::{PrefixIndex, SeqPrefix};
 use crate::cache::{BlockAllocator, PlanStamp, StepPlan};
 use crate::error::{Error, Result};
 
@@ -18,13 +19,17 @@ impl std::fmt::Display for SeqId {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Sequence {
+pub(super) struct Sequence {
     /// Tokens written (or reserved by the last plan).
-    len: usize,
+    pub(super) len: usize,
     /// Leading pages given back because the sliding window no longer sees them.
-    reclaimed: usize,
+    pub(super) reclaimed: usize,
     /// The pages it holds, in token order: token t lives in blocks[t / block_size - reclaimed].
-    blocks: Vec<u32>,
+    pub(super) blocks: Vec<u32>,
+    /// Its chain of block names, for a sequence added with its token ids while prefix caching
+    /// is on; `None` otherwise, and once it can no longer name blocks safely (a plan of it was
+    /// abandoned, the page identity changed, the window reclaimed its first pages).
+    pub(super) prefix: Option<SeqPrefix>,
 }
 
 impl Sequence {
@@ -32,6 +37,19 @@ impl Sequence {
     fn spanned_blocks(&self) -> usize {
         self.reclaimed + self.blocks.len()
     }
+}
+
+/// The sequences of the last plan, until its K/V are written for every layer
+/// ([`BlockManager::commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct PendingCommit {
+    /// The generation the plan was made in.
+    pub(super) generation: u64,
+    /// Sequences that name blocks and got new tokens: should the plan be abandoned, they hold
+    /// unwritten slots and name nothing more.
+    pub(super) touched: Vec<SeqId>,
+    /// Of those, the ones whose new tokens fill a block: named when the plan is committed.
+    pub(super) filling: Vec<SeqId>,
 }
 
 /// Unique id of each manager, so a plan from one cache is rejected by another.
@@ -58,12 +76,16 @@ static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 pub struct BlockManager {
     id: u64,
     generation: u64,
-    block_size: usize,
-    allocator: BlockAllocator,
-    sequences: BTreeMap<SeqId, Sequence>,
-    next_seq: u64,
+    pub(super) block_size: usize,
+    pub(super) allocator: BlockAllocator,
+    pub(super) sequences: BTreeMap<SeqId, Sequence>,
+    pub(super) next_seq: u64,
     /// Every query attends with this window_left: pages it can no longer see are reclaimed.
     reclaim_window: Option<usize>,
+    /// The prefix cache's names and counters.
+    pub(super) prefix: PrefixIndex,
+    /// The last plan, until committed.
+    pub(super) pending: Option<PendingCommit>,
 }
 
 impl BlockManager {
@@ -81,6 +103,8 @@ impl BlockManager {
             sequences: BTreeMap::new(),
             next_seq: 0,
             reclaim_window: None,
+            prefix: PrefixIndex::new(num_blocks),
+            pending: None,
         })
     }
 
@@ -171,11 +195,42 @@ impl BlockManager {
         Ok(())
     }
 
-    fn changed(&mut self) {
+    /// Every change but a commit: the last plan, if not committed, is abandoned.
+    pub(super) fn changed(&mut self) {
+        self.settle();
         self.generation += 1;
     }
 
-    fn sequence(&self, seq: SeqId) -> Result<&Sequence> {
+    /// Abandons the pending plan, if any: the sequences it gave new tokens may hold slots
+    /// never written, so they name no more blocks.
+    pub(super) fn settle(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            for seq in pending.touched {
+                if let Some(s) = self.sequences.get_mut(&seq) {
+                    s.prefix = None;
+                }
+            }
+        }
+    }
+
+    /// `n` blocks with one holder each, evicting cached ones if need be (all-or-nothing).
+    pub(super) fn allocate(&mut self, n: usize) -> Result<Vec<u32>> {
+        let mut evicted = Vec::new();
+        let blocks = self.allocator.allocate(n, &mut evicted)?;
+        for b in evicted {
+            self.prefix.forget(b);
+            self.prefix.evictions += 1;
+        }
+        Ok(blocks)
+    }
+
+    /// One holder fewer of `block`; parked (still findable) when it holds cached K/V.
+    pub(super) fn release(&mut self, block: u32) {
+        let cached = self.prefix.is_cached(block);
+        self.allocator.release(block, cached);
+    }
+
+    pub(super) fn sequence(&self, seq: SeqId) -> Result<&Sequence> {
         self.sequences.get(&seq).ok_or(if seq.0 < self.next_seq {
             Error::FreedSequence { seq: seq.0 }
         } else {
@@ -183,19 +238,23 @@ impl BlockManager {
         })
     }
 
-    /// A new, empty sequence.
+    /// A new, empty sequence (which names no blocks for the prefix cache: see
+    /// [`add_sequence_with_prompt`](BlockManager::add_sequence_with_prompt)).
     pub fn add_sequence(&mut self) -> SeqId {
+        self.insert_sequence(Sequence {
+            len: 0,
+            reclaimed: 0,
+            blocks: Vec::new(),
+            prefix: None,
+        })
+    }
+
+    /// Adds `s` under a new id.
+    pub(super) fn insert_sequence(&mut self, s: Sequence) -> SeqId {
+        self.changed();
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
-        self.sequences.insert(
-            id,
-            Sequence {
-                len: 0,
-                reclaimed: 0,
-                blocks: Vec::new(),
-            },
-        );
-        self.changed();
+        self.sequences.insert(id, s);
         id
     }
 
@@ -212,26 +271,27 @@ impl BlockManager {
 
     /// A new sequence sharing every block of `parent` (parallel sampling, beam search). The
     /// partially filled last block is copied later, by the first plan that writes into it.
+    /// A forked sequence names blocks as its parent does, from the parent's chain on.
     pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
-        let child = self.sequence(parent)?.clone();
+        self.sequence(parent)?;
+        self.settle(); // first: the child inherits whether the parent can name blocks
+        let child = self.sequences[&parent].clone();
         for &b in &child.blocks {
             self.allocator.retain(b);
         }
-        let id = SeqId(self.next_seq);
-        self.next_seq += 1;
-        self.sequences.insert(id, child);
-        self.changed();
-        Ok(id)
+        Ok(self.insert_sequence(child))
     }
 
-    /// Releases every block of `seq`; its id becomes an error.
+    /// Releases every block of `seq`; its id becomes an error. Its cached blocks stay
+    /// findable, parked, last block first: the deepest block of a chain is evicted before its
+    /// parents.
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
         self.sequence(seq)?;
-        let removed = self.sequences.remove(&seq).unwrap();
-        for b in removed.blocks {
-            self.allocator.release(b);
-        }
         self.changed();
+        let removed = self.sequences.remove(&seq).unwrap();
+        for &b in removed.blocks.iter().rev() {
+            self.release(b);
+        }
         Ok(())
     }
 
@@ -284,6 +344,16 @@ impl BlockManager {
                     value: s.len as u128 + new_tokens as u128,
                     limit: MAX_CONTEXT_LEN as u128,
                 })?;
+            if let Some(prefix) = &s.prefix {
+                let known = prefix.known(self.block_size);
+                if total > known {
+                    return Err(Error::UnknownTokens {
+                        seq: seq.0,
+                        needed: total,
+                        known,
+                    });
+                }
+            }
             new_rows += new_tokens;
             if new_tokens > 0 {
                 for &b in &s.blocks[..self.reclaimable(s)] {
@@ -326,7 +396,10 @@ impl BlockManager {
             Vec::with_capacity(batch.len()),
             Vec::with_capacity(batch.len()),
         );
-        // Reclaimed pages first, so the allocations below can take them.
+        // The last plan, if not committed, is abandoned now.
+        self.settle();
+        // Reclaimed pages first, so the allocations below can take them. They are never found
+        // again (nor are the blocks after them: a chain is looked up from its first block).
         for &(seq, new_tokens) in batch {
             let s = &self.sequences[&seq];
             let n = if new_tokens > 0 {
@@ -334,35 +407,54 @@ impl BlockManager {
             } else {
                 0
             };
-            let s = self.sequences.get_mut(&seq).unwrap();
+            if n == 0 {
+                continue;
+            }
+            let mut s = self.sequences.remove(&seq).unwrap();
             for b in s.blocks.drain(..n) {
-                self.allocator.release(b);
+                self.prefix.forget(b);
+                self.release(b);
             }
             s.reclaimed += n;
+            s.prefix = None;
+            self.sequences.insert(seq, s);
         }
+        let (mut touched, mut filling) = (Vec::new(), Vec::new());
         for &(seq, new_tokens) in batch {
             let mut s = self.sequences.remove(&seq).unwrap();
             if new_tokens > 0 && self.needs_copy(&s, &HashMap::new()) {
                 let old = s.blocks.pop().unwrap();
-                let new = self.allocator.allocate(1).expect("counted above")[0];
-                self.allocator.release(old);
+                let new = self.allocate(1).expect("counted above")[0];
+                self.release(old);
                 block_copies.push([old as i32, new as i32]);
                 s.blocks.push(new);
             }
             let total = s.len + new_tokens;
             let more = total.div_ceil(self.block_size) - s.spanned_blocks();
-            s.blocks
-                .extend(self.allocator.allocate(more).expect("counted above"));
+            s.blocks.extend(self.allocate(more).expect("counted above"));
             for pos in s.len..total {
                 let block = s.blocks[pos / self.block_size - s.reclaimed] as i64;
                 slot_mapping.push(block * self.block_size as i64 + (pos % self.block_size) as i64);
             }
             s.len = total;
+            if let (Some(prefix), true) = (&s.prefix, new_tokens > 0) {
+                touched.push(seq);
+                if total / self.block_size > prefix.named {
+                    filling.push(seq);
+                }
+            }
             context_lens.push(total);
             query_lens.push(new_tokens);
             self.sequences.insert(seq, s);
         }
         self.changed();
+        if !touched.is_empty() {
+            self.pending = Some(PendingCommit {
+                generation: self.generation,
+                touched,
+                filling,
+            });
+        }
 
         let max_blocks = batch
             .iter()
@@ -393,7 +485,9 @@ impl BlockManager {
     }
 
     /// Checks every invariant: the allocator's own, each block's count equals the number of
-    /// sequences holding it, and each sequence holds exactly the blocks its length needs.
+    /// sequences holding it, each sequence holds exactly the blocks its length needs, a block
+    /// is parked exactly when it is cached and nobody holds it, and the prefix index agrees
+    /// with itself.
     pub fn audit(&self) -> std::result::Result<(), String> {
         self.allocator.audit()?;
         let mut holders = vec![0u32; self.allocator.num_blocks()];
@@ -419,6 +513,15 @@ impl BlockManager {
             for &b in &s.blocks {
                 holders[b as usize] += 1;
             }
+            if let Some(prefix) = &s.prefix {
+                let known = prefix.known(self.block_size);
+                if s.reclaimed > 0 || prefix.named * self.block_size > s.len || known < s.len {
+                    return Err(format!(
+                        "sequence {id}: {} tokens ({} reclaimed pages), {} blocks named, {known} token ids known",
+                        s.len, s.reclaimed, prefix.named
+                    ));
+                }
+            }
         }
         for (b, &n) in holders.iter().enumerate() {
             let count = self.allocator.ref_count(b as u32);
@@ -427,7 +530,17 @@ impl BlockManager {
                     "block {b}: ref count {count}, held by {n} sequences"
                 ));
             }
+            // Parked exactly when cached and held by nobody.
+            let (parked, cached) = (
+                self.allocator.is_parked(b as u32),
+                self.prefix.is_cached(b as u32),
+            );
+            if parked != (cached && n == 0) {
+                return Err(format!(
+                    "block {b}: parked {parked}, cached {cached}, held by {n} sequences"
+                ));
+            }
         }
-        Ok(())
+        self.prefix.audit()
     }
 }

@@ -5,18 +5,26 @@
 //! step; a storage backend (CPU or CUDA) runs its block copies and writes, and attention reads
 //! the pages through its block tables.
 
+mod admit;
 mod allocator;
+mod block_hash;
 pub(crate) mod block_tables;
 mod config;
 mod layout;
+mod lru;
 mod manager;
+mod prefix;
 mod step;
 mod storage;
+mod writes;
 
+pub use admit::Admission;
 pub use allocator::BlockAllocator;
+pub use block_hash::{page_identity, BlockHash};
 pub use block_tables::BlockTables;
 pub use config::{CacheConfig, MAX_BLOCK_SIZE};
 pub use layout::PagedLayout;
 pub use manager::{BlockManager, SeqId};
+pub use prefix::PrefixStats;
 pub use step::{PlanStamp, StepPlan};
 pub use storage::{PageStorage, PagedCache};

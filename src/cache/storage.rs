@@ -1,8 +1,12 @@
 //! The one interface between the bookkeeping and the pages, wherever they live, and the
 //! engine-facing cache that joins the two.
 
-use crate::cache::{BlockManager, CacheConfig, PagedLayout, SeqId, StepPlan};
+use crate::cache::writes::LayerWrites;
+use crate::cache::{
+    page_identity, Admission, BlockManager, CacheConfig, PagedLayout, PrefixStats, SeqId, StepPlan,
+};
 use crate::error::{Error, Result};
+use crate::fp8::KvScales;
 
 /// Pages of every layer, K and V, on some backend (CPU memory or a GPU).
 ///
@@ -23,6 +27,14 @@ pub trait PageStorage {
     /// lengths and slot mapping available to this backend's kernels. Called once per step.
     fn prepare(&mut self, plan: StepPlan) -> Result<Self::Plan>;
 
+    /// The scales `layer`'s stored values are read under, for storage that has them (fp8
+    /// pages); `None` (the default) for storage without. They key the prefix cache's page
+    /// identity ([`page_identity`]).
+    fn kv_scales(&self, layer: usize) -> Option<KvScales> {
+        let _ = layer;
+        None
+    }
+
     /// The geometry of one layer's K (or V) tensor.
     fn layout(&self) -> PagedLayout {
         let config = self.config();
@@ -38,9 +50,19 @@ pub trait PageStorage {
 /// the storage; per layer, the backend's `write` (and attention) take that plan and only
 /// launch kernels. A plan is valid until the cache changes (the next plan, fork, free, or
 /// add): using it after is [`Error::StalePlan`].
+///
+/// **Prefix caching** (on unless the configuration turns it off:
+/// [`CacheConfig::with_prefix_caching`]): a sequence added with its prompt's token ids
+/// ([`add_sequence_with_prompt`](PagedCache::add_sequence_with_prompt)) takes over the cached
+/// K/V of the longest prefix of full blocks another sequence wrote before, and the engine
+/// computes only the rest. A plan's full blocks become findable when the backend's `write`
+/// of the last of its layers not yet written returns (every layer written under that plan):
+/// a step that fails or is abandoned before makes nothing findable.
 pub struct PagedCache<S: PageStorage> {
     manager: BlockManager,
     storage: S,
+    /// The layers written under the current plan.
+    writes: LayerWrites,
 }
 
 impl<S: PageStorage> PagedCache<S> {
@@ -51,7 +73,34 @@ impl<S: PageStorage> PagedCache<S> {
         if let Some(window_left) = config.reclaim_window() {
             manager = manager.reclaiming(window_left);
         }
-        Ok(Self { manager, storage })
+        let mut cache = Self {
+            manager: manager.with_prefix_caching(config.prefix_caching()),
+            writes: LayerWrites::new(config.num_layers()),
+            storage,
+        };
+        cache.scales_changed();
+        Ok(cache)
+    }
+
+    /// Keys the prefix cache on the storage's dtypes and current scales: called at creation
+    /// and by every `set_scales`, so that blocks written under other scales are never found.
+    pub(crate) fn scales_changed(&mut self) {
+        let config = *self.storage.config();
+        let scales: Vec<Option<KvScales>> = (0..config.num_layers())
+            .map(|layer| self.storage.kv_scales(layer))
+            .collect();
+        self.manager
+            .set_page_identity(page_identity(&config, &scales));
+    }
+
+    /// Marks `layer` written under `plan` (checked); the write of the plan's last unwritten
+    /// layer commits it: its full blocks become findable. Backends call it after each write.
+    pub(crate) fn layer_written(&mut self, layer: usize, plan: &StepPlan) {
+        if self.writes.mark(layer, plan.stamp()) {
+            self.manager
+                .commit(plan)
+                .expect("the backend checked the plan before writing");
+        }
     }
 
     /// The bookkeeping (read-only: changes go through this cache).
@@ -72,6 +121,40 @@ impl<S: PageStorage> PagedCache<S> {
     /// A new, empty sequence.
     pub fn add_sequence(&mut self) -> SeqId {
         self.manager.add_sequence()
+    }
+
+    /// A new sequence for a prompt of token ids `prompt` under `salt` (a tenant, an adapter;
+    /// empty for none), holding the cached K/V of its longest cached prefix of full blocks
+    /// already: plan the other `prompt.len() - computed` tokens. Never the whole prompt (the
+    /// last token's logits are needed). See
+    /// [`BlockManager::add_sequence_with_prompt`], and
+    /// [`append_tokens`](PagedCache::append_tokens) for the tokens it decodes.
+    pub fn add_sequence_with_prompt(&mut self, prompt: &[u32], salt: &[u8]) -> Result<Admission> {
+        self.manager.add_sequence_with_prompt(prompt, salt)
+    }
+
+    /// Token ids `seq` will hold next (each sampled token, before the plan that computes it);
+    /// see [`BlockManager::append_tokens`].
+    pub fn append_tokens(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        self.manager.append_tokens(seq, tokens)
+    }
+
+    /// Declares `plan`'s K/V written for every layer (see [`BlockManager::commit`]): for an
+    /// engine that writes pages other than through this cache's `write` (which commits by
+    /// itself). Errors: a stale plan.
+    pub fn commit(&mut self, plan: &S::Plan) -> Result<()> {
+        self.manager.commit(plan.as_ref())
+    }
+
+    /// The prefix cache's counters: prompt tokens, hits, evictions, cached blocks.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.manager.prefix_stats()
+    }
+
+    /// Forgets every cached block (after a weight reload, say); see
+    /// [`BlockManager::clear_prefix_cache`].
+    pub fn clear_prefix_cache(&mut self) {
+        self.manager.clear_prefix_cache()
     }
 
     /// A sequence sharing every block of `parent` (copy-on-write).

@@ -177,7 +177,9 @@ impl PagedCache<CandleStorage> {
     ) -> candle_core::Result<()> {
         self.check(layer, plan)?;
         let (k_cache, v_cache) = self.storage().layer(layer)?;
-        plan.metadata.write_kv(k, v, &k_cache, &v_cache)
+        plan.metadata.write_kv(k, v, &k_cache, &v_cache)?;
+        self.layer_written(layer, plan.as_ref());
+        Ok(())
     }
 
     /// Fused GQA attention of `layer` for the plan's batch (decode tokens and prompt chunks

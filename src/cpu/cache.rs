@@ -152,6 +152,10 @@ impl<T: Copy + Default> PageStorage for CpuStorage<T> {
         self.num_blocks
     }
 
+    fn kv_scales(&self, layer: usize) -> Option<KvScales> {
+        self.scales.get(layer).cloned()
+    }
+
     fn prepare(&mut self, plan: StepPlan) -> Result<StepPlan> {
         let block_len = self.config.block_size() * self.config.shape().kv_row_len();
         copy_blocks(
@@ -176,6 +180,7 @@ impl<T: Copy + Default> PagedCache<CpuStorage<T>> {
         Error::check_len("v_new", v_new.len(), expected)?;
         self.storage_mut()
             .write_rows(layer, plan.slot_mapping(), k_new, v_new);
+        self.layer_written(layer, plan);
         Ok(())
     }
 
@@ -197,9 +202,12 @@ impl<T: Copy + Default> PagedCache<CpuStorage<T>> {
 }
 
 impl<F: Fp8Element + Default> PagedCache<CpuStorage<F>> {
-    /// Sets `layer`'s fp8 scales (see [`CpuStorage::set_scales`]).
+    /// Sets `layer`'s fp8 scales (see [`CpuStorage::set_scales`]). Blocks cached under other
+    /// scales are not found while these hold.
     pub fn set_scales(&mut self, layer: usize, scales: &KvScales) -> Result<()> {
-        self.storage_mut().set_scales(layer, scales)
+        self.storage_mut().set_scales(layer, scales)?;
+        self.scales_changed();
+        Ok(())
     }
 
     /// Writes the plan's new tokens of `layer` into fp8 pages: `k_new`, `v_new`
@@ -229,6 +237,7 @@ impl<F: Fp8Element + Default> PagedCache<CpuStorage<F>> {
         let (k, v) = (quantize(k_new, scales.k()), quantize(v_new, scales.v()));
         self.storage_mut()
             .write_rows(layer, plan.slot_mapping(), &k, &v);
+        self.layer_written(layer, plan);
         Ok(())
     }
 }

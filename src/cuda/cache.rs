@@ -92,6 +92,10 @@ impl<P: PageElement> PageStorage for CudaStorage<P> {
         self.pages.num_blocks
     }
 
+    fn kv_scales(&self, layer: usize) -> Option<KvScales> {
+        self.pages.scales(layer).ok()
+    }
+
     /// One host-to-device copy of the step's tables, then one launch for all block copies.
     fn prepare(&mut self, plan: StepPlan) -> Result<CudaStepPlan> {
         self.pages.sync_write();
@@ -128,12 +132,16 @@ impl<P: PageElement> PagedCache<CudaStorage<P>> {
             (v_ptr, v_new.len()),
         )?;
         pages.sync_write();
+        self.layer_written(layer, plan.as_ref());
         Ok(())
     }
 
-    /// Sets `layer`'s fp8 scales (see [`CudaStorage::set_scales`]).
+    /// Sets `layer`'s fp8 scales (see [`CudaStorage::set_scales`]). Blocks cached under other
+    /// scales are not found while these hold.
     pub fn set_scales(&mut self, layer: usize, scales: &KvScales) -> Result<()> {
-        self.storage_mut().set_scales(layer, scales)
+        self.storage_mut().set_scales(layer, scales)?;
+        self.scales_changed();
+        Ok(())
     }
 }
 

@@ -77,6 +77,10 @@ impl<P: PageElement> PageStorage for SimStorage<P> {
         self.pages.num_blocks
     }
 
+    fn kv_scales(&self, layer: usize) -> Option<KvScales> {
+        self.pages.scales(layer).ok()
+    }
+
     /// The step's tables into the workspace, then one launch for all block copies.
     fn prepare(&mut self, plan: StepPlan) -> Result<SimStepPlan> {
         self.pages.prepare(plan)
@@ -102,13 +106,18 @@ impl<P: PageElement> PagedCache<SimStorage<P>> {
             T::DTYPE,
             (k_new.address_on("k_new", &device)?, k_new.len()),
             (v_new.address_on("v_new", &device)?, v_new.len()),
-        )
+        )?;
+        self.layer_written(layer, plan.as_ref());
+        Ok(())
     }
 }
 
 impl<P: PageElement> PagedCache<SimStorage<P>> {
-    /// Sets `layer`'s fp8 scales (see [`SimStorage::set_scales`]).
+    /// Sets `layer`'s fp8 scales (see [`SimStorage::set_scales`]). Blocks cached under other
+    /// scales are not found while these hold.
     pub fn set_scales(&mut self, layer: usize, scales: &KvScales) -> Result<()> {
-        self.storage_mut().pages.set_scales(layer, scales)
+        self.storage_mut().pages.set_scales(layer, scales)?;
+        self.scales_changed();
+        Ok(())
     }
 }
