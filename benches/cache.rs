@@ -1,13 +1,17 @@
 //! Criterion benches of one engine step's cache work for 64 decoding sequences of Llama-3-8B
 //! heads: plan (reserve slots, build tables) plus the write of 4 layers on the CPU backend,
 //! and on the GPU (when there is one) the per-layer write kernel, timed with CUDA events.
+//!
+//! And the bookkeeping prefix caching adds, caching on and off: a decode step of 256 sequences
+//! (append each sampled token, plan, commit), and admitting a request whose first 2,000 tokens
+//! are cached (add it with its prompt, plan the rest).
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
-use paged_gqa::cache::{CacheConfig, PageStorage, PagedCache, SeqId};
+use paged_gqa::cache::{BlockManager, CacheConfig, PageStorage, PagedCache, SeqId};
 use paged_gqa::cpu::CpuStorage;
 use paged_gqa::cuda::CudaStorage;
 use paged_gqa::{DType, GqaShape};
@@ -101,5 +105,117 @@ fn gpu(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, cpu, gpu);
+/// Sequences of the decode step that prefix caching must not slow down.
+const DECODE_BATCH: usize = 256;
+/// Their prompts' tokens.
+const PROMPT: usize = 1000;
+
+/// A prompt of `len` token ids, distinct for each `id` from its first token on.
+fn prompt(id: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|t| id.wrapping_mul(100_003) ^ t)
+        .collect()
+}
+
+/// Frees every sequence and prefills DECODE_BATCH new ones with prompts never seen before
+/// (committed, as after their K/V were written); returns the decode batch.
+fn refill_manager(cache: &mut BlockManager, next_prompt: &mut u32) -> Vec<(SeqId, usize)> {
+    let old: Vec<SeqId> = cache.sequences().collect();
+    for seq in old {
+        cache.free(seq).unwrap();
+    }
+    let seqs: Vec<SeqId> = (0..DECODE_BATCH)
+        .map(|_| {
+            *next_prompt += 1;
+            let admitted = cache
+                .add_sequence_with_prompt(&prompt(*next_prompt, PROMPT), b"")
+                .unwrap();
+            assert_eq!(admitted.computed, 0);
+            admitted.seq
+        })
+        .collect();
+    let prefill: Vec<(SeqId, usize)> = seqs.iter().map(|&s| (s, PROMPT)).collect();
+    let plan = cache.plan(&prefill).unwrap();
+    cache.commit(&plan).unwrap();
+    seqs.into_iter().map(|s| (s, 1)).collect()
+}
+
+/// A decode step's bookkeeping for 256 sequences: each sampled token appended (a no-op with
+/// caching off, where no sequence names blocks), the plan, the commit (every 16th step a block
+/// fills and is hashed and named). With caching on, the blocks of the sequences freed by each
+/// refill stay cached, so the steps after it evict them: the steady state of a full cache.
+fn prefix_decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("prefix_cache_decode_b256");
+    for caching in [false, true] {
+        let blocks = DECODE_BATCH * (PROMPT / 16 + 20);
+        let mut cache = BlockManager::new(blocks, 16)
+            .unwrap()
+            .with_prefix_caching(caching);
+        let mut next_prompt = 0;
+        let mut step = refill_manager(&mut cache, &mut next_prompt);
+        let name = if caching { "caching_on" } else { "caching_off" };
+        group.bench_function(name, |bench| {
+            bench.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for i in 0..iters {
+                    if cache.num_free_blocks() < DECODE_BATCH {
+                        step = refill_manager(&mut cache, &mut next_prompt); // not timed
+                    }
+                    let start = Instant::now();
+                    for &(seq, _) in &step {
+                        cache.append_tokens(seq, &[i as u32]).unwrap();
+                    }
+                    let plan = cache.plan(&step).unwrap();
+                    cache.commit(&plan).unwrap();
+                    timed += start.elapsed();
+                }
+                timed
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Cached prefix of the request admitted, and its own tokens.
+const CACHED: usize = 2000;
+const OWN: usize = 48;
+
+/// Admitting one request whose first 2,000 tokens another request computed (caching on: 125
+/// blocks found by 125 chained hashes, 48 tokens planned; off: 2,048 tokens planned), then
+/// freeing it (not timed).
+fn prefix_admit(c: &mut Criterion) {
+    let mut group = c.benchmark_group("prefix_cache_admit_2000_cached");
+    for caching in [false, true] {
+        let mut cache = BlockManager::new(1024, 16)
+            .unwrap()
+            .with_prefix_caching(caching);
+        let system = prompt(7, CACHED);
+        let first = cache.add_sequence_with_prompt(&system, b"").unwrap();
+        let plan = cache.plan(&[(first.seq, CACHED)]).unwrap();
+        cache.commit(&plan).unwrap(); // its K/V written: 125 blocks cached, held by `first`
+        let mut request = system.clone();
+        request.extend(prompt(8, OWN));
+        let name = if caching { "caching_on" } else { "caching_off" };
+        group.bench_function(name, |bench| {
+            bench.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    let admitted = cache.add_sequence_with_prompt(&request, b"").unwrap();
+                    let plan = cache
+                        .plan(&[(admitted.seq, request.len() - admitted.computed)])
+                        .unwrap();
+                    timed += start.elapsed();
+                    assert_eq!(admitted.computed, if caching { CACHED } else { 0 });
+                    assert!(plan.num_new_tokens() > 0);
+                    cache.free(admitted.seq).unwrap();
+                }
+                timed
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cpu, gpu, prefix_decode, prefix_admit);
 criterion_main!(benches);

@@ -140,9 +140,11 @@ impl BlockManager {
     /// caching off, or no longer naming blocks) ignores them. Errors: an unknown or freed
     /// sequence, more than [`MAX_CONTEXT_LEN`] known tokens.
     pub fn append_tokens(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
-        self.sequence(seq)?;
         let bs = self.block_size;
-        let s = self.sequences.get_mut(&seq).unwrap();
+        // One lookup: engines call this for every sequence of every decode step.
+        let Some(s) = self.sequences.get_mut(&seq) else {
+            return Err(self.missing(seq));
+        };
         let Some(prefix) = &mut s.prefix else {
             return Ok(());
         };

@@ -231,11 +231,16 @@ impl BlockManager {
     }
 
     pub(super) fn sequence(&self, seq: SeqId) -> Result<&Sequence> {
-        self.sequences.get(&seq).ok_or(if seq.0 < self.next_seq {
+        self.sequences.get(&seq).ok_or_else(|| self.missing(seq))
+    }
+
+    /// The error for `seq`, which is not live: freed, or never handed out.
+    pub(super) fn missing(&self, seq: SeqId) -> Error {
+        if seq.0 < self.next_seq {
             Error::FreedSequence { seq: seq.0 }
         } else {
             Error::UnknownSequence { seq: seq.0 }
-        })
+        }
     }
 
     /// A new, empty sequence (which names no blocks for the prefix cache: see

@@ -4,6 +4,15 @@
 //! Data flows one way: [`BlockManager`] (pure bookkeeping) makes a [`StepPlan`] per engine
 //! step; a storage backend (CPU or CUDA) runs its block copies and writes, and attention reads
 //! the pages through its block tables.
+//!
+//! Prefix caching is part of the bookkeeping, so it works the same over every storage: full
+//! blocks are named by chained SHA-256 hashes ([`BlockHash`], `block_hash.rs`), the index maps
+//! names to blocks and each sequence's progress along its chain (`prefix.rs`), the allocator
+//! parks cached blocks nobody holds in least-recently-used order (`allocator.rs`, `lru.rs`),
+//! and [`BlockManager::add_sequence_with_prompt`] and [`BlockManager::commit`] (`admit.rs`)
+//! find and name them. [`PagedCache`] commits a plan when the write of its last unwritten layer
+//! returns (`writes.rs`), and keys the names on its storage's dtypes and scales
+//! ([`page_identity`]).
 
 mod admit;
 mod allocator;

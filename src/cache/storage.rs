@@ -57,7 +57,8 @@ pub trait PageStorage {
 /// K/V of the longest prefix of full blocks another sequence wrote before, and the engine
 /// computes only the rest. A plan's full blocks become findable when the backend's `write`
 /// of the last of its layers not yet written returns (every layer written under that plan):
-/// a step that fails or is abandoned before makes nothing findable.
+/// a step that fails or is abandoned before makes nothing findable. Neither that commit nor
+/// [`append_tokens`](PagedCache::append_tokens) changes the plan's validity.
 pub struct PagedCache<S: PageStorage> {
     manager: BlockManager,
     storage: S,
