@@ -58,6 +58,13 @@ static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 /// The bookkeeping of a paged cache: which blocks each sequence holds, shared blocks' counts,
 /// and the reservation of slots for each step. Knows nothing of where the pages live.
 ///
+/// It is also the prefix cache (on unless [`with_prefix_caching`](BlockManager::with_prefix_caching)
+/// turns it off): a sequence added with its prompt's token ids
+/// ([`add_sequence_with_prompt`](BlockManager::add_sequence_with_prompt)) takes over the
+/// blocks of its longest cached prefix; the full blocks of a plan become findable when it is
+/// [`commit`](BlockManager::commit)ted; a freed sequence's cached blocks are parked, and
+/// evicted least recently used first once no free block is left.
+///
 /// ```
 /// use paged_gqa::cache::BlockManager;
 /// let mut cache = BlockManager::new(8, 16)?; // 8 blocks of 16 tokens
