@@ -67,9 +67,9 @@ impl BlockAllocator {
     }
 
     /// `n` blocks, each with one holder: free blocks first, then parked ones, least recently
-    /// used first (their ids appended to `evicted`: the caller forgets what they held). Or
+    /// used first (`evicted` is called with each: the caller forgets what they held). Or
     /// `OutOfBlocks` and no change.
-    pub fn allocate(&mut self, n: usize, evicted: &mut Vec<u32>) -> Result<Vec<u32>> {
+    pub fn allocate(&mut self, n: usize, mut evicted: impl FnMut(u32)) -> Result<Vec<u32>> {
         if n > self.num_free() {
             return Err(Error::OutOfBlocks {
                 needed: n,
@@ -80,7 +80,7 @@ impl BlockAllocator {
         let mut blocks = self.free.split_off(self.free.len() - from_free);
         while blocks.len() < n {
             let b = self.parked.pop_front().expect("counted above");
-            evicted.push(b);
+            evicted(b);
             blocks.push(b);
         }
         for &b in &blocks {

@@ -21,9 +21,9 @@
 //! The salt is the answer: give each tenant its own salt, chosen by the server (a salt the
 //! client picks can copy the victim's), and prefixes are shared only within a tenant.
 //!
-//! The encoding: each hash starts with its own NUL-terminated tag (no tag is a prefix of
-//! another), then fixed-size fields and length-prefixed variable ones, so no two inputs of
-//! either kind share bytes.
+//! The encoding: each hash starts with its own 8-byte tag (all tags differ and have the same
+//! length, so none is a prefix of another), then fixed-size fields and length-prefixed
+//! variable ones, so no two inputs of any kind share bytes.
 
 use sha2::{Digest, Sha256};
 
@@ -32,8 +32,18 @@ use crate::dtype::DType;
 use crate::fp8::KvScales;
 
 /// A 256-bit name: of a cached block, of a chain's root, or of a page identity.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BlockHash(pub [u8; 32]);
+
+/// Feeds a hash map's hasher the first 64 bits only: they are as uniform as the rest, and the
+/// maps that key on names use std's randomly keyed SipHash, so a prompt ground to give names
+/// chosen bits still cannot crowd one bucket (equality compares all 256 bits).
+impl std::hash::Hash for BlockHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (first, _) = self.0.split_first_chunk::<8>().expect("32 bytes");
+        state.write_u64(u64::from_le_bytes(*first));
+    }
+}
 
 impl std::fmt::Debug for BlockHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,9 +54,11 @@ impl std::fmt::Debug for BlockHash {
     }
 }
 
-const ROOT_TAG: &[u8] = b"paged-gqa prefix root v1\0";
-const BLOCK_TAG: &[u8] = b"paged-gqa prefix block v1\0";
-const IDENTITY_TAG: &[u8] = b"paged-gqa page identity v1\0";
+// Tags of one length (so none is a prefix of another), short enough that a block of 16 tokens
+// hashes 112 bytes: two SHA-256 compressions, not three.
+const ROOT_TAG: &[u8; 8] = b"pgqa-rt1";
+const BLOCK_TAG: &[u8; 8] = b"pgqa-bk1";
+const IDENTITY_TAG: &[u8; 8] = b"pgqa-id1";
 
 impl BlockHash {
     /// The parent of a chain's first block: `SHA-256(tag, identity, len(salt) as u64 LE,

@@ -1,16 +1,18 @@
-//! A least-recently-used queue of block ids: a doubly linked list threaded through two arrays,
-//! so that pushing, popping the oldest and unlinking from the middle are all O(1).
+//! A least-recently-used queue of block ids: a doubly linked list threaded through one array
+//! of (previous, next) links, so that pushing, popping the oldest and unlinking from the
+//! middle are all O(1), each touching one entry per block involved.
 
-/// No block: the end of the list, or a block not in it.
+/// No block: the end of the list.
 const NIL: u32 = u32::MAX;
+/// The `prev` link of a block not in the queue (block ids stay below `i32::MAX`).
+const UNLINKED: u32 = u32::MAX - 1;
 
 /// Blocks `0..num_blocks`, each in the queue at most once, oldest at the front.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Lru {
-    prev: Vec<u32>,
-    next: Vec<u32>,
-    /// Whether each block is in the queue (a lone block has NIL neighbours too).
-    linked: Vec<bool>,
+    /// [num_blocks]: (previous, next) of each block in the queue; `prev` is UNLINKED for the
+    /// others.
+    links: Vec<[u32; 2]>,
     head: u32,
     tail: u32,
     len: usize,
@@ -20,9 +22,7 @@ impl Lru {
     /// An empty queue for blocks `0..num_blocks` (`num_blocks <= i32::MAX`).
     pub(crate) fn new(num_blocks: usize) -> Self {
         Self {
-            prev: vec![NIL; num_blocks],
-            next: vec![NIL; num_blocks],
-            linked: vec![false; num_blocks],
+            links: vec![[UNLINKED, NIL]; num_blocks],
             head: NIL,
             tail: NIL,
             len: 0,
@@ -36,20 +36,17 @@ impl Lru {
 
     /// Whether `block` is in the queue.
     pub(crate) fn contains(&self, block: u32) -> bool {
-        self.linked[block as usize]
+        self.links[block as usize][0] != UNLINKED
     }
 
     /// Appends `block` (not in the queue) as the most recently used.
     pub(crate) fn push_back(&mut self, block: u32) {
         debug_assert!(!self.contains(block), "block {block} queued twice");
-        let b = block as usize;
-        self.linked[b] = true;
-        self.prev[b] = self.tail;
-        self.next[b] = NIL;
+        self.links[block as usize] = [self.tail, NIL];
         if self.tail == NIL {
             self.head = block;
         } else {
-            self.next[self.tail as usize] = block;
+            self.links[self.tail as usize][1] = block;
         }
         self.tail = block;
         self.len += 1;
@@ -58,21 +55,17 @@ impl Lru {
     /// Removes `block` (in the queue) wherever it is.
     pub(crate) fn remove(&mut self, block: u32) {
         debug_assert!(self.contains(block), "block {block} is not queued");
-        let b = block as usize;
-        let (prev, next) = (self.prev[b], self.next[b]);
+        let [prev, next] = std::mem::replace(&mut self.links[block as usize], [UNLINKED, NIL]);
         if prev == NIL {
             self.head = next;
         } else {
-            self.next[prev as usize] = next;
+            self.links[prev as usize][1] = next;
         }
         if next == NIL {
             self.tail = prev;
         } else {
-            self.prev[next as usize] = prev;
+            self.links[next as usize][0] = prev;
         }
-        self.prev[b] = NIL;
-        self.next[b] = NIL;
-        self.linked[b] = false;
         self.len -= 1;
     }
 
@@ -88,7 +81,7 @@ impl Lru {
     /// The blocks, least recently used first.
     pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         std::iter::successors((self.head != NIL).then_some(self.head), |&b| {
-            let next = self.next[b as usize];
+            let next = self.links[b as usize][1];
             (next != NIL).then_some(next)
         })
     }

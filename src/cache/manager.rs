@@ -222,13 +222,11 @@ impl BlockManager {
 
     /// `n` blocks with one holder each, evicting cached ones if need be (all-or-nothing).
     pub(super) fn allocate(&mut self, n: usize) -> Result<Vec<u32>> {
-        let mut evicted = Vec::new();
-        let blocks = self.allocator.allocate(n, &mut evicted)?;
-        for b in evicted {
-            self.prefix.forget(b);
-            self.prefix.evictions += 1;
-        }
-        Ok(blocks)
+        let prefix = &mut self.prefix;
+        self.allocator.allocate(n, |b| {
+            prefix.forget(b);
+            prefix.evictions += 1;
+        })
     }
 
     /// One holder fewer of `block`; parked (still findable) when it holds cached K/V.
@@ -431,7 +429,8 @@ impl BlockManager {
             s.prefix = None;
             self.sequences.insert(seq, s);
         }
-        let (mut touched, mut filling) = (Vec::new(), Vec::new());
+        let mut touched = Vec::with_capacity(if self.prefix.enabled { batch.len() } else { 0 });
+        let mut filling = Vec::new();
         for &(seq, new_tokens) in batch {
             let mut s = self.sequences.remove(&seq).unwrap();
             if new_tokens > 0 && self.needs_copy(&s, &HashMap::new()) {
