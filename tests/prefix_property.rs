@@ -1,7 +1,8 @@
 //! Property test of prefix caching over the CPU pages: 10^5 random operations (add with
 //! prompts drawn from a few shared prefixes and salts, add without, plan + write in chunks and
 //! decode steps, steps abandoned part-written, fork, free, clear, eviction under pressure,
-//! OutOfBlocks), checked after every one against a plain model.
+//! OutOfBlocks), checked after every one against a plain model; and 4 x 10^4 more over caches
+//! whose sliding window reclaims pages.
 //!
 //! The K/V written for a token is a function of everything that determines it in a real model:
 //! the salt (an adapter), every token up to it, its position, and the layer. So a block matched
@@ -101,8 +102,11 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(rng: &mut StdRng, block_size: usize) -> Self {
-        let config = CacheConfig::new(shape(), NUM_LAYERS, block_size, DType::F32).unwrap();
+    fn new(rng: &mut StdRng, block_size: usize, window: Option<usize>) -> Self {
+        let mut config = CacheConfig::new(shape(), NUM_LAYERS, block_size, DType::F32).unwrap();
+        if let Some(window) = window {
+            config = config.with_reclaim_window(window);
+        }
         let cache = PagedCache::new(CpuStorage::new(config, NUM_BLOCKS).unwrap()).unwrap();
         // A system prompt of a few blocks, a shorter one, one ending mid-block, and none.
         let prefixes = [
@@ -266,13 +270,15 @@ impl Harness {
         for (&seq, m) in &self.model {
             assert_eq!(manager.len(seq).unwrap(), m.prefix.len(), "seq {seq}");
             let table = manager.block_table(seq).unwrap();
+            // Pages a sliding window gave back are not read (nor ever found again).
+            let reclaimed = manager.reclaimed_blocks(seq).unwrap();
             for layer in 0..NUM_LAYERS {
                 let (k, v) = self.cache.storage().layer(layer);
                 for (t, &prefix) in m.prefix.iter().enumerate() {
-                    if !m.written[t] {
+                    if !m.written[t] || t < reclaimed * block_size {
                         continue;
                     }
-                    let page = table[t / block_size] as usize;
+                    let page = table[t / block_size - reclaimed] as usize;
                     let at = (page * block_size + t % block_size) * row;
                     let want: Vec<u32> = k_row(prefix, layer).collect();
                     assert_eq!(
@@ -300,7 +306,7 @@ fn random_operations_with_prefix_caching_read_back_each_sequences_own_kv() {
     let (mut out_of_blocks, mut abandoned) = (0, 0);
     let (mut hits, mut evictions) = (0, 0);
     for &block_size in &block_sizes {
-        let mut harness = Harness::new(&mut rng, block_size);
+        let mut harness = Harness::new(&mut rng, block_size, None);
         for _ in 0..OPERATIONS / block_sizes.len() {
             harness.step(&mut rng);
             harness.check();
@@ -320,4 +326,24 @@ fn random_operations_with_prefix_caching_read_back_each_sequences_own_kv() {
     assert!(abandoned > 100, "only {abandoned} abandoned steps");
     assert!(hits > 10_000, "only {hits} tokens found cached");
     assert!(evictions > 1000, "only {evictions} evictions");
+}
+
+#[test]
+fn random_operations_with_prefix_caching_and_window_reclamation_read_back_what_windows_see() {
+    let mut rng = common::rng(
+        "random_operations_with_prefix_caching_and_window_reclamation_read_back_what_windows_see",
+    );
+    let configs = [(1, 0), (4, 9), (8, 40), (16, 5)];
+    let (mut hits, mut out_of_blocks) = (0, 0);
+    for &(block_size, window) in &configs {
+        let mut harness = Harness::new(&mut rng, block_size, Some(window));
+        for _ in 0..OPERATIONS / 10 {
+            harness.step(&mut rng);
+            harness.check();
+        }
+        hits += harness.cache.prefix_stats().hit_tokens;
+        out_of_blocks += harness.out_of_blocks;
+    }
+    assert!(hits > 1000, "only {hits} tokens found cached");
+    assert!(out_of_blocks > 100, "only {out_of_blocks} OutOfBlocks");
 }
