@@ -146,34 +146,92 @@ fn refill_manager(cache: &mut BlockManager, next_prompt: &mut u32) -> Vec<(SeqId
 /// refill stay cached, so the steps after it evict them: the steady state of a full cache.
 fn prefix_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("prefix_cache_decode_b256");
-    for caching in [false, true] {
+    let mut caches = [false, true].map(DecodeBench::new);
+    for bench in &mut caches {
+        let name = if bench.caching {
+            "caching_on"
+        } else {
+            "caching_off"
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| bench.step()[0]).sum())
+        });
+    }
+    group.finish();
+    interleaved_ratio(&mut caches);
+}
+
+/// The decode-step bench of one cache.
+struct DecodeBench {
+    caching: bool,
+    cache: BlockManager,
+    next_prompt: u32,
+    step: Vec<(SeqId, usize)>,
+    token: u32,
+}
+
+impl DecodeBench {
+    fn new(caching: bool) -> Self {
         let blocks = DECODE_BATCH * (PROMPT / 16 + 20);
         let mut cache = BlockManager::new(blocks, 16)
             .unwrap()
             .with_prefix_caching(caching);
         let mut next_prompt = 0;
-        let mut step = refill_manager(&mut cache, &mut next_prompt);
-        let name = if caching { "caching_on" } else { "caching_off" };
-        group.bench_function(name, |bench| {
-            bench.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                for i in 0..iters {
-                    if cache.num_free_blocks() < DECODE_BATCH {
-                        step = refill_manager(&mut cache, &mut next_prompt); // not timed
-                    }
-                    let start = Instant::now();
-                    for &(seq, _) in &step {
-                        cache.append_tokens(seq, &[i as u32]).unwrap();
-                    }
-                    let plan = cache.plan(&step).unwrap();
-                    cache.commit(&plan).unwrap();
-                    timed += start.elapsed();
-                }
-                timed
-            })
-        });
+        let step = refill_manager(&mut cache, &mut next_prompt);
+        Self {
+            caching,
+            cache,
+            next_prompt,
+            step,
+            token: 0,
+        }
     }
-    group.finish();
+
+    /// One timed decode step (after an untimed refill when the cache is full): the time of
+    /// the whole step's bookkeeping, and of its plan alone.
+    fn step(&mut self) -> [Duration; 2] {
+        if self.cache.num_free_blocks() < DECODE_BATCH {
+            self.step = refill_manager(&mut self.cache, &mut self.next_prompt);
+        }
+        self.token += 1;
+        let start = Instant::now();
+        for &(seq, _) in &self.step {
+            self.cache.append_tokens(seq, &[self.token]).unwrap();
+        }
+        let planning = Instant::now();
+        let plan = self.cache.plan(&self.step).unwrap();
+        let planned = planning.elapsed();
+        self.cache.commit(&plan).unwrap();
+        [start.elapsed(), planned]
+    }
+}
+
+/// On a shared, loaded machine the two benches above run seconds apart under different loads:
+/// this alternates rounds of 100 steps of each (the order swapped every round) and prints the
+/// median of the rounds' on/off ratios, of the whole step and of its plan alone.
+fn interleaved_ratio(caches: &mut [DecodeBench; 2]) {
+    let mut ratios: [Vec<f64>; 2] = Default::default();
+    for round in 0..30 {
+        let mut mean = [[0.0; 2]; 2];
+        for k in [round % 2, 1 - round % 2] {
+            for _ in 0..100 {
+                let [step, plan] = caches[k].step();
+                mean[k][0] += step.as_secs_f64() / 100.0;
+                mean[k][1] += plan.as_secs_f64() / 100.0;
+            }
+        }
+        for (what, ratio) in ratios.iter_mut().enumerate() {
+            ratio.push(mean[1][what] / mean[0][what]);
+        }
+    }
+    for (what, mut ratio) in ["whole step", "plan alone"].into_iter().zip(ratios) {
+        ratio.sort_by(f64::total_cmp);
+        eprintln!(
+            "prefix_cache_decode_b256 interleaved, {what}: caching on / off = {:.3} (median of 30 \
+             rounds of 100 steps; quartiles {:.3}..{:.3})",
+            ratio[15], ratio[7], ratio[22]
+        );
+    }
 }
 
 /// Cached prefix of the request admitted, and its own tokens.

@@ -5,6 +5,7 @@
 //! named blocks nobody holds in least-recently-used order and evicts them, and the
 //! [`BlockManager`](crate::cache::BlockManager) ties the two together.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use crate::cache::block_hash::BlockHash;
@@ -36,15 +37,28 @@ impl PrefixStats {
 }
 
 /// Name -> block, block -> name, and the counters.
+///
+/// `name_of` is the truth. `by_name` may keep stale entries (a name whose block was evicted or
+/// renamed since): forgetting a block, which every eviction does, then bumps the block's
+/// epoch instead of touching a random bucket of a large map. An entry records the epoch it was
+/// made in and holds only while the block's epoch is still that one; once stale entries could
+/// outnumber the blocks, one sweep drops them all (amortized O(1) per name, reading only the
+/// small epoch array).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PrefixIndex {
     /// Whether sequences added with their tokens look up and name blocks at all.
     pub(crate) enabled: bool,
     /// What the pages' bytes mean (dtypes, scales): keys every chain's root.
     pub(crate) identity: BlockHash,
-    by_name: HashMap<BlockHash, u32>,
+    /// name -> (block, the block's epoch when named).
+    by_name: HashMap<BlockHash, (u32, u64)>,
+    /// [num_blocks]: bumped whenever a block forgets its name (64 bits: never wraps, so a
+    /// stale entry never holds again).
+    epoch: Vec<u64>,
     /// [num_blocks]: the name of the K/V each block holds, if findable.
     name_of: Vec<Option<BlockHash>>,
+    /// Blocks named now (the `Some`s of `name_of`).
+    named: usize,
     pub(crate) prompt_tokens: u64,
     pub(crate) hit_tokens: u64,
     pub(crate) evictions: u64,
@@ -57,7 +71,9 @@ impl PrefixIndex {
             enabled: true,
             identity: BlockHash([0; 32]),
             by_name: HashMap::new(),
+            epoch: vec![0; num_blocks],
             name_of: vec![None; num_blocks],
+            named: 0,
             prompt_tokens: 0,
             hit_tokens: 0,
             evictions: 0,
@@ -66,7 +82,8 @@ impl PrefixIndex {
 
     /// The block holding the K/V named `name`, if any.
     pub(crate) fn lookup(&self, name: &BlockHash) -> Option<u32> {
-        self.by_name.get(name).copied()
+        let &(block, epoch) = self.by_name.get(name)?;
+        (self.epoch[block as usize] == epoch).then_some(block)
     }
 
     /// The name of `block`'s K/V, if findable.
@@ -86,47 +103,82 @@ impl PrefixIndex {
             self.name_of[block as usize].is_none_or(|n| n == name),
             "block {block} named twice"
         );
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.by_name.entry(name) {
-            slot.insert(block);
-            self.name_of[block as usize] = Some(name);
+        match self.by_name.entry(name) {
+            Entry::Occupied(mut entry) => {
+                let (holder, epoch) = *entry.get();
+                if self.epoch[holder as usize] == epoch {
+                    return; // a duplicate
+                }
+                entry.insert((block, self.epoch[block as usize])); // a stale entry
+            }
+            Entry::Vacant(entry) => {
+                entry.insert((block, self.epoch[block as usize]));
+            }
+        }
+        if self.name_of[block as usize].replace(name).is_none() {
+            self.named += 1;
+        }
+        if self.by_name.len() > 2 * self.name_of.len() + 64 {
+            let epochs = &self.epoch;
+            self.by_name
+                .retain(|_, &mut (b, epoch)| epochs[b as usize] == epoch);
         }
     }
 
     /// Forgets `block`'s K/V (evicted, reclaimed by a sliding window, cleared).
     pub(crate) fn forget(&mut self, block: u32) {
-        if let Some(name) = self.name_of[block as usize].take() {
-            self.by_name.remove(&name);
+        if self.name_of[block as usize].take().is_some() {
+            self.named -= 1;
+            self.epoch[block as usize] += 1;
         }
     }
 
     /// Forgets everything; returns the blocks that were named.
     pub(crate) fn clear(&mut self) -> Vec<u32> {
-        let named: Vec<u32> = self.by_name.drain().map(|(_, b)| b).collect();
-        for &b in &named {
-            self.name_of[b as usize] = None;
-        }
-        named
+        self.by_name.clear();
+        self.named = 0;
+        (0..self.name_of.len() as u32)
+            .filter(|&b| {
+                let named = self.name_of[b as usize].take().is_some();
+                if named {
+                    self.epoch[b as usize] += 1;
+                }
+                named
+            })
+            .collect()
     }
 
     /// Blocks named now.
     pub(crate) fn len(&self) -> usize {
-        self.by_name.len()
+        self.named
     }
 
-    /// Checks that the two maps agree.
+    /// Checks that the two maps agree: every named block is found by its name, the count is
+    /// right, and stale entries are bounded.
     pub(crate) fn audit(&self) -> std::result::Result<(), String> {
-        for (name, &b) in &self.by_name {
-            if self.name_of.get(b as usize).copied().flatten() != Some(*name) {
-                return Err(format!(
-                    "index maps {name:?} to block {b}, which is not named so"
-                ));
+        let mut named = 0;
+        for (b, name) in self.name_of.iter().enumerate() {
+            if let Some(name) = name {
+                named += 1;
+                if self.lookup(name) != Some(b as u32) {
+                    return Err(format!(
+                        "block {b} is named {name:?}, which finds {:?}",
+                        self.lookup(name)
+                    ));
+                }
             }
         }
-        let named = self.name_of.iter().filter(|n| n.is_some()).count();
-        if named != self.by_name.len() {
+        if named != self.named {
             return Err(format!(
-                "{named} blocks are named, the index has {}",
-                self.by_name.len()
+                "{named} blocks are named, the index counts {}",
+                self.named
+            ));
+        }
+        if self.by_name.len() > 2 * self.name_of.len() + 64 {
+            return Err(format!(
+                "{} names kept for {} blocks",
+                self.by_name.len(),
+                self.name_of.len()
             ));
         }
         Ok(())
