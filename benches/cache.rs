@@ -141,9 +141,10 @@ fn refill_manager(cache: &mut BlockManager, next_prompt: &mut u32) -> Vec<(SeqId
 }
 
 /// A decode step's bookkeeping for 256 sequences: each sampled token appended (a no-op with
-/// caching off, where no sequence names blocks), the plan, the commit (every 16th step a block
-/// fills and is hashed and named). With caching on, the blocks of the sequences freed by each
-/// refill stay cached, so the steps after it evict them: the steady state of a full cache.
+/// caching off, where no sequence names blocks), the plan, the commit (which names nothing:
+/// blocks filled by decoded tokens are hashed and named when their sequence is freed, here in
+/// the untimed refill). With caching on, the blocks of the sequences freed by each refill stay
+/// cached, so the steps after it evict them: the steady state of a full cache.
 fn prefix_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("prefix_cache_decode_b256");
     let mut caches = [false, true].map(DecodeBench::new);

@@ -226,8 +226,9 @@ fn salts_keep_tenants_apart() {
 }
 
 #[test]
-fn partial_blocks_are_never_cached_until_decode_fills_them() {
-    // vLLM's test_decode: a block is named once its tokens fill it (and are committed).
+fn partial_blocks_are_never_cached_and_decode_filled_ones_are_once_freed() {
+    // vLLM's test_decode: a block is named once its tokens fill it (and are committed); here a
+    // block filled by decoded tokens is named when its sequence is freed, off the decode steps.
     let mut cache = BlockManager::new(8, 4).unwrap();
     let prompt = ids(0, 6);
     let a = cache.add_sequence_with_prompt(&prompt, b"").unwrap();
@@ -248,12 +249,21 @@ fn partial_blocks_are_never_cached_until_decode_fills_them() {
         ),
         "{err}"
     );
-    for (step, token) in [70u32, 71].into_iter().enumerate() {
+    for token in [70u32, 71] {
         cache.append_tokens(a.seq, &[token]).unwrap();
         prefill(&mut cache, a.seq, 1);
-        let named = cache.block_name(last);
-        assert_eq!(named.is_some(), step == 1, "after decode step {step}");
     }
+    assert_eq!(cache.block_name(last), None, "full, but filled by decode");
+    // One more token, planned but never written: freeing names what was committed only.
+    cache.append_tokens(a.seq, &[72, 73, 74, 75]).unwrap();
+    cache.plan(&[(a.seq, 4)]).unwrap();
+    cache.free(a.seq).unwrap();
+    assert!(cache.block_name(last).is_some(), "named when freed");
+    assert_eq!(
+        cache.prefix_stats().cached_blocks,
+        2,
+        "not the uncommitted third block"
+    );
     // The next turn of the chat (prompt, reply, more) finds both blocks.
     let mut next_turn = prompt.clone();
     next_turn.extend([70, 71, 9, 9, 9]);
@@ -268,6 +278,7 @@ fn partial_blocks_are_never_cached_until_decode_fills_them() {
             .computed,
         4
     );
+    cache.audit().unwrap();
 }
 
 #[test]
@@ -474,8 +485,13 @@ fn forks_share_named_blocks_and_copy_the_partial_one() {
     );
     assert_eq!(ta[0], tb[0]);
     assert_ne!(ta[1], tb[1]);
+    // Filled by decoded tokens: named when each is freed.
+    assert!(cache.block_name(ta[1]).is_none() && cache.block_name(tb[1]).is_none());
+    cache.free(a.seq).unwrap();
+    cache.free(b).unwrap();
     assert!(cache.block_name(ta[1]).is_some() && cache.block_name(tb[1]).is_some());
     assert_ne!(cache.block_name(ta[1]), cache.block_name(tb[1]));
+    assert_eq!(cache.block_name(ta[0]), cache.block_name(tb[0]));
     let mut probe = ids(0, 6);
     probe.extend([60, 62, 0]);
     assert_eq!(
@@ -488,8 +504,6 @@ fn forks_share_named_blocks_and_copy_the_partial_one() {
     let probe_seq = cache.sequences().last().unwrap();
     assert_eq!(cache.block_table(probe_seq).unwrap(), &tb[..]);
     cache.free(probe_seq).unwrap();
-    cache.free(a.seq).unwrap();
-    cache.free(b).unwrap();
     assert!((0..8).all(|x| cache.ref_count(x) == 0));
     assert_eq!(cache.parked_blocks().len(), 3);
     cache.audit().unwrap();

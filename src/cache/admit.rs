@@ -5,7 +5,7 @@
 use crate::batch::MAX_CONTEXT_LEN;
 use crate::cache::block_hash::BlockHash;
 use crate::cache::manager::Sequence;
-use crate::cache::prefix::{PrefixStats, SeqPrefix};
+use crate::cache::prefix::{PrefixIndex, PrefixStats, SeqPrefix};
 use crate::cache::{BlockManager, SeqId, StepPlan};
 use crate::error::{Error, Result};
 
@@ -125,6 +125,7 @@ impl BlockManager {
             prefix: Some(SeqPrefix {
                 chain,
                 named: blocks.len(),
+                prompt_blocks: prompt.len() / bs,
                 tokens: prompt[computed..].to_vec(),
             }),
             blocks,
@@ -160,42 +161,27 @@ impl BlockManager {
         Ok(())
     }
 
-    /// Declares `plan`'s K/V written for every layer: the full blocks its new tokens
-    /// completed become findable (a [`PagedCache`](crate::cache::PagedCache) calls it itself
-    /// when the write of a plan's last unwritten layer returns). A plan never committed (the
-    /// step failed or was abandoned: the cache changed first) makes nothing findable, and the
-    /// sequences it gave new tokens name no more blocks. Committing twice does nothing more.
-    /// The plan stays valid. Errors: a stale plan ([`Error::StalePlan`]).
+    /// Declares `plan`'s K/V written for every layer: the full blocks of prompts its new
+    /// tokens completed become findable (a [`PagedCache`](crate::cache::PagedCache) calls it
+    /// itself when the write of a plan's last unwritten layer returns). Blocks filled past a
+    /// prompt (by decoded tokens) become findable when their sequence is freed, which keeps
+    /// hashing off decode steps; the next turn of a chat comes after that. A plan never
+    /// committed (the step failed or was abandoned: the cache changed first) makes nothing
+    /// findable, and the sequences it gave new tokens name no more blocks. Committing twice
+    /// does nothing more. The plan stays valid. Errors: a stale plan ([`Error::StalePlan`]).
     pub fn commit(&mut self, plan: &StepPlan) -> Result<()> {
         self.check_plan(plan)?;
         let Some(pending) = self.pending.take() else {
             return Ok(());
         };
         for seq in pending.filling {
-            self.name_full_blocks(seq);
+            if let Some(s) = self.sequences.get_mut(&seq) {
+                let prompt_blocks = s.prefix.as_ref().map_or(0, |p| p.prompt_blocks);
+                let upto = (s.len / self.block_size).min(prompt_blocks);
+                name_blocks(&mut self.prefix, s, self.block_size, upto);
+            }
         }
         Ok(())
-    }
-
-    /// Names `seq`'s full blocks past those it named (their K/V written and committed).
-    fn name_full_blocks(&mut self, seq: SeqId) {
-        let bs = self.block_size;
-        let Some(s) = self.sequences.get_mut(&seq) else {
-            return;
-        };
-        let Some(prefix) = &mut s.prefix else {
-            return;
-        };
-        let full = s.len / bs;
-        let first = prefix.named;
-        for (i, tokens) in (first..full).zip(prefix.tokens.chunks_exact(bs)) {
-            let name = BlockHash::block(&prefix.chain, tokens);
-            // Sequences that name blocks have reclaimed none: block i is blocks[i].
-            self.prefix.insert(name, s.blocks[i]);
-            prefix.chain = name;
-        }
-        prefix.named = full;
-        prefix.tokens.drain(..(full - first) * bs);
     }
 
     /// Forgets every cached block (after a weight reload, say): the parked ones are free
@@ -232,4 +218,24 @@ impl BlockManager {
     pub fn parked_blocks(&self) -> Vec<u32> {
         self.allocator.parked().collect()
     }
+}
+
+/// Names `s`'s full blocks from its first unnamed one up to block `upto` (their K/V written
+/// and committed), if it names blocks at all.
+pub(super) fn name_blocks(index: &mut PrefixIndex, s: &mut Sequence, bs: usize, upto: usize) {
+    let Some(prefix) = &mut s.prefix else {
+        return;
+    };
+    let first = prefix.named;
+    if upto <= first {
+        return;
+    }
+    for (i, tokens) in (first..upto).zip(prefix.tokens.chunks_exact(bs)) {
+        let name = BlockHash::block(&prefix.chain, tokens);
+        // Sequences that name blocks have reclaimed none: block i is blocks[i].
+        index.insert(name, s.blocks[i]);
+        prefix.chain = name;
+    }
+    prefix.named = upto;
+    prefix.tokens.drain(..(upto - first) * bs);
 }

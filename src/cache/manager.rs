@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::batch::{SeqLens, MAX_CONTEXT_LEN, MAX_TOKENS};
+use crate::cache::admit::name_blocks;
 use crate::cache::prefix::{PrefixIndex, SeqPrefix};
 use crate::cache::{BlockAllocator, PlanStamp, StepPlan};
 use crate::error::{Error, Result};
@@ -45,10 +46,11 @@ impl Sequence {
 pub(super) struct PendingCommit {
     /// The generation the plan was made in.
     pub(super) generation: u64,
-    /// Sequences that name blocks and got new tokens: should the plan be abandoned, they hold
-    /// unwritten slots and name nothing more.
-    pub(super) touched: Vec<SeqId>,
-    /// Of those, the ones whose new tokens fill a block: named when the plan is committed.
+    /// Sequences that name blocks and got new tokens, with their length before: should the
+    /// plan be abandoned, they hold unwritten slots past it and name nothing more.
+    pub(super) touched: Vec<(SeqId, usize)>,
+    /// Of those, the ones whose new tokens fill a block of their prompt: named when the plan
+    /// is committed.
     pub(super) filling: Vec<SeqId>,
 }
 
@@ -61,8 +63,9 @@ static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 /// It is also the prefix cache (on unless [`with_prefix_caching`](BlockManager::with_prefix_caching)
 /// turns it off): a sequence added with its prompt's token ids
 /// ([`add_sequence_with_prompt`](BlockManager::add_sequence_with_prompt)) takes over the
-/// blocks of its longest cached prefix; the full blocks of a plan become findable when it is
-/// [`commit`](BlockManager::commit)ted; a freed sequence's cached blocks are parked, and
+/// blocks of its longest cached prefix; the full prompt blocks of a plan become findable when
+/// it is [`commit`](BlockManager::commit)ted, those filled by decoded tokens when their
+/// sequence is freed; a freed sequence's cached blocks are parked, and
 /// evicted least recently used first once no free block is left.
 ///
 /// ```
@@ -209,11 +212,18 @@ impl BlockManager {
     }
 
     /// Abandons the pending plan, if any: the sequences it gave new tokens may hold slots
-    /// never written, so they name no more blocks.
+    /// never written, so they name their blocks written before it and no more.
     pub(super) fn settle(&mut self) {
         if let Some(pending) = self.pending.take() {
-            for seq in pending.touched {
+            for (seq, committed) in pending.touched {
                 if let Some(s) = self.sequences.get_mut(&seq) {
+                    // What was committed before the plan is written: its full blocks count.
+                    name_blocks(
+                        &mut self.prefix,
+                        s,
+                        self.block_size,
+                        committed / self.block_size,
+                    );
                     s.prefix = None;
                 }
             }
@@ -292,13 +302,16 @@ impl BlockManager {
         Ok(self.insert_sequence(child))
     }
 
-    /// Releases every block of `seq`; its id becomes an error. Its cached blocks stay
-    /// findable, parked, last block first: the deepest block of a chain is evicted before its
-    /// parents.
+    /// Releases every block of `seq`; its id becomes an error. Its full blocks not yet named
+    /// (filled by decoded tokens) are named first, if its K/V are all committed; its cached
+    /// blocks stay findable, parked, last block first: the deepest block of a chain is evicted
+    /// before its parents.
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
         self.sequence(seq)?;
-        self.changed();
-        let removed = self.sequences.remove(&seq).unwrap();
+        self.changed(); // an uncommitted plan of it: it names nothing
+        let mut removed = self.sequences.remove(&seq).unwrap();
+        let full = removed.len / self.block_size;
+        name_blocks(&mut self.prefix, &mut removed, self.block_size, full);
         for &b in removed.blocks.iter().rev() {
             self.release(b);
         }
@@ -440,7 +453,7 @@ impl BlockManager {
                 block_copies.push([old as i32, new as i32]);
                 s.blocks.push(new);
             }
-            let total = s.len + new_tokens;
+            let (committed, total) = (s.len, s.len + new_tokens);
             let more = total.div_ceil(self.block_size) - s.spanned_blocks();
             s.blocks.extend(self.allocate(more).expect("counted above"));
             for pos in s.len..total {
@@ -449,8 +462,8 @@ impl BlockManager {
             }
             s.len = total;
             if let (Some(prefix), true) = (&s.prefix, new_tokens > 0) {
-                touched.push(seq);
-                if total / self.block_size > prefix.named {
+                touched.push((seq, committed));
+                if (total / self.block_size).min(prefix.prompt_blocks) > prefix.named {
                     filling.push(seq);
                 }
             }

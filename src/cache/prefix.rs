@@ -192,6 +192,8 @@ pub(crate) struct SeqPrefix {
     pub(crate) chain: BlockHash,
     /// Its leading full blocks named so far (found in the cache, or written and committed).
     pub(crate) named: usize,
+    /// Full blocks of its prompt: named when committed; those after, when it is freed.
+    pub(crate) prompt_blocks: usize,
     /// The token ids it is known to hold or to be given, from position
     /// `named * block_size` on (the prompt's rest, then tokens appended).
     pub(crate) tokens: Vec<u32>,

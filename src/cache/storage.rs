@@ -55,9 +55,10 @@ pub trait PageStorage {
 /// [`CacheConfig::with_prefix_caching`]): a sequence added with its prompt's token ids
 /// ([`add_sequence_with_prompt`](PagedCache::add_sequence_with_prompt)) takes over the cached
 /// K/V of the longest prefix of full blocks another sequence wrote before, and the engine
-/// computes only the rest. A plan's full blocks become findable when the backend's `write`
-/// of the last of its layers not yet written returns (every layer written under that plan):
-/// a step that fails or is abandoned before makes nothing findable. Neither that commit nor
+/// computes only the rest. The full prompt blocks a plan completes become findable when the
+/// backend's `write` of the last of its layers not yet written returns (every layer written
+/// under that plan), and blocks filled by decoded tokens when their sequence is freed: a step
+/// that fails or is abandoned before makes nothing findable. Neither that commit nor
 /// [`append_tokens`](PagedCache::append_tokens) changes the plan's validity.
 pub struct PagedCache<S: PageStorage> {
     manager: BlockManager,
