@@ -3,7 +3,8 @@
 //! in the prefix cache and computes only its own tokens; both decode (each sampled token
 //! appended before the step that computes it), the first forks for parallel sampling, and all
 //! free. Every layer of every step only writes the step's new K/V and attends; the plan is made
-//! once per step, and the write of its last layer makes its full blocks findable.
+//! once per step, and the write of its last layer makes the full prompt blocks it completed
+//! findable (blocks filled by decoded tokens become findable when their sequence is freed).
 //!
 //! The whole run is served twice, with prefix caching on and off: the generated tokens and
 //! every attention output both runs computed are identical, and the hit rate is printed.
@@ -125,7 +126,7 @@ impl Server {
         }
         for layer in 0..config.num_layers() {
             let (k_new, v_new, q) = projections(&config, &digests, layer);
-            // The write of the plan's last layer makes its full blocks findable.
+            // The write of the plan's last layer makes its full prompt blocks findable.
             self.cache.write(layer, &plan, &k_new, &v_new)?;
             let rows = plan.num_new_tokens() * config.shape().n_heads();
             let (mut out, mut lse) = (vec![0.0f32; q.len()], vec![0.0f32; rows]); // [tokens, n_heads, (head_dim)]
