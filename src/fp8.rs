@@ -83,7 +83,7 @@
 //!   at least 0.5 for the saturated case: the worst of 12 runs with a margin.
 //! - The kernels add their own rounding on top (16-bit queries and outputs; bf16 probabilities
 //!   in the tensor-core kernel): they are tested against the oracle over the dequantized K/V
-//!   at the same bounds as over 16-bit pages (`tests/gpu_fp8.rs`).
+//!   at the same bounds as over 16-bit pages (`tests/gpu/fp8.rs`).
 //!
 //! ```
 //! use paged_gqa::fp8::{self, Fp8Format::{E4M3, E5M2}};
