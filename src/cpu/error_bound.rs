@@ -87,10 +87,16 @@ impl RowConditioning {
     /// Adds one key of weight `p` (`exp(s - lse)`), relative weight error `rho`, values `v`.
     pub fn add_key(&mut self, p: f64, rho: f64, v: impl Iterator<Item = f64>) {
         self.weighted_rho += p * rho;
-        for (e, v) in v.enumerate() {
-            self.weighted_abs_v[e] += p * v.abs();
-            self.weighted_rho_abs_v[e] += p * rho * v.abs();
-            self.weight_sq_v[e] += p * p * v * v;
+        let (p_rho, p_sq) = (p * rho, p * p);
+        let sums = self
+            .weighted_abs_v
+            .iter_mut()
+            .zip(self.weighted_rho_abs_v.iter_mut())
+            .zip(self.weight_sq_v.iter_mut());
+        for (((abs_v, rho_abs_v), sq_v), v) in sums.zip(v) {
+            *abs_v += p * v.abs();
+            *rho_abs_v += p_rho * v.abs();
+            *sq_v += p_sq * v * v;
         }
     }
 

@@ -225,14 +225,15 @@ where
         terms.clear();
         scores.extend(keys.clone().map(|t| {
             // Stored values times the source's K scale (1 but for fp8 pages), in f64.
-            let z = scale * (dot(q_row, kv.key(seq, t, kv_head)) * k_scale);
+            let key = kv.key(seq, t, kv_head);
+            let z = scale * (dot(q_row, key) * k_scale);
             let mut s = z;
             if cap > 0.0 {
                 s = cap * (s / cap).tanh();
             }
             let bias = slope * (t as f64 - position);
             if conditioned {
-                let abs_dot = (scale * k_scale).abs() * abs_dot(q_row, kv.key(seq, t, kv_head));
+                let abs_dot = (scale * k_scale).abs() * abs_dot(q_row, key);
                 terms.push((z, abs_dot, bias));
             }
             s + bias
@@ -251,17 +252,14 @@ where
         let mut cond = conditioned.then(|| RowConditioning::new(d));
         for (i, (t, &s)) in keys.clone().zip(&scores).enumerate() {
             let p = (s - row_lse).exp();
-            for (o, &v) in o.iter_mut().zip(kv.value(seq, t, kv_head)) {
+            let values = kv.value(seq, t, kv_head);
+            for (o, &v) in o.iter_mut().zip(values) {
                 *o += p * (v.into() * v_scale);
             }
             if let Some(cond) = cond.as_mut() {
                 let (z, abs_dot, bias) = terms[i];
                 let rho = key_weight_error(d, z, abs_dot, cap, bias, s, row_lse);
-                let values = kv
-                    .value(seq, t, kv_head)
-                    .iter()
-                    .map(|&v| v.into() * v_scale);
-                cond.add_key(p, rho, values);
+                cond.add_key(p, rho, values.iter().map(|&v| v.into() * v_scale));
             }
         }
         if let (Some(conds), Some(mut cond)) = (conds.as_mut(), cond) {
