@@ -1,7 +1,9 @@
 //! The cache API one behaviour at a time: slots, copy-on-write, capacity, budgets, and every
 //! bad input as a clear error.
 
-use paged_gqa::cache::{BlockManager, CacheConfig, PagedCache, SeqId};
+use std::collections::BTreeMap;
+
+use paged_gqa::cache::{BlockManager, CacheConfig, PagedCache, SeqId, StepPlan};
 use paged_gqa::cpu::CpuStorage;
 use paged_gqa::{DType, Error, GqaShape};
 
@@ -45,58 +47,175 @@ fn decode_steps_fill_the_last_block_before_taking_a_new_one() {
     assert_eq!(cache.num_free_blocks(), 6);
 }
 
+/// K element `e` of K/V head `h` of the token with id `uid` in `layer` (3 layers, 2 heads,
+/// head_dim 8): unique per (uid, layer, head, element), so a row, element or layer out of
+/// place is caught. V is its complement.
+fn unique_k(uid: u32, layer: usize, head: usize, e: usize) -> u32 {
+    (uid << 8) | ((layer as u32) << 4) | ((head as u32) << 3) | e as u32
+}
+
+/// The K and V rows `[uids.len(), n_kv_heads, head_dim]` of the tokens `uids` in `layer`.
+fn unique_rows(uids: &[u32], layer: usize) -> (Vec<u32>, Vec<u32>) {
+    let k: Vec<u32> = uids
+        .iter()
+        .flat_map(|&uid| (0..2).flat_map(move |h| (0..8).map(move |e| unique_k(uid, layer, h, e))))
+        .collect();
+    let v = k.iter().map(|x| !x).collect();
+    (k, v)
+}
+
+/// Plans `batch`, writes fresh token ids (`next_uid` onwards, in batch order) in every layer,
+/// and appends them to the model. Returns the plan.
+fn write_unique(
+    cache: &mut PagedCache<CpuStorage<u32>>,
+    model: &mut BTreeMap<SeqId, Vec<u32>>,
+    next_uid: &mut u32,
+    batch: &[(SeqId, usize)],
+) -> StepPlan {
+    let plan = cache.plan(batch).unwrap();
+    let mut uids = Vec::new();
+    for &(seq, n) in batch {
+        let new: Vec<u32> = (*next_uid..*next_uid + n as u32).collect();
+        *next_uid += n as u32;
+        model.get_mut(&seq).unwrap().extend(&new);
+        uids.extend(new);
+    }
+    for layer in 0..3 {
+        let (k, v) = unique_rows(&uids, layer);
+        cache.write(layer, &plan, &k, &v).unwrap();
+    }
+    plan
+}
+
+/// Every element of K and V of every layer of every live sequence is the model's: read from
+/// the pages through each sequence's block table (indexed here), and through
+/// `paged_kv` + `gather_paged`.
+fn check_unique(
+    cache: &mut PagedCache<CpuStorage<u32>>,
+    model: &BTreeMap<SeqId, Vec<u32>>,
+    step: &str,
+) {
+    cache.manager().audit().unwrap();
+    assert_eq!(
+        cache.manager().sequences().collect::<Vec<_>>(),
+        model.keys().copied().collect::<Vec<_>>(),
+        "{step}: live sequences"
+    );
+    let block_size = cache.config().block_size();
+    let row = 16;
+    for (&seq, uids) in model {
+        assert_eq!(
+            cache.manager().len(seq).unwrap(),
+            uids.len(),
+            "{step}: seq {seq} length"
+        );
+        let table = cache.manager().block_table(seq).unwrap().to_vec();
+        assert_eq!(
+            table.len(),
+            uids.len().div_ceil(block_size),
+            "{step}: seq {seq} table"
+        );
+        for layer in 0..3 {
+            let (k, v) = cache.storage().layer(layer);
+            let (want_k, want_v) = unique_rows(uids, layer);
+            for t in 0..uids.len() {
+                let at = (table[t / block_size] as usize * block_size + t % block_size) * row;
+                assert_eq!(
+                    &k[at..at + row],
+                    &want_k[t * row..][..row],
+                    "{step}: seq {seq} token {t} layer {layer} K"
+                );
+                assert_eq!(
+                    &v[at..at + row],
+                    &want_v[t * row..][..row],
+                    "{step}: seq {seq} token {t} layer {layer} V"
+                );
+            }
+        }
+    }
+    // The same through the library's read path (every live sequence in one plan).
+    let batch: Vec<(SeqId, usize)> = model.keys().map(|&s| (s, 0)).collect();
+    let plan = cache.plan(&batch).unwrap();
+    assert!(plan.block_copies().is_empty());
+    let all: Vec<u32> = model.values().flatten().copied().collect();
+    for layer in 0..3 {
+        let kv = cache.paged_kv(layer, &plan).unwrap();
+        let (k, v) = paged_gqa::cpu::gather_paged(&kv).unwrap();
+        let (want_k, want_v) = unique_rows(&all, layer);
+        assert!(
+            k == want_k && v == want_v,
+            "{step}: gather_paged of layer {layer}"
+        );
+    }
+}
+
 #[test]
 fn fork_shares_full_blocks_and_copies_the_partial_one_on_write() {
-    let mut cache = cpu_cache(8, 4);
+    let config = CacheConfig::new(GqaShape::new(4, 2, 8).unwrap(), 3, 4, DType::F32).unwrap();
+    let mut cache = PagedCache::new(CpuStorage::<u32>::new(config, 8).unwrap()).unwrap();
+    let mut model = BTreeMap::new();
+    let mut next_uid = 0;
+
     let parent = cache.add_sequence();
-    let plan = cache.plan(&[(parent, 6)]).unwrap(); // one full block, one with 2 of 4 tokens
-    for layer in 0..3 {
-        cache
-            .write(layer, &plan, &rows(6, 1.0), &rows(6, -1.0))
-            .unwrap();
-    }
+    model.insert(parent, Vec::new());
+    // One full block, one with 2 of 4 tokens.
+    write_unique(&mut cache, &mut model, &mut next_uid, &[(parent, 6)]);
+    check_unique(&mut cache, &model, "parent's prompt");
+
     let child = cache.fork(parent).unwrap();
+    model.insert(child, model[&parent].clone());
     assert_eq!(cache.num_free_blocks(), 6, "a fork takes no block");
     let shared = cache.manager().block_table(parent).unwrap().to_vec();
     assert!(shared.iter().all(|&b| cache.manager().ref_count(b) == 2));
+    check_unique(&mut cache, &model, "fork");
 
     // The child writes first: it gets a copy of the partial block; the full one stays shared.
-    let plan = cache.plan(&[(child, 1)]).unwrap();
+    let plan = write_unique(&mut cache, &mut model, &mut next_uid, &[(child, 1)]);
     assert_eq!(
         plan.block_copies(),
         &[[shared[1] as i32, plan.block_tables()[1]]]
     );
-    for layer in 0..3 {
-        cache
-            .write(layer, &plan, &rows(1, 2.0), &rows(1, -2.0))
-            .unwrap();
-    }
     let child_table = cache.manager().block_table(child).unwrap().to_vec();
     assert_eq!(child_table[0], shared[0]);
     assert_ne!(child_table[1], shared[1]);
     assert_eq!(cache.manager().ref_count(shared[0]), 2);
     assert_eq!(cache.manager().ref_count(shared[1]), 1);
+    check_unique(&mut cache, &model, "child's copy-on-write");
 
     // The parent now owns its partial block alone and writes in place.
-    let plan = cache.plan(&[(parent, 1)]).unwrap();
+    let plan = write_unique(&mut cache, &mut model, &mut next_uid, &[(parent, 1)]);
     assert!(plan.block_copies().is_empty());
-    for layer in 0..3 {
-        cache
-            .write(layer, &plan, &rows(1, 3.0), &rows(1, -3.0))
-            .unwrap();
+    assert_eq!(cache.manager().block_table(parent).unwrap(), shared);
+    check_unique(&mut cache, &model, "parent's write in place");
+
+    // A fork of the child; in one step the child fills its shared partial block (a copy) and
+    // opens another, then the grandchild writes in place into the block it now owns alone.
+    let grandchild = cache.fork(child).unwrap();
+    model.insert(grandchild, model[&child].clone());
+    check_unique(&mut cache, &model, "second fork");
+    let plan = write_unique(
+        &mut cache,
+        &mut model,
+        &mut next_uid,
+        &[(child, 3), (grandchild, 2)],
+    );
+    assert_eq!(plan.block_copies().len(), 1);
+    assert_eq!(plan.block_copies()[0][0], child_table[1] as i32);
+    assert_eq!(
+        cache.manager().block_table(grandchild).unwrap()[1],
+        child_table[1]
+    );
+    check_unique(&mut cache, &model, "child and grandchild in one step");
+
+    // Frees: what the others share stays, what was freed is handed out again.
+    for (seq, what) in [(parent, "parent freed"), (child, "child freed")] {
+        cache.free(seq).unwrap();
+        model.remove(&seq);
+        check_unique(&mut cache, &model, what);
     }
-    // Read back through each one's table: tokens 0..6 are 1.0, token 6 is its own.
-    for (seq, last) in [(parent, 3.0), (child, 2.0)] {
-        let plan = cache.plan(&[(seq, 0)]).unwrap();
-        let kv = cache.paged_kv(2, &plan).unwrap();
-        let (k, _) = paged_gqa::cpu::gather_paged(&kv).unwrap();
-        let per_token: Vec<f32> = k.chunks(16).map(|r| r[0]).collect();
-        assert_eq!(
-            per_token,
-            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, last],
-            "sequence {seq}"
-        );
-    }
+    assert_eq!(cache.manager().ref_count(shared[0]), 1);
+    write_unique(&mut cache, &mut model, &mut next_uid, &[(grandchild, 9)]);
+    check_unique(&mut cache, &model, "grandchild reuses freed blocks");
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_common::{check, reference_attention, DTYPES};
+use candle_common::{check, cpu_model, reference_attention, Reference, DTYPES};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use paged_gqa::cache::{CacheConfig, PageStorage, PagedCache, SeqId};
 use paged_gqa::candle::{AttendOptions, CandleStorage};
@@ -57,7 +57,7 @@ fn step(
         let (out, lse) = cache
             .attend(layer, &plan, &q, &AttendOptions::default())
             .unwrap();
-        let (mut outs, mut lses, mut start) = (Vec::new(), Vec::new(), 0);
+        let (mut parts, mut start) = (Vec::new(), 0);
         for &(seq, new) in batch {
             let rows = start..start + new;
             start = rows.end;
@@ -67,21 +67,18 @@ fn step(
                 Tensor::cat(&[&entry.1, &v.i(rows.clone()).unwrap()], 0).unwrap(),
             );
             if new > 0 {
-                let (o, l) =
-                    reference_attention(&q.i(rows).unwrap(), &entry.0, &entry.1, None).unwrap();
-                outs.push(o);
-                lses.push(l);
+                parts.push(
+                    reference_attention(&q.i(rows).unwrap(), &entry.0, &entry.1, None).unwrap(),
+                );
             }
         }
-        let want = (
-            Tensor::cat(&outs, 0).unwrap(),
-            Tensor::cat(&lses, 0).unwrap(),
-        );
+        let want = Reference::cat(&parts).unwrap();
         check(
             &format!("{what}, layer {layer}"),
             dtype,
             (&out, &lse),
-            (&want.0, &want.1),
+            &want,
+            cpu_model(dtype),
         )
         .unwrap();
     }

@@ -8,7 +8,7 @@
 mod candle_common;
 mod common;
 
-use candle_common::{assert_error, check, Case, PAGES, RATIOS};
+use candle_common::{assert_error, check, cuda_model, Case, PAGES, RATIOS};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::candle::{paged_attention, write_kv, AttendOptions, CandleStorage, PagedMetadata};
@@ -78,7 +78,7 @@ fn parity_on(test: &str, own_stream: bool) {
                     "GPU: {n_heads}/{n_kv_heads} heads of {head_dim}, pages of {block_size}, \
                      {dtype:?}, context_lens {context_lens:?}, query_lens {query_lens:?}"
                 );
-                if let Err(e) = check(&what, dtype, (&got.0, &got.1), (&want.0, &want.1)) {
+                if let Err(e) = check(&what, dtype, (&got.0, &got.1), &want, cuda_model(dtype)) {
                     failures.push(e);
                 }
                 cases += 1;
@@ -229,14 +229,11 @@ fn gpu_cache_engine_loop_matches_the_cpu_cache() {
                 results.push((out.to_device(&cpu).unwrap(), lse.to_device(&cpu).unwrap()));
             }
             let (cpu_out, gpu_out) = (&results[0], &results[1]);
-            check(
+            candle_common::check_against(
                 &format!("step {i}, layer {layer}"),
-                DType::BF16,
                 (&gpu_out.0, &gpu_out.1),
-                (
-                    &cpu_out.0.to_dtype(DType::F64).unwrap(),
-                    &cpu_out.1.to_dtype(DType::F64).unwrap(),
-                ),
+                (&cpu_out.0, &cpu_out.1),
+                cuda_model(DType::BF16),
             )
             .unwrap();
         }
@@ -397,7 +394,8 @@ fn gpu_metadata_uploads_once_and_serves_every_layer() {
             &format!("layer {layer}"),
             DType::BF16,
             (&got.0, &got.1),
-            (&want.0, &want.1),
+            &want,
+            cuda_model(DType::BF16),
         )
         .unwrap();
     }

@@ -5,7 +5,7 @@
 mod candle_common;
 mod common;
 
-use candle_common::{check, Case, DTYPES, PAGES, RATIOS};
+use candle_common::{check, cpu_model, Case, DTYPES, PAGES, RATIOS};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use paged_gqa::candle::{
     paged_attention, reshape_and_cache, write_kv, AttendOptions, PagedMetadata,
@@ -60,7 +60,7 @@ fn parity(test: &str, lengths: impl Fn(&mut StdRng, usize) -> Lengths) {
                     "{n_heads}/{n_kv_heads} heads of {head_dim}, pages of {block_size}, \
                      {dtype:?}, context_lens {context_lens:?}, query_lens {query_lens:?}"
                 );
-                if let Err(e) = check(&what, dtype, (&got.0, &got.1), (&want.0, &want.1)) {
+                if let Err(e) = check(&what, dtype, (&got.0, &got.1), &want, cpu_model(dtype)) {
                     failures.push(e);
                 }
                 cases += 1;
@@ -144,7 +144,8 @@ fn a_sequence_with_no_new_rows_takes_no_rows() {
         "query_lens [2, 0, 3]",
         DType::F32,
         (&out, &lse),
-        (&want.0, &want.1),
+        &want,
+        cpu_model(DType::F32),
     )
     .unwrap();
 }
@@ -175,7 +176,14 @@ fn query_lens_none_is_a_decode_step() {
     )
     .unwrap();
     let want = case.reference(None).unwrap();
-    check("decode", DType::BF16, (&out, &lse), (&want.0, &want.1)).unwrap();
+    check(
+        "decode",
+        DType::BF16,
+        (&out, &lse),
+        &want,
+        cpu_model(DType::BF16),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -211,7 +219,8 @@ fn metadata_serves_every_layer_of_a_step() {
             &format!("layer {layer}"),
             DType::F16,
             (&out, &lse),
-            (&want.0, &want.1),
+            &want,
+            cpu_model(DType::F16),
         )
         .unwrap();
     }
@@ -242,7 +251,14 @@ fn caches_may_be_views_of_a_larger_tensor() {
     )
     .unwrap();
     let want = case.reference(None).unwrap();
-    check("layer 1 of 2", DType::F32, (&out, &lse), (&want.0, &want.1)).unwrap();
+    check(
+        "layer 1 of 2",
+        DType::F32,
+        (&out, &lse),
+        &want,
+        cpu_model(DType::F32),
+    )
+    .unwrap();
 }
 
 /// The caches' host values after `slots` receive `k`, `v` rows (`[tokens, row]`): the expected
@@ -388,7 +404,7 @@ fn metadata_write_then_attention_is_attention_over_the_written_rows() {
                 .unwrap();
             // The reference keeps each sequence's rows contiguously.
             let mut start = 0;
-            let (mut outs, mut lses) = (Vec::new(), Vec::new());
+            let mut parts = Vec::new();
             for seq in 0..2 {
                 let rows = start..start + query[seq];
                 start = rows.end;
@@ -403,20 +419,17 @@ fn metadata_write_then_attention_is_attention_over_the_written_rows() {
                     );
                 }
                 let (hk, hv) = &history[seq];
-                let (o, l) =
-                    candle_common::reference_attention(&q.i(rows).unwrap(), hk, hv, None).unwrap();
-                outs.push(o);
-                lses.push(l);
+                parts.push(
+                    candle_common::reference_attention(&q.i(rows).unwrap(), hk, hv, None).unwrap(),
+                );
             }
-            let want = (
-                Tensor::cat(&outs, 0).unwrap(),
-                Tensor::cat(&lses, 0).unwrap(),
-            );
+            let want = candle_common::Reference::cat(&parts).unwrap();
             check(
                 &format!("{dtype:?}, step {step}"),
                 dtype,
                 (&out, &lse),
-                (&want.0, &want.1),
+                &want,
+                cpu_model(dtype),
             )
             .unwrap();
         }

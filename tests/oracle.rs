@@ -242,15 +242,50 @@ fn matches_a_textbook_formulation_on_random_chunks() {
     }
 }
 
+/// K and V of every sequence of `case` copied out of its pages by indexing its block tables
+/// here (token `pos` of sequence `seq` is in page `tables[seq][pos / block_size]`, slot
+/// `pos % block_size`), not through `PagedKv`: `[total_keys, n_kv_heads, head_dim]`,
+/// sequences concatenated in batch order.
+fn gather_by_tables(case: &PagedCase) -> (Vec<f32>, Vec<f32>) {
+    let (block_size, row) = (case.layout.block_size(), case.layout.shape().kv_row_len());
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    for seq in 0..case.lens.batch() {
+        let table = &case.tables[seq * case.max_blocks..][..case.max_blocks];
+        for pos in 0..case.lens.context_len(seq) {
+            let page = usize::try_from(table[pos / block_size]).unwrap();
+            let at = (page * block_size + pos % block_size) * row;
+            k.extend_from_slice(&case.k_cache[at..at + row]);
+            v.extend_from_slice(&case.v_cache[at..at + row]);
+        }
+    }
+    (k, v)
+}
+
+/// `x` (`[keys, n_kv_heads, head_dim]`) with K/V head `h / group`'s row copied for every query
+/// head `h`: `[keys, n_heads, head_dim]`, repeat_kv written out here.
+fn repeat_heads(x: &[f32], shape: GqaShape) -> Vec<f32> {
+    let d = shape.head_dim();
+    x.chunks(shape.kv_row_len())
+        .flat_map(|token| {
+            (0..shape.n_heads())
+                .flat_map(move |h| token[h / shape.group() * d..][..d].iter().copied())
+        })
+        .collect()
+}
+
 #[test]
 fn paged_equals_contiguous_on_the_same_values() {
     let mut rng = common::rng("paged_equals_contiguous_on_the_same_values");
     let shape = GqaShape::new(8, 2, 32).unwrap();
     let case = PagedCase::random(&mut rng, shape, 16, &[1, 16, 17, 40], &[1, 1, 5, 3]);
     let paged = cpu::attention(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
-    let (k, v) = cpu::gather_paged(&case.kv()).unwrap();
+    let (k, v) = gather_by_tables(&case);
     let contiguous = contiguous(shape, &case.lens, &k, &v, &case.q, None);
     assert_eq!(paged, contiguous);
+    assert!(
+        cpu::gather_paged(&case.kv()).unwrap() == (k, v),
+        "gather_paged differs from the rows the block tables point at"
+    );
 }
 
 /// The heart of the project: indexing K/V head h / group without copying gives the same
@@ -277,8 +312,13 @@ fn fused_indexing_equals_naive_repeat_kv() {
             let query_lens = [1, 1, 1, 3];
             let case = PagedCase::random(&mut rng, shape, block_size, &context_lens, &query_lens);
             let fused = cpu::attention(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
-            let naive =
-                cpu::attention_naive(&case.q, &case.kv(), &AttendOptions::default()).unwrap();
+            // The naive path built here: K/V copied out through the tables, each K/V head's
+            // rows repeated for its group, then attention with one K/V head per query head.
+            let (k, v) = gather_by_tables(&case);
+            let (k, v) = (repeat_heads(&k, shape), repeat_heads(&v, shape));
+            let mha = GqaShape::new(n_heads, n_heads, head_dim).unwrap();
+            let mha_kv = ContiguousKv::new(mha, &case.lens, &k, &v).unwrap();
+            let naive = cpu::attention(&case.q, &mha_kv, &AttendOptions::default()).unwrap();
             let (out_diff, lse_diff) = (
                 max_abs_diff(&fused.out, &naive.out),
                 max_abs_diff(&fused.lse, &naive.lse),
@@ -286,6 +326,12 @@ fn fused_indexing_equals_naive_repeat_kv() {
             assert!(
                 out_diff < 1e-12 && lse_diff < 1e-12,
                 "heads {n_heads}/{n_kv_heads}, d {head_dim}, block {block_size}: out {out_diff:e}, lse {lse_diff:e}"
+            );
+            // The library's naive path (gather_paged, repeat_kv) is exactly that.
+            assert!(
+                cpu::attention_naive(&case.q, &case.kv(), &AttendOptions::default()).unwrap()
+                    == naive,
+                "heads {n_heads}/{n_kv_heads}, d {head_dim}, block {block_size}: cpu::attention_naive"
             );
             assert!(
                 fused.out.iter().all(|x| x.is_finite()) && fused.lse.iter().all(|x| x.is_finite())

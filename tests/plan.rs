@@ -1,6 +1,8 @@
 //! The attention planner: which rows each block serves, when to split the keys, how, and how
 //! much workspace that takes.
 
+mod common;
+
 use paged_gqa::plan::{
     max_rows_per_block, AttendSchedule, KernelChoice, KernelWork, MAX_SPLITS, MIN_KEYS_PER_SPLIT,
     MMA_MIN_ROWS, MMA_ROWS,
@@ -218,7 +220,7 @@ fn workspace_holds_partial_outputs_and_lse() {
 
 #[test]
 fn random_plans_cover_every_key_and_row() {
-    let mut rng = rand::rng();
+    let mut rng = common::rng("random_plans_cover_every_key_and_row");
     for _ in 0..5_000 {
         let group = [1, 2, 4, 5, 7, 8, 16, 64, 71][rng.random_range(0..9)];
         let n_kv = rng.random_range(1..=16);
@@ -283,7 +285,7 @@ fn random_plans_cover_every_key_and_row() {
 
 #[test]
 fn the_gpu_small_varlen_case_is_split_on_an_h200() {
-    // tests/gpu_attend.rs relies on this to put the split path under compute-sanitizer.
+    // tests/gpu/attend.rs relies on this to put the split path under compute-sanitizer.
     let lens = SeqLens::new(&[1, 40, 70, 33, 600], &[1, 40, 13, 3, 20]).unwrap();
     let shape = GqaShape::new(8, 2, 64).unwrap();
     for choice in [

@@ -5,7 +5,8 @@
 # beside the binaries it runs (source: scripts/device/run.sh). Needs bash, coreutils, python3;
 # uses nvidia-smi and compute-sanitizer when present. Runs from any cwd, in a few minutes:
 #   1. nvidia-smi -L and the GPU name and driver version;
-#   2. every staged GPU test binary, PAGED_GQA_REQUIRE_GPU=1, --test-threads=1;
+#   2. every staged GPU test binary (staged xz-packed: unpacked here with Python's lzma and checked
+#      against their sha256), PAGED_GQA_REQUIRE_GPU=1, --test-threads=1;
 #   3. `paged-gqa demo` (the test `cli_demo`; `cli_demo_used_gpu` checks the decode ran on the GPU);
 #   4. compute-sanitizer memcheck and racecheck over every staged GPU test binary (small cases),
 #      then `paged-gqa bench --quick` (records: OUTDIR/bench.json, plot: OUTDIR/bench.svg) and
@@ -67,12 +68,37 @@ else
   printf '%s\t%s\t%s\t%s\t%s\n' info nvidia-smi nvidia-smi.log absent 0 >>"$steps"
 fi
 
-# 2. The GPU test binaries.
-export PAGED_GQA_REQUIRE_GPU=1 RUST_BACKTRACE=1
+# 2. The GPU test binaries (and the CLI), staged xz-packed: unpacked into the scratch folder with
+# Python's lzma and checked against the sha256 staged beside each.
+mkdir -p "$work/tests" "$work/bin"
+python3 - "$here" "$work" >"$out/unpack.log" 2>&1 <<'EOF'
+import glob, hashlib, lzma, os, sys
+here, work = sys.argv[1:]
+bad = 0
+for src in sorted(glob.glob(f"{here}/tests/*.xz") + glob.glob(f"{here}/bin/*.xz")):
+    rel = os.path.relpath(src, here)[: -len(".xz")]
+    dst = os.path.join(work, rel)
+    want = open(os.path.join(here, rel + ".sha256")).read().split()[0]
+    digest = hashlib.sha256()
+    with lzma.open(src) as f, open(dst, "wb") as g:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            g.write(chunk)
+    os.chmod(dst, 0o755)
+    ok = digest.hexdigest() == want
+    bad += not ok
+    print(f"unpacked {rel}: sha256 {digest.hexdigest()}" + ("" if ok else f", staged {want}: NOT used"))
+    if not ok:
+        os.remove(dst)
+sys.exit(1 if bad else 0)
+EOF
+echo "### unpack: exit status $? (see unpack.log)" | tee -a "$out/unpack.log"
+# DEVICE_CHECK_REQUIRE_GPU=0 lets a dry run on a machine without a GPU show every binary start and
+# skip (the record then says no GPU was found); on the GPU machine a missing GPU is a failure.
+export PAGED_GQA_REQUIRE_GPU=${DEVICE_CHECK_REQUIRE_GPU:-1} RUST_BACKTRACE=1
 binaries=()
-for bin in "$here"/tests/*; do
+for bin in "$work"/tests/*; do
   [[ -f "$bin" ]] || continue
-  [[ -x "$bin" ]] || chmod +x "$bin" # in case the copy lost the mode
   binaries+=("$bin")
 done
 if ((${#binaries[@]} == 0)); then
@@ -86,8 +112,7 @@ for bin in "${binaries[@]}"; do
 done
 
 # 3. The CLI demo.
-[[ -f "$here/bin/paged-gqa" && ! -x "$here/bin/paged-gqa" ]] && chmod +x "$here/bin/paged-gqa"
-step demo cli_demo cli_demo.log 60 "$here/bin/paged-gqa" demo
+step demo cli_demo cli_demo.log 60 "$work/bin/paged-gqa" demo
 # 4. compute-sanitizer over the (small) GPU tests.
 sanitizer=$(command -v compute-sanitizer || true)
 for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
@@ -112,10 +137,10 @@ done
 
 # 4b. After the checks of correctness, the benchmark sweep (its records become the record's
 # figures): fused vs naive, Llama-3-8B and -70B, batch 1/16/64, context 1k/8k/32k.
-step bench bench bench.log 90 "$here/bin/paged-gqa" bench --quick --iters 10 \
+step bench bench bench.log 90 "$work/bin/paged-gqa" bench --quick --iters 10 \
   --json "$out/bench.json" --svg "$out/bench.svg"
 # Prefill: whole causal prompts of 1k/4k/8k (Llama-3-8B and -70B heads), TFLOP/s.
-step bench bench_prefill bench-prefill.log 60 "$here/bin/paged-gqa" bench --mode prefill --quick \
+step bench bench_prefill bench-prefill.log 60 "$work/bin/paged-gqa" bench --mode prefill --quick \
   --iters 5 --json "$out/bench-prefill.json"
 # PyTorch peers on the same shapes, added to bench.json (when torch and the records are there).
 if [[ -f "$out/bench.json" ]] && python3 -c "import torch" 2>/dev/null; then

@@ -10,6 +10,7 @@
 //!   `lse = ln(sum_t exp(score_t) + exp(sink[h]))` (natural log; no sink term without sinks),
 //!   `out = sum_t exp(score_t - lse) * v_t`.
 
+use crate::cpu::error_bound::{key_weight_error, sink_weight_error, Conditioning, RowConditioning};
 use crate::cpu::KvSource;
 use crate::error::{Error, Result};
 use crate::variants::AttendOptions;
@@ -62,6 +63,40 @@ where
     T: Copy + Into<f64>,
     K: KvSource<T> + Sync,
 {
+    Ok(oracle(q, kv, options, keep, false)?.0)
+}
+
+/// [`attention_of_tokens`] and, from the same pass, the [`Conditioning`] of every kept row:
+/// what [`RoundingModel::bounds`](crate::cpu::RoundingModel::bounds) needs to bound a kernel's
+/// error against this oracle on these inputs.
+pub fn attention_with_conditioning<Q, T, K>(
+    q: &[Q],
+    kv: &K,
+    options: &AttendOptions,
+    keep: &[bool],
+) -> Result<(Attention, Conditioning)>
+where
+    Q: Copy + Into<f64> + Sync,
+    T: Copy + Into<f64>,
+    K: KvSource<T> + Sync,
+{
+    let (att, cond) = oracle(q, kv, options, keep, true)?;
+    Ok((att, cond.expect("asked for")))
+}
+
+/// The oracle's pass over the kept rows, with their conditioning when `conditioned`.
+fn oracle<Q, T, K>(
+    q: &[Q],
+    kv: &K,
+    options: &AttendOptions,
+    keep: &[bool],
+    conditioned: bool,
+) -> Result<(Attention, Option<Conditioning>)>
+where
+    Q: Copy + Into<f64> + Sync,
+    T: Copy + Into<f64>,
+    K: KvSource<T> + Sync,
+{
     let shape = kv.shape();
     let lens = kv.lens();
     let (n_heads, d) = (shape.n_heads(), shape.head_dim());
@@ -94,8 +129,9 @@ where
                         .skip(i)
                         .step_by(threads)
                         .map(|&(seq, j, token)| {
-                            let (out, lse) = token_attention(q, kv, options, seq, j, token);
-                            (token, out, lse)
+                            let (out, lse, cond) =
+                                token_attention(q, kv, options, seq, j, token, conditioned);
+                            (token, out, lse, cond)
                         })
                         .collect()
                 })
@@ -109,18 +145,44 @@ where
 
     let mut out = vec![f64::NAN; expected];
     let mut lse = vec![f64::NAN; lens.num_tokens() * n_heads];
-    for (token, token_out, token_lse) in results.into_iter().flatten() {
+    let mut cond = conditioned.then(|| Conditioning {
+        weighted_abs_v: vec![f64::NAN; expected],
+        weighted_rho_abs_v: vec![f64::NAN; expected],
+        weight_norm_v: vec![f64::NAN; expected],
+        weighted_rho: vec![f64::NAN; lens.num_tokens() * n_heads],
+        keys: vec![f64::NAN; lens.num_tokens() * n_heads],
+    });
+    for (token, token_out, token_lse, token_cond) in results.into_iter().flatten() {
         out[token * n_heads * d..][..n_heads * d].copy_from_slice(&token_out);
         lse[token * n_heads..][..n_heads].copy_from_slice(&token_lse);
+        if let (Some(cond), Some(rows)) = (cond.as_mut(), token_cond) {
+            for (head, (row, keys)) in rows.into_iter().enumerate() {
+                let (e, r) = ((token * n_heads + head) * d, token * n_heads + head);
+                cond.weighted_abs_v[e..][..d].copy_from_slice(&row.weighted_abs_v);
+                cond.weighted_rho_abs_v[e..][..d].copy_from_slice(&row.weighted_rho_abs_v);
+                for (x, &sq) in cond.weight_norm_v[e..][..d]
+                    .iter_mut()
+                    .zip(&row.weight_sq_v)
+                {
+                    *x = sq.sqrt();
+                }
+                cond.weighted_rho[r] = row.weighted_rho;
+                cond.keys[r] = keys as f64;
+            }
+        }
     }
-    Ok(Attention { out, lse })
+    Ok((Attention { out, lse }, cond))
 }
 
-/// One token's rows: (token, out `[n_heads, head_dim]`, lse `[n_heads]`).
-type TokenRows = (usize, Vec<f64>, Vec<f64>);
+/// One token's rows: (token, out `[n_heads, head_dim]`, lse `[n_heads]`, and when asked the
+/// conditioning and key count of each head's row).
+type TokenRows = (usize, Vec<f64>, Vec<f64>, Option<HeadConditioning>);
+
+/// Each head's conditioning and key count, `[n_heads]`.
+type HeadConditioning = Vec<(RowConditioning, usize)>;
 
 /// All heads of query row `j` of sequence `seq` (row `token` of `q`): out `[n_heads, head_dim]`
-/// and lse `[n_heads]`, from the definition.
+/// and lse `[n_heads]`, from the definition; with `conditioned`, each head's conditioning too.
 fn token_attention<Q, T, K>(
     q: &[Q],
     kv: &K,
@@ -128,7 +190,8 @@ fn token_attention<Q, T, K>(
     seq: usize,
     j: usize,
     token: usize,
-) -> (Vec<f64>, Vec<f64>)
+    conditioned: bool,
+) -> (Vec<f64>, Vec<f64>, Option<HeadConditioning>)
 where
     Q: Copy + Into<f64>,
     T: Copy + Into<f64>,
@@ -146,6 +209,9 @@ where
     let mut out = vec![0.0f64; n_heads * d];
     let mut lse = vec![f64::NEG_INFINITY; n_heads];
     let mut scores = Vec::with_capacity(keys.len());
+    // With `conditioned`: per key, (z: the scaled dot before the cap, |scaled| sum |q k|, bias).
+    let mut terms: Vec<(f64, f64, f64)> = Vec::new();
+    let mut conds = conditioned.then(Vec::new);
     for head in 0..n_heads {
         let kv_head = head / shape.group();
         let (k_scale, v_scale) = kv.scales(kv_head);
@@ -156,30 +222,62 @@ where
             .sinks()
             .map_or(f64::NEG_INFINITY, |s| f64::from(s[head]));
         scores.clear();
+        terms.clear();
         scores.extend(keys.clone().map(|t| {
             // Stored values times the source's K scale (1 but for fp8 pages), in f64.
-            let mut s = scale * (dot(q_row, kv.key(seq, t, kv_head)) * k_scale);
+            let key = kv.key(seq, t, kv_head);
+            let z = scale * (dot(q_row, key) * k_scale);
+            let mut s = z;
             if cap > 0.0 {
                 s = cap * (s / cap).tanh();
             }
-            s + slope * (t as f64 - position)
+            let bias = slope * (t as f64 - position);
+            if conditioned {
+                let abs_dot = (scale * k_scale).abs() * abs_dot(q_row, key);
+                terms.push((z, abs_dot, bias));
+            }
+            s + bias
         }));
         let max = scores.iter().copied().fold(sink, f64::max);
         if max == f64::NEG_INFINITY {
-            continue; // no visible key and no sink: out stays 0, lse stays -inf
+            // No visible key and no sink: out stays 0, lse stays -inf (and nothing to round).
+            if let Some(conds) = conds.as_mut() {
+                conds.push((RowConditioning::new(d), keys.len()));
+            }
+            continue;
         }
         let sum = scores.iter().map(|s| (s - max).exp()).sum::<f64>() + (sink - max).exp();
         let row_lse = max + sum.ln();
         let o = &mut out[head * d..][..d];
-        for (t, &s) in keys.clone().zip(&scores) {
+        let mut cond = conditioned.then(|| RowConditioning::new(d));
+        for (i, (t, &s)) in keys.clone().zip(&scores).enumerate() {
             let p = (s - row_lse).exp();
-            for (o, &v) in o.iter_mut().zip(kv.value(seq, t, kv_head)) {
+            let values = kv.value(seq, t, kv_head);
+            for (o, &v) in o.iter_mut().zip(values) {
                 *o += p * (v.into() * v_scale);
             }
+            if let Some(cond) = cond.as_mut() {
+                let (z, abs_dot, bias) = terms[i];
+                let rho = key_weight_error(d, z, abs_dot, cap, bias, s, row_lse);
+                cond.add_key(p, rho, values.iter().map(|&v| v.into() * v_scale));
+            }
+        }
+        if let (Some(conds), Some(mut cond)) = (conds.as_mut(), cond) {
+            if sink > f64::NEG_INFINITY {
+                cond.add_sink((sink - row_lse).exp(), sink_weight_error(sink, row_lse));
+            }
+            conds.push((cond, keys.len()));
         }
         lse[head] = row_lse;
     }
-    (out, lse)
+    (out, lse, conds)
+}
+
+fn abs_dot<Q: Copy + Into<f64>, T: Copy + Into<f64>>(a: &[Q], b: &[T]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x.into() * y.into()).abs())
+        .sum()
 }
 
 fn dot<Q: Copy + Into<f64>, T: Copy + Into<f64>>(a: &[Q], b: &[T]) -> f64 {

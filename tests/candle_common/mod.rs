@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
+use paged_gqa::cpu::{Accumulation, Conditioning, RoundingModel};
 use paged_gqa::{GqaShape, SeqLens};
 use rand::rngs::{SmallRng, StdRng};
 use rand::seq::SliceRandom;
@@ -121,7 +122,7 @@ impl Case {
     }
 
     /// Plain candle attention over the case's pages, from the definition, in f64.
-    pub fn reference(&self, scale: Option<f64>) -> Result<(Tensor, Tensor)> {
+    pub fn reference(&self, scale: Option<f64>) -> Result<Reference> {
         reference_paged(
             &self.q,
             &self.k_cache,
@@ -142,15 +143,82 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((tokens, n_kv * n_rep, d))
 }
 
+/// The f64 reference of a batch's rows: out `[rows, n_heads, d]`, lse `[rows, n_heads]`, and the
+/// conditioning of each row (see `paged_gqa::cpu::Conditioning`), all computed with plain candle
+/// ops, so a kernel's output can be held to its own forward-error bound per element.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    pub out: Tensor,
+    pub lse: Tensor,
+    /// `sum_t P_t |v_t|`, `sum_t P_t rho_t |v_t|`, `sqrt(sum_t P_t^2 v_t^2)`: `[rows, n_heads, d]`.
+    pub weighted_abs_v: Tensor,
+    pub weighted_rho_abs_v: Tensor,
+    pub weight_norm_v: Tensor,
+    /// `sum_t P_t rho_t` and the number of keys: `[rows, n_heads]`.
+    pub weighted_rho: Tensor,
+    pub keys: Tensor,
+}
+
+impl Reference {
+    /// The rows of several references, in order.
+    pub fn cat(parts: &[Reference]) -> Result<Reference> {
+        let cat =
+            |f: fn(&Reference) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+        Ok(Reference {
+            out: cat(|r| &r.out)?,
+            lse: cat(|r| &r.lse)?,
+            weighted_abs_v: cat(|r| &r.weighted_abs_v)?,
+            weighted_rho_abs_v: cat(|r| &r.weighted_rho_abs_v)?,
+            weight_norm_v: cat(|r| &r.weight_norm_v)?,
+            weighted_rho: cat(|r| &r.weighted_rho)?,
+            keys: cat(|r| &r.keys)?,
+        })
+    }
+
+    /// No rows, `n_heads` heads of `d`.
+    pub fn empty(n_heads: usize, d: usize, device: &Device) -> Result<Reference> {
+        let rows = Tensor::zeros((0, n_heads, d), DType::F64, device)?;
+        let heads = Tensor::zeros((0, n_heads), DType::F64, device)?;
+        Ok(Reference {
+            out: rows.clone(),
+            lse: heads.clone(),
+            weighted_abs_v: rows.clone(),
+            weighted_rho_abs_v: rows.clone(),
+            weight_norm_v: rows,
+            weighted_rho: heads.clone(),
+            keys: heads,
+        })
+    }
+
+    /// The library's view of the conditioning, for `paged_gqa::cpu::RoundingModel::bounds`.
+    pub fn conditioning(&self) -> Result<(paged_gqa::cpu::Attention, Conditioning)> {
+        Ok((
+            paged_gqa::cpu::Attention {
+                out: host_f64(&self.out)?,
+                lse: host_f64(&self.lse)?,
+            },
+            Conditioning {
+                weighted_abs_v: host_f64(&self.weighted_abs_v)?,
+                weighted_rho_abs_v: host_f64(&self.weighted_rho_abs_v)?,
+                weight_norm_v: host_f64(&self.weight_norm_v)?,
+                weighted_rho: host_f64(&self.weighted_rho)?,
+                keys: host_f64(&self.keys)?,
+            },
+        ))
+    }
+}
+
 /// Causal (bottom-right) attention of `q` `[q_len, n_heads, d]` over contiguous `k`, `v`
 /// `[ctx, n_kv_heads, d]` with plain candle ops in f64: repeat_kv, `q k^T * scale`, the causal
-/// mask, softmax, `p v`. Returns out `[q_len, n_heads, d]` and lse `[q_len, n_heads]`.
+/// mask, softmax, `p v`; with each row's conditioning (the relative weight error `rho_t` of
+/// key `t`: `2 (d + 2) u |q| . |k_t| scale + u (4 |s_t| + 2 |s_t - lse| + 8)`, `u = 2^-24`, as
+/// `paged_gqa::cpu`'s error-bound docs derive it).
 pub fn reference_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: Option<f64>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<Reference> {
     let (q_len, n_heads, d) = q.dims3()?;
     let (ctx, n_kv, _) = k.dims3()?;
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
@@ -161,12 +229,13 @@ pub fn reference_attention(
     };
     let (k, v) = (f64_heads(k)?, f64_heads(v)?); // [n_heads, ctx, d]
     let q = q.to_dtype(DType::F64)?.transpose(0, 1)?.contiguous()?; // [n_heads, q_len, d]
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [n_heads, q_len, ctx]
+    let raw = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [n_heads, q_len, ctx]
     let first = ctx - q_len; // query row j sits at position first + j
+    let visible = |j: usize, t: usize| t <= first + j;
     let mask: Vec<f64> = (0..q_len)
         .flat_map(|j| {
             (0..ctx).map(move |t| {
-                if t <= first + j {
+                if visible(j, t) {
                     0.0
                 } else {
                     f64::NEG_INFINITY
@@ -175,14 +244,38 @@ pub fn reference_attention(
         })
         .collect();
     let mask = Tensor::from_vec(mask, (q_len, ctx), q.device())?;
-    let scores = scores.broadcast_add(&mask)?;
+    let scores = raw.broadcast_add(&mask)?;
     let max = scores.max_keepdim(D::Minus1)?;
     let exp = scores.broadcast_sub(&max)?.exp()?;
     let sum = exp.sum_keepdim(D::Minus1)?;
-    let p = exp.broadcast_div(&sum)?;
-    let out = p.matmul(&v)?.transpose(0, 1)?.contiguous()?; // [q_len, n_heads, d]
-    let lse = (max + sum.log()?)?.squeeze(D::Minus1)?.t()?.contiguous()?; // [q_len, n_heads]
-    Ok((out, lse))
+    let p = exp.broadcast_div(&sum)?; // [n_heads, q_len, ctx]
+    let lse_col = (max + sum.log()?)?; // [n_heads, q_len, 1]
+    let to_rows = |x: Tensor| x.transpose(0, 1)?.contiguous(); // [q_len, n_heads, ...]
+    let out = to_rows(p.matmul(&v)?)?;
+    let lse = lse_col.squeeze(D::Minus1)?.t()?.contiguous()?; // [q_len, n_heads]
+
+    // Conditioning. Masked keys have p = 0 (and finite rho: their scores count as 0).
+    let u = 2f64.powi(-24);
+    let keep: Vec<f64> = (0..q_len)
+        .flat_map(|j| (0..ctx).map(move |t| if visible(j, t) { 1.0 } else { 0.0 }))
+        .collect();
+    let keep = Tensor::from_vec(keep, (q_len, ctx), q.device())?;
+    let s = raw.broadcast_mul(&keep)?; // the scores, 0 where masked
+    let abs_dot = (q.abs()?.matmul(&k.abs()?.t()?.contiguous()?)? * scale)?;
+    let logit_terms = ((s.abs()? * 4.0)? + (s.broadcast_sub(&lse_col)?.abs()? * 2.0)?)?;
+    let rho = ((abs_dot * (2.0 * (d as f64 + 2.0) * u))? + ((logit_terms + 8.0)? * u)?)?;
+    let p_rho = (&p * &rho)?;
+    let v_abs = v.abs()?;
+    let keys = keep.sum_keepdim(D::Minus1)?; // [q_len, 1]
+    Ok(Reference {
+        out,
+        lse,
+        weighted_abs_v: to_rows(p.matmul(&v_abs)?)?,
+        weighted_rho_abs_v: to_rows(p_rho.matmul(&v_abs)?)?,
+        weight_norm_v: to_rows(p.sqr()?.matmul(&v.sqr()?)?.sqrt()?)?,
+        weighted_rho: p_rho.sum(D::Minus1)?.t()?.contiguous()?,
+        keys: keys.broadcast_as((q_len, n_heads))?.contiguous()?,
+    })
 }
 
 /// [`reference_attention`] of every sequence of a paged batch: its keys gathered from the pages
@@ -194,11 +287,11 @@ pub fn reference_paged(
     tables: &[Vec<u32>],
     lens: &SeqLens,
     scale: Option<f64>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<Reference> {
     let (num_blocks, block_size, n_kv, d) = k_cache.dims4()?;
     let flat = |c: &Tensor| c.reshape((num_blocks * block_size, n_kv, d));
     let (k_flat, v_flat) = (flat(k_cache)?, flat(v_cache)?);
-    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    let mut parts = Vec::new();
     for (seq, table) in tables.iter().enumerate().take(lens.batch()) {
         let rows = lens.query_rows(seq);
         if rows.is_empty() {
@@ -211,19 +304,12 @@ pub fn reference_paged(
         let k = k_flat.index_select(&slots, 0)?;
         let v = v_flat.index_select(&slots, 0)?;
         let q_rows = q.i(rows.start..rows.end)?;
-        let (out, lse) = reference_attention(&q_rows, &k, &v, scale)?;
-        outs.push(out);
-        lses.push(lse);
+        parts.push(reference_attention(&q_rows, &k, &v, scale)?);
     }
-    let n_heads = q.dim(1)?;
-    if outs.is_empty() {
-        let empty = Tensor::zeros((0, n_heads, d), DType::F64, q.device())?;
-        return Ok((
-            empty.clone(),
-            Tensor::zeros((0, n_heads), DType::F64, q.device())?,
-        ));
+    if parts.is_empty() {
+        return Reference::empty(q.dim(1)?, d, q.device());
     }
-    Ok((Tensor::cat(&outs, 0)?, Tensor::cat(&lses, 0)?))
+    Reference::cat(&parts)
 }
 
 /// A tensor's values as f64 on the host.
@@ -251,48 +337,130 @@ pub fn errors(got: &Tensor, want: &Tensor) -> Result<(f64, f64)> {
     Ok(((diff2 / norm2.max(f64::MIN_POSITIVE)).sqrt(), max_abs))
 }
 
-/// The bounds an output in `dtype` must meet against the f64 reference: relative L2 error and
-/// max absolute error of `out` (values in [-1, 1]), and max absolute error of `lse`.
-pub fn tolerance(dtype: DType) -> (f64, f64, f64) {
+/// `error <= bound`; false for a NaN error (an unwritten output).
+fn within(error: f64, bound: f64) -> bool {
+    error <= bound
+}
+
+/// How the crate's attention rounds on candle's CPU tensors (the f32 fallback: weights in f32,
+/// the output rounded to `dtype`).
+pub fn cpu_model(dtype: DType) -> RoundingModel {
+    RoundingModel::f32_weights(crate_dtype(dtype))
+}
+
+/// How it rounds on candle's CUDA tensors: either kernel (`KernelChoice::Auto`), tensor cores
+/// truncating.
+pub fn cuda_model(dtype: DType) -> RoundingModel {
+    let dtype = crate_dtype(dtype);
+    RoundingModel::f32_weights(dtype)
+        .either(RoundingModel::mma_weights(dtype, Accumulation::TensorCores))
+}
+
+fn crate_dtype(dtype: DType) -> paged_gqa::DType {
     match dtype {
-        DType::F32 => (1e-5, 1e-5, 1e-4),
-        DType::F16 => (2e-3, 4e-3, 1e-4),
-        DType::BF16 => (1e-2, 2e-2, 1e-4),
-        other => panic!("no tolerance for {other:?}"),
+        DType::F32 => paged_gqa::DType::F32,
+        DType::F16 => paged_gqa::DType::F16,
+        DType::BF16 => paged_gqa::DType::BF16,
+        other => panic!("no rounding model for {other:?}"),
     }
 }
 
-/// Checks `out` and `lse` against the reference; returns a description of the failure.
+/// Checks `out` (`dtype`) and `lse` against the reference, each element and each lse within the
+/// forward-error bound `model` gives it from the reference's conditioning (no pooled norm: a
+/// mistake confined to a long row, whose outputs are small, fails as surely as any); returns a
+/// description of the failure.
 pub fn check(
     what: &str,
     dtype: DType,
     (out, lse): (&Tensor, &Tensor),
-    (want_out, want_lse): (&Tensor, &Tensor),
+    want: &Reference,
+    model: RoundingModel,
 ) -> std::result::Result<(), String> {
-    let (rel, max_abs, lse_abs) = tolerance(dtype);
     if out.dtype() != dtype {
         return Err(format!(
             "{what}: out is {:?}, expected {dtype:?}",
             out.dtype()
         ));
     }
-    if out.dims() != want_out.dims() || lse.dims() != want_lse.dims() {
+    if out.dims() != want.out.dims() || lse.dims() != want.lse.dims() {
         return Err(format!(
             "{what}: shapes out {:?} lse {:?}, expected {:?} {:?}",
             out.dims(),
             lse.dims(),
-            want_out.dims(),
-            want_lse.dims()
+            want.out.dims(),
+            want.lse.dims()
         ));
     }
-    let (out_rel, out_max) = errors(out, want_out).map_err(|e| e.to_string())?;
-    let (_, lse_max) = errors(lse, want_lse).map_err(|e| e.to_string())?;
-    // NaN fails every comparison below.
-    if !(out_rel <= rel && out_max <= max_abs && lse_max <= lse_abs) {
+    let text = |e: candle_core::Error| e.to_string();
+    let (got_out, got_lse) = (host_f64(out).map_err(text)?, host_f64(lse).map_err(text)?);
+    let (oracle, cond) = want.conditioning().map_err(text)?;
+    let (out_bound, lse_bound) = model.bounds(&oracle, &cond);
+    let d = want.out.dim(D::Minus1).map_err(text)?;
+    let over = |got: &[f64], want: &[f64], bound: &[f64], name: &str, row_len: usize| {
+        // NaN (unwritten) fails as over its bound.
+        let bad: Vec<usize> = (0..got.len())
+            .filter(|&i| !within((got[i] - want[i]).abs(), bound[i]))
+            .collect();
+        match bad.first() {
+            None => Ok(()),
+            Some(&i) => Err(format!(
+                "{what}: {name}[row {}, element {}] = {:e}, reference {:e}: error {:e} over its \
+                 bound {:e} ({} elements over their bound)",
+                i / row_len,
+                i % row_len,
+                got[i],
+                want[i],
+                (got[i] - want[i]).abs(),
+                bound[i],
+                bad.len()
+            )),
+        }
+    };
+    let heads = want.lse.dim(D::Minus1).map_err(text)?;
+    over(&got_out, &oracle.out, &out_bound, "out", heads * d)?;
+    over(&got_lse, &oracle.lse, &lse_bound, "lse", heads)
+}
+
+/// Two implementations' outputs of the same inputs (values in [-1, 1]) without a reference:
+/// each element within the sum of their bounds when nothing is known of the conditioning (both
+/// outputs' rounding, `u_o (|a| + |b|)`, and the weights rounded to the MMA type,
+/// `lambda u_p max |v| <= lambda u_p`), each lse within `1e-5`; returns the failure.
+pub fn check_against(
+    what: &str,
+    (out, lse): (&Tensor, &Tensor),
+    (other_out, other_lse): (&Tensor, &Tensor),
+    model: RoundingModel,
+) -> std::result::Result<(), String> {
+    let text = |e: candle_core::Error| e.to_string();
+    let (a, b) = (
+        host_f64(out).map_err(text)?,
+        host_f64(other_out).map_err(text)?,
+    );
+    let (la, lb) = (
+        host_f64(lse).map_err(text)?,
+        host_f64(other_lse).map_err(text)?,
+    );
+    if a.len() != b.len() || la.len() != lb.len() {
         return Err(format!(
-            "{what}: out rel {out_rel:.2e} (bound {rel:.0e}), max abs {out_max:.2e} (bound \
-             {max_abs:.0e}); lse max abs {lse_max:.2e} (bound {lse_abs:.0e})"
+            "{what}: lengths {} / {} against {} / {}",
+            a.len(),
+            la.len(),
+            b.len(),
+            lb.len()
         ));
+    }
+    for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+        let bound = model.out_unit * (x.abs() + y.abs()) + model.lambda * model.p_unit + 1e-6;
+        if !within((x - y).abs(), bound) {
+            return Err(format!(
+                "{what}: out[{i}] {x:e} against {y:e} (bound {bound:e})"
+            ));
+        }
+    }
+    for (i, (&x, &y)) in la.iter().zip(&lb).enumerate() {
+        if !within((x - y).abs(), 1e-5) {
+            return Err(format!("{what}: lse[{i}] {x:e} against {y:e} (bound 1e-5)"));
+        }
     }
     Ok(())
 }

@@ -20,6 +20,9 @@ use paged_gqa::{DType, DeviceValue, Element, GqaShape, PageElement, PagedLayout,
 pub trait Device: Clone {
     /// A device buffer of `T`.
     type Buf<T: DeviceValue>;
+    /// How this backend's tensor cores accumulate: truncating on a GPU, rounded to nearest on
+    /// the emulator (its MMA is f32 arithmetic). Sets the error bound of the tensor-core kernel.
+    const MMA_ACCUMULATION: paged_gqa::cpu::Accumulation;
     /// An attention batch over caller-managed pages (`cuda::AttendBatch`, `sim::AttendBatch`).
     type Attend;
     /// The step plan of this backend's cache storage.
@@ -168,6 +171,8 @@ pub fn gpu_stream(test: &str) -> Option<Arc<CudaStream>> {
 }
 
 impl Device for Arc<CudaStream> {
+    const MMA_ACCUMULATION: paged_gqa::cpu::Accumulation =
+        paged_gqa::cpu::Accumulation::TensorCores;
     type Buf<T: DeviceValue> = cuda::CudaSlice<T>;
     type Attend = cuda::AttendBatch;
     type Plan = cuda::CudaStepPlan;
@@ -315,6 +320,8 @@ impl Device for Arc<CudaStream> {
 }
 
 impl Device for Rc<SimDevice> {
+    const MMA_ACCUMULATION: paged_gqa::cpu::Accumulation =
+        paged_gqa::cpu::Accumulation::RoundToNearest;
     type Buf<T: DeviceValue> = sim::SimBuffer<T>;
     type Attend = sim::AttendBatch;
     type Plan = sim::SimStepPlan;

@@ -99,9 +99,27 @@ impl PagedCase {
                 tables[seq * max_blocks + index] = free.pop().unwrap();
             }
         }
+        let (mut k_cache, mut v_cache) = (
+            uniform(rng, layout.cache_len()),
+            uniform(rng, layout.cache_len()),
+        );
+        // Every slot no sequence holds (pages nobody uses, slots past each context in its last
+        // page) is NaN: a kernel that reads one, even to multiply it by a zero weight, fails.
+        let row_len = shape.kv_row_len();
+        let mut held = vec![false; num_blocks * block_size];
+        for (seq, &n) in context_lens.iter().enumerate() {
+            for pos in 0..n {
+                let block = tables[seq * max_blocks + pos / block_size] as usize;
+                held[block * block_size + pos % block_size] = true;
+            }
+        }
+        for (slot, _) in held.iter().enumerate().filter(|(_, &h)| !h) {
+            k_cache[slot * row_len..][..row_len].fill(f32::NAN);
+            v_cache[slot * row_len..][..row_len].fill(f32::NAN);
+        }
         Self {
-            k_cache: uniform(rng, layout.cache_len()),
-            v_cache: uniform(rng, layout.cache_len()),
+            k_cache,
+            v_cache,
             q: uniform(rng, lens.num_tokens() * shape.q_row_len()),
             layout,
             lens,
@@ -129,6 +147,8 @@ pub struct Typed<T> {
     pub k_cache: Vec<T>,
     pub v_cache: Vec<T>,
     pub oracle: paged_gqa::cpu::Attention,
+    /// What the error bounds of a kernel against `oracle` need from these inputs.
+    pub cond: paged_gqa::cpu::Conditioning,
 }
 
 impl PagedCase {
@@ -160,12 +180,14 @@ impl PagedCase {
             &v_cache,
         )
         .unwrap();
-        let oracle = paged_gqa::cpu::attention_of_tokens(&q, &kv, options, keep).unwrap();
+        let (oracle, cond) =
+            paged_gqa::cpu::attention_with_conditioning(&q, &kv, options, keep).unwrap();
         Typed {
             q,
             k_cache,
             v_cache,
             oracle,
+            cond,
         }
     }
 }
@@ -178,6 +200,8 @@ pub struct Fp8Typed<T, F> {
     pub v_cache: Vec<F>,
     pub scales: paged_gqa::fp8::KvScales,
     pub oracle: paged_gqa::cpu::Attention,
+    /// What the error bounds of a kernel against `oracle` need from these inputs.
+    pub cond: paged_gqa::cpu::Conditioning,
 }
 
 impl PagedCase {
@@ -198,8 +222,14 @@ impl PagedCase {
     /// Per-head scales from the case's own K/V maxima (`amax / max` of `F`'s format).
     pub fn amax_scales<F: paged_gqa::fp8::Fp8Element>(&self) -> paged_gqa::fp8::KvScales {
         let shape = self.layout.shape();
-        let amax =
-            |x: &[f32]| paged_gqa::fp8::head_amax(x, shape.n_kv_heads(), shape.head_dim()).unwrap();
+        // Over the slots sequences hold: the others are NaN (see `random`).
+        let amax = |x: &[f32]| {
+            let held: Vec<f32> = x
+                .iter()
+                .map(|v| if v.is_nan() { 0.0 } else { *v })
+                .collect();
+            paged_gqa::fp8::head_amax(&held, shape.n_kv_heads(), shape.head_dim()).unwrap()
+        };
         paged_gqa::fp8::KvScales::from_amax(F::FORMAT, &amax(&self.k_cache), &amax(&self.v_cache))
             .unwrap()
     }
@@ -236,13 +266,15 @@ impl PagedCase {
         .unwrap()
         .with_scales(scales)
         .unwrap();
-        let oracle = paged_gqa::cpu::attention_of_tokens(&q, &kv, options, keep).unwrap();
+        let (oracle, cond) =
+            paged_gqa::cpu::attention_with_conditioning(&q, &kv, options, keep).unwrap();
         Fp8Typed {
             q,
             k_cache,
             v_cache,
             scales: scales.clone(),
             oracle,
+            cond,
         }
     }
 }

@@ -11,7 +11,7 @@
 //! Each `gpu_xxx` test skips (printing why) without a GPU, or fails with
 //! PAGED_GQA_REQUIRE_GPU=1; its twin `sim_xxx` runs the same body on the kernel emulator.
 
-mod common;
+use crate::common;
 
 use half::{bf16, f16};
 use paged_gqa::cache::{CacheConfig, PagedCache, SeqId, StepPlan};
@@ -24,7 +24,7 @@ use paged_gqa::{AttendOptions, DType, Element, Error, GqaShape};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use common::check::{check_fp8, compare};
+use common::check::{check_fp8, compare, model};
 use common::{Device, PagedCase, MODELS};
 
 /// Declares `gpu_$name` (on a CUDA stream, skipping without one) and `sim_$name` (on a fresh
@@ -337,10 +337,14 @@ impl<D: Device, F: Fp8Element + Default> Pair<D, F> {
                 .into_iter()
                 .map(|v| bf16::from_f32(0.05 * v))
                 .collect();
-            let oracle = self
-                .cpu
-                .reference(layer, cpu_plan, &q, &AttendOptions::new())
-                .unwrap();
+            let keep = vec![true; tokens];
+            let (oracle, cond) = paged_gqa::cpu::attention_with_conditioning(
+                &q,
+                &self.cpu.paged_kv(layer, cpu_plan).unwrap(),
+                &AttendOptions::new(),
+                &keep,
+            )
+            .unwrap();
             let mut out = self.dev.alloc_poisoned::<bf16>(q.len());
             let mut lse = self.dev.alloc_poisoned::<f32>(tokens * shape.n_heads());
             D::attend_cache(
@@ -354,9 +358,9 @@ impl<D: Device, F: Fp8Element + Default> Pair<D, F> {
             )
             .unwrap();
             let (out, lse) = (self.dev.download_f64(&out), self.dev.download_f64(&lse));
-            let keep = vec![true; tokens];
             let what = format!("{:?} cache, layer {layer}", F::FORMAT);
-            compare::<bf16>(&what, shape, &out, &lse, &oracle, &keep);
+            let model = model::<D, bf16>(KernelChoice::Auto);
+            compare(&what, shape, &out, &lse, &oracle, &cond, &keep, model);
         }
     }
 

@@ -3,7 +3,7 @@
 //! GPU; fails instead with PAGED_GQA_REQUIRE_GPU=1. Every `gpu_xxx` test has a twin `sim_xxx`
 //! running the same body on the kernel emulator.
 
-mod common;
+use crate::common;
 
 use half::{bf16, f16};
 use paged_gqa::cache::{CacheConfig, PagedCache, SeqId, StepPlan};

@@ -4,7 +4,7 @@
 //! PAGED_GQA_REQUIRE_GPU=1. Every `gpu_xxx` test has a twin `sim_xxx` (`sim_full_xxx`: slow)
 //! running the same body on the kernel emulator.
 
-mod common;
+use crate::common;
 
 use common::{Device, PagedCase};
 use half::{bf16, f16};
@@ -17,10 +17,9 @@ fn check<D: Device, T: Element>(
     shape: GqaShape,
     block_size: usize,
     lens: &[usize],
-    bound: f64,
 ) {
     let queries = vec![1; lens.len()];
-    check_queries::<D, T>(dev, test, shape, block_size, lens, &queries, bound);
+    check_queries::<D, T>(dev, test, shape, block_size, lens, &queries);
 }
 
 fn check_queries<D: Device, T: Element>(
@@ -30,7 +29,6 @@ fn check_queries<D: Device, T: Element>(
     block_size: usize,
     lens: &[usize],
     query_lens: &[usize],
-    bound: f64,
 ) {
     let mut rng = common::rng(test);
     let case = PagedCase::random(&mut rng, shape, block_size, lens, query_lens);
@@ -39,6 +37,7 @@ fn check_queries<D: Device, T: Element>(
         k_cache: k,
         v_cache: v,
         oracle,
+        cond,
     } = case.typed::<T>();
 
     let mut naive = dev
@@ -60,13 +59,16 @@ fn check_queries<D: Device, T: Element>(
         out.iter().all(|x| x.is_finite()),
         "{test}: unwritten output"
     );
-    let rel = common::rel_l2(&out, &oracle.out);
-    assert!(rel < bound, "{test}: relative L2 {:e}", rel);
+    // Decode: the per-head kernel keeps its scores and weights in f32, as the CUDA-core kernel
+    // does; prompts and chunks run the attention kernels over the repeated K/V, either of them.
+    let keep = vec![true; case.lens.num_tokens()];
+    let model = common::check::model::<D, T>(paged_gqa::plan::KernelChoice::Auto);
+    common::check::check_bounds(test, shape, &out, None, &oracle, &cond, &keep, model);
 }
 
 fn naive_decode_llama<D: Device>(dev: &D, test: &str) {
     let shape = GqaShape::new(32, 8, 128).unwrap();
-    check::<D, bf16>(dev, test, shape, 16, &[1, 16, 37, 2000], 1e-2);
+    check::<D, bf16>(dev, test, shape, 16, &[1, 16, 37, 2000]);
 }
 
 #[test]
@@ -86,10 +88,10 @@ fn sim_naive_decode_matches_oracle_llama3_8b_bf16() {
 fn naive_decode_falcon_and_gemma<D: Device>(dev: &D, test: &str) {
     let falcon = GqaShape::new(71, 1, 64).unwrap();
     let what = format!("{test} (Falcon-7B)");
-    check::<D, f16>(dev, &what, falcon, 1, &[1, 5, 130], 2e-3);
+    check::<D, f16>(dev, &what, falcon, 1, &[1, 5, 130]);
     let gemma = GqaShape::new(16, 8, 256).unwrap();
     let what = format!("{test} (Gemma-2-9B)");
-    check::<D, f16>(dev, &what, gemma, 256, &[300, 1, 256], 2e-3);
+    check::<D, f16>(dev, &what, gemma, 256, &[300, 1, 256]);
 }
 
 #[test]
@@ -116,10 +118,9 @@ fn naive_prefill<D: Device>(dev: &D, test: &str) {
         16,
         &[700, 1100, 33, 90],
         &[700, 100, 1, 5],
-        1e-2,
     );
     let qwen = GqaShape::new(28, 4, 128).unwrap();
-    check_queries::<D, f16>(dev, test, qwen, 1, &[17, 300], &[17, 300], 2e-3);
+    check_queries::<D, f16>(dev, test, qwen, 1, &[17, 300], &[17, 300]);
 }
 
 #[test]

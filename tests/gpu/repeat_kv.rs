@@ -2,7 +2,7 @@
 //! one; fails instead with PAGED_GQA_REQUIRE_GPU=1. Every `gpu_xxx` test has a twin `sim_xxx`
 //! running the same body on the kernel emulator.
 
-mod common;
+use crate::common;
 
 use half::{bf16, f16};
 use paged_gqa::sim::SimDevice;
