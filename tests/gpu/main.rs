@@ -14,5 +14,6 @@ mod attend;
 mod baseline;
 mod cache;
 mod fp8;
+mod prefix;
 mod repeat_kv;
 mod variants;
