@@ -390,8 +390,8 @@ fn shared_prefix<D: Device>(dev: &D, test: &str) {
     )
     .unwrap();
     // Each pass wrote its output in bf16 before the merge: the bound allows that rounding.
-    let model = check::model::<D, bf16>(KernelChoice::Auto)
-        .with_rounded_partials(check::model::<D, bf16>(KernelChoice::Auto).out_unit);
+    let auto = check::model::<D, bf16>(KernelChoice::Auto);
+    let model = auto.with_rounded_partials(auto.out_unit);
     check::compare(
         "merged shared prefix",
         shape,
