@@ -75,9 +75,13 @@ fn wrapper(out_dir: &Path, kernel: &Path) -> PathBuf {
     std::fs::write(&path, text).expect("write the emulator's wrapper");
     path
 }
-/// Compiles the emulator library. The kernels keep their own file names; the shims rename
-/// their C entry points to `pgqa_sim_*` and their namespace to `pgqa_emulated`, so the emulated
-/// and the nvcc-built kernels link into one binary.
+/// Compiles the emulator's two libraries. `paged_gqa_sim`: the runtime (with its tracer and
+/// sanitizers) and the kernels, optimised, as the emulated suite runs them. `paged_gqa_sim_traced`:
+/// the same kernels again with GCC's thread-sanitizer instrumentation and no sanitizer runtime
+/// (every load and store calls a `__tsan_*` hook that kernels/sim/trace.cpp defines) and line
+/// tables, for the profiler and the sanitizers. The kernels keep their own file names; the shims
+/// rename their C entry points (`pgqa_sim_*`, `pgqa_trace_*`) and namespaces (`pgqa_emulated`,
+/// `pgqa_traced`), so both copies and the nvcc-built kernels link into one binary.
 pub fn build(manifest_dir: &Path, out_dir: &Path) {
     let kernel_dir = manifest_dir.join("kernels");
     let sim_dir = kernel_dir.join("sim");
@@ -88,28 +92,50 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) {
         .collect();
     kernels.sort();
     kernels.push(sim_dir.join("checks.cu"));
+    let wrappers: Vec<_> = kernels.iter().map(|k| wrapper(out_dir, k)).collect();
+
+    let base = |build: &mut cc::Build| {
+        build
+            .cpp(true)
+            .std("c++17")
+            // Optimised in every profile: the emulator runs the test suite's kernels.
+            .opt_level(2)
+            .debug(false)
+            .warnings(false)
+            .cargo_warnings(false)
+            .define("PGQA_SIM", "1")
+            .flag("-fno-strict-aliasing")
+            .flag("-Wno-unknown-pragmas")
+            // The shims come first: they stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h,
+            // cuda_fp8.h.
+            .include(sim_dir.join("include"))
+            .include(kernel_dir.join("include"))
+            .include(&kernel_dir)
+            .include(&sim_dir);
+    };
+
+    let mut traced = cc::Build::new();
+    base(&mut traced);
+    traced
+        .out_dir(out_dir.join("traced"))
+        .define("PGQA_SIM_TRACED", "1")
+        .flag("-fsanitize=thread")
+        .flag("--param=tsan-instrument-func-entry-exit=0")
+        // Line tables only: the profile names each site's `file:line` (addr2line).
+        .flag("-g1");
+    for wrapper in &wrappers {
+        traced.file(wrapper);
+    }
+    traced.compile("paged_gqa_sim_traced");
 
     let mut build = cc::Build::new();
+    base(&mut build);
     build
-        .cpp(true)
-        .std("c++17")
-        // Optimised in every profile: the emulator runs the test suite's kernels.
-        .opt_level(2)
-        .debug(false)
-        .warnings(false)
-        .cargo_warnings(false)
-        .define("PGQA_SIM", "1")
-        .flag("-fno-strict-aliasing")
-        .flag("-Wno-unknown-pragmas")
-        // The shims come first: they stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h,
-        // cuda_fp8.h.
-        .include(sim_dir.join("include"))
-        .include(kernel_dir.join("include"))
-        .include(&kernel_dir)
-        .include(&sim_dir)
-        .file(sim_dir.join("runtime.cpp"));
-    for kernel in &kernels {
-        build.file(wrapper(out_dir, kernel));
+        .file(sim_dir.join("runtime.cpp"))
+        .file(sim_dir.join("trace.cpp"))
+        .file(sim_dir.join("sanitize.cpp"));
+    for wrapper in &wrappers {
+        build.file(wrapper);
     }
     build.compile("paged_gqa_sim");
     println!("cargo::rustc-link-lib=dylib=stdc++");

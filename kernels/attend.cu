@@ -70,16 +70,16 @@ size_t smem_bytes(int rows) {
 
 // Eight K/V elements of a shared row (a 16-byte or, for fp8, an 8-byte vector) as floats.
 __device__ inline void load8(const __nv_bfloat16 *row, float (&f)[8]) {
-  pgqa::to_float8(*reinterpret_cast<const uint4 *>(row), f, row);
+  pgqa::to_float8(pgqa::load_vec<uint4>(row), f, row);
 }
 __device__ inline void load8(const __half *row, float (&f)[8]) {
-  pgqa::to_float8(*reinterpret_cast<const uint4 *>(row), f, row);
+  pgqa::to_float8(pgqa::load_vec<uint4>(row), f, row);
 }
 __device__ inline void load8(const pgqa::fp8_e4m3 *row, float (&f)[8]) {
-  pgqa::fp8_to_float8(*reinterpret_cast<const uint2 *>(row), f, row);
+  pgqa::fp8_to_float8(pgqa::load_vec<uint2>(row), f, row);
 }
 __device__ inline void load8(const pgqa::fp8_e5m2 *row, float (&f)[8]) {
-  pgqa::fp8_to_float8(*reinterpret_cast<const uint2 *>(row), f, row);
+  pgqa::fp8_to_float8(pgqa::load_vec<uint2>(row), f, row);
 }
 
 // q_h . k over D elements: q from shared f32 (pre-scaled), k a shared row of KV.
@@ -90,9 +90,9 @@ __device__ inline float dot(const float *q, const KV *k) {
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) {
       float kf[8];
-      pgqa::to_float8(*reinterpret_cast<const uint4 *>(k + c * 8), kf, k);
-      const float4 q0 = *reinterpret_cast<const float4 *>(q + c * 8);
-      const float4 q1 = *reinterpret_cast<const float4 *>(q + c * 8 + 4);
+      pgqa::to_float8(pgqa::load_vec<uint4>(k + c * 8), kf, k);
+      const float4 q0 = pgqa::load_vec<float4>(q + c * 8);
+      const float4 q1 = pgqa::load_vec<float4>(q + c * 8 + 4);
       sum += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
              q1.z * kf[6] + q1.w * kf[7];
     }
@@ -101,11 +101,11 @@ __device__ inline float dot(const float *q, const KV *k) {
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) {
       float kf[16];
-      pgqa::fp8_to_float16(*reinterpret_cast<const uint4 *>(k + c * 16), kf, k);
+      pgqa::fp8_to_float16(pgqa::load_vec<uint4>(k + c * 16), kf, k);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float4 q0 = *reinterpret_cast<const float4 *>(q + c * 16 + 8 * h);
-        const float4 q1 = *reinterpret_cast<const float4 *>(q + c * 16 + 8 * h + 4);
+        const float4 q0 = pgqa::load_vec<float4>(q + c * 16 + 8 * h);
+        const float4 q1 = pgqa::load_vec<float4>(q + c * 16 + 8 * h + 4);
         const float *x = kf + 8 * h;
         sum += q0.x * x[0] + q0.y * x[1] + q0.z * x[2] + q0.w * x[3] + q1.x * x[4] + q1.y * x[5] +
                q1.z * x[6] + q1.w * x[7];
@@ -331,11 +331,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t row = out_row(r);
       if (p.num_splits == 1) {
         T *out = static_cast<T *>(p.out) + row * D + c * 8;
-        *reinterpret_cast<uint4 *>(out) = pgqa::from_float8(o, out);
+        pgqa::store_vec<uint4>(out, pgqa::from_float8(o, out));
       } else {
         float *out = p.partial_out + (row * p.num_splits + split) * D + c * 8;
-        *reinterpret_cast<float4 *>(out) = make_float4(o[0], o[1], o[2], o[3]);
-        *reinterpret_cast<float4 *>(out + 4) = make_float4(o[4], o[5], o[6], o[7]);
+        pgqa::store_vec<float4>(out, make_float4(o[0], o[1], o[2], o[3]));
+        pgqa::store_vec<float4>(out + 4, make_float4(o[4], o[5], o[6], o[7]));
       }
     }
   }

@@ -47,10 +47,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = threadIdx.x * 8; i < row_len; i += blockDim.x * 8) {
     const int head = i / head_dim;
     float k[8], v[8];
-    pgqa::to_float8(*reinterpret_cast<const uint4 *>(k_new + src + i), k, k_new);
-    pgqa::to_float8(*reinterpret_cast<const uint4 *>(v_new + src + i), v, v_new);
-    *reinterpret_cast<uint2 *>(k_cache + dst + i) = pgqa::quantize8(k, k_scale[head], tag);
-    *reinterpret_cast<uint2 *>(v_cache + dst + i) = pgqa::quantize8(v, v_scale[head], tag);
+    pgqa::to_float8(pgqa::load_vec<uint4>(k_new + src + i), k, k_new);
+    pgqa::to_float8(pgqa::load_vec<uint4>(v_new + src + i), v, v_new);
+    pgqa::store_vec<uint2>(k_cache + dst + i, pgqa::quantize8(k, k_scale[head], tag));
+    pgqa::store_vec<uint2>(v_cache + dst + i, pgqa::quantize8(v, v_scale[head], tag));
   }
 }
 

@@ -95,6 +95,34 @@ namespace pgqa {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// One vector access of sizeof(V) bytes (uint4 and float4: 16, uint2 and float2: 8): one
+// instruction on the GPU (LDG/LDS/STG/STS.128 or .64). Under the emulator it is one host access
+// of that width through a GCC vector type, so the traced copy sees one request of that width
+// where the optimiser would split a struct copy into 4-byte accesses (kernels/sim/trace.cpp).
+template <typename V>
+__device__ __forceinline__ V load_vec(const void *p) {
+#if defined(PGQA_SIM)
+  typedef unsigned Raw __attribute__((vector_size(sizeof(V)), may_alias));
+  const Raw raw = *static_cast<const Raw *>(p);
+  V v;
+  __builtin_memcpy(&v, &raw, sizeof(V));
+  return v;
+#else
+  return *static_cast<const V *>(p);
+#endif
+}
+template <typename V>
+__device__ __forceinline__ void store_vec(void *p, const V &v) {
+#if defined(PGQA_SIM)
+  typedef unsigned Raw __attribute__((vector_size(sizeof(V)), may_alias));
+  Raw raw;
+  __builtin_memcpy(&raw, &v, sizeof(V));
+  *static_cast<Raw *>(p) = raw;
+#else
+  *static_cast<V *>(p) = v;
+#endif
+}
+
 // Eight 2-byte elements (one 16-byte vector) to floats, and back.
 __device__ inline void to_float8(const uint4 &v, float (&f)[8], const __nv_bfloat16 *) {
   const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);

@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t token = q_begin + j0 + r / heads;
       pgqa::copy16_async(dst, q + (token * p.n_heads + head0 + r % heads) * D + c * 8);
     } else {
-      *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+      pgqa::store_vec<uint4>(dst, make_uint4(0, 0, 0, 0));
     }
   }
 
@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           pgqa::copy16_async(k_row, k_cache + offset);
           pgqa::copy16_async(v_row, v_cache + offset);
         } else {
-          *reinterpret_cast<uint4 *>(k_row) = make_uint4(0, 0, 0, 0);
-          *reinterpret_cast<uint4 *>(v_row) = make_uint4(0, 0, 0, 0);
+          pgqa::store_vec<uint4>(k_row, make_uint4(0, 0, 0, 0));
+          pgqa::store_vec<uint4>(v_row, make_uint4(0, 0, 0, 0));
         }
       }
     } else {
@@ -169,8 +169,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           pgqa::copy16_async(k_row, k_cache + offset);
           pgqa::copy16_async(v_row, v_cache + offset);
         } else {
-          *reinterpret_cast<uint4 *>(k_row) = make_uint4(0, 0, 0, 0);  // +0 in either format
-          *reinterpret_cast<uint4 *>(v_row) = make_uint4(0, 0, 0, 0);
+          pgqa::store_vec<uint4>(k_row, make_uint4(0, 0, 0, 0));  // +0 in either format
+          pgqa::store_vec<uint4>(v_row, make_uint4(0, 0, 0, 0));
         }
       }
     }
@@ -237,10 +237,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = threadIdx.x; i < G::kKeys * G::kChunks; i += kThreads) {
         const int row = i / G::kChunks;
         const int c = (i % G::kChunks) * 8;
-        *reinterpret_cast<uint4 *>(k_tiles + row * G::kStride + c) =
-            pgqa::widen8(*reinterpret_cast<const uint2 *>(k_src + row * D + c), fp8_tag, tag);
-        *reinterpret_cast<uint4 *>(v_tiles + row * G::kStride + c) =
-            pgqa::widen8(*reinterpret_cast<const uint2 *>(v_src + row * D + c), fp8_tag, tag);
+        pgqa::store_vec<uint4>(k_tiles + row * G::kStride + c, pgqa::widen8(*reinterpret_cast<const uint2 *>(k_src + row * D + c), fp8_tag, tag));
+        pgqa::store_vec<uint4>(v_tiles + row * G::kStride + c, pgqa::widen8(*reinterpret_cast<const uint2 *>(v_src + row * D + c), fp8_tag, tag));
       }
       __syncthreads();  // the widened tile visible to every warp's ldmatrix
     }
@@ -385,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint32_t *>(out) = pgqa::pack2(x0, x1, tag);
       } else {
         float *out = p.partial_out + (row * p.num_splits + split) * D + d;
-        *reinterpret_cast<float2 *>(out) = make_float2(x0, x1);
+        pgqa::store_vec<float2>(out, make_float2(x0, x1));
       }
     }
     if (quad_lane == 0) {

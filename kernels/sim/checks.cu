@@ -12,6 +12,9 @@ extern "C" void *pgqa_sim_device_new(void);
 extern "C" void pgqa_sim_device_free(void *device);
 extern "C" void *pgqa_sim_malloc(void *device, size_t bytes);
 extern "C" const char *pgqa_sim_last_report(void *device);
+extern "C" void pgqa_sim_set_tracing(void *device, int flags);
+extern "C" void pgqa_sim_mark_written(void *device, const void *ptr, size_t len);
+extern "C" char *pgqa_sim_take_profile(void *device);
 
 namespace {
 
@@ -218,9 +221,161 @@ __global__ void __launch_bounds__(kThreads) fp8_encode(const unsigned char *in, 
   reinterpret_cast<uint2 *>(out + 4 * n)[2 * t + 1] = pgqa::quantize8(hi, scale, tag);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The profiler's planted cases (run on the traced copy; tests/sim_profile.rs holds the counts
+// worked out by hand). One warp unless said.
+
+// One shared-memory load per lane after a conflict-free fill: variant 0: a float4 at 16 x lane
+// (128-bit, quarter-warp phases: 4 wavefronts, ideal 4); 1: a float at word 2 x lane (lanes l
+// and l + 16 share a bank: 2-way, 2 wavefronts, ideal 1); 2: a float at word 32 x lane (every
+// lane in bank 0: 32-way, 32 wavefronts); 3: word 0 for every lane (a broadcast: 1 wavefront);
+// 4: a float2 at 8 x lane (half-warp phases: 2 wavefronts, ideal 2); 5: lanes 0-7 only, a float
+// at word lane (lane utilisation 8/32, 1 wavefront, ideal 1).
+__global__ void __launch_bounds__(32) profile_shared(float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 1024; i += 32) s[i] = static_cast<float>(i);
+  __syncwarp();
+  float x = 0.0f;
+  if (variant == 0) {
+    const float4 v = pgqa::load_vec<float4>(s + 4 * lane);
+    x = v.x + v.y + v.z + v.w;
+  } else if (variant == 1) {
+    x = s[2 * lane];
+  } else if (variant == 2) {
+    x = s[32 * lane];
+  } else if (variant == 3) {
+    x = s[0];
+  } else if (variant == 4) {
+    const float2 v = pgqa::load_vec<float2>(s + 2 * lane);
+    x = v.x + v.y;
+  } else if (variant == 5 && lane < 8) {
+    x = s[lane];
+  }
+  out[lane] = x;
+}
+
+// One global load per lane: variant 0: a float at lane (coalesced: 4 sectors, ideal 4); 1: a
+// float at 32 x lane (128 bytes apart: 32 sectors, ideal 4); 2: a float4 at 4 x lane (16
+// sectors, ideal 16). The store to out[lane] is coalesced (4 sectors).
+__global__ void __launch_bounds__(32) profile_global(const float *in, float *out, int variant) {
+  const int lane = threadIdx.x;
+  float x;
+  if (variant == 0) {
+    x = in[lane];
+  } else if (variant == 1) {
+    x = in[32 * lane];
+  } else {
+    const float4 v = pgqa::load_vec<float4>(in + 4 * lane);
+    x = v.x + v.y + v.z + v.w;
+  }
+  out[lane] = x;
+}
+
+// 128 threads (4 warps): before the barrier only warps 0 and 1 work (warp utilisation 0.5),
+// after it every warp does (1.0).
+__global__ void __launch_bounds__(kThreads) profile_idle_half(float *out) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int t = threadIdx.x;
+  if (t < 64) s[t] = static_cast<float>(t);
+  __syncthreads();
+  out[t] = s[t % 64];
+}
+
+// cp.async in flight: each of 32 lanes issues two 16-byte copies in one group, then a third in a
+// second group, waits for all (the block's most in flight: 3 x 32 x 16 = 1536 bytes).
+__global__ void __launch_bounds__(32) profile_inflight(const float *in, float *out) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int lane = threadIdx.x;
+  pgqa::copy16_async(s + 4 * lane, in + 4 * lane);
+  pgqa::copy16_async(s + 128 + 4 * lane, in + 128 + 4 * lane);
+  pgqa::copy_async_commit();
+  pgqa::copy16_async(s + 256 + 4 * lane, in + 256 + 4 * lane);
+  pgqa::copy_async_commit();
+  pgqa::copy_async_wait<0>();
+  __syncwarp();
+  out[lane] = s[lane];
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sanitizers' planted cases: variant 1 has the bug, variant 0 not. None of them changes the
+// output, so the two-schedule comparison passes them all.
+
+// Every thread writes the same value to s[0] with no barrier between (variant 0: thread 0
+// alone): a write-after-write hazard whose value is the same either way.
+__global__ void __launch_bounds__(kThreads) race_same_value(float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int t = threadIdx.x;
+  if (variant == 1 || t == 0) s[0] = 1.0f;
+  __syncthreads();
+  out[t] = s[0];
+}
+
+// Lanes swap values through shared memory; variant 0 with __syncwarp between the write and the
+// read, variant 1 without (lanes are not in lockstep since Volta). The read is volatile and its
+// value discarded unless the exchange was synchronised, so the output is the same either way.
+__global__ void __launch_bounds__(32) warp_exchange(float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int lane = threadIdx.x;
+  s[lane] = static_cast<float>(lane);
+  if (variant == 0) __syncwarp();
+  const float x = *static_cast<volatile float *>(s + (lane ^ 1));
+  out[lane] = variant == 0 ? x : static_cast<float>(lane ^ 1);
+}
+
+// Warp 1 reads s[0] in the phase warp 0 writes it (variant 1) and discards what it read (a
+// stale read, masked); variant 0 reads after the barrier.
+__global__ void __launch_bounds__(kThreads) stale_read_masked(float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int t = threadIdx.x;
+  if (t == 0) s[0] = 2.0f;
+  if (variant == 1 && t == 32) {
+    const float stale = *static_cast<volatile float *>(s);
+    (void)stale;
+  }
+  __syncthreads();
+  out[t] = s[0];
+}
+
+// Two blocks: block 0 writes out[0]; block 1 reads it (variant 1; a hazard between blocks) or
+// reads in[0] (variant 0). Block 1 discards what it read.
+__global__ void __launch_bounds__(32) global_race(const float *in, float *out, int variant) {
+  const int lane = threadIdx.x;
+  if (blockIdx.x == 0) {
+    if (lane == 0) out[0] = 1.0f;
+  } else if (lane == 0) {
+    const float x = *static_cast<const volatile float *>(variant == 1 ? out : in);
+    (void)x;
+    out[1] = 2.0f;
+  }
+}
+
+// Reads device memory nothing wrote (variant 1: out[lane + 32], allocated, never written; variant
+// 0: in[lane]) and shared memory no thread wrote (variant 1) or one it wrote (variant 0). The
+// values read are discarded.
+__global__ void __launch_bounds__(32) uninitialised(const float *in, float *out, int variant) {
+  PGQA_DYNAMIC_SHARED(smem);
+  float *s = reinterpret_cast<float *>(smem);
+  const int lane = threadIdx.x;
+  if (variant == 0) s[lane] = 0.0f;
+  __syncwarp();
+  const float g = *static_cast<const volatile float *>(variant == 1 ? out + 32 + lane : in + lane);
+  const float x = *static_cast<volatile float *>(s + lane);
+  (void)g;
+  (void)x;
+  out[lane] = 1.0f;
+}
+
 void *upload(void *device, const void *data, size_t bytes, size_t capacity) {
   void *p = pgqa_sim_malloc(device, capacity);
   if (bytes > 0) memcpy(p, data, bytes);
+  pgqa_sim_mark_written(device, p, bytes);
   return p;
 }
 
@@ -229,9 +384,19 @@ void *upload(void *device, const void *data, size_t bytes, size_t capacity) {
 // Runs check `name` (variant 0: correct, others: a planted mistake) with `input` copied to a
 // device buffer; copies the device output (poisoned where unwritten) to `output`, the report
 // to `report`. Returns the launch's cudaError value, or -1 for an unknown name.
+// The traced copy (PGQA_SIM_TRACED) is pgqa_trace_check: its device traces with `tracing` flags
+// (see pgqa_sim_set_tracing) and hands back the profile text of the check's launches.
+#if defined(PGQA_SIM_TRACED)
+extern "C" int pgqa_trace_check(const char *name, int variant, const void *input, size_t input_bytes,
+                                void *output, size_t output_bytes, char *report, size_t report_bytes,
+                                int tracing, char **profile) {
+  void *device = pgqa_sim_device_new();
+  pgqa_sim_set_tracing(device, tracing);
+#else
 extern "C" int pgqa_sim_check(const char *name, int variant, const void *input, size_t input_bytes,
                               void *output, size_t output_bytes, char *report, size_t report_bytes) {
   void *device = pgqa_sim_device_new();
+#endif
   void *in = upload(device, input, input_bytes, input_bytes > 0 ? input_bytes : 16);
   float *out = static_cast<float *>(upload(device, nullptr, 0, output_bytes));
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(device);
@@ -290,18 +455,42 @@ extern "C" int pgqa_sim_check(const char *name, int variant, const void *input, 
     status = n == "fp8_e4m3_encode"
                  ? PGQA_LAUNCH(fp8_encode<pgqa::fp8_e4m3>, blocks, kThreads, 0, stream, bytes, out_bytes, values)
                  : PGQA_LAUNCH(fp8_encode<pgqa::fp8_e5m2>, blocks, kThreads, 0, stream, bytes, out_bytes, values);
+  } else if (n == "profile_shared") {
+    status = PGQA_LAUNCH(profile_shared, 1, 32, 4096, stream, out, variant);
+  } else if (n == "profile_global") {
+    status = PGQA_LAUNCH(profile_global, 1, 32, 0, stream, in_f, out, variant);
+  } else if (n == "profile_idle_half") {
+    status = PGQA_LAUNCH(profile_idle_half, 1, kThreads, 64 * 4, stream, out);
+  } else if (n == "profile_inflight") {
+    status = PGQA_LAUNCH(profile_inflight, 1, 32, 384 * 4, stream, in_f, out);
+  } else if (n == "race_same_value") {
+    status = PGQA_LAUNCH(race_same_value, 1, kThreads, 16, stream, out, variant);
+  } else if (n == "warp_exchange") {
+    status = PGQA_LAUNCH(warp_exchange, 1, 32, 32 * 4, stream, out, variant);
+  } else if (n == "stale_read_masked") {
+    status = PGQA_LAUNCH(stale_read_masked, 1, kThreads, 16, stream, out, variant);
+  } else if (n == "global_race") {
+    status = PGQA_LAUNCH(global_race, 2, 32, 0, stream, in_f, out, variant);
+  } else if (n == "uninitialised") {
+    status = PGQA_LAUNCH(uninitialised, 1, 32, 32 * 4, stream, in_f, out, variant);
   } else if (n == "trap") {
     status = PGQA_LAUNCH(trapping, 1, kThreads, 0, stream, out);
   }
   cudaGetLastError();
   memcpy(output, out, output_bytes);
   snprintf(report, report_bytes, "%s", pgqa_sim_last_report(device));
+#if defined(PGQA_SIM_TRACED)
+  *profile = pgqa_sim_take_profile(device);
+#endif
   pgqa_sim_device_free(device);
   return status;
 }
+
+#if !defined(PGQA_SIM_TRACED)
 
 // The emulator's 16-bit conversions, for tests/sim_checks.rs to compare with the `half` crate.
 extern "C" float pgqa_sim_f16_to_f32(uint16_t bits) { return __half2float(__half{bits}); }
 extern "C" uint16_t pgqa_sim_f32_to_f16(float x) { return __float2half_rn(x).x; }
 extern "C" float pgqa_sim_bf16_to_f32(uint16_t bits) { return __bfloat162float(__nv_bfloat16{bits}); }
 extern "C" uint16_t pgqa_sim_f32_to_bf16(float x) { return __float2bfloat16_rn(x).x; }
+#endif

@@ -42,6 +42,8 @@
 #include <vector>
 
 #include "sim.h"
+#include "sanitize.h"
+#include "trace.h"
 // The 16-bit float types and conversions the kernels see.
 #include "include/cuda_bf16.h"
 #include "include/cuda_fp16.h"
@@ -98,7 +100,14 @@ struct Device {
   std::atomic<uint64_t> watched_bytes{0};
   uint64_t launches = 0;
   std::string last_report;
+  // Traced launches (the PGQA_SIM_TRACED copy of the kernels): kTraceProfile keeps each launch's
+  // profile, kTraceSanitize runs racecheck and initcheck on it.
+  int tracing = 0;
+  trace::DeviceProfile profile;
+  trace::InitShadow init;  // which bytes of the buffers allocated while sanitizing were written
 };
+
+constexpr int kTraceProfile = 1, kTraceSanitize = 2;
 
 namespace {
 
@@ -184,7 +193,7 @@ std::string function_name(const void *address) {
   char *demangled = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status);
   std::string name = status == 0 && demangled != nullptr ? demangled : mangled;
   free(demangled);
-  for (const char *noise : {"(anonymous namespace)::", "pgqa_sim_cuda::", "pgqa_emulated::"}) {
+  for (const char *noise : {"(anonymous namespace)::", "pgqa_sim_cuda_traced::", "pgqa_sim_cuda::", "pgqa_emulated::", "pgqa_traced::"}) {
     for (size_t at; (at = name.find(noise)) != std::string::npos;) name.erase(at, strlen(noise));
   }
   // Drop the parameter list: the last top-level "(...)".
@@ -320,6 +329,7 @@ struct Fiber {
   uint32_t in[8] = {};
   int lane_arg = 0, width = 32;
   const void *address = nullptr;
+  uintptr_t pc = 0;  // the collective's caller (the traced profile's site)
   uint32_t out[4] = {};
   float acc[4] = {};
   // cp.async: copies not yet committed, and committed groups not yet retired.
@@ -339,6 +349,11 @@ struct Launch {
   bool reverse = false;         // threads and blocks in reverse order
   bool late_copies = true;      // cp.async lands at the wait_group
   bool count_traffic = true;
+  // A traced launch's first schedule: the profile its workers' tracers fill, and the sanitizers.
+  bool trace = false;
+  trace::LaunchProfile *profile = nullptr;
+  std::mutex profile_mutex;
+  trace::Sanitizer *sanitizer = nullptr;
   std::atomic<int64_t> next_block{0};
   std::atomic<bool> failed{false};
   std::mutex report_mutex;
@@ -387,6 +402,7 @@ struct Worker {
   volatile bool fault_write = false;
   uint64_t watched = 0;
   std::vector<int> run_list;  // the scheduler's scratch (run_block)
+  trace::BlockTracer *tracer = nullptr;  // a traced launch's first schedule
   stack_t alt_stack{};
   stack_t old_alt_stack{};
 };
@@ -461,6 +477,7 @@ void init_fiber(Fiber &f) {
 
 void resume(Worker &w, Fiber &f) {
   w.current = &f;
+  if (w.tracer) w.tracer->set_thread(f.linear);
   tls_thread_idx = &f.thread_idx;
 #if defined(__x86_64__)
   pgqa_sim_switch(&w.sched_sp, f.sp);
@@ -630,6 +647,14 @@ void execute(Worker &w, Fiber **lanes, unsigned mask) {
       }
       break;
     }
+  }
+  if (w.tracer) {
+    static constexpr trace::Op kOps[] = {trace::Op::kShuffle, trace::Op::kSyncWarp, trace::Op::kBallot,
+                                         trace::Op::kLdmatrix, trace::Op::kMma};
+    uintptr_t rows[32] = {};
+    if (first.coll == Coll::kLdmatrix)
+      for (int l = 0; l < 32; ++l) rows[l] = reinterpret_cast<uintptr_t>(lanes[l]->address);
+    w.tracer->collective(first.warp, kOps[static_cast<int>(first.coll)], mask, first.pc, rows);
   }
   for (int l = 0; l < 32; ++l)
     if ((mask >> l) & 1u) lanes[l]->state = State::kRunnable;
@@ -802,6 +827,7 @@ bool run_block(Worker &w, int64_t linear, int threads) {
     init_fiber(f);
   }
   w.failed = false;
+  if (w.tracer) w.tracer->begin_block(static_cast<uint64_t>(linear), threads, w.smem, w.smem_bytes);
   if (sigsetjmp(w.fault_env, 1) != 0) {
     w.in_block = false;
     Fiber *f = w.current;
@@ -838,6 +864,7 @@ bool run_block(Worker &w, int64_t linear, int threads) {
           at_barrier += f.state == State::kBarrier;
         }
         released.clear();
+        if (w.tracer) w.tracer->warp_stopped(warp);
         resolve_warp(w, warp, threads, released);
         if (w.failed) return stop();
         if (released.empty()) break;  // every lane waits at a barrier or has exited
@@ -859,6 +886,16 @@ bool run_block(Worker &w, int64_t linear, int threads) {
       }
     }
     if (first != nullptr && problem.empty() && at_barrier + exited == threads) {
+      if (w.tracer) {
+        int live_warps = 0;
+        for (int k = 0; k < warps; ++k)
+          for (int j = 32 * k; j < std::min(threads, 32 * k + 32); ++j)
+            if (w.fibers[j]->state != State::kExited) {
+              ++live_warps;
+              break;
+            }
+        w.tracer->barrier(site_text(first->site).c_str(), live_warps);
+      }
       for (int i = 0; i < threads; ++i)
         if (w.fibers[i]->state == State::kBarrier) w.fibers[i]->state = State::kRunnable;
       at_barrier = 0;
@@ -874,6 +911,7 @@ bool run_block(Worker &w, int64_t linear, int threads) {
     return false;
   }
   w.in_block = false;
+  if (w.tracer) w.tracer->end_block();
   const std::string slack = check_shared_slack(w);
   if (!slack.empty()) {
     l.fail(kIllegalAddress, slack + "\n  at " + where(w, nullptr));
@@ -904,6 +942,16 @@ void run_worker(Launch &l, int threads) {
                      static_cast<unsigned>(i / (l.block.x * l.block.y))};
     w.fibers.push_back(std::move(f));
   }
+  std::unique_ptr<trace::BlockTracer> tracer;
+  if (l.trace && !l.reverse) {
+    std::vector<trace::Range> buffers, watches;
+    for (const Buffer &b : l.buffers) buffers.push_back({b.start, b.size});
+    for (const auto &range : l.device->watches) watches.push_back({range.first, range.second});
+    tracer = std::make_unique<trace::BlockTracer>(l.profile, &l.profile_mutex, std::move(buffers),
+                                                  std::move(watches), l.sanitizer);
+    w.tracer = tracer.get();
+    trace::set_tracer(w.tracer);
+  }
   const int64_t blocks = static_cast<int64_t>(l.grid.x) * l.grid.y * l.grid.z;
   while (!l.failed.load()) {
     const int64_t k = l.next_block.fetch_add(1);
@@ -911,6 +959,9 @@ void run_worker(Launch &l, int threads) {
     if (!run_block(w, l.reverse ? blocks - 1 - k : k, threads)) break;
   }
   if (l.count_traffic && w.watched) l.device->watched_bytes += w.watched;
+  trace::set_tracer(nullptr);
+  w.tracer = nullptr;
+  tracer.reset();  // merges its counters into the launch's profile
   for (auto &f : w.fibers) give_stack(f->stack);
   munmap(w.arena.map, w.arena.len);
   sigaltstack(&w.old_alt_stack, nullptr);
@@ -930,7 +981,8 @@ int worker_count(int64_t blocks) {
 void run_schedule(Launch &l) {
   const int threads = static_cast<int>(l.block.x * l.block.y * l.block.z);
   const int64_t blocks = static_cast<int64_t>(l.grid.x) * l.grid.y * l.grid.z;
-  const int n = worker_count(blocks);
+  // The sanitizers' shadow state is one launch-wide picture: one worker.
+  const int n = l.sanitizer != nullptr && !l.reverse ? 1 : worker_count(blocks);
   std::vector<std::thread> helpers;
   for (int i = 1; i < n; ++i) helpers.emplace_back([&] { run_worker(l, threads); });
   run_worker(l, threads);
@@ -987,6 +1039,7 @@ uint32_t shuffle(ShuffleKind kind, unsigned mask, uint32_t value, int lane_arg, 
                                      site_text(site).c_str()));
     to_scheduler(f);
   }
+  f->pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
   f->in[0] = value;
   f->lane_arg = lane_arg;
   f->width = width;
@@ -994,10 +1047,14 @@ uint32_t shuffle(ShuffleKind kind, unsigned mask, uint32_t value, int lane_arg, 
   return f->out[0];
 }
 
-void sync_warp(unsigned mask, Site site) { arrive(Coll::kSyncWarp, 0, mask, site); }
+void sync_warp(unsigned mask, Site site) {
+  t_worker->current->pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+  arrive(Coll::kSyncWarp, 0, mask, site);
+}
 
 unsigned vote_ballot(unsigned mask, bool predicate, Site site) {
   Fiber *f = t_worker->current;
+  f->pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
   f->in[0] = predicate;
   arrive(Coll::kBallot, 0, mask, site);
   return f->out[0];
@@ -1006,6 +1063,7 @@ unsigned vote_ballot(unsigned mask, bool predicate, Site site) {
 void ldmatrix_x4(uint32_t (&r)[4], const void *row, bool trans, Site site) {
   Fiber *f = t_worker->current;
   f->address = row;
+  f->pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
   arrive(Coll::kLdmatrix, trans, 0xffffffffu, site);
   for (int i = 0; i < 4; ++i) r[i] = f->out[i];
 }
@@ -1016,6 +1074,7 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
     f->in[i] = a[i];
     f->acc[i] = c[i];
   }
+  f->pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
   f->in[4] = b0;
   f->in[5] = b1;
   arrive(Coll::kMma, bf16, 0xffffffffu, site);
@@ -1052,6 +1111,7 @@ void cp_async(void *shared_dst, const void *global_src, int bytes, Site site) {
   if (l.count_traffic)
     for (const auto &range : l.device->watches)
       if (src >= range.first && src < range.first + range.second) w.watched += bytes;
+  if (w.tracer) w.tracer->cp_async(dst, src, bytes, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   Copy copy;
   copy.dst = static_cast<unsigned char *>(shared_dst);
   if (l.late_copies) {
@@ -1072,10 +1132,13 @@ void cp_async_commit() {
 }
 
 void cp_async_wait(int pending) {
-  Fiber *f = t_worker->current;
+  Worker &w = *t_worker;
+  Fiber *f = w.current;
   while (static_cast<int>(f->groups.size()) > pending) {
-    for (const Copy &c : f->groups.front())
+    for (const Copy &c : f->groups.front()) {
       if (c.bytes > 0) memcpy(c.dst, c.data, c.bytes);
+      if (w.tracer) w.tracer->cp_async_landed(reinterpret_cast<uintptr_t>(c.dst), c.bytes);
+    }
     f->groups.pop_front();
   }
 }
@@ -1183,9 +1246,38 @@ int launch_grid(const char *kernel_text, const char *launcher, const void *kerne
   ++device->launches;
   Snapshot before;
   if (device->race_check) before = snapshot(l.buffers);
+  trace::LaunchProfile profile;
+  std::unique_ptr<trace::Sanitizer> sanitizer;
+  if (device->tracing != 0) {
+    l.trace = true;
+    profile.kernel = kernel;
+    profile.launcher = launcher;
+    profile.grid = grid;
+    profile.block = block;
+    profile.dynamic_smem = dynamic_smem;
+    l.profile = &profile;
+    if (device->tracing & kTraceSanitize) {
+      sanitizer = std::make_unique<trace::Sanitizer>(kernel, &device->init);
+      l.sanitizer = sanitizer.get();
+    }
+  }
+  const uint64_t watched_before = device->watched_bytes.load();
   run_schedule(l);
+  profile.kv_bytes_fetched = device->watched_bytes.load() - watched_before;
   std::string report;
-  if (l.failed) {
+  if (!l.failed && sanitizer != nullptr && !sanitizer->reports().empty()) {
+    l.error = kLaunchFailure;
+    report = format("%llu sanitizer report(s) in kernel %s (launched from %s):",
+                    static_cast<unsigned long long>(sanitizer->hazards()), kernel, launcher);
+    for (const std::string &r : sanitizer->reports()) report += "\n  " + r;
+  }
+  if (!l.failed && device->tracing & kTraceProfile) {
+    std::lock_guard<std::mutex> profile_lock(device->profile.mutex);
+    device->profile.launches.push_back(std::move(profile));
+  }
+  if (!report.empty()) {
+    // reported below
+  } else if (l.failed) {
     report = l.report;
   } else if (device->race_check) {
     Snapshot first = snapshot(l.buffers);
@@ -1240,6 +1332,7 @@ extern "C" {
 void *pgqa_sim_device_new(void) {
   Device *d = new Device;
   if (const char *env = getenv("PAGED_GQA_SIM_RACE_CHECK")) d->race_check = strcmp(env, "0") != 0;
+  if (const char *env = getenv("PAGED_GQA_SIM_SANITIZE")) d->tracing = strcmp(env, "1") == 0 ? pgqa_sim::kTraceSanitize : 0;
   return d;
 }
 
@@ -1270,6 +1363,7 @@ void *pgqa_sim_malloc(void *device, size_t bytes) {
   std::lock_guard<std::mutex> lock(d->buffers_mutex);
   b.id = d->next_id++;
   d->buffers[b.start] = b;
+  if (d->tracing & pgqa_sim::kTraceSanitize) d->init.allocated(b.start, b.size);
   return reinterpret_cast<void *>(b.start);
 }
 
@@ -1280,6 +1374,7 @@ int pgqa_sim_free(void *device, void *ptr) {
   auto it = d->buffers.find(reinterpret_cast<uintptr_t>(ptr));
   if (it == d->buffers.end()) return 1;
   munmap(reinterpret_cast<void *>(it->second.map_base), it->second.map_len);
+  d->init.freed(it->first);
   d->buffers.erase(it);
   return 0;
 }
@@ -1307,5 +1402,60 @@ void pgqa_sim_unwatch_all(void *device) {
 }
 uint64_t pgqa_sim_watched_bytes(void *device) { return static_cast<Device *>(device)->watched_bytes.load(); }
 uint64_t pgqa_sim_launches(void *device) { return static_cast<Device *>(device)->launches; }
+
+// Traced launches from now on (flags: 1 keeps each launch's profile, 2 runs racecheck and
+// initcheck; the caller launches the pgqa_trace_* entry points). Buffers allocated while 2 is on
+// start unwritten for initcheck.
+void pgqa_sim_set_tracing(void *device, int flags) {
+  Device *d = static_cast<Device *>(device);
+  std::lock_guard<std::mutex> lock(d->launch_mutex);
+  d->tracing = flags;
+}
+int pgqa_sim_tracing(void *device) { return static_cast<Device *>(device)->tracing; }
+
+// The host wrote [ptr, ptr + len) of a device buffer (initcheck counts those bytes as written).
+void pgqa_sim_mark_written(void *device, const void *ptr, size_t len) {
+  Device *d = static_cast<Device *>(device);
+  if ((d->tracing & pgqa_sim::kTraceSanitize) == 0) return;
+  std::lock_guard<std::mutex> lock(d->buffers_mutex);
+  d->init.written(reinterpret_cast<uintptr_t>(ptr), len);
+}
+
+// The profiles of the traced launches since the last call, as text (malloc'd: free it with
+// pgqa_sim_free_text), one line per record, fields separated by tabs:
+//   launch  kernel launcher grid.x grid.y grid.z block.x block.y block.z dynamic_smem blocks
+//           kv_bytes_fetched max_block_inflight sum_block_inflight
+//   site    where op space bytes requests lanes wavefronts ideal_wavefronts sectors ideal_sectors
+//   phase   from to occurrences warps busy_warps
+char *pgqa_sim_take_profile(void *device) {
+  Device *d = static_cast<Device *>(device);
+  std::vector<pgqa_sim::trace::LaunchProfile> launches;
+  {
+    std::lock_guard<std::mutex> lock(d->profile.mutex);
+    launches.swap(d->profile.launches);
+  }
+  using pgqa_sim::format;
+  std::string text;
+  for (const auto &l : launches) {
+    text += format("launch\t%s\t%s\t%u\t%u\t%u\t%u\t%u\t%u\t%zu\t%llu\t%llu\t%llu\t%llu\n", l.kernel.c_str(),
+                   l.launcher.c_str(), l.grid.x, l.grid.y, l.grid.z, l.block.x, l.block.y, l.block.z, l.dynamic_smem,
+                   static_cast<unsigned long long>(l.blocks), static_cast<unsigned long long>(l.kv_bytes_fetched),
+                   static_cast<unsigned long long>(l.max_block_inflight),
+                   static_cast<unsigned long long>(l.sum_block_inflight));
+    for (const auto &s : l.sites)
+      text += format("site\t%s\t%s\t%s\t%d\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\n",
+                     pgqa_sim::trace::describe_pc(s.pc).c_str(), pgqa_sim::trace::op_name(s.op),
+                     pgqa_sim::trace::space_name(s.space), s.bytes, static_cast<unsigned long long>(s.requests),
+                     static_cast<unsigned long long>(s.lanes), static_cast<unsigned long long>(s.wavefronts),
+                     static_cast<unsigned long long>(s.ideal_wavefronts), static_cast<unsigned long long>(s.sectors),
+                     static_cast<unsigned long long>(s.ideal_sectors));
+    for (const auto &p : l.phases)
+      text += format("phase\t%s\t%s\t%llu\t%llu\t%llu\n", p.from.c_str(), p.to.c_str(),
+                     static_cast<unsigned long long>(p.occurrences), static_cast<unsigned long long>(p.warps),
+                     static_cast<unsigned long long>(p.busy_warps));
+  }
+  return strdup(text.c_str());
+}
+void pgqa_sim_free_text(char *text) { free(text); }
 
 }  // extern "C"

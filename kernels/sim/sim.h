@@ -13,8 +13,24 @@
 #include <type_traits>
 #include <utility>
 
-// The renames that keep the emulated build apart from the nvcc build in one binary: the C
-// entry points become pgqa_sim_*, the kernels' C++ namespace pgqa becomes pgqa_emulated.
+// The renames that keep the emulated builds apart from the nvcc build in one binary: the C
+// entry points become pgqa_sim_* (pgqa_trace_* in the traced copy, PGQA_SIM_TRACED, built with
+// GCC's thread-sanitizer instrumentation for the profiler and the sanitizers: trace.cpp), the
+// kernels' C++ namespace pgqa becomes pgqa_emulated (pgqa_traced), and the shims' namespace
+// pgqa_sim_cuda becomes pgqa_sim_cuda_traced in the traced copy, so that no inline function of
+// one copy stands in for the other's at link time.
+#if defined(PGQA_SIM_TRACED)
+#define pgqa pgqa_traced
+#define pgqa_repeat_kv pgqa_trace_repeat_kv
+#define pgqa_write_kv pgqa_trace_write_kv
+#define pgqa_copy_blocks pgqa_trace_copy_blocks
+#define pgqa_attend pgqa_trace_attend
+#define pgqa_merge_states pgqa_trace_merge_states
+#define pgqa_gather_kv pgqa_trace_gather_kv
+#define pgqa_naive_decode pgqa_trace_naive_decode
+#define pgqa_cuda_error_name pgqa_trace_cuda_error_name
+#define pgqa_sim_cuda pgqa_sim_cuda_traced
+#else
 #define pgqa pgqa_emulated
 #define pgqa_repeat_kv pgqa_sim_repeat_kv
 #define pgqa_write_kv pgqa_sim_write_kv
@@ -24,8 +40,10 @@
 #define pgqa_gather_kv pgqa_sim_gather_kv
 #define pgqa_naive_decode pgqa_sim_naive_decode
 #define pgqa_cuda_error_name pgqa_sim_cuda_error_name
+#endif
 
-namespace pgqa_sim_cuda {
+// The launch geometry types the runtime's interface takes (the same in both copies).
+namespace pgqa_sim_types {
 struct uint3 {
   unsigned x, y, z;
 };
@@ -33,12 +51,17 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+}  // namespace pgqa_sim_types
+
+namespace pgqa_sim_cuda {
+using ::pgqa_sim_types::dim3;
+using ::pgqa_sim_types::uint3;
 }  // namespace pgqa_sim_cuda
 
 namespace pgqa_sim {
 
-using pgqa_sim_cuda::dim3;
-using pgqa_sim_cuda::uint3;
+using pgqa_sim_types::dim3;
+using pgqa_sim_types::uint3;
 
 // A source location: where a thread waits (barrier, collective) or went wrong.
 struct Site {

@@ -20,6 +20,30 @@ extern "C" {
     fn pgqa_sim_unwatch_all(device: *mut c_void);
     fn pgqa_sim_watched_bytes(device: *mut c_void) -> u64;
     fn pgqa_sim_launches(device: *mut c_void) -> u64;
+    fn pgqa_sim_set_tracing(device: *mut c_void, flags: i32);
+    fn pgqa_sim_tracing(device: *mut c_void) -> i32;
+    fn pgqa_sim_mark_written(device: *mut c_void, ptr: *const c_void, len: usize);
+    fn pgqa_sim_take_profile(device: *mut c_void) -> *mut std::ffi::c_char;
+    fn pgqa_sim_free_text(text: *mut std::ffi::c_char);
+}
+
+/// What a device does with its launches beyond running them: they run the traced copy of the
+/// kernels (every load and store reported to the emulator; see [`crate::sim::profile`]) when
+/// either is on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tracing {
+    /// Keep each launch's profile (requests, wavefronts, sectors, utilisation, bytes in
+    /// flight) for [`SimDevice::take_profile`].
+    pub profile: bool,
+    /// Racecheck and initcheck (compute-sanitizer's semantics): a launch with a hazard or a read
+    /// of unwritten bytes fails with the report.
+    pub sanitize: bool,
+}
+
+impl Tracing {
+    fn flags(self) -> i32 {
+        self.profile as i32 | (self.sanitize as i32) << 1
+    }
 }
 
 /// An emulated GPU and its stream: launches on it run to completion before they return. Its
@@ -33,7 +57,8 @@ pub struct SimDevice {
 }
 
 impl SimDevice {
-    /// A new device with no buffers (race check on unless `PAGED_GQA_SIM_RACE_CHECK=0`).
+    /// A new device with no buffers (race check on unless `PAGED_GQA_SIM_RACE_CHECK=0`; the
+    /// sanitizers on when `PAGED_GQA_SIM_SANITIZE=1`, as `scripts/test-sim --sanitize` runs).
     pub fn new() -> Rc<Self> {
         // SAFETY: no preconditions; never null.
         let raw = unsafe { pgqa_sim_device_new() };
@@ -117,6 +142,47 @@ impl SimDevice {
         unsafe { pgqa_sim_watched_bytes(self.raw()) }
     }
 
+    /// A new device whose launches are traced as `tracing` says (and whose buffers the
+    /// initcheck follows from their allocation).
+    pub fn with_tracing(tracing: Tracing) -> Rc<Self> {
+        let device = Self::new();
+        device.set_tracing(tracing);
+        device
+    }
+
+    /// Traces later launches as `tracing` says (initcheck follows the buffers allocated while
+    /// the sanitizers are on; older ones it does not check).
+    pub fn set_tracing(&self, tracing: Tracing) {
+        // SAFETY: the device is live.
+        unsafe { pgqa_sim_set_tracing(self.raw(), tracing.flags()) }
+    }
+
+    /// How launches are traced.
+    pub fn tracing(&self) -> Tracing {
+        // SAFETY: the device is live.
+        let flags = unsafe { pgqa_sim_tracing(self.raw()) };
+        Tracing {
+            profile: flags & 1 != 0,
+            sanitize: flags & 2 != 0,
+        }
+    }
+
+    /// The profiles of the launches traced since the last call (none unless
+    /// [`Tracing::profile`] is on), with their sites named `file:line`.
+    pub fn take_profile(&self) -> Result<super::profile::Profile> {
+        // SAFETY: the device is live; the text is malloc'd, NUL-terminated, freed below.
+        let text = unsafe {
+            let raw = pgqa_sim_take_profile(self.raw());
+            if raw.is_null() {
+                return Err(super::out_of_memory(0));
+            }
+            let text = CStr::from_ptr(raw).to_string_lossy().into_owned();
+            pgqa_sim_free_text(raw);
+            text
+        };
+        super::profile::Profile::parse(&text)
+    }
+
     /// Kernel launches run on this device so far.
     pub fn launches(&self) -> u64 {
         // SAFETY: the device is live.
@@ -177,7 +243,16 @@ impl<T: DeviceValue> SimBuffer<T> {
 
     /// The elements, to write.
     pub fn as_mut_slice(&mut self) -> &mut [T] {
-        // SAFETY: as above, borrowed exclusively.
+        // What the host may write counts as written for the initcheck.
+        // SAFETY: the range is this live buffer's.
+        unsafe {
+            pgqa_sim_mark_written(
+                self.device.raw(),
+                self.ptr.as_ptr().cast(),
+                self.len * std::mem::size_of::<T>(),
+            )
+        };
+        // SAFETY: the buffer's live memory, borrowed exclusively with the buffer.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 

@@ -20,11 +20,14 @@ mod attend;
 mod baseline;
 mod buffer;
 mod merge;
+pub mod occupancy;
+pub mod profile;
+pub mod speed_of_light;
 mod storage;
 
 pub use attend::{AttendBatch, DeviceKvScales};
 pub use baseline::{repeat_kv, NaiveAttention};
-pub use buffer::{SimBuffer, SimDevice};
+pub use buffer::{SimBuffer, SimDevice, Tracing};
 pub use merge::merge_states;
 pub use storage::{SimStepPlan, SimStorage};
 
@@ -74,6 +77,41 @@ extern "C" {
         stream: pgqa_stream,
         cuda_error: *mut i32,
     ) -> ffi::pgqa_status;
+    fn pgqa_trace_attend(
+        params: *const ffi::pgqa_attend_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_trace_merge_states(
+        params: *const ffi::pgqa_merge_states_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_trace_write_kv(
+        params: *const ffi::pgqa_write_kv_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_trace_copy_blocks(
+        params: *const ffi::pgqa_copy_blocks_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_trace_repeat_kv(
+        params: *const ffi::pgqa_repeat_kv_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_trace_gather_kv(
+        params: *const ffi::pgqa_gather_kv_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
+    fn pgqa_trace_naive_decode(
+        params: *const ffi::pgqa_naive_decode_params,
+        stream: pgqa_stream,
+        cuda_error: *mut i32,
+    ) -> ffi::pgqa_status;
     fn pgqa_sim_cuda_error_name(cuda_error: i32) -> *const c_char;
     fn pgqa_sim_check(
         name: *const c_char,
@@ -85,6 +123,20 @@ extern "C" {
         report: *mut c_char,
         report_bytes: usize,
     ) -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn pgqa_trace_check(
+        name: *const c_char,
+        variant: i32,
+        input: *const c_void,
+        input_bytes: usize,
+        output: *mut c_void,
+        output_bytes: usize,
+        report: *mut c_char,
+        report_bytes: usize,
+        tracing: i32,
+        profile: *mut *mut c_char,
+    ) -> i32;
+    fn pgqa_sim_free_text(text: *mut c_char);
     fn pgqa_sim_sm_count() -> i32;
     fn pgqa_sim_f16_to_f32(bits: u16) -> f32;
     fn pgqa_sim_f32_to_f16(x: f32) -> u16;
@@ -136,28 +188,44 @@ impl Backend for std::rc::Rc<SimDevice> {
     unsafe fn launch(&self, call: Launch<'_>) -> Result<()> {
         let stream = self.raw() as pgqa_stream;
         let mut cuda_error = 0i32;
+        // The traced copy of the kernels when the device profiles or sanitizes.
+        let traced = self.tracing() != Tracing::default();
+        macro_rules! entry {
+            ($plain:ident, $traced:ident, $params:expr) => {
+                if traced {
+                    $traced($params, stream, &mut cuda_error)
+                } else {
+                    $plain($params, stream, &mut cuda_error)
+                }
+            };
+        }
         // SAFETY: forwarded from the caller: every pointer is a live buffer of this device.
         let (kernel, status) = unsafe {
             match call {
-                Launch::Attend(p) => ("attend", pgqa_sim_attend(p, stream, &mut cuda_error)),
+                Launch::Attend(p) => ("attend", entry!(pgqa_sim_attend, pgqa_trace_attend, p)),
                 Launch::MergeStates(p) => (
                     "merge_states",
-                    pgqa_sim_merge_states(p, stream, &mut cuda_error),
+                    entry!(pgqa_sim_merge_states, pgqa_trace_merge_states, p),
                 ),
-                Launch::WriteKv(p) => ("write_kv", pgqa_sim_write_kv(p, stream, &mut cuda_error)),
+                Launch::WriteKv(p) => (
+                    "write_kv",
+                    entry!(pgqa_sim_write_kv, pgqa_trace_write_kv, p),
+                ),
                 Launch::CopyBlocks(p) => (
                     "copy_blocks",
-                    pgqa_sim_copy_blocks(p, stream, &mut cuda_error),
+                    entry!(pgqa_sim_copy_blocks, pgqa_trace_copy_blocks, p),
                 ),
-                Launch::RepeatKv(p) => {
-                    ("repeat_kv", pgqa_sim_repeat_kv(p, stream, &mut cuda_error))
-                }
-                Launch::GatherKv(p) => {
-                    ("gather_kv", pgqa_sim_gather_kv(p, stream, &mut cuda_error))
-                }
+                Launch::RepeatKv(p) => (
+                    "repeat_kv",
+                    entry!(pgqa_sim_repeat_kv, pgqa_trace_repeat_kv, p),
+                ),
+                Launch::GatherKv(p) => (
+                    "gather_kv",
+                    entry!(pgqa_sim_gather_kv, pgqa_trace_gather_kv, p),
+                ),
                 Launch::NaiveDecode(p) => (
                     "naive_decode",
-                    pgqa_sim_naive_decode(p, stream, &mut cuda_error),
+                    entry!(pgqa_sim_naive_decode, pgqa_trace_naive_decode, p),
                 ),
             }
         };
@@ -211,6 +279,56 @@ pub fn run_check(name: &str, variant: i32, input: &[u8], output_bytes: usize) ->
         output,
         report: String::from_utf8_lossy(&report[..end]).into_owned(),
     })
+}
+
+/// [`run_check`] on the traced copy of the checks, on a device traced as `tracing` says:
+/// the run and the profile of its launches (empty unless `tracing.profile`).
+pub fn run_traced_check(
+    name: &str,
+    variant: i32,
+    input: &[u8],
+    output_bytes: usize,
+    tracing: Tracing,
+) -> Option<(CheckRun, profile::Profile)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut output = vec![0u8; output_bytes];
+    let mut report = vec![0u8; 16384];
+    let mut text: *mut c_char = std::ptr::null_mut();
+    let flags = tracing.profile as i32 | (tracing.sanitize as i32) << 1;
+    // SAFETY: every pointer is valid for the lengths given; `text` is malloc'd by the emulator
+    // (or left null for an unknown name) and freed here.
+    let (status, profile_text) = unsafe {
+        let status = pgqa_trace_check(
+            name.as_ptr(),
+            variant,
+            input.as_ptr().cast(),
+            input.len(),
+            output.as_mut_ptr().cast(),
+            output.len(),
+            report.as_mut_ptr().cast(),
+            report.len(),
+            flags,
+            &mut text,
+        );
+        let profile_text = if text.is_null() {
+            String::new()
+        } else {
+            let t = CStr::from_ptr(text).to_string_lossy().into_owned();
+            pgqa_sim_free_text(text);
+            t
+        };
+        (status, profile_text)
+    };
+    if status == -1 {
+        return None;
+    }
+    let end = report.iter().position(|&b| b == 0).unwrap_or(report.len());
+    let run = CheckRun {
+        status,
+        output,
+        report: String::from_utf8_lossy(&report[..end]).into_owned(),
+    };
+    Some((run, profile::Profile::parse(&profile_text).ok()?))
 }
 
 /// The emulator's 16-bit float conversions (its `__half`, `__nv_bfloat16`): widen, and round
