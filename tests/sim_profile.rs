@@ -227,3 +227,125 @@ fn sanitizers_catch_the_planted_races_the_two_schedules_catch() {
     );
     assert_eq!(sanitized("poisoned_shared", 0, &[], 128).status, 0);
 }
+
+mod real_kernels {
+    use paged_gqa::fp8::{self, Fp8E4M3, Fp8Element, KvScales};
+    use paged_gqa::plan::KernelChoice;
+    use paged_gqa::sim::profile::Space;
+    use paged_gqa::sim::{AttendBatch, DeviceKvScales, SimDevice};
+    use paged_gqa::{AttendOptions, GqaShape, PagedLayout, SeqLens};
+
+    /// Values in [-1, 1) from a fixed sequence (never zeros).
+    fn values(n: usize, salt: u64) -> Vec<f32> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ salt;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 0.999
+            })
+            .collect()
+    }
+
+    /// One attention call over `contexts` keys with `query_lens` rows each, pages of `page`
+    /// tokens (bf16, or e4m3 when `fp8`): per launch of an attention kernel, the K/V sectors
+    /// the profile counts x 32 must be the bytes the traffic counter counted, and both nonzero.
+    fn check(choice: KernelChoice, fp8_pages: bool, contexts: &[usize], query_lens: &[usize]) {
+        let shape = GqaShape::new(8, 2, 64).unwrap();
+        let page = 16;
+        let max_blocks = contexts.iter().max().unwrap().div_ceil(page);
+        let num_blocks = contexts.len() * max_blocks;
+        let layout = PagedLayout::new(shape, num_blocks, page).unwrap();
+        let lens = SeqLens::new(contexts, query_lens).unwrap();
+        let block_tables: Vec<i32> = (0..num_blocks as i32).rev().collect();
+        let device = SimDevice::with_tracing(super::PROFILE);
+        device.set_race_check(false);
+        let q: Vec<half::bf16> = values(lens.num_tokens() * shape.q_row_len(), 1)
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect();
+        let q = device.upload(&q).unwrap();
+        let mut out = device.alloc::<half::bf16>(q.len()).unwrap();
+        let mut lse = device
+            .alloc::<f32>(lens.num_tokens() * shape.n_heads())
+            .unwrap();
+        let batch = AttendBatch::with_kernels(
+            &device,
+            layout,
+            paged_gqa::DType::BF16,
+            &lens,
+            &block_tables,
+            max_blocks,
+            choice,
+        )
+        .unwrap();
+        let (k, v) = (values(layout.cache_len(), 2), values(layout.cache_len(), 3));
+        let options = AttendOptions::default();
+        if fp8_pages {
+            let (n_kv, d) = (shape.n_kv_heads(), shape.head_dim());
+            let scales = KvScales::from_amax(
+                Fp8E4M3::FORMAT,
+                &fp8::head_amax(&k, n_kv, d).unwrap(),
+                &fp8::head_amax(&v, n_kv, d).unwrap(),
+            )
+            .unwrap();
+            let quantize = |x: &[f32], s: &[f32]| -> Vec<Fp8E4M3> {
+                x.iter()
+                    .enumerate()
+                    .map(|(i, &x)| Fp8E4M3::quantize(x, s[(i / d) % n_kv]))
+                    .collect()
+            };
+            let kq = device.upload(&quantize(&k, scales.k())).unwrap();
+            let vq = device.upload(&quantize(&v, scales.v())).unwrap();
+            let scales = DeviceKvScales::new(&device, &scales).unwrap();
+            device.watch(kq.address(), kq.len());
+            device.watch(vq.address(), vq.len());
+            batch
+                .run_fp8(&device, &kq, &vq, &scales, &q, &mut out, &mut lse, &options)
+                .unwrap();
+        } else {
+            let to = |x: &[f32]| -> Vec<half::bf16> {
+                x.iter().map(|&v| half::bf16::from_f32(v)).collect()
+            };
+            let (k, v) = (device.upload(&to(&k)).unwrap(), device.upload(&to(&v)).unwrap());
+            device.watch(k.address(), 2 * k.len());
+            device.watch(v.address(), 2 * v.len());
+            batch
+                .run(&device, &k, &v, &q, &mut out, &mut lse, &options)
+                .unwrap();
+        }
+        let fetched = device.watched_bytes();
+        let profile = device.take_profile().unwrap();
+        let attention: Vec<_> = profile
+            .launches
+            .iter()
+            .filter(|l| l.kernel.starts_with("attend_kernel") || l.kernel.starts_with("prefill_kernel"))
+            .collect();
+        assert!(!attention.is_empty(), "{choice:?}: no attention launch in {profile:#?}");
+        let mut total = 0;
+        for launch in attention {
+            let kv = launch.totals(Space::Kv);
+            assert!(kv.sectors > 0, "{}: no K/V sectors", launch.kernel);
+            assert_eq!(
+                32 * kv.sectors,
+                launch.kv_bytes_fetched,
+                "{} ({choice:?}, fp8 {fp8_pages}): K/V sectors x 32 against the traffic counter",
+                launch.kernel
+            );
+            assert!(launch.totals(Space::Shared).wavefronts > 0, "{}", launch.kernel);
+            total += launch.kv_bytes_fetched;
+        }
+        assert_eq!(total, fetched);
+    }
+
+    #[test]
+    fn kv_sectors_match_the_traffic_counter() {
+        for fp8_pages in [false, true] {
+            // Decode (and a split of a long context) on the CUDA-core kernel.
+            check(KernelChoice::CudaCores, fp8_pages, &[37, 300], &[1, 1]);
+            // Prompt chunks on the tensor-core kernel.
+            check(KernelChoice::TensorCores, fp8_pages, &[40, 70], &[40, 20]);
+        }
+    }
+}

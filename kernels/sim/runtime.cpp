@@ -1195,7 +1195,8 @@ const char *error_name(int error) {
   return "cudaErrorUnknown";
 }
 
-int launch_grid(const char *kernel_text, const char *launcher, const void *kernel_id, dim3 grid, dim3 block,
+int launch_grid(const char *kernel_text, const char *launcher, const void *kernel_id, bool traced, dim3 grid,
+                dim3 block,
                 size_t dynamic_smem, void *stream, Body body, const void *closure) {
   auto refuse = [](int error) {
     t_last_error = error;
@@ -1248,7 +1249,7 @@ int launch_grid(const char *kernel_text, const char *launcher, const void *kerne
   if (device->race_check) before = snapshot(l.buffers);
   trace::LaunchProfile profile;
   std::unique_ptr<trace::Sanitizer> sanitizer;
-  if (device->tracing != 0) {
+  if (device->tracing != 0 && traced) {
     l.trace = true;
     profile.kernel = kernel;
     profile.launcher = launcher;

@@ -107,14 +107,16 @@ unsigned char *dynamic_shared();
 [[noreturn]] void trap(Site site);
 
 // A launch: validates it as the driver does, then runs every block (see runtime.cpp). Returns a
-// cudaError value and sets the thread's last error.
+// cudaError value and sets the thread's last error. `traced`: the kernel is of the traced copy
+// (its loads and stores reach the tracer), so a device that profiles or sanitizes traces it.
 using Body = void (*)(const void *closure);
-int launch_grid(const char *kernel, const char *launcher, const void *kernel_id, dim3 grid,
-                dim3 block, size_t dynamic_smem, void *stream, Body body, const void *closure);
+int launch_grid(const char *kernel, const char *launcher, const void *kernel_id, bool traced,
+                dim3 grid, dim3 block, size_t dynamic_smem, void *stream, Body body,
+                const void *closure);
 
 template <typename... P, typename... A>
-int launch(void (*kernel)(P...), const char *name, const char *launcher, dim3 grid, dim3 block,
-           size_t dynamic_smem, void *stream, A &&...args) {
+int launch(void (*kernel)(P...), const char *name, const char *launcher, bool traced, dim3 grid,
+           dim3 block, size_t dynamic_smem, void *stream, A &&...args) {
   struct Closure {
     void (*kernel)(P...);
     std::tuple<std::decay_t<P>...> params;
@@ -124,7 +126,7 @@ int launch(void (*kernel)(P...), const char *name, const char *launcher, dim3 gr
     const Closure &cl = *static_cast<const Closure *>(c);
     std::apply(cl.kernel, cl.params);
   };
-  return launch_grid(name, launcher, reinterpret_cast<const void *>(kernel), grid, block,
+  return launch_grid(name, launcher, reinterpret_cast<const void *>(kernel), traced, grid, block,
                      dynamic_smem, stream, body, &closure);
 }
 

@@ -43,8 +43,14 @@
 #define __trap() ::pgqa_sim::trap(PGQA_SIM_SITE)
 
 // The seams of common.cuh: a launch, and the dynamic shared memory of a kernel.
-#define PGQA_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::pgqa_sim::launch(kernel, #kernel, __PRETTY_FUNCTION__, grid, block, smem, stream, __VA_ARGS__)
+#if defined(PGQA_SIM_TRACED)
+#define PGQA_SIM_IS_TRACED true
+#else
+#define PGQA_SIM_IS_TRACED false
+#endif
+#define PGQA_LAUNCH(kernel, grid, block, smem, stream, ...)                                      \
+  ::pgqa_sim::launch(kernel, #kernel, __PRETTY_FUNCTION__, PGQA_SIM_IS_TRACED, grid, block, smem, \
+                     stream, __VA_ARGS__)
 #define PGQA_DYNAMIC_SHARED(name) unsigned char *const name = ::pgqa_sim::dynamic_shared()
 
 typedef struct CUstream_st *cudaStream_t;

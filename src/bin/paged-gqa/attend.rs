@@ -1,6 +1,7 @@
 //! `paged-gqa attend`: run one case and write `out` and `lse`.
 
 use std::path::Path;
+use std::rc::Rc;
 
 use half::{bf16, f16};
 use paged_gqa::cuda::{self, AttendBatch};
@@ -81,20 +82,43 @@ fn stored<F: Fp8Element>(bits: &[u8]) -> Vec<F> {
 
 /// The exact kernel code on the emulator (see the README, "Running the kernels without a GPU").
 fn run_sim_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
+    run_sim_on::<T>(case, &sim::SimDevice::new())
+}
+
+/// [`run_sim_typed`] on `device`, its K/V pages watched (the traffic counter).
+fn run_sim_on<T: Element>(case: &Case, device: &Rc<sim::SimDevice>) -> Result<Output, Failure> {
     match case.fp8.as_ref().map(|f| f.dtype) {
-        Some(DType::F8E4M3) => run_sim_fp8::<T, Fp8E4M3>(case),
-        Some(_) => run_sim_fp8::<T, Fp8E5M2>(case),
-        None => run_sim_pages::<T>(case),
+        Some(DType::F8E4M3) => run_sim_fp8::<T, Fp8E4M3>(case, device),
+        Some(_) => run_sim_fp8::<T, Fp8E5M2>(case, device),
+        None => run_sim_pages::<T>(case, device),
     }
 }
 
+/// The profile of the case's attention on the emulator's traced kernels (no race check).
+pub fn profile_case(case_path: &Path) -> Result<sim::profile::Profile, Failure> {
+    let case = case::load(case_path)?;
+    let device = sim::SimDevice::with_tracing(sim::Tracing {
+        profile: true,
+        sanitize: false,
+    });
+    device.set_race_check(false);
+    match case.dtype {
+        Some(DType::BF16) => run_sim_on::<bf16>(&case, &device)?,
+        Some(DType::F16) => run_sim_on::<f16>(&case, &device)?,
+        _ => run_kernels(&case, run_sim_typed::<bf16>, run_sim_typed::<f16>)?,
+    };
+    device.take_profile().map_err(Failure::runtime)
+}
+
 /// [`run_sim_typed`] over fp8 pages of `F`.
-fn run_sim_fp8<T: Element, F: Fp8Element>(case: &Case) -> Result<Output, Failure> {
+fn run_sim_fp8<T: Element, F: Fp8Element>(
+    case: &Case,
+    device: &Rc<sim::SimDevice>,
+) -> Result<Output, Failure> {
     let fail = Failure::runtime;
     let fp8 = case.fp8.as_ref().expect("an fp8 case");
-    let device = sim::SimDevice::new();
     let batch = sim::AttendBatch::new(
-        &device,
+        device,
         case.layout,
         T::DTYPE,
         &case.lens,
@@ -105,14 +129,16 @@ fn run_sim_fp8<T: Element, F: Fp8Element>(case: &Case) -> Result<Output, Failure
     let q = device.upload(&typed::<T>(&case.q)).map_err(fail)?;
     let k = device.upload(&stored::<F>(&fp8.k_bits)).map_err(fail)?;
     let v = device.upload(&stored::<F>(&fp8.v_bits)).map_err(fail)?;
-    let scales = sim::DeviceKvScales::new(&device, &fp8.scales).map_err(fail)?;
+    device.watch(k.address(), k.len());
+    device.watch(v.address(), v.len());
+    let scales = sim::DeviceKvScales::new(device, &fp8.scales).map_err(fail)?;
     let mut out = device.alloc::<T>(case.q.len()).map_err(fail)?;
     let mut lse = device
         .alloc::<f32>(case.q.len() / case.layout.shape().head_dim())
         .map_err(fail)?;
     batch
         .run_fp8(
-            &device,
+            device,
             &k,
             &v,
             &scales,
@@ -129,11 +155,10 @@ fn run_sim_fp8<T: Element, F: Fp8Element>(case: &Case) -> Result<Output, Failure
 }
 
 /// [`run_sim_typed`] over pages of `T`.
-fn run_sim_pages<T: Element>(case: &Case) -> Result<Output, Failure> {
+fn run_sim_pages<T: Element>(case: &Case, device: &Rc<sim::SimDevice>) -> Result<Output, Failure> {
     let fail = Failure::runtime;
-    let device = sim::SimDevice::new();
     let batch = sim::AttendBatch::new(
-        &device,
+        device,
         case.layout,
         T::DTYPE,
         &case.lens,
@@ -147,12 +172,14 @@ fn run_sim_pages<T: Element>(case: &Case) -> Result<Output, Failure> {
         upload(&case.k_cache)?,
         upload(&case.v_cache)?,
     );
+    device.watch(k.address(), k.len() * std::mem::size_of::<T>());
+    device.watch(v.address(), v.len() * std::mem::size_of::<T>());
     let mut out = device.alloc::<T>(case.q.len()).map_err(fail)?;
     let mut lse = device
         .alloc::<f32>(case.q.len() / case.layout.shape().head_dim())
         .map_err(fail)?;
     batch
-        .run(&device, &k, &v, &q, &mut out, &mut lse, &case.options)
+        .run(device, &k, &v, &q, &mut out, &mut lse, &case.options)
         .map_err(fail)?;
     Ok(Output {
         out: out.as_slice().iter().map(|&x| x.into() as f32).collect(),

@@ -7,6 +7,7 @@ mod attend;
 mod bench;
 mod case;
 mod demo;
+mod profile;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,11 @@ enum Command {
     /// The fused decode against the naive repeat_kv path over real model shapes: a table of
     /// times, speedups and achieved KV bandwidth (GPU if present, else CPU).
     Bench(bench::BenchArgs),
+    /// One attention call (a replay case or a bench shape) on the kernel emulator's traced
+    /// kernels: per launch, shared-memory wavefronts and bank conflicts, global sectors, lane and
+    /// warp utilisation, bytes in flight, theoretical occupancy and a speed-of-light model (EMULATOR
+    /// COUNTS and MODEL PREDICTIONS, not GPU measurements), and the hottest source lines.
+    Profile(profile::ProfileArgs),
 }
 
 /// A failure and the exit code it maps to.
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
         Command::Attend { case, out, backend } => attend::run(&case, &out, backend),
         Command::Demo { seed, backend } => demo::run(seed, backend),
         Command::Bench(args) => bench::run(args),
+        Command::Profile(args) => profile::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -162,6 +162,11 @@ pub struct BenchArgs {
     /// Draws bandwidth against context length as SVG.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// With `--backend sim`: profiles one fused call of each case on the traced kernels and
+    /// adds each launch's headline figures (emulator counts, model predictions) to its record
+    /// and the table (see `paged-gqa profile`).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// One point of the sweep.
@@ -370,10 +375,25 @@ fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
     Ok(cases)
 }
 
+/// The cases `args` name on the emulator.
+pub fn sim_cases(args: &BenchArgs) -> Result<Vec<Case>, Failure> {
+    sweep(args, Target::Sim)
+}
+
+pub use sim::profile_case;
+
 pub fn run(args: BenchArgs) -> Result<(), Failure> {
     if args.backend == BenchBackend::Sim {
         let cases = sweep(&args, Target::Sim)?;
-        return finish(&args, sim::run(&cases, args.iters.unwrap_or(1))?);
+        return finish(
+            &args,
+            sim::run(&cases, args.iters.unwrap_or(1), args.profile)?,
+        );
+    }
+    if args.profile {
+        return Err(Failure::input(
+            "--profile needs --backend sim: the profiler runs on the kernel emulator",
+        ));
     }
     let gpu = match args.backend {
         BenchBackend::Cpu | BenchBackend::Sim => None,

@@ -65,6 +65,10 @@ pub struct Record {
     pub copy_bandwidth_gbs: f64,
     pub timing: String,
     pub crate_version: String,
+    /// `--profile` on the emulator: each launch's headline figures (emulator counts and model
+    /// predictions, not measurements).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<crate::profile::Headline>>,
 }
 
 impl Record {
@@ -107,6 +111,7 @@ impl Record {
             copy_bandwidth_gbs: copy_gbs,
             timing: timing.to_string(),
             crate_version: env!("CARGO_PKG_VERSION").to_string(),
+            profile: None,
         }
     }
 }
@@ -169,6 +174,49 @@ pub fn print_table(records: &[Record]) {
         print_time_table(records);
     }
     print_variants(records);
+    print_profile_table(records);
+}
+
+/// `--profile`: each record's launches, their headline figures (emulator counts; the bound is a
+/// model's prediction for an H100 SXM).
+fn print_profile_table(records: &[Record]) {
+    if !records.iter().any(|r| r.profile.is_some()) {
+        return;
+    }
+    println!("profile (EMULATOR COUNTS; `H100 bound`: a MODEL's prediction, not a measurement):");
+    println!(
+        "{:<13} {:>5} {:>7} {:<34} {:>6} {:>10} {:>8} {:>7} {:>7} {:>11} {:>10}",
+        "model",
+        "batch",
+        "context",
+        "kernel",
+        "occup.",
+        "conflicts",
+        "KV eff.",
+        "lanes",
+        "warps",
+        "flight/SM",
+        "H100 bound"
+    );
+    for r in records {
+        for h in r.profile.iter().flatten() {
+            let h100 = h.predictions.first();
+            println!(
+                "{:<13} {:>5} {:>7} {:<34} {:>5.0}% {:>10} {:>7.1}% {:>6.1}% {:>6.1}% {:>8.1} KiB {:>10}",
+                r.model,
+                r.batch,
+                r.context,
+                h.kernel,
+                100.0 * h.occupancy.occupancy,
+                h.bank_conflicts,
+                100.0 * h.kv.sector_efficiency(),
+                100.0 * h.lane_utilisation,
+                100.0 * h.warp_utilisation,
+                h100.map_or(0.0, |p| p.inflight_per_sm / 1024.0),
+                h100.map_or("-".to_string(), |p| format!("{:?}", p.bound).to_lowercase())
+            );
+        }
+    }
 }
 
 /// Which attention each model's rows ran (its layer 0: a sliding window, sinks, ...).
