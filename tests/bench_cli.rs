@@ -354,3 +354,108 @@ fn cpu_sweep_with_fp8_pages_reports_the_page_dtype() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("fp8-e4m3"));
 }
+
+fn profile(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_paged-gqa"))
+        .arg("profile")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
+    let json = temp("profile.json");
+    let output = profile(&[
+        "--model",
+        "Qwen2.5-0.5B",
+        "--batch",
+        "2",
+        "--context",
+        "300",
+        "--kernels",
+        "cuda-cores",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for needle in [
+        "EMULATOR COUNTS",
+        "MODEL PREDICTIONS",
+        "attend_kernel<__nv_bfloat16, __nv_bfloat16, 64>",
+        "occupancy (theoretical, sm_90)",
+        "wavefronts / ideal",
+        "MODEL H100 SXM",
+        "MODEL H200",
+        "attend.cu:",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle}: {stdout}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let launches = v["launches"].as_array().unwrap();
+    let attend = launches
+        .iter()
+        .find(|l| {
+            l["headline"]["kernel"]
+                .as_str()
+                .unwrap()
+                .starts_with("attend_kernel")
+        })
+        .expect("an attend_kernel launch");
+    let h = &attend["headline"];
+    // Every K/V byte of the batch once, in whole sectors: 2 sequences x 300 keys x 2 heads x
+    // 64 x 2 bytes, K and V.
+    let needed = 2 * 300 * 2 * 64 * 2 * 2;
+    assert_eq!(h["kv_bytes_fetched"].as_u64().unwrap(), needed);
+    assert_eq!(h["kv_sector_bytes"].as_u64().unwrap(), needed);
+    assert!(
+        h["shared"]["wavefronts"].as_u64().unwrap()
+            >= h["shared"]["ideal_wavefronts"].as_u64().unwrap()
+    );
+    assert_eq!(h["predictions"].as_array().unwrap().len(), 2);
+    assert!(!attend["source_lines"].as_array().unwrap().is_empty());
+    assert!(!attend["profile"]["phases"].as_array().unwrap().is_empty());
+    std::fs::remove_file(&json).ok();
+}
+
+#[test]
+fn sim_bench_profile_adds_headlines_to_records_and_the_table() {
+    let json = temp("bench-profile.json");
+    let output = bench(&[
+        "--backend",
+        "sim",
+        "--profile",
+        "--model",
+        "Qwen2.5-0.5B",
+        "--batch",
+        "1",
+        "--context",
+        "200",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("profile (EMULATOR COUNTS"), "{stdout}");
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let first = &records.as_array().unwrap()[0];
+    let headlines = first["profile"].as_array().expect("profile headlines");
+    assert!(headlines
+        .iter()
+        .any(|h| h["kernel"].as_str().unwrap().starts_with("attend_kernel")));
+    // --profile needs the emulator.
+    let refused = bench(&["--backend", "cpu", "--profile"]);
+    assert_eq!(refused.status.code(), Some(2));
+    std::fs::remove_file(&json).ok();
+}

@@ -308,7 +308,10 @@ mod real_kernels {
             let to = |x: &[f32]| -> Vec<half::bf16> {
                 x.iter().map(|&v| half::bf16::from_f32(v)).collect()
             };
-            let (k, v) = (device.upload(&to(&k)).unwrap(), device.upload(&to(&v)).unwrap());
+            let (k, v) = (
+                device.upload(&to(&k)).unwrap(),
+                device.upload(&to(&v)).unwrap(),
+            );
             device.watch(k.address(), 2 * k.len());
             device.watch(v.address(), 2 * v.len());
             batch
@@ -320,9 +323,14 @@ mod real_kernels {
         let attention: Vec<_> = profile
             .launches
             .iter()
-            .filter(|l| l.kernel.starts_with("attend_kernel") || l.kernel.starts_with("prefill_kernel"))
+            .filter(|l| {
+                l.kernel.starts_with("attend_kernel") || l.kernel.starts_with("prefill_kernel")
+            })
             .collect();
-        assert!(!attention.is_empty(), "{choice:?}: no attention launch in {profile:#?}");
+        assert!(
+            !attention.is_empty(),
+            "{choice:?}: no attention launch in {profile:#?}"
+        );
         let mut total = 0;
         for launch in attention {
             let kv = launch.totals(Space::Kv);
@@ -333,7 +341,11 @@ mod real_kernels {
                 "{} ({choice:?}, fp8 {fp8_pages}): K/V sectors x 32 against the traffic counter",
                 launch.kernel
             );
-            assert!(launch.totals(Space::Shared).wavefronts > 0, "{}", launch.kernel);
+            assert!(
+                launch.totals(Space::Shared).wavefronts > 0,
+                "{}",
+                launch.kernel
+            );
             total += launch.kv_bytes_fetched;
         }
         assert_eq!(total, fetched);

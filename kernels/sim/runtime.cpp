@@ -104,7 +104,7 @@ struct Device {
   // profile, kTraceSanitize runs racecheck and initcheck on it.
   int tracing = 0;
   trace::DeviceProfile profile;
-  trace::InitShadow init;  // which bytes of the buffers allocated while sanitizing were written
+  trace::DeviceShadow init;  // the buffers allocated while sanitizing: written bytes, races
 };
 
 constexpr int kTraceProfile = 1, kTraceSanitize = 2;
@@ -948,7 +948,8 @@ void run_worker(Launch &l, int threads) {
     for (const Buffer &b : l.buffers) buffers.push_back({b.start, b.size});
     for (const auto &range : l.device->watches) watches.push_back({range.first, range.second});
     tracer = std::make_unique<trace::BlockTracer>(l.profile, &l.profile_mutex, std::move(buffers),
-                                                  std::move(watches), l.sanitizer);
+                                                  std::move(watches), (l.device->tracing & kTraceProfile) != 0,
+                                                  l.sanitizer);
     w.tracer = tracer.get();
     trace::set_tracer(w.tracer);
   }

@@ -65,28 +65,35 @@ std::string symbolize(uintptr_t pc) {
     const size_t paren = where.find(" (discriminator");
     if (paren != std::string::npos) where.resize(paren);
     if (where.rfind("??", 0) == 0) continue;
+    // GCC's line table names a few instructions of a kernel file after the build's wrapper
+    // translation unit (sim-merge.cu.cpp, which only includes merge.cu) with merge.cu's line
+    // numbers: name them after the kernel file.
+    if (where.rfind("sim-", 0) == 0) {
+      const size_t cpp = where.find(".cpp:");
+      if (cpp != std::string::npos) where = where.substr(4, cpp - 4) + where.substr(cpp + 4);
+    }
     text += text.empty() ? where : " < " + where;
   }
   return text.empty() ? hex(pc) : text;
 }
 }  // namespace
 
-void InitShadow::written(uintptr_t address, size_t size) {
-  auto it = bytes_.upper_bound(address);
-  if (it == bytes_.begin()) return;
+void DeviceShadow::written(uintptr_t address, size_t size) {
+  auto it = buffers_.upper_bound(address);
+  if (it == buffers_.begin()) return;
   --it;
-  std::vector<uint8_t> &b = it->second;
+  std::vector<uint8_t> &b = it->second.written;
   if (address >= it->first + b.size()) return;
   const size_t from = address - it->first;
   const size_t to = std::min(b.size(), from + size);
   memset(b.data() + from, 1, to - from);
 }
 
-uintptr_t InitShadow::first_unwritten(uintptr_t address, size_t size) const {
-  auto it = bytes_.upper_bound(address);
-  if (it == bytes_.begin()) return 0;
+uintptr_t DeviceShadow::first_unwritten(uintptr_t address, size_t size) const {
+  auto it = buffers_.upper_bound(address);
+  if (it == buffers_.begin()) return 0;
   --it;
-  const std::vector<uint8_t> &b = it->second;
+  const std::vector<uint8_t> &b = it->second.written;
   if (address >= it->first + b.size()) return 0;
   const size_t from = address - it->first;
   const size_t to = std::min(b.size(), from + size);
@@ -95,10 +102,37 @@ uintptr_t InitShadow::first_unwritten(uintptr_t address, size_t size) const {
   return 0;
 }
 
-Sanitizer::Sanitizer(std::string kernel, InitShadow *init) : kernel_(std::move(kernel)), init_(init) {}
+std::pair<DeviceShadow::Touch *, size_t> DeviceShadow::touches(uintptr_t address, size_t size, uint32_t launch) {
+  auto it = buffers_.upper_bound(address);
+  if (it == buffers_.begin()) return {nullptr, 0};
+  --it;
+  Buffer &b = it->second;
+  if (address >= it->first + b.written.size()) return {nullptr, 0};
+  if (b.touches.empty()) b.touches.resize(b.written.size());
+  const size_t from = address - it->first;
+  const size_t n = std::min(size, b.written.size() - from);
+  Touch *t = b.touches.data() + from;
+  for (size_t k = 0; k < n; ++k)
+    if (t[k].launch != launch) {
+      t[k] = Touch();
+      t[k].launch = launch;
+    }
+  return {t, n};
+}
+
+Sanitizer::Sanitizer(std::string kernel, DeviceShadow *shadow)
+    : kernel_(std::move(kernel)), shadow_(shadow), launch_(shadow->next_launch()) {}
+
+int32_t Sanitizer::pc_offset(uintptr_t pc) {
+  return static_cast<int32_t>(static_cast<int64_t>(pc) - static_cast<int64_t>(reinterpret_cast<uintptr_t>(&describe_pc)));
+}
+uintptr_t Sanitizer::pc_of(int32_t offset) {
+  return offset == 0 ? 0 : reinterpret_cast<uintptr_t>(&describe_pc) + static_cast<int64_t>(offset);
+}
 
 void Sanitizer::begin_block(uint64_t block, int threads, const unsigned char *smem, size_t smem_bytes) {
   block_ = block;
+  ++stamp_;
   smem_ = smem;
   smem_bytes_ = smem_bytes;
   epoch_ = 0;
@@ -108,15 +142,6 @@ void Sanitizer::begin_block(uint64_t block, int threads, const unsigned char *sm
   lane_sync_.assign(threads, 0);
 }
 
-Sanitizer::SharedByte &Sanitizer::shared_byte(uintptr_t address) {
-  const uintptr_t s = reinterpret_cast<uintptr_t>(smem_);
-  SharedByte &b = address >= s && address < s + smem_bytes_ ? shared_[address - s] : static_[address];
-  if (b.block != block_) {
-    b = SharedByte();
-    b.block = block_;
-  }
-  return b;
-}
 
 // Whether `thread` is ordered after the access `earlier` (same block epoch assumed): lanes of one
 // warp, both of which took part in a collective of that warp since.
@@ -136,14 +161,14 @@ void Sanitizer::hazard(const char *what, const Touch &earlier, bool earlier_writ
   const std::string where = address >= s && address < s + smem_bytes_
                                 ? "shared byte " + std::to_string(address - s)
                                 : "static shared " + hex(address);
-  if (!wanted(std::string(what) + hex(earlier.pc) + hex(pc))) return;
+  if (!wanted(std::string(what) + std::to_string(earlier.pc) + hex(pc))) return;
   char text[512];
   snprintf(text, sizeof text,
            "racecheck: shared-memory %s hazard in kernel %s, block %llu, %s: thread %d (warp %d, lane %d) %s at ",
            what, kernel_.c_str(), static_cast<unsigned long long>(block_), where.c_str(), earlier.thread,
            earlier.thread / 32, earlier.thread % 32, earlier_write ? "wrote" : "read");
   std::string line = text;
-  line += describe_pc(earlier.pc);
+  line += describe_pc(pc_of(earlier.pc));
   snprintf(text, sizeof text, ", then thread %d (warp %d, lane %d) %s at ", thread, thread / 32, thread % 32,
            write ? "wrote" : "read");
   line += text;
@@ -153,20 +178,27 @@ void Sanitizer::hazard(const char *what, const Touch &earlier, bool earlier_writ
 }
 
 void Sanitizer::shared_access(int thread, uintptr_t address, int bytes, bool write, uintptr_t pc) {
-  const Touch now{thread, epoch_, warp_sync_[thread / 32], pc};
+  const Touch now{thread, epoch_, warp_sync_[thread / 32], pc_offset(pc)};
+  const uintptr_t s = reinterpret_cast<uintptr_t>(smem_);
+  const bool dynamic = address >= s && address + bytes <= s + smem_bytes_;
   for (int k = 0; k < bytes; ++k) {
-    SharedByte &b = shared_byte(address + k);
-    if (!write && !b.written && wanted("init-shared" + hex(pc))) {
-      char text[256];
-      const uintptr_t s = reinterpret_cast<uintptr_t>(smem_);
-      snprintf(text, sizeof text, "initcheck: kernel %s, block %llu, thread %d reads %s never written in this block at ",
-               kernel_.c_str(), static_cast<unsigned long long>(block_), thread,
-               address + k >= s && address + k < s + smem_bytes_
-                   ? ("shared byte " + std::to_string(address + k - s)).c_str()
-                   : ("static shared " + hex(address + k)).c_str());
-      reports_.push_back(text + describe_pc(pc));
+    SharedByte &b = dynamic ? shared_[address - s + k] : static_[address + k];
+    if (b.block != stamp_) {
+      b = SharedByte();
+      b.block = stamp_;
     }
-    if (!write) b.written = true;  // one report per byte
+    if (!write && !b.written) {
+      if (wanted("init-shared" + hex(pc))) {
+        char text[256];
+        snprintf(text, sizeof text,
+                 "initcheck: kernel %s, block %llu, thread %d reads %s never written in this block at ",
+                 kernel_.c_str(), static_cast<unsigned long long>(block_), thread,
+                 dynamic ? ("shared byte " + std::to_string(address + k - s)).c_str()
+                         : ("static shared " + hex(address + k)).c_str());
+        reports_.push_back(text + describe_pc(pc));
+      }
+      b.written = true;  // one report per byte
+    }
     const Touch &w = b.write;
     if (w.thread >= 0 && w.thread != thread && w.epoch == epoch_ && !ordered(w, thread)) {
       hazard(write ? "write-after-write" : "read-after-write", w, true, thread, write, pc, address + k);
@@ -190,8 +222,8 @@ void Sanitizer::shared_access(int thread, uintptr_t address, int bytes, bool wri
 }
 
 void Sanitizer::global_access(int thread, uintptr_t address, int bytes, bool write, uintptr_t pc) {
-  if (!write && init_ != nullptr) {
-    const uintptr_t unwritten = init_->first_unwritten(address, bytes);
+  if (!write) {
+    const uintptr_t unwritten = shadow_->first_unwritten(address, bytes);
     if (unwritten != 0 && wanted("init-global" + hex(pc))) {
       char text[256];
       snprintf(text, sizeof text,
@@ -202,12 +234,13 @@ void Sanitizer::global_access(int thread, uintptr_t address, int bytes, bool wri
       reports_.push_back(text + describe_pc(pc));
     }
   }
-  if (write && init_ != nullptr) init_->written(address, bytes);
-  const int64_t block = static_cast<int64_t>(block_);
-  for (int k = 0; k < bytes; ++k) {
-    GlobalByte &g = global_[address + k];
+  if (write) shadow_->written(address, bytes);
+  const int32_t block = static_cast<int32_t>(block_);
+  const auto span = shadow_->touches(address, bytes, launch_);
+  for (size_t k = 0; k < span.second; ++k) {
+    DeviceShadow::Touch &g = span.first[k];
     const char *what = nullptr;
-    int64_t other = -1;
+    int32_t other = -1;
     uintptr_t other_pc = 0;
     bool other_write = false;
     if (g.writer >= 0 && g.writer != block) {
@@ -227,7 +260,8 @@ void Sanitizer::global_access(int thread, uintptr_t address, int bytes, bool wri
                kernel_.c_str(), static_cast<long long>(other), other_write ? "wrote" : "read",
                hex(address + k).c_str());
       std::string line = text + describe_pc(other_pc);
-      snprintf(text, sizeof text, ", block %lld (thread %d) %s it at ", block, thread, write ? "wrote" : "read");
+      snprintf(text, sizeof text, ", block %lld (thread %d) %s it at ", static_cast<long long>(block), thread,
+               write ? "wrote" : "read");
       line += text + describe_pc(pc);
       reports_.push_back(line);
     }
@@ -252,22 +286,23 @@ void Sanitizer::access(int thread, uintptr_t address, int bytes, bool write, Spa
 void Sanitizer::cp_async_issued(int thread, uintptr_t dst, int bytes, uintptr_t pc) {
   // The copy may land at any time until its wait_group: a write now (against what came before)
   // and again when it lands (against what came between); the bytes count as written only then.
-  const Touch now{thread, epoch_, warp_sync_[thread / 32], pc};
+  const uintptr_t s = reinterpret_cast<uintptr_t>(smem_);
+  if (dst < s || dst + bytes > s + smem_bytes_) return;  // the emulator refuses it
+  std::vector<char> was_written(bytes);
   for (int k = 0; k < bytes; ++k) {
-    SharedByte &b = shared_byte(dst + k);
-    const bool was_written = b.written;
-    shared_access(thread, dst + k, 1, true, pc);
-    b.written = was_written;
-    b.write = now;
+    const SharedByte &b = shared_[dst - s + k];
+    was_written[k] = b.block == stamp_ && b.written;
   }
+  shared_access(thread, dst, bytes, true, pc);
+  for (int k = 0; k < bytes; ++k) shared_[dst - s + k].written = was_written[k];
 }
 
 void Sanitizer::cp_async_landed(int thread, uintptr_t dst, int bytes) {
-  for (int k = 0; k < bytes; ++k) {
-    SharedByte &b = shared_byte(dst + k);
-    const uintptr_t pc = b.write.thread == thread ? b.write.pc : 0;
-    shared_access(thread, dst + k, 1, true, pc);
-  }
+  const uintptr_t s = reinterpret_cast<uintptr_t>(smem_);
+  if (dst < s || dst + bytes > s + smem_bytes_) return;
+  const SharedByte &first = shared_[dst - s];
+  const uintptr_t pc = first.block == stamp_ && first.write.thread == thread ? pc_of(first.write.pc) : 0;
+  shared_access(thread, dst, bytes, true, pc);
 }
 
 void Sanitizer::collective(int warp, unsigned mask) {

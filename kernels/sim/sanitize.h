@@ -18,31 +18,50 @@
 #include <map>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "trace.h"
 
 namespace pgqa_sim::trace {
 
-// Which bytes of a device's buffers hold a written value (kept from allocation to free).
-class InitShadow {
+// The sanitizers' view of a device's buffers allocated while sanitizing: which bytes hold a
+// written value (kept from allocation to free), and, per byte, which blocks of the current
+// launch wrote and read it.
+class DeviceShadow {
  public:
-  void allocated(uintptr_t start, size_t size) { bytes_[start].assign(size, 0); }
-  void freed(uintptr_t start) { bytes_.erase(start); }
+  // Which blocks of launch `launch` touched a byte last (entries of older launches are empty).
+  struct Touch {
+    uint32_t launch = 0;
+    int32_t writer = -1, reader = -1;  // blocks
+    uintptr_t write_pc = 0, read_pc = 0;
+  };
+  void allocated(uintptr_t start, size_t size) { buffers_[start].written.assign(size, 0); }
+  void freed(uintptr_t start) { buffers_.erase(start); }
   // Marks [address, address + size) written (the part inside a buffer).
   void written(uintptr_t address, size_t size);
   // The first byte of [address, address + size) never written, or 0 when all were (or when the
   // range is in no buffer this shadow knows).
   uintptr_t first_unwritten(uintptr_t address, size_t size) const;
+  // The touch entries of [address, address + size) for launch `launch` (stale ones reset), at
+  // most up to the end of the buffer holding `address`; {nullptr, 0} outside every buffer.
+  std::pair<Touch *, size_t> touches(uintptr_t address, size_t size, uint32_t launch);
+  // A new launch: returns its stamp.
+  uint32_t next_launch() { return ++launch_; }
 
  private:
-  std::map<uintptr_t, std::vector<uint8_t>> bytes_;  // by buffer start
+  struct Buffer {
+    std::vector<uint8_t> written;
+    std::vector<Touch> touches;  // allocated at the first traced access
+  };
+  std::map<uintptr_t, Buffer> buffers_;  // by start
+  uint32_t launch_ = 0;
 };
 
 // The sanitizers of one launch (its first schedule, on one worker).
 class Sanitizer {
  public:
-  Sanitizer(std::string kernel, InitShadow *init);
+  Sanitizer(std::string kernel, DeviceShadow *shadow);
 
   void begin_block(uint64_t block, int threads, const unsigned char *smem, size_t smem_bytes);
   void access(int thread, uintptr_t address, int bytes, bool write, Space space, uintptr_t pc);
@@ -62,18 +81,15 @@ class Sanitizer {
     int32_t thread = -1;
     uint32_t epoch = 0;  // barriers passed in the block when it happened
     uint32_t sync = 0;   // the warp's collectives executed when it happened
-    uintptr_t pc = 0;
+    int32_t pc = 0;      // the site, as an offset from kPcBase (code is within +-2 GiB of it)
   };
   struct SharedByte {
-    uint64_t block = ~uint64_t{0};  // the block these entries belong to (others are stale)
-    bool written = false;           // initcheck
+    uint32_t block = ~0u;  // the block (mod 2^32) these entries belong to (others are stale)
+    bool written = false;  // initcheck
     Touch write, first_read, last_read;
   };
-  struct GlobalByte {
-    int64_t writer = -1, reader = -1;  // blocks
-    uintptr_t write_pc = 0, read_pc = 0;
-  };
-  SharedByte &shared_byte(uintptr_t address);
+  static int32_t pc_offset(uintptr_t pc);
+  static uintptr_t pc_of(int32_t offset);
   bool ordered(const Touch &earlier, int thread) const;
   void hazard(const char *what, const Touch &earlier, bool earlier_write, int thread, bool write, uintptr_t pc,
               uintptr_t address);
@@ -83,14 +99,15 @@ class Sanitizer {
   void global_access(int thread, uintptr_t address, int bytes, bool write, uintptr_t pc);
 
   std::string kernel_;
-  InitShadow *init_;
+  DeviceShadow *shadow_;
+  uint32_t launch_;
   uint64_t block_ = 0;
   const unsigned char *smem_ = nullptr;
   size_t smem_bytes_ = 0;
   uint32_t epoch_ = 0;
   std::vector<SharedByte> shared_;                      // dynamic shared memory, by offset
+  uint32_t stamp_ = 0;                                  // blocks begun (SharedByte::block)
   std::unordered_map<uintptr_t, SharedByte> static_;    // static __shared__ arrays
-  std::unordered_map<uintptr_t, GlobalByte> global_;    // bytes of this launch's global accesses
   std::vector<uint32_t> warp_sync_;                     // per warp: collectives executed
   std::vector<uint32_t> lane_sync_;                     // per thread: its warp's count at its last
   std::vector<std::string> reports_;

@@ -12,7 +12,7 @@
 //     ideal: ceil(active lanes x bytes / 128), at least one; ldmatrix: one phase per 8x8 matrix
 //     (8 rows of 16 bytes), ideal one wavefront per matrix; cp.async's shared side as a store;
 //   - global memory: sectors are the distinct aligned 32-byte blocks the active lanes' bytes
-//     touch; ideal: ceil(active lanes x bytes / 32).
+//     touch; ideal: the distinct bytes the lanes request, packed: ceil(distinct bytes / 32).
 
 #include "trace.h"
 
@@ -20,6 +20,7 @@
 #include <link.h>
 
 #include <algorithm>
+#include <cstring>
 #include <unordered_map>
 
 #include "sanitize.h"
@@ -87,9 +88,10 @@ void set_tracer(BlockTracer *tracer) { t_tracer = tracer; }
 BlockTracer *tracer() { return t_tracer; }
 
 BlockTracer::BlockTracer(LaunchProfile *profile, std::mutex *profile_mutex, std::vector<Range> buffers,
-                         std::vector<Range> watches, Sanitizer *sanitizer)
+                         std::vector<Range> watches, bool profiling, Sanitizer *sanitizer)
     : profile_(profile),
       profile_mutex_(profile_mutex),
+      profiling_(profiling),
       buffers_(std::move(buffers)),
       watches_(std::move(watches)),
       sanitizer_(sanitizer) {
@@ -159,11 +161,24 @@ Space BlockTracer::classify(uintptr_t a, int bytes) const {
     if ((a >= idx && a < idx + sizeof(void *)) || (a >= blk && a < blk + sizeof(void *))) return Space::kNone;
     return Space::kShared;
   }
+  if (a >= cached_.start && a < cached_.start + cached_.size) return cached_space_;
   auto it = std::upper_bound(buffers_.begin(), buffers_.end(), a,
                              [](uintptr_t x, const Range &r) { return x < r.start; });
   if (it == buffers_.begin()) return Space::kNone;
   --it;
   if (a >= it->start + it->size) return Space::kNone;
+  // A buffer wholly inside one watched range, or outside all, has one space: remember it.
+  bool inside = false, partly = false;
+  for (const Range &w : watches_) {
+    const bool overlaps = w.start < it->start + it->size && it->start < w.start + w.size;
+    inside |= w.start <= it->start && it->start + it->size <= w.start + w.size;
+    partly |= overlaps;
+  }
+  if (inside || !partly) {
+    cached_ = *it;
+    cached_space_ = inside ? Space::kKv : Space::kGlobal;
+    return cached_space_;
+  }
   for (const Range &w : watches_)
     if (a >= w.start && a + bytes <= w.start + w.size) return Space::kKv;
   return Space::kGlobal;
@@ -172,16 +187,20 @@ Space BlockTracer::classify(uintptr_t a, int bytes) const {
 void BlockTracer::access(uintptr_t address, int bytes, bool write, uintptr_t pc) {
   const Space space = classify(address, bytes);
   if (space == Space::kNone) return;
-  events_[thread_].push_back({pc, address, static_cast<uint16_t>(bytes), write ? Op::kStore : Op::kLoad, space});
-  warp_busy_[thread_ / 32] = 1;
+  if (profiling_) {
+    events_[thread_].push_back({pc, address, static_cast<uint16_t>(bytes), write ? Op::kStore : Op::kLoad, space});
+    warp_busy_[thread_ / 32] = 1;
+  }
   if (sanitizer_) sanitizer_->access(thread_, address, bytes, write, space, pc);
 }
 
 void BlockTracer::cp_async(uintptr_t dst, uintptr_t src, int bytes, uintptr_t pc) {
   const Space from = classify(src, bytes);
-  events_[thread_].push_back({pc, src, static_cast<uint16_t>(bytes), Op::kCpAsync, from});
-  events_[thread_].push_back({pc, dst, static_cast<uint16_t>(bytes), Op::kCpAsync, Space::kShared});
-  warp_busy_[thread_ / 32] = 1;
+  if (profiling_) {
+    events_[thread_].push_back({pc, src, static_cast<uint16_t>(bytes), Op::kCpAsync, from});
+    events_[thread_].push_back({pc, dst, static_cast<uint16_t>(bytes), Op::kCpAsync, Space::kShared});
+    warp_busy_[thread_ / 32] = 1;
+  }
   inflight_[thread_] += bytes;
   peak_inflight_[thread_] = std::max(peak_inflight_[thread_], inflight_[thread_]);
   if (sanitizer_) {
@@ -231,67 +250,80 @@ void BlockTracer::count_request(SiteCounters &s, const uintptr_t *addresses, uns
     s.wavefronts += std::max<uint64_t>(wavefronts, 1);
     s.ideal_wavefronts += std::max<uint64_t>((static_cast<uint64_t>(active) * bytes + 127) / 128, 1);
   } else if (s.space == Space::kKv || s.space == Space::kGlobal) {
-    uintptr_t sectors[64];
-    int n = 0;
+    // Sectors: the distinct 32-byte blocks touched. Ideal: the distinct bytes requested (lanes
+    // reading one address share it), packed into sectors.
+    uintptr_t sectors[64], starts[32];
+    int n = 0, m = 0;
     for (int l = 0; l < 32; ++l) {
       if (((mask >> l) & 1u) == 0) continue;
+      starts[m++] = addresses[l];
       for (uintptr_t sec = addresses[l] >> 5; sec <= (addresses[l] + bytes - 1) >> 5 && n < 64; ++sec)
         sectors[n++] = sec;
     }
     std::sort(sectors, sectors + n);
     s.sectors += std::unique(sectors, sectors + n) - sectors;
-    s.ideal_sectors += (static_cast<uint64_t>(active) * bytes + 31) / 32;
+    std::sort(starts, starts + m);
+    uint64_t distinct = 0;
+    uintptr_t covered = 0;  // bytes below this are counted
+    for (int k = 0; k < m; ++k) {
+      const uintptr_t from = std::max(starts[k], covered), to = starts[k] + bytes;
+      if (to > from) distinct += to - from;
+      covered = std::max(covered, to);
+    }
+    s.ideal_sectors += (distinct + 31) / 32;
   }
 }
 
 void BlockTracer::warp_stopped(int warp) {
-  struct Request {
-    Op op;
-    Space space;
-    int bytes;
-    unsigned mask;
-    uintptr_t address[32];
-  };
-  // (site key, occurrence) -> request, in the order lane 0 (or the first lane) issued them.
-  std::unordered_map<uint64_t, uint32_t> occurrence;
-  std::unordered_map<uint64_t, std::unordered_map<uint32_t, size_t>> index;
-  std::vector<Request> requests;
-  std::vector<uint64_t> keys;
+  if (!profiling_) return;
+  // (site, occurrence) -> request, in the order the lanes issued them.
+  request_index_.clear();
+  requests_.clear();
+  request_sites_.clear();
   const int first = 32 * warp, last = std::min(threads_, first + 32);
   for (int t = first; t < last; ++t) {
-    occurrence.clear();
+    if (events_[t].empty()) continue;
+    occurrence_.clear();
     const int lane = t - first;
     for (const Event &e : events_[t]) {
-      const uint64_t key = site_key(e.pc, e.op, e.space);
-      const uint32_t k = occurrence[key]++;
-      auto &by_occurrence = index[key];
-      auto found = by_occurrence.find(k);
+      const uint64_t site = site_key(e.pc, e.op, e.space);
+      const uint64_t k = occurrence_[site]++;
+      const uint64_t key = site * 0x9e3779b97f4a7c15ull ^ k;
+      auto found = request_index_.find(key);
       size_t r;
-      if (found == by_occurrence.end()) {
-        r = requests.size();
-        by_occurrence.emplace(k, r);
-        requests.push_back(Request{e.op, e.space, e.bytes, 0, {}});
-        keys.push_back(key);
+      // A hash collision of two (site, occurrence) pairs would merge requests: checked.
+      if (found == request_index_.end() || request_sites_[found->second] != site) {
+        r = requests_.size();
+        request_index_[key] = r;
+        requests_.push_back(Request{e.op, e.space, e.bytes, 0, {}});
+        request_sites_.push_back(site);
       } else {
         r = found->second;
       }
-      Request &req = requests[r];
-      if ((req.mask >> lane) & 1u) continue;  // cannot happen: one occurrence per lane
+      Request &req = requests_[r];
       req.mask |= 1u << lane;
       req.address[lane] = e.address;
       req.bytes = std::max<int>(req.bytes, e.bytes);
     }
     events_[t].clear();
   }
-  for (size_t r = 0; r < requests.size(); ++r) {
-    const Request &req = requests[r];
-    const uintptr_t pc = static_cast<uintptr_t>(keys[r] & ((uint64_t{1} << 52) - 1));
+  for (size_t r = 0; r < requests_.size(); ++r) {
+    const Request &req = requests_[r];
+    const uintptr_t pc = static_cast<uintptr_t>(request_sites_[r] & ((uint64_t{1} << 52) - 1));
     count_request(site(pc, req.op, req.space, req.bytes), req.address, req.mask, req.bytes);
   }
 }
 
 void BlockTracer::collective(int warp, Op op, unsigned mask, uintptr_t pc, const uintptr_t *rows) {
   warp_busy_[warp] = 1;
+  if (!profiling_) {
+    if (sanitizer_) {
+      if (op == Op::kLdmatrix)
+        for (int l = 0; l < 32; ++l) sanitizer_->access(32 * warp + l, rows[l], 16, false, Space::kShared, pc);
+      sanitizer_->collective(warp, mask);
+    }
+    return;
+  }
   if (op == Op::kLdmatrix) {
     SiteCounters &s = site(pc, op, Space::kShared, 16);
     s.requests += 1;
@@ -334,7 +366,8 @@ void BlockTracer::close_phase(const std::string &to, int live_warps) {
 }
 
 void BlockTracer::barrier(const char *site, int live_warps) {
-  close_phase(site, live_warps);
+  const char *slash = strrchr(site, '/');
+  close_phase(slash != nullptr ? slash + 1 : site, live_warps);
   if (sanitizer_) sanitizer_->barrier();
 }
 

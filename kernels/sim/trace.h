@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -47,7 +48,7 @@ struct SiteCounters {
   uint64_t wavefronts = 0;     // shared: L1 wavefronts (sm_90 bank rules)
   uint64_t ideal_wavefronts = 0;
   uint64_t sectors = 0;        // global: distinct 32-byte sectors
-  uint64_t ideal_sectors = 0;
+  uint64_t ideal_sectors = 0;  // the distinct bytes requested, packed into sectors
 };
 
 // One phase of a block: from one __syncthreads (or the kernel's entry) to the next (or the
@@ -84,10 +85,11 @@ class Sanitizer;
 // The tracer of one worker thread while it runs blocks of one traced launch.
 class BlockTracer {
  public:
-  // `buffers`: the device's buffers (sorted by start); `watches`: the K/V ranges; `sanitizer`:
-  // the launch's, or null.
+  // `buffers`: the device's buffers (sorted by start); `watches`: the K/V ranges; `profiling`:
+  // count requests (else only the sanitizer, if any, sees the accesses); `sanitizer`: the
+  // launch's, or null.
   BlockTracer(LaunchProfile *profile, std::mutex *profile_mutex, std::vector<Range> buffers,
-              std::vector<Range> watches, Sanitizer *sanitizer);
+              std::vector<Range> watches, bool profiling, Sanitizer *sanitizer);
   ~BlockTracer();  // merges this worker's counters into the launch profile
 
   // A block starts: `threads` CUDA threads, dynamic shared memory [smem, smem + smem_bytes).
@@ -125,15 +127,31 @@ class BlockTracer {
   void count_request(SiteCounters &s, const uintptr_t *addresses, unsigned mask, int bytes);
   void close_phase(const std::string &to, int live_warps);
 
+  struct Request {
+    Op op;
+    Space space;
+    int bytes;
+    unsigned mask;
+    uintptr_t address[32];
+  };
+
   LaunchProfile *profile_;
   std::mutex *profile_mutex_;
+  bool profiling_;
   std::vector<Range> buffers_, watches_;
   Sanitizer *sanitizer_;
   const unsigned char *smem_ = nullptr;
   size_t smem_bytes_ = 0;
   uintptr_t tls_start_ = 0, tls_end_ = 0;  // the worker's static __shared__ (thread_local) arrays
+  mutable Range cached_{0, 0};  // the last buffer classify found with a single space
+  mutable Space cached_space_ = Space::kNone;
   int threads_ = 0, thread_ = 0;
   std::vector<std::vector<Event>> events_;  // per thread of the block, since its warp last stopped
+  // warp_stopped's scratch: occurrences per site of one lane, (site, occurrence) -> request.
+  std::unordered_map<uint64_t, uint32_t> occurrence_;
+  std::unordered_map<uint64_t, size_t> request_index_;
+  std::vector<Request> requests_;
+  std::vector<uint64_t> request_sites_;
   std::vector<char> warp_busy_;             // per warp, in the current phase
   std::string phase_from_;
   std::vector<uint64_t> inflight_, peak_inflight_;  // per thread: cp.async bytes not waited for

@@ -69,10 +69,13 @@ pub fn theoretical(
         let per_warp = (r * 32).div_ceil(REGISTER_UNIT) * REGISTER_UNIT;
         if r > 255 || per_warp * warps > REGISTERS {
             0
-        } else if per_warp == 0 {
-            u32::MAX
         } else {
-            (REGISTERS / SUB_PARTITIONS / per_warp) * SUB_PARTITIONS / warps
+            // No registers: no register limit.
+            (REGISTERS / SUB_PARTITIONS)
+                .checked_div(per_warp)
+                .map_or(u32::MAX, |per_sub_partition| {
+                    per_sub_partition * SUB_PARTITIONS / warps
+                })
         }
     });
     let shared_per_block =
@@ -222,4 +225,56 @@ pub fn kernel_resources(kernel: &str) -> Option<KernelResources> {
         .iter()
         .find(|(name, _)| *name == key)
         .map(|(_, r)| *r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_occupancy_calculators_worked_example() {
+        // 128 threads, 96 registers, 24 KiB: 3072 registers per warp -> 5 warps per
+        // sub-partition -> 5 blocks; shared (24 KiB + 1 KiB) allows 9; warps allow 16.
+        let o = theoretical(128, Some(96), 0, 24 * 1024);
+        assert_eq!((o.blocks_per_sm, o.warps_per_sm), (5, 20));
+        assert_eq!(o.limiter, Limiter::Registers);
+        assert_eq!(o.shared_per_block, 25 * 1024);
+        assert!((o.occupancy - 20.0 / 64.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn shared_memory_warps_and_blocks_limit() {
+        // 100 KiB + 1 KiB per block: two fit in 228 KiB.
+        let o = theoretical(128, Some(32), 0, 100 * 1024);
+        assert_eq!((o.blocks_per_sm, o.limiter), (2, Limiter::SharedMemory));
+        // 1024 threads: 32 warps, two blocks by warps.
+        let o = theoretical(1024, Some(32), 0, 0);
+        assert_eq!((o.blocks_per_sm, o.limiter), (2, Limiter::Warps));
+        // 32 threads, few registers: the 32-block limit.
+        let o = theoretical(32, Some(16), 0, 0);
+        assert_eq!((o.blocks_per_sm, o.limiter), (32, Limiter::Blocks));
+        // Over 255 registers, or over 227 KiB: nothing fits.
+        assert_eq!(theoretical(128, Some(256), 0, 0).blocks_per_sm, 0);
+        assert_eq!(theoretical(128, Some(32), 0, 228 * 1024).blocks_per_sm, 0);
+        // Unknown registers: the limit shown is not a register one.
+        assert_eq!(theoretical(128, None, 0, 0).limiter, Limiter::Unknown);
+    }
+
+    #[test]
+    fn ptxas_and_emulator_names_agree() {
+        let ptxas = "void (anonymous namespace)::attend_kernel<__half, pgqa::fp8_e5m2, 256>(pgqa_attend_params, int, int, int)";
+        let emulated = "attend_kernel<__half, fp8_e5m2, 256>";
+        assert_eq!(
+            normalize_kernel_name(ptxas),
+            normalize_kernel_name(emulated)
+        );
+        assert_eq!(
+            normalize_kernel_name(emulated),
+            "attend_kernel<__half,fp8_e5m2,256>"
+        );
+        assert_eq!(
+            normalize_kernel_name("copy_blocks_kernel(uint4*, int const*, int, long)"),
+            "copy_blocks_kernel"
+        );
+    }
 }

@@ -16,7 +16,8 @@
 //!   (*model* for partial warps). Bank conflicts = wavefronts - ideal. `ldmatrix.x4`: one phase
 //!   per 8x8 matrix, ideal 1 (*model*). cp.async's shared side counts as a store (*model*).
 //! - **Global memory**: sectors are the distinct aligned 32-byte blocks the active lanes touch;
-//!   ideal `ceil(active lanes x bytes / 32)` (*model*: NVIDIA does not publish the formula).
+//!   ideal `ceil(distinct bytes requested / 32)`, so lanes reading one address cost nothing extra
+//!   (*model*: NVIDIA does not publish the formula).
 //!   K/V pages (the ranges the traffic counter watches) are counted apart.
 //! - **Lane utilisation**: active lanes / 32 per request. **Warp utilisation**: per phase
 //!   between two `__syncthreads` (or the entry and exit), the share of the block's live warps
@@ -203,10 +204,12 @@ impl LaunchProfile {
         t.lane_utilisation()
     }
 
-    /// Busy warps / live warps over every phase of every block.
+    /// Busy warps / live warps over every phase of every block in which any warp did anything
+    /// (a phase between two barriers with no access or collective at all is left out).
     pub fn warp_utilisation(&self) -> f64 {
-        let busy: u64 = self.phases.iter().map(|p| p.busy_warps).sum();
-        let warps: u64 = self.phases.iter().map(|p| p.warps).sum();
+        let working = || self.phases.iter().filter(|p| p.busy_warps > 0);
+        let busy: u64 = working().map(|p| p.busy_warps).sum();
+        let warps: u64 = working().map(|p| p.warps).sum();
         ratio(busy, warps)
     }
 
@@ -298,7 +301,7 @@ impl Profile {
                         *x = num(f.next(), &format!("launch field {k}"))?;
                     }
                     launches.push(LaunchProfile {
-                        kernel: kernel.to_string(),
+                        kernel: kernel.strip_prefix("void ").unwrap_or(kernel).to_string(),
                         launcher: launcher.to_string(),
                         grid: [v[0] as u32, v[1] as u32, v[2] as u32],
                         block: [v[3] as u32, v[4] as u32, v[5] as u32],

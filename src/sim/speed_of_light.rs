@@ -9,6 +9,7 @@
 //!   blocks resident per SM (its theoretical occupancy, or fewer when the grid is smaller than
 //!   the GPU). It can reach at most `in flight / L` of bandwidth.
 //! - The predicted time is the longer of the two; the bound named is the one that decides it.
+//!   A launch with no cp.async (plain loads only) gets the bandwidth bound, marked not modelled.
 //!
 //! The latency is the idle pointer-chase DRAM latency measured by Luo et al., "Dissecting the
 //! NVIDIA Hopper Architecture through Microbenchmarking and Multiple Level Analysis",
@@ -53,6 +54,9 @@ pub enum Bound {
     Bandwidth,
     /// Too few bytes in flight per SM (or too few blocks) to cover the DRAM latency.
     Latency,
+    /// The launch moves no bytes with cp.async: its loads' bytes in flight are not modelled,
+    /// and the prediction is the bandwidth bound's.
+    NotModelled,
 }
 
 /// The model's prediction for one launch on one GPU.
@@ -86,12 +90,13 @@ pub fn predict(launch: &LaunchProfile, occupancy: &Occupancy, gpu: Gpu) -> Predi
     let resident = (occupancy.blocks_per_sm as f64).min(per_sm_grid);
     let inflight = launch.mean_block_inflight() * resident;
     let sustainable = inflight * gpu.sms as f64 / DRAM_LATENCY_S;
-    let achievable_bandwidth = sustainable.min(gpu.bandwidth);
-    let predicted_time_s = if achievable_bandwidth > 0.0 {
-        dram_bytes as f64 / achievable_bandwidth
+    let modelled = launch.max_block_inflight > 0;
+    let achievable_bandwidth = if modelled {
+        sustainable.min(gpu.bandwidth)
     } else {
-        f64::INFINITY
+        gpu.bandwidth
     };
+    let predicted_time_s = dram_bytes as f64 / achievable_bandwidth;
     Prediction {
         gpu,
         dram_bytes,
@@ -101,10 +106,70 @@ pub fn predict(launch: &LaunchProfile, occupancy: &Occupancy, gpu: Gpu) -> Predi
         resident_blocks_per_sm: resident,
         achievable_bandwidth,
         predicted_time_s,
-        bound: if sustainable >= gpu.bandwidth {
+        bound: if !modelled {
+            Bound::NotModelled
+        } else if sustainable >= gpu.bandwidth {
             Bound::Bandwidth
         } else {
             Bound::Latency
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::occupancy::theoretical;
+    use crate::sim::profile::{LaunchProfile, SiteCounters, Space};
+
+    fn launch(blocks: u64, inflight: u64, kv_sectors: u64) -> LaunchProfile {
+        LaunchProfile {
+            kernel: "k".into(),
+            launcher: "l".into(),
+            grid: [blocks as u32, 1, 1],
+            block: [128, 1, 1],
+            dynamic_smem: 0,
+            blocks,
+            kv_bytes_fetched: 32 * kv_sectors,
+            max_block_inflight: inflight,
+            sum_block_inflight: inflight * blocks,
+            sites: vec![SiteCounters {
+                location: "a.cu:1".into(),
+                op: "cp.async".into(),
+                space: Space::Kv,
+                bytes: 16,
+                requests: kv_sectors / 16,
+                lanes: 2 * kv_sectors,
+                wavefronts: 0,
+                ideal_wavefronts: 0,
+                sectors: kv_sectors,
+                ideal_sectors: kv_sectors,
+            }],
+            phases: vec![],
+        }
+    }
+
+    #[test]
+    fn littles_law_decides_the_bound() {
+        let occupancy = theoretical(128, Some(64), 0, 0); // 8 blocks per SM
+        let bytes = 32 * 1_000_000u64;
+        // Plenty of blocks, 16 KiB each in flight: bandwidth-bound on both GPUs.
+        let p = predict(&launch(10_000, 16 * 1024, 1_000_000), &occupancy, H100);
+        assert_eq!(p.bound, Bound::Bandwidth);
+        assert_eq!(p.dram_bytes, bytes);
+        assert!((p.predicted_time_s - bytes as f64 / H100.bandwidth).abs() < 1e-12);
+        // 66 blocks of 1 KiB: half the SMs, 0.5 KiB per SM in flight against ~9.3 KiB needed.
+        let p = predict(&launch(66, 1024, 1_000_000), &occupancy, H100);
+        assert_eq!(p.bound, Bound::Latency);
+        assert!((p.inflight_per_sm - 512.0).abs() < 1e-9);
+        let sustained = 512.0 * 132.0 / DRAM_LATENCY_S;
+        assert!((p.achievable_bandwidth - sustained).abs() / sustained < 1e-12);
+        assert!(p.predicted_time_s > p.bandwidth_time_s);
+        // Required bytes per SM: bandwidth x latency / 132.
+        assert!((p.required_inflight_per_sm - 3.35e12 * DRAM_LATENCY_S / 132.0).abs() < 1e-6);
+        // No cp.async: not modelled, the bandwidth bound stands.
+        let p = predict(&launch(66, 0, 1_000_000), &occupancy, H200);
+        assert_eq!(p.bound, Bound::NotModelled);
+        assert_eq!(p.predicted_time_s, p.bandwidth_time_s);
     }
 }

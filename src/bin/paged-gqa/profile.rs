@@ -66,7 +66,7 @@ pub struct Headline {
     pub lane_utilisation: f64,
     /// Busy warps / live warps over every phase.
     pub warp_utilisation: f64,
-    /// The phase with the fewest busy warps: (from, to, utilisation).
+    /// The phase with the fewest busy warps (of those with any): (from, to, utilisation).
     pub worst_phase: Option<(String, String, f64)>,
     pub max_block_inflight: u64,
     pub mean_block_inflight: f64,
@@ -88,6 +88,7 @@ pub fn headline(launch: &LaunchProfile) -> Headline {
     let worst_phase = launch
         .phases
         .iter()
+        .filter(|p| p.busy_warps > 0)
         .min_by(|a, b| a.warp_utilisation().total_cmp(&b.warp_utilisation()))
         .map(|p| (p.from.clone(), p.to.clone(), p.warp_utilisation()));
     Headline {
@@ -240,7 +241,7 @@ fn print_launch(launch: &LaunchProfile, lines: usize) {
         h.block[1],
         h.block[2],
         h.dynamic_smem,
-        launch.launcher
+        launch.launcher.split(" [with").next().unwrap_or("")
     );
     println!(
         "  occupancy (theoretical, sm_90)  {} registers/thread, {} B shared/block -> {} blocks = {} warps/SM ({}), limited by {:?}",
@@ -281,7 +282,7 @@ fn print_launch(launch: &LaunchProfile, lines: usize) {
             format!("; least busy phase {from} -> {to}: {}", pct(*u))
         });
     println!(
-        "  warps busy per phase            {}{worst}",
+        "  warps busy per phase            {} (phases with any work){worst}",
         pct(h.warp_utilisation)
     );
     println!(
@@ -304,18 +305,17 @@ fn print_launch(launch: &LaunchProfile, lines: usize) {
             match p.bound {
                 Bound::Bandwidth => "bandwidth-bound",
                 Bound::Latency => "latency-bound (too few bytes in flight)",
+                Bound::NotModelled => "no cp.async: bytes in flight not modelled, bandwidth bound shown",
             }
         );
     }
     println!("  phases (warps busy / live):");
     for p in &launch.phases {
-        println!(
-            "    {:>7} x {} -> {}: {}",
-            p.occurrences,
-            p.from,
-            p.to,
-            pct(p.warp_utilisation())
-        );
+        let busy = match p.busy_warps {
+            0 => "no access or collective (empty)".to_string(),
+            _ => pct(p.warp_utilisation()),
+        };
+        println!("    {:>7} x {} -> {}: {busy}", p.occurrences, p.from, p.to);
     }
     println!(
         "  {:<44} {:<9} {:<6} {:>3} {:>10} {:>6} {:>21} {:>21}",

@@ -76,7 +76,7 @@ impl Record {
         case: &Case,
         backend: &str,
         device: &str,
-        (fused_ms, baseline_ms, baseline_attention_ms): (f64, Option<f64>, Option<f64>),
+        (fused_ms, baseline_ms, baseline_attention_ms): Times,
         copy_gbs: f64,
         timing: &str,
     ) -> Self {

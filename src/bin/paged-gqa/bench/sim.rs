@@ -112,7 +112,8 @@ impl<T: Element> PlainStep<T> {
         let mut rng = data::rng();
         let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
         let fail = Failure::runtime;
-        let upload = |n: usize, rng: &mut _| device.upload(&data::random::<T>(rng, n)).map_err(fail);
+        let upload =
+            |n: usize, rng: &mut _| device.upload(&data::random::<T>(rng, n)).map_err(fail);
         let k = upload(t.layout.cache_len(), &mut rng)?;
         let v = upload(t.layout.cache_len(), &mut rng)?;
         let q = upload(t.lens.num_tokens() * case.shape.q_row_len(), &mut rng)?;
@@ -149,10 +150,16 @@ impl<T: Element> PlainStep<T> {
 
 impl<T: Element> Step for PlainStep<T> {
     fn fused(&mut self) -> paged_gqa::Result<()> {
-        let options = &self.case.options;
         let s = self;
-        s.fused
-            .run(&s.device, &s.k, &s.v, &s.q, &mut s.out, &mut s.lse, options)
+        s.fused.run(
+            &s.device,
+            &s.k,
+            &s.v,
+            &s.q,
+            &mut s.out,
+            &mut s.lse,
+            &s.case.options,
+        )
     }
     fn has_naive(&self) -> bool {
         true
