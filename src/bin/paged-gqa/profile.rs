@@ -126,6 +126,8 @@ struct LaunchJson<'a> {
 #[derive(Serialize)]
 struct ProfileJson<'a> {
     what: String,
+    /// A bench shape's K and V bytes in the page dtype, each visible byte once.
+    kv_bytes_needed: Option<u64>,
     note: &'static str,
     launches: Vec<LaunchJson<'a>>,
 }
@@ -136,15 +138,17 @@ latency); no figure here is a GPU measurement";
 
 pub fn run(args: ProfileArgs) -> Result<(), Failure> {
     let start = std::time::Instant::now();
-    let (what, profile) = match &args.case {
+    let (what, needed, profile) = match &args.case {
         Some(path) => (
             format!("replay case {}", path.display()),
+            None,
             crate::attend::profile_case(path)?,
         ),
         None => {
             let case = bench_case(&args)?;
             (
                 format!("{case}, {:?}", case.mode).to_lowercase(),
+                Some(case.kv_bytes()),
                 bench::profile_case(&case)?,
             )
         }
@@ -159,7 +163,7 @@ pub fn run(args: ProfileArgs) -> Result<(), Failure> {
         print_launch(launch, args.lines);
     }
     if let Some(path) = &args.json {
-        write_json(path, &what, &profile)?;
+        write_json(path, &what, needed, &profile)?;
         println!("profile: {}", path.display());
     }
     Ok(())
@@ -192,9 +196,15 @@ fn bench_case(args: &ProfileArgs) -> Result<bench::Case, Failure> {
         .ok_or_else(|| Failure::input("no case to profile"))
 }
 
-fn write_json(path: &Path, what: &str, profile: &Profile) -> Result<(), Failure> {
+fn write_json(
+    path: &Path,
+    what: &str,
+    kv_bytes_needed: Option<u64>,
+    profile: &Profile,
+) -> Result<(), Failure> {
     let json = ProfileJson {
         what: what.to_string(),
+        kv_bytes_needed,
         note: NOTE,
         launches: profile
             .launches
