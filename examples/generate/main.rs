@@ -147,8 +147,16 @@ fn main() {
         }
     };
     if let Err(e) = run(args) {
-        eprintln!("generate: {e}");
+        eprintln!("generate: {}", without_backtrace(e));
         std::process::exit(1);
+    }
+}
+
+/// The error's message (candle appends a backtrace when `RUST_BACKTRACE` is set).
+fn without_backtrace(e: Error) -> Error {
+    match e {
+        Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        e => e,
     }
 }
 

@@ -256,11 +256,22 @@ impl Engine {
                 budget -= take;
             }
         }
+        // Admit while the pages free now hold the step's tokens so far (each entry may open a
+        // block more than its tokens fill) and the newcomer's first chunk; a plan that still
+        // does not fit un-admits below.
+        let bs = self.kv.config().block_size();
+        let blocks_for = |n: usize| n.div_ceil(bs) + 1;
+        let mut reserved: usize = entries.iter().map(|&(_, n)| blocks_for(n)).sum();
         let mut admitted = Vec::new();
         for i in waiting {
             if budget == 0 {
                 break;
             }
+            let chunk = (self.requests[i].len()).min(budget);
+            if reserved + blocks_for(chunk) > self.kv.num_free_blocks() {
+                break;
+            }
+            reserved += blocks_for(chunk);
             let tokens = self.requests[i].tokens();
             let a = self.kv.add_sequence_with_prompt(&tokens)?;
             self.admissions += 1;
