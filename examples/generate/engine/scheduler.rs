@@ -257,21 +257,23 @@ impl Engine {
             }
         }
         // Admit while the pages free now hold the step's tokens so far (each entry may open a
-        // block more than its tokens fill) and the newcomer's first chunk; a plan that still
-        // does not fit un-admits below.
+        // block more than its tokens fill) and a chunk of the newcomer, its first chunk capped
+        // to what fits; a plan that still does not fit un-admits below. A step with nothing
+        // else admits its first request whatever the count says (the plan decides).
         let bs = self.kv.config().block_size();
         let blocks_for = |n: usize| n.div_ceil(bs) + 1;
         let mut reserved: usize = entries.iter().map(|&(_, n)| blocks_for(n)).sum();
         let mut admitted = Vec::new();
         for i in waiting {
-            if budget == 0 {
+            let free = self.kv.num_free_blocks().saturating_sub(reserved);
+            let cap = if entries.is_empty() {
+                budget
+            } else {
+                budget.min(free.saturating_sub(1) * bs)
+            };
+            if cap == 0 {
                 break;
             }
-            let chunk = (self.requests[i].len()).min(budget);
-            if reserved + blocks_for(chunk) > self.kv.num_free_blocks() {
-                break;
-            }
-            reserved += blocks_for(chunk);
             let tokens = self.requests[i].tokens();
             let a = self.kv.add_sequence_with_prompt(&tokens)?;
             self.admissions += 1;
@@ -282,10 +284,11 @@ impl Engine {
             };
             r.cached_tokens = a.computed;
             r.admitted_at = self.admissions;
-            let take = (tokens.len() - a.computed).min(budget);
+            let take = (tokens.len() - a.computed).min(cap);
             entries.push((i, take));
             admitted.push(i);
             budget -= take;
+            reserved += blocks_for(take);
         }
 
         // Plan; when the step does not fit, un-admit the newest admissions, then preempt the
