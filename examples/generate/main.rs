@@ -4,7 +4,7 @@
 //! backends. `scripts/fetch-model` first, then:
 //!
 //! ```text
-//! cargo run --release --features candle --example generate -- --prompt "What is the capital of France?"
+//! cargo run --release --features real-model --example generate -- --prompt "What is the capital of France?"
 //! ```
 //!
 //! `--help` lists the flags. `--perplexity` prints the page dtypes' table on a fixed text
