@@ -1,6 +1,6 @@
 // attend.cu: fused paged GQA attention for any query lengths (see pgqa_attend in paged_gqa.h):
 // the CUDA-core kernel for work items with few rows, and the entry point that also launches the
-// tensor-core kernel (prefill.cu) and the split merge (merge.cu).
+// tensor-core kernel's two layouts (prefill.cu) and the split merge (merge.cu).
 //
 // One thread block = one (work item: a sequence and up to tokens_per_work of its query rows,
 // K/V head or chunk of its query heads, split of the keys). Its rows are (query row, query
@@ -401,17 +401,20 @@ extern "C" pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream
   if (cuda_error != nullptr) *cuda_error = 0;
   if (params == nullptr) return PGQA_STATUS_INVALID_ARGUMENT;
   const pgqa_attend_params &p = *params;
-  if (p.num_work < 0 || p.num_mma_work < 0 || p.num_tokens < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 ||
+  if (p.num_work < 0 || p.num_mma_work < 0 || p.num_narrow_work < 0 || p.num_tokens < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 ||
       p.n_heads % p.n_kv_heads != 0 || p.head_dim <= 0 || !is_power_of_two(p.block_size) ||
       p.max_blocks < 0 || p.num_blocks <= 0 || p.tokens_per_work < 1 ||
-      (p.num_mma_work > 0 && p.mma_tokens_per_work < 1) || p.num_splits < 1 ||
+      (p.num_mma_work > 0 && p.mma_tokens_per_work < 1) ||
+      (p.num_narrow_work > 0 && p.narrow_tokens_per_work < 1) || p.num_splits < 1 ||
       p.num_splits > PGQA_ATTEND_MAX_SPLITS || p.keys_per_split < 1 || p.window_left < -1 ||
       (p.causal != 0 && p.causal != 1) || !(p.logit_softcap >= 0.0f && p.logit_softcap < INFINITY))
     return PGQA_STATUS_INVALID_ARGUMENT;
-  if ((p.num_work == 0 && p.num_mma_work == 0) || p.num_tokens == 0) return PGQA_STATUS_OK;
+  if ((p.num_work == 0 && p.num_mma_work == 0 && p.num_narrow_work == 0) || p.num_tokens == 0)
+    return PGQA_STATUS_OK;
   if (p.q == nullptr || p.k_cache == nullptr || p.v_cache == nullptr || p.block_tables == nullptr ||
       p.context_lens == nullptr || p.query_starts == nullptr ||
       (p.num_work > 0 && p.work == nullptr) || (p.num_mma_work > 0 && p.mma_work == nullptr) ||
+      (p.num_narrow_work > 0 && p.narrow_work == nullptr) ||
       p.out == nullptr || p.lse == nullptr ||
       (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) ||
       (pgqa::is_fp8(p.kv_dtype) && (p.k_scale == nullptr || p.v_scale == nullptr)))

@@ -1,5 +1,6 @@
-// prefill.cu: the tensor-core kernel over 16-bit pages (the kernel: prefill_kernel.cuh), and
-// pgqa::launch_prefill, which dispatches on the query and page types (fp8 pages: prefill_fp8.cu).
+// prefill.cu: the tensor-core kernel over 16-bit pages, both layouts (the kernel:
+// prefill_kernel.cuh), and pgqa::launch_prefill, which dispatches on the query and page types
+// (fp8 pages: prefill_fp8.cu).
 
 #include "prefill_kernel.cuh"
 
@@ -19,10 +20,7 @@ namespace pgqa {
 
 pgqa_status launch_prefill(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                            Phase phase) {
-  if (p.num_mma_work == 0) return PGQA_STATUS_OK;
-  if (phase == Phase::kPrepare &&
-      (p.mma_work == nullptr || p.mma_tokens_per_work < 1))
-    return PGQA_STATUS_INVALID_ARGUMENT;
+  if (p.num_mma_work == 0 && p.num_narrow_work == 0) return PGQA_STATUS_OK;
   switch (p.dtype) {
     case PGQA_DTYPE_BF16: return launch_for_pages<__nv_bfloat16>(p, stream, cuda_error, phase);
     case PGQA_DTYPE_F16: return launch_for_pages<__half>(p, stream, cuda_error, phase);

@@ -5,9 +5,9 @@
 
 namespace pgqa {
 
-// The tensor-core kernel over params.mma_work (nothing when it is empty). kPrepare checks the
-// launch (sm_80 device, a kernel built for sm_80+, rows per block, grid) and raises the shared
-// memory limit; kLaunch launches. The caller has validated the common arguments and runs the
+// The tensor-core kernel, wide over params.mma_work and narrow over params.narrow_work (nothing
+// for an empty list). kPrepare checks the launches (sm_80 device, a kernel built for sm_80+,
+// rows per block, grid) and raises the shared memory limit; kLaunch launches. The caller has validated the common arguments and runs the
 // split merge.
 pgqa_status launch_prefill(const pgqa_attend_params &params, cudaStream_t stream,
                            int32_t *cuda_error, Phase phase);

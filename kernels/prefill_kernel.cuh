@@ -4,11 +4,22 @@
 // KV = T) and prefill_fp8.cu (fp8 pages): two translation units, so that adding the fp8
 // kernels leaves the 16-bit kernels' code generation (registers) as it was.
 //
-// One thread block = one (work item, K/V head or chunk of 64 of its query heads, split of the
-// keys). Its kRows = 64 rows are (query row, query head) pairs packed as in attend.cu: row r is
-// query row j0 + r / heads, head head0 + r % heads; rows from tokens * heads on are padding
-// (their Q is zero and they are never stored). Warp w owns rows 16 w .. 16 w + 15; in the MMA
-// fragments (mma.cuh) lane 4 g + t holds rows g and g + 8 of them. Per tile of kKeys keys:
+// One thread block = one (work item, K/V head or chunk of its query heads, split of the keys).
+// Its rows are (query row, query head) pairs packed as in attend.cu: row r is query row
+// j0 + r / heads, head head0 + r % heads; rows from tokens * heads on are padding (their Q is
+// zero and they are never stored). Two layouts of the block's warps (template kKeyWarps):
+// - wide (kKeyWarps = 1; prompts, chunks, groups above 16): one warp per 16 rows, up to
+//   kWideRows = 128 rows (8 warps; the launcher starts ceil(rows / 16) of them, so a group of
+//   71 takes 5 warps and reads each K/V byte once); warp w owns rows 16 w .. 16 w + 15 and
+//   every key of each tile;
+// - narrow (kKeyWarps = 4; decode and short items of up to 16 rows): the rows fit one 16-row
+//   fragment, and the 4 warps split the KEYS of each 64-key tile instead, warp w computing
+//   keys 16 w .. 16 w + 15 with its own running max, sum and output (FlashInfer's NUM_WARPS_KV
+//   idea); the four states are merged once, at the end, through shared memory, every warp
+//   normalising and storing a quarter of the output columns. No warp computes padding rows
+//   only, and each K/V byte is read once for the group.
+// In the MMA fragments (mma.cuh) lane 4 g + t holds rows g and g + 8 of its warp's 16. Per tile
+// of kKeys keys:
 //   0. cp.async brings the tile's K and V rows into shared memory (two buffers: the next tile's
 //      copies fly while this one is computed). Rows past the range are zero-filled: P V must
 //      never multiply a zero probability by stale bits that happen to be NaN;
@@ -42,61 +53,96 @@
 
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kRows = PGQA_ATTEND_MMA_ROWS;  // 16 per warp
-static_assert(kRows == 16 * (kThreads / 32), "one 16-row MMA tile per warp");
+constexpr int kWideRows = PGQA_ATTEND_MMA_ROWS;       // the most rows of a wide block (8 warps)
+constexpr int kNarrowRows = PGQA_ATTEND_NARROW_ROWS;  // rows of a narrow block (one fragment)
+constexpr int kNarrowKeyWarps = 4;                    // warps of a narrow block, along the keys
+constexpr int kMaxThreads = 32 * (kWideRows / 16);
+static_assert(kNarrowRows == 16, "a narrow block's rows are one m16 fragment");
 
-// KV: the pages' element type (the MMA type T itself, or an fp8 tag); D: head_dim.
-template <typename KV, int D>
+// The layout kKeyWarps (1: wide, kNarrowKeyWarps: narrow), the pages' element type KV (the MMA
+// type T itself, or an fp8 tag) and head_dim D.
+template <int kKeyWarps, typename KV, int D>
 struct TileGeometry {
   static_assert(D % 16 == 0, "head_dim must be a multiple of 16 for m16n8k16");
+  static constexpr bool kNarrow = kKeyWarps > 1;
   static constexpr bool kFp8 = sizeof(KV) == 1;
-  static constexpr int kChunks = D / 8;               // 16-byte vectors per 16-bit row
-  static constexpr int kKeys = D <= 128 ? 64 : 32;    // keys per tile
+  static constexpr int kChunks = D / 8;  // 16-byte vectors per 16-bit row
+  // Keys per tile: wide, 64 (32 at head_dim 256); narrow, 16 per warp.
+  static constexpr int kKeys = kNarrow ? 16 * kKeyWarps : (D <= 128 ? 64 : 32);
+  static constexpr int kWarpKeys = kKeys / kKeyWarps;  // keys of a tile one warp computes
+  // Rows the block's heads come in chunks of (a chunk per block).
+  static constexpr int kChunkRows = kNarrow ? kNarrowRows : kWideRows;
   // Row stride in elements: 16 bytes of padding move consecutive rows by 4 banks, so the 8 row
   // addresses of an ldmatrix (or of a quarter warp's 16-byte copies) hit distinct banks.
   static constexpr int kStride = D + 8;
   static constexpr int kTileElems = kKeys * kStride;
-  static constexpr int kQElems = kRows * kStride;
   // 16-bit K and V tiles: two buffers each that cp.async fills; fp8: one each, filled by the
   // widening, and two 8-bit staging buffers each ([kKeys][D] bytes, unpadded) that cp.async
   // fills.
   static constexpr int kBuffers = kFp8 ? 1 : 2;
   static constexpr int kStageBytes = kFp8 ? kKeys * D : 0;
+  // Narrow: the warps' final states for the merge, over the same memory after the loop:
+  // outputs [kKeyWarps][D / 8][32 lanes][4] then (m lo, m hi, l lo, l hi) [kKeyWarps][32][4].
+  static constexpr int kMergeFloats = kNarrow ? kKeyWarps * (D / 8 + 1) * 32 * 4 : 0;
 };
 
-// Shared memory: Q [kRows][kStride], K tiles [kBuffers][kKeys][kStride], V tiles the same (T);
-// fp8: then K staging [2][kKeys][D], V staging [2][kKeys][D] (bytes).
-template <typename T, typename KV, int D>
-constexpr size_t smem_bytes() {
-  using G = TileGeometry<KV, D>;
-  return (G::kQElems + 2 * G::kBuffers * G::kTileElems) * sizeof(T) + 4 * G::kStageBytes;
+// Shared memory of a block with `row_warps` 16-row fragments: Q [16 row_warps][kStride], K tiles
+// [kBuffers][kKeys][kStride], V tiles the same (T); fp8: then K staging [2][kKeys][D], V staging
+// [2][kKeys][D] (bytes). Narrow: at least the merge's floats.
+template <typename T, typename KV, int D, int kKeyWarps>
+constexpr size_t smem_bytes(int row_warps) {
+  using G = TileGeometry<kKeyWarps, KV, D>;
+  const size_t loop = (static_cast<size_t>(16 * row_warps) * G::kStride + 2 * G::kBuffers * G::kTileElems) *
+                          sizeof(T) +
+                      4 * G::kStageBytes;
+  const size_t merge = G::kMergeFloats * sizeof(float);
+  return loop > merge ? loop : merge;
 }
 
-template <typename T, typename KV, int D>
-__global__ void __launch_bounds__(kThreads, 1)
-    prefill_kernel(const pgqa_attend_params p, int block_shift, int group, int head_chunks) {
+// Stores two adjacent output columns (d, d + 1) of output row `row`: the final output (one
+// split) or this split's f32 partial.
+template <typename T>
+__device__ inline void store_pair(const pgqa_attend_params &p, int64_t row, int split, int d, float x0,
+                                  float x1, int D) {
+  if (p.num_splits == 1) {
+    T *out = static_cast<T *>(p.out) + row * D + d;
+    *reinterpret_cast<uint32_t *>(out) = pgqa::pack2(x0, x1, out);
+  } else {
+    float *out = p.partial_out + (row * p.num_splits + split) * D + d;
+    pgqa::store_vec<float2>(out, make_float2(x0, x1));
+  }
+}
+
+// The block's work list is `work` ([num_work, 2]: sequence, first query row), with
+// `tokens_per_work` query rows per item; wide blocks have blockDim.x / 32 warps of 16 rows,
+// narrow blocks kKeyWarps warps over one 16-row fragment.
+template <typename T, typename KV, int D, int kKeyWarps>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    prefill_kernel(const pgqa_attend_params p, const int32_t *work, int tokens_per_work, int block_shift,
+                   int group, int head_chunks) {
 #if PGQA_MMA_CODE
-  using G = TileGeometry<KV, D>;
+  using G = TileGeometry<kKeyWarps, KV, D>;
+  const int threads = blockDim.x;
+  const int row_warps = G::kNarrow ? 1 : threads / 32;
   PGQA_DYNAMIC_SHARED(smem);
-  T *q_s = reinterpret_cast<T *>(smem);                 // [kRows][kStride]
-  T *k_tiles = q_s + G::kQElems;                        // [kBuffers][kKeys][kStride]
-  T *v_tiles = k_tiles + G::kBuffers * G::kTileElems;   // [kBuffers][kKeys][kStride]
+  T *q_s = reinterpret_cast<T *>(smem);                        // [16 row_warps][kStride]
+  T *k_tiles = q_s + 16 * row_warps * G::kStride;              // [kBuffers][kKeys][kStride]
+  T *v_tiles = k_tiles + G::kBuffers * G::kTileElems;          // [kBuffers][kKeys][kStride]
   // fp8 only: [2][kKeys][D] each (empty otherwise).
   uint8_t *k_stage = reinterpret_cast<uint8_t *>(v_tiles + G::kBuffers * G::kTileElems);
   uint8_t *v_stage = k_stage + 2 * G::kStageBytes;
 
-  const int seq = p.mma_work[2 * static_cast<int64_t>(blockIdx.x)];
-  const int j0 = p.mma_work[2 * static_cast<int64_t>(blockIdx.x) + 1];  // first query row
+  const int seq = work[2 * static_cast<int64_t>(blockIdx.x)];
+  const int j0 = work[2 * static_cast<int64_t>(blockIdx.x) + 1];  // first query row
   const int kv_head = blockIdx.y / head_chunks;
   const int chunk = blockIdx.y % head_chunks;
   const int split = blockIdx.z;
-  const int head0 = kv_head * group + chunk * kRows;  // first query head served
-  const int heads = min(kRows, group - chunk * kRows);
+  const int head0 = kv_head * group + chunk * G::kChunkRows;  // first query head served
+  const int heads = min(G::kChunkRows, group - chunk * G::kChunkRows);
   const int q_begin = p.query_starts[seq];
   const int query_len = p.query_starts[seq + 1] - q_begin;
-  const int tokens = min(p.mma_tokens_per_work, query_len - j0);
-  const int rows = tokens * heads;  // <= kRows (checked by the launcher)
+  const int tokens = min(tokens_per_work, query_len - j0);
+  const int rows = tokens * heads;  // <= 16 row_warps (checked by the launcher)
 
   const int context_len = p.context_lens[seq];
   // Query row j of the item (row r: j = r / heads) sees keys [keys.lo(j), keys.hi(j)); the block
@@ -112,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Q rows of the block (zero for padding rows), in the same copy group as tile 0.
   const T *q = static_cast<const T *>(p.q);
-  for (int i = threadIdx.x; i < kRows * G::kChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < 16 * row_warps * G::kChunks; i += threads) {
     const int r = i / G::kChunks;
     const int c = i % G::kChunks;
     T *dst = q_s + r * G::kStride + c * 8;
@@ -132,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (!G::kFp8) {
       T *k_dst = k_tiles + (tile & 1) * G::kTileElems;
       T *v_dst = v_tiles + (tile & 1) * G::kTileElems;
-      for (int i = threadIdx.x; i < G::kKeys * G::kChunks; i += kThreads) {
+      for (int i = threadIdx.x; i < G::kKeys * G::kChunks; i += threads) {
         const int row = i / G::kChunks;
         const int c = i % G::kChunks;
         T *k_row = k_dst + row * G::kStride + c * 8;
@@ -155,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 16 fp8 values per copy into the unpadded staging rows [kKeys][D].
       uint8_t *k_dst = k_stage + (tile & 1) * G::kStageBytes;
       uint8_t *v_dst = v_stage + (tile & 1) * G::kStageBytes;
-      for (int i = threadIdx.x; i < G::kKeys * (D / 16); i += kThreads) {
+      for (int i = threadIdx.x; i < G::kKeys * (D / 16); i += threads) {
         const int row = i / (D / 16);
         const int c = (i % (D / 16)) * 16;
         uint8_t *k_row = k_dst + row * D + c;
@@ -185,10 +231,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int quad_lane = lane % 4;                // t: this lane's column pair in a fragment
-  const int row_lo = warp * 16 + lane / 4;        // block row of c0, c1 (and a0, a2)
+  const int row_warp = G::kNarrow ? 0 : warp;  // the warp's 16 rows
+  const int key0 = G::kNarrow ? warp * G::kWarpKeys : 0;  // the first key of a tile it computes
+  const int quad_lane = lane % 4;                 // t: this lane's column pair in a fragment
+  const int row_lo = row_warp * 16 + lane / 4;    // block row of c0, c1 (and a0, a2)
   const int row_hi = row_lo + 8;                  // block row of c2, c3
-  const bool warp_has_rows = warp * 16 < rows;    // all-padding warps skip the arithmetic
+  const bool warp_has_rows = row_warp * 16 < rows;  // all-padding warps skip the arithmetic
   const int j_lo = row_lo / heads;                // query rows (of the item) of row_lo, row_hi
   const int j_hi = row_hi / heads;
   // Keys in [low, limit) are visible to the row.
@@ -230,36 +278,44 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     if constexpr (G::kFp8) {
       // Widen the staged 8-bit rows into the 16-bit tiles, 8 values per step. The previous
-      // tile's reads of them ended at the last iteration's final barrier.
+      // tile's reads of them ended at the last iteration's final barrier. Narrow: each warp
+      // widens the keys it computes (a warp's own ldmatrix reads them: __syncwarp suffices);
+      // wide: the block widens the tile for every warp.
       const uint8_t *k_src = k_stage + (tile & 1) * G::kStageBytes;
       const uint8_t *v_src = v_stage + (tile & 1) * G::kStageBytes;
       const KV *fp8_tag = nullptr;
-      for (int i = threadIdx.x; i < G::kKeys * G::kChunks; i += kThreads) {
-        const int row = i / G::kChunks;
+      const int first = G::kNarrow ? lane : threadIdx.x;
+      const int stride = G::kNarrow ? 32 : threads;
+      for (int i = first; i < G::kWarpKeys * G::kChunks; i += stride) {
+        const int row = key0 + i / G::kChunks;
         const int c = (i % G::kChunks) * 8;
         pgqa::store_vec<uint4>(k_tiles + row * G::kStride + c, pgqa::widen8(*reinterpret_cast<const uint2 *>(k_src + row * D + c), fp8_tag, tag));
         pgqa::store_vec<uint4>(v_tiles + row * G::kStride + c, pgqa::widen8(*reinterpret_cast<const uint2 *>(v_src + row * D + c), fp8_tag, tag));
       }
-      __syncthreads();  // the widened tile visible to every warp's ldmatrix
+      if constexpr (G::kNarrow) {
+        __syncwarp();  // the warp's widened keys visible to its ldmatrix
+      } else {
+        __syncthreads();  // the widened tile visible to every warp's ldmatrix
+      }
     }
 
-    const int base = start + tile * G::kKeys;
-    const T *k_tile = k_tiles + (G::kFp8 ? 0 : (tile & 1)) * G::kTileElems;
-    const T *v_tile = v_tiles + (G::kFp8 ? 0 : (tile & 1)) * G::kTileElems;
+    const int base = start + tile * G::kKeys + key0;  // the first key this warp computes
+    const T *k_tile = k_tiles + (G::kFp8 ? 0 : (tile & 1)) * G::kTileElems + key0 * G::kStride;
+    const T *v_tile = v_tiles + (G::kFp8 ? 0 : (tile & 1)) * G::kTileElems + key0 * G::kStride;
 
     if (warp_has_rows) {
-      // 1. S = Q K^T: 16 rows x kKeys keys per warp.
-      float s[G::kKeys / 8][4];
+      // 1. S = Q K^T: 16 rows x kWarpKeys keys per warp.
+      float s[G::kWarpKeys / 8][4];
 #pragma unroll
-      for (int n = 0; n < G::kKeys / 8; ++n)
+      for (int n = 0; n < G::kWarpKeys / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
 #pragma unroll
       for (int kt = 0; kt < D / 16; ++kt) {
         uint32_t a[4];  // Q rows 16 w .. 16 w + 15, dims 16 kt .. 16 kt + 15
-        pgqa::ldmatrix_x4(a, q_s + (warp * 16 + (lane & 15)) * G::kStride + kt * 16 + (lane >> 4) * 8);
+        pgqa::ldmatrix_x4(a, q_s + (row_warp * 16 + (lane & 15)) * G::kStride + kt * 16 + (lane >> 4) * 8);
 #pragma unroll
-        for (int np = 0; np < G::kKeys / 16; ++np) {
+        for (int np = 0; np < G::kWarpKeys / 16; ++np) {
           // Matrices: keys 16 np + (0-7 | 8-15) x dims (0-7 | 8-15) of the k-step; registers
           // 0, 1 are b0, b1 of key tile 2 np and 2, 3 those of key tile 2 np + 1.
           uint32_t b[4];
@@ -273,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 2. Scale (soft-cap), bias, mask, online softmax. Key of s[n][e]: base + 8 n + 2 t + (e & 1).
       float max_lo = -INFINITY, max_hi = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < G::kKeys / 8; ++n) {
+      for (int n = 0; n < G::kWarpKeys / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = base + 8 * n + 2 * quad_lane + e;
@@ -306,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       m_hi = m_new_hi;
       float sum_lo = 0.0f, sum_hi = 0.0f;
 #pragma unroll
-      for (int n = 0; n < G::kKeys / 8; ++n) {
+      for (int n = 0; n < G::kWarpKeys / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           s[n][e] = exp2f(s[n][e] - base_lo);
@@ -327,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // 3. O += P V, 16 keys per step.
 #pragma unroll
-      for (int kk = 0; kk < G::kKeys / 16; ++kk) {
+      for (int kk = 0; kk < G::kWarpKeys / 16; ++kk) {
         // A = P rows x keys 16 kk .. 16 kk + 15: key tiles 2 kk (a0, a1) and 2 kk + 1 (a2, a3).
         const uint32_t a[4] = {pgqa::pack2(s[2 * kk][0], s[2 * kk][1], tag),
                                pgqa::pack2(s[2 * kk][2], s[2 * kk][3], tag),
@@ -356,42 +412,91 @@ __global__ void __launch_bounds__(kThreads, 1)
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, offset);
   }
 
-  // Normalise and store: the final output, or this split's partial for the merge. Row r's output
-  // row is (token q_begin + j0 + r / heads, head head0 + r % heads).
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = half == 0 ? row_lo : row_hi;
-    if (r >= rows) continue;
-    const float l = half == 0 ? l_lo : l_hi;
-    const float m = half == 0 ? m_lo : m_hi;
-    // One split: the final result, with the sink (if any) in the denominator. Several: this
-    // split's partial, without it (the merge adds it once).
-    const float sink2 = p.num_splits == 1 && p.sinks != nullptr
-                            ? p.sinks[head0 + r % heads] * pgqa::kLog2e
-                            : -INFINITY;
-    const pgqa::Finish f = pgqa::finish_row(m, l, sink2);
-    float inv = f.factor;
-    if constexpr (G::kFp8) inv *= p.v_scale[kv_head];  // v_scale: one factor of every output
-    const int64_t row = (static_cast<int64_t>(q_begin) + j0 + r / heads) * p.n_heads + head0 + r % heads;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const int d = 8 * n + 2 * quad_lane;
-      const float x0 = o[n][2 * half] * inv;
-      const float x1 = o[n][2 * half + 1] * inv;
-      if (p.num_splits == 1) {
-        T *out = static_cast<T *>(p.out) + row * D + d;
-        *reinterpret_cast<uint32_t *>(out) = pgqa::pack2(x0, x1, tag);
-      } else {
-        float *out = p.partial_out + (row * p.num_splits + split) * D + d;
-        pgqa::store_vec<float2>(out, make_float2(x0, x1));
-      }
+  // Output row of block row r: (token q_begin + j0 + r / heads, head head0 + r % heads).
+  auto out_row = [&](int r) {
+    return (static_cast<int64_t>(q_begin) + j0 + r / heads) * p.n_heads + head0 + r % heads;
+  };
+  // One split: the final result, with the sink (if any) in the denominator. Several: this
+  // split's partial, without it (the merge adds it once).
+  auto finish = [&](int r, float m, float l) {
+    const float sink2 =
+        p.num_splits == 1 && p.sinks != nullptr ? p.sinks[head0 + r % heads] * pgqa::kLog2e : -INFINITY;
+    pgqa::Finish f = pgqa::finish_row(m, l, sink2);
+    if constexpr (G::kFp8) f.factor *= p.v_scale[kv_head];  // v_scale: one factor of every output
+    return f;
+  };
+  auto store_lse = [&](int64_t row, float lse_log2) {
+    if (p.num_splits == 1) {
+      p.lse[row] = lse_log2 * pgqa::kLn2;
+    } else {
+      p.partial_lse[row * p.num_splits + split] = lse_log2;
     }
-    if (quad_lane == 0) {
-      if (p.num_splits == 1) {
-        p.lse[row] = f.lse_log2 * pgqa::kLn2;
-      } else {
-        p.partial_lse[row * p.num_splits + split] = f.lse_log2;
+  };
+
+  if constexpr (!G::kNarrow) {
+    // Normalise and store: the final output, or this split's partial for the merge.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = half == 0 ? row_lo : row_hi;
+      if (r >= rows) continue;
+      const pgqa::Finish f = finish(r, half == 0 ? m_lo : m_hi, half == 0 ? l_lo : l_hi);
+      const int64_t row = out_row(r);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        store_pair<T>(p, row, split, 8 * n + 2 * quad_lane, o[n][2 * half] * f.factor,
+                      o[n][2 * half + 1] * f.factor, D);
+      if (quad_lane == 0) store_lse(row, f.lse_log2);
+    }
+  } else {
+    // Merge the warps' states: every warp publishes its outputs and (m, l) per lane, then warp w
+    // combines the four for output tiles n = w, w + 4, ...: with M = max_w m_w, each warp's
+    // weight is 2^(m_w - M) (0 for a warp that saw no key of the row), l = sum_w weight l_w.
+    float *o_s = reinterpret_cast<float *>(smem);              // [kKeyWarps][D / 8][32][4]
+    float *state_s = o_s + kKeyWarps * (D / 8) * 32 * 4;       // [kKeyWarps][32][4]
+    __syncthreads();  // every warp is done with the tiles and Q (the memory the merge reuses)
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      pgqa::store_vec<float4>(o_s + ((warp * (D / 8) + n) * 32 + lane) * 4,
+                              make_float4(o[n][0], o[n][1], o[n][2], o[n][3]));
+    pgqa::store_vec<float4>(state_s + (warp * 32 + lane) * 4, make_float4(m_lo, m_hi, l_lo, l_hi));
+    __syncthreads();
+
+    float4 state[kKeyWarps];
+    float top_lo = -INFINITY, top_hi = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kKeyWarps; ++w) {
+      state[w] = pgqa::load_vec<float4>(state_s + (w * 32 + lane) * 4);
+      top_lo = fmaxf(top_lo, state[w].x);
+      top_hi = fmaxf(top_hi, state[w].y);
+    }
+    float weight_lo[kKeyWarps], weight_hi[kKeyWarps];
+    float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kKeyWarps; ++w) {
+      weight_lo[w] = state[w].x == -INFINITY ? 0.0f : exp2f(state[w].x - top_lo);
+      weight_hi[w] = state[w].y == -INFINITY ? 0.0f : exp2f(state[w].y - top_hi);
+      sum_lo += weight_lo[w] * state[w].z;
+      sum_hi += weight_hi[w] * state[w].w;
+    }
+    const pgqa::Finish f_lo = finish(row_lo, top_lo, sum_lo);
+    const pgqa::Finish f_hi = finish(row_hi, top_hi, sum_hi);
+    for (int n = warp; n < D / 8; n += kKeyWarps) {
+      float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int w = 0; w < kKeyWarps; ++w) {
+        const float4 ow = pgqa::load_vec<float4>(o_s + ((w * (D / 8) + n) * 32 + lane) * 4);
+        x.x += weight_lo[w] * ow.x;
+        x.y += weight_lo[w] * ow.y;
+        x.z += weight_hi[w] * ow.z;
+        x.w += weight_hi[w] * ow.w;
       }
+      const int d = 8 * n + 2 * quad_lane;
+      if (row_lo < rows) store_pair<T>(p, out_row(row_lo), split, d, x.x * f_lo.factor, x.y * f_lo.factor, D);
+      if (row_hi < rows) store_pair<T>(p, out_row(row_hi), split, d, x.z * f_hi.factor, x.w * f_hi.factor, D);
+    }
+    if (warp == 0 && quad_lane == 0) {
+      if (row_lo < rows) store_lse(out_row(row_lo), f_lo.lse_log2);
+      if (row_hi < rows) store_lse(out_row(row_hi), f_hi.lse_log2);
     }
   }
 #elif defined(__CUDA_ARCH__)
@@ -413,17 +518,29 @@ pgqa_status check_device_has_mma(int32_t *cuda_error) {
   return major >= 8 ? PGQA_STATUS_OK : PGQA_STATUS_UNSUPPORTED;
 }
 
-template <typename T, typename KV, int D>
+// One layout's launch over its work list (nothing when it is empty): wide over mma_work, narrow
+// over narrow_work.
+template <typename T, typename KV, int D, int kKeyWarps>
 pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                    pgqa::Phase phase) {
+  using G = TileGeometry<kKeyWarps, KV, D>;
+  const int32_t *work = G::kNarrow ? p.narrow_work : p.mma_work;
+  const int num_work = G::kNarrow ? p.num_narrow_work : p.num_mma_work;
+  const int tokens_per_work = G::kNarrow ? p.narrow_tokens_per_work : p.mma_tokens_per_work;
+  if (num_work == 0) return PGQA_STATUS_OK;
   const int group = p.n_heads / p.n_kv_heads;
-  const int head_chunks = (group + kRows - 1) / kRows;
+  const int head_chunks = (group + G::kChunkRows - 1) / G::kChunkRows;
   const int64_t grid_y = static_cast<int64_t>(p.n_kv_heads) * head_chunks;
-  constexpr size_t smem = smem_bytes<T, KV, D>();
-  auto kernel = prefill_kernel<T, KV, D>;
+  const int64_t max_rows = static_cast<int64_t>(tokens_per_work) * min(group, G::kChunkRows);
+  // Wide: a warp per 16 rows; narrow: kKeyWarps warps over one fragment.
+  const int64_t fragments = (max_rows + 15) / 16;
+  const int row_warps = G::kNarrow ? 1 : static_cast<int>(fragments < kWideRows / 16 ? fragments : kWideRows / 16);
+  const int threads = G::kNarrow ? 32 * kKeyWarps : 32 * row_warps;
+  const size_t smem = smem_bytes<T, KV, D, kKeyWarps>(row_warps);
+  auto kernel = prefill_kernel<T, KV, D, kKeyWarps>;
   if (phase == pgqa::Phase::kPrepare) {
-    const int64_t max_rows = static_cast<int64_t>(p.mma_tokens_per_work) * min(group, kRows);
-    if (grid_y > 65535 || max_rows > kRows) return PGQA_STATUS_INVALID_ARGUMENT;
+    if (work == nullptr || tokens_per_work < 1 || grid_y > 65535 || max_rows > G::kChunkRows)
+      return PGQA_STATUS_INVALID_ARGUMENT;
     const pgqa_status device_status = check_device_has_mma(cuda_error);
     if (device_status != PGQA_STATUS_OK) return device_status;
     // The image the driver picked for this device must come from sm_80+ code: a build for
@@ -436,20 +553,26 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
       return PGQA_STATUS_CUDA_ERROR;
     }
     if (attributes.ptxVersion < 80) return PGQA_STATUS_UNSUPPORTED;
-    return pgqa::allow_shared_memory(kernel, smem, smem, cuda_error);
+    const size_t most = smem_bytes<T, KV, D, kKeyWarps>(G::kNarrow ? 1 : kWideRows / 16);
+    return pgqa::allow_shared_memory(kernel, most, smem, cuda_error);
   }
-  const dim3 grid(static_cast<unsigned>(p.num_mma_work), static_cast<unsigned>(grid_y),
+  const dim3 grid(static_cast<unsigned>(num_work), static_cast<unsigned>(grid_y),
                   static_cast<unsigned>(p.num_splits));
   const int block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
-  PGQA_LAUNCH(kernel, grid, kThreads, smem, stream, p, block_shift, group, head_chunks);
+  PGQA_LAUNCH(kernel, grid, threads, smem, stream, p, work, tokens_per_work, block_shift, group,
+              head_chunks);
   return pgqa::launch_status(cuda_error);
 }
 
+// Both layouts of the tensor-core kernel (each over its own work list).
 template <typename T, typename KV>
 pgqa_status launch_for_dim(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                            pgqa::Phase phase) {
   return pgqa::for_head_dim(p.head_dim, [&](auto dim) {
-    return launch<T, KV, decltype(dim)::value>(p, stream, cuda_error, phase);
+    constexpr int D = decltype(dim)::value;
+    pgqa_status status = launch<T, KV, D, 1>(p, stream, cuda_error, phase);
+    if (status == PGQA_STATUS_OK) status = launch<T, KV, D, kNarrowKeyWarps>(p, stream, cuda_error, phase);
+    return status;
   });
 }
 

@@ -5,6 +5,7 @@
 //! call: the safe API in `cuda` validates arguments before it calls in.
 #![allow(non_camel_case_types, non_upper_case_globals, clippy::all, rustdoc::broken_intra_doc_links)]
 
+pub const PGQA_ABI_VERSION: u32 = 2;
 #[repr(C)]
 #[derive(Debug)]
 pub struct CUstream_st {
@@ -195,14 +196,16 @@ unsafe extern "C" {
 pub const PGQA_ATTEND_THREADS: _bindgen_ty_1 = _bindgen_ty_1(128);
 #[doc = "< 8-element output accumulators per thread"]
 pub const PGQA_ATTEND_ACC_ITEMS: _bindgen_ty_1 = _bindgen_ty_1(6);
-#[doc = "< rows of a tensor-core block (4 warps of 16)"]
-pub const PGQA_ATTEND_MMA_ROWS: _bindgen_ty_1 = _bindgen_ty_1(64);
+#[doc = "< most rows of a wide tensor-core block (a warp per 16)"]
+pub const PGQA_ATTEND_MMA_ROWS: _bindgen_ty_1 = _bindgen_ty_1(128);
+#[doc = "< rows of a narrow tensor-core block (4 warps on the keys)"]
+pub const PGQA_ATTEND_NARROW_ROWS: _bindgen_ty_1 = _bindgen_ty_1(16);
 pub const PGQA_ATTEND_MAX_SPLITS: _bindgen_ty_1 = _bindgen_ty_1(65535);
 #[repr(transparent)]
 #[doc = " Attention kernel geometry, shared with the planner (src/plan.rs)."]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct _bindgen_ty_1(pub ::core::ffi::c_uint);
-#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts). Query row j of a sequence with L keys and n query rows sits at\n position p = L - n + j (bottom-right) and sees the keys k with\n   k <= p                    when causal (else every key up to L - 1), and\n   k >= p - window_left      when window_left >= 0 (a sliding window of window_left + 1 keys).\n Scores, in this order: s = scale * q . k; s = cap * tanh(s / cap) when logit_softcap = cap > 0;\n s += alibi_slopes[h] * (k - p) when alibi_slopes is not null; then the mask. Softmax over the\n visible keys, plus exp(sinks[h]) in the denominator (no value) when sinks is not null: the\n sink is counted once per row whatever the splits, and the returned lse includes it.\n\n Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and\n every query row of every sequence must be in exactly one of them:\n - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are\n   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /\n   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).\n - `mma_work`: the tensor-core kernel (mma.sync m16n8k16, sm_80 or newer), for items with many\n   rows (prompts, chunks, large groups): PGQA_ATTEND_MMA_ROWS rows per block,\n   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).\n\n Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and\n one split of its key range; it reads each K and V row of the range once for all its rows, and\n masks inside. The range runs from its first row's window start (0 without a window) to its\n last row's causal limit (L when not causal): tiles above the diagonal or left of the window\n are never loaded, and block table entries there are never read (they may be -1).\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them (adding the sinks). A row with no visible key gives 0 and lse sinks[h] (-inf without).\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when\n mma_work is not empty on a GPU older than sm_80.\n\n Pages (kv_dtype): dtype, or fp8 (F8_E4M3, F8_E5M2) with k_scale and v_scale: attention is\n then exactly attention over the dequantized K/V (stored * scale of the row's K/V head). Both\n kernels fold the scales instead of dequantizing: the block serves one K/V head, so k_scale is\n one factor of every score (multiplied into scale, before the soft-cap) and v_scale one factor\n of every output (multiplied in at the normalisation, split partials included). The 8-bit\n values cross memory once; the CUDA-core kernel converts them in its dot products, the\n tensor-core kernel widens each tile to dtype in shared memory before ldmatrix."]
+#[doc = " Fused paged GQA attention for any mix of query lengths (decode, speculative verification,\n chunked prefill, prompts). Query row j of a sequence with L keys and n query rows sits at\n position p = L - n + j (bottom-right) and sees the keys k with\n   k <= p                    when causal (else every key up to L - 1), and\n   k >= p - window_left      when window_left >= 0 (a sliding window of window_left + 1 keys).\n Scores, in this order: s = scale * q . k; s = cap * tanh(s / cap) when logit_softcap = cap > 0;\n s += alibi_slopes[h] * (k - p) when alibi_slopes is not null; then the mask. Softmax over the\n visible keys, plus exp(sinks[h]) in the denominator (no value) when sinks is not null: the\n sink is counted once per row whatever the splits, and the returned lse includes it.\n\n Three kernel paths share the call; the caller (src/plan.rs) hands each its own work list, and\n every query row of every sequence must be in exactly one of them:\n - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are\n   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /\n   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).\n - `mma_work`: the tensor-core kernel's wide layout (mma.sync m16n8k16, sm_80 or newer), for\n   items with many rows (prompts, chunks, groups above 16): mma_tokens_per_work query rows\n   times the group (or a chunk of PGQA_ATTEND_MMA_ROWS of its heads), at most\n   PGQA_ATTEND_MMA_ROWS rows per block, a warp per 16 of them.\n - `narrow_work`: its narrow layout (sm_80 or newer), for items of at most\n   PGQA_ATTEND_NARROW_ROWS rows (decode, short speculative items): narrow_tokens_per_work\n   query rows times the group (or a chunk of 16 of its heads) in one 16-row fragment, the\n   block's 4 warps splitting the keys of each tile and merging their states at the end.\n\n Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and\n one split of its key range; it reads each K and V row of the range once for all its rows, and\n masks inside. The range runs from its first row's window start (0 without a window) to its\n last row's causal limit (L when not causal): tiles above the diagonal or left of the window\n are never loaded, and block table entries there are never read (they may be -1).\n Query head h reads K/V head h / (n_heads / n_kv_heads). fp32 softmax. With num_splits > 1\n each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges\n them (adding the sinks). A row with no visible key gives 0 and lse sinks[h] (-inf without).\n head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when\n mma_work or narrow_work is not empty on a GPU older than sm_80.\n\n Pages (kv_dtype): dtype, or fp8 (F8_E4M3, F8_E5M2) with k_scale and v_scale: attention is\n then exactly attention over the dequantized K/V (stored * scale of the row's K/V head). Both\n kernels fold the scales instead of dequantizing: the block serves one K/V head, so k_scale is\n one factor of every score (multiplied into scale, before the soft-cap) and v_scale one factor\n of every output (multiplied in at the normalisation, split partials included). The 8-bit\n values cross memory once; the CUDA-core kernel converts them in its dot products, the\n tensor-core kernel widens each tile to dtype in shared memory before ldmatrix."]
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pgqa_attend_params {
@@ -243,7 +246,7 @@ pub struct pgqa_attend_params {
     pub num_blocks: i32,
     #[doc = "< query rows per work item; 1 when the group exceeds a block"]
     pub tokens_per_work: i32,
-    #[doc = "< query rows per mma_work item (times min(group, 64) <= 64)"]
+    #[doc = "< query rows per mma_work item (times min(group, 128) <= 128)"]
     pub mma_tokens_per_work: i32,
     pub num_splits: i32,
     #[doc = "< split s of a block covers keys [lo + s * keys_per_split,\nlo + (s + 1) * keys_per_split) of its range [lo, hi)"]
@@ -266,10 +269,15 @@ pub struct pgqa_attend_params {
     pub k_scale: *const f32,
     #[doc = "< [n_kv_heads] for fp8 pages (ignored otherwise; may be null)"]
     pub v_scale: *const f32,
+    #[doc = "< [num_narrow_work, 2]: the same, for the narrow layout"]
+    pub narrow_work: *const i32,
+    pub num_narrow_work: i32,
+    #[doc = "< query rows per narrow_work item (times min(group, 16) <= 16)"]
+    pub narrow_tokens_per_work: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 208usize];
+    ["Size of pgqa_attend_params"][::core::mem::size_of::<pgqa_attend_params>() - 224usize];
     ["Alignment of pgqa_attend_params"][::core::mem::align_of::<pgqa_attend_params>() - 8usize];
     ["Offset of field: pgqa_attend_params::q"]
         [::core::mem::offset_of!(pgqa_attend_params, q) - 0usize];
@@ -341,6 +349,12 @@ const _: () = {
         [::core::mem::offset_of!(pgqa_attend_params, k_scale) - 192usize];
     ["Offset of field: pgqa_attend_params::v_scale"]
         [::core::mem::offset_of!(pgqa_attend_params, v_scale) - 200usize];
+    ["Offset of field: pgqa_attend_params::narrow_work"]
+        [::core::mem::offset_of!(pgqa_attend_params, narrow_work) - 208usize];
+    ["Offset of field: pgqa_attend_params::num_narrow_work"]
+        [::core::mem::offset_of!(pgqa_attend_params, num_narrow_work) - 216usize];
+    ["Offset of field: pgqa_attend_params::narrow_tokens_per_work"]
+        [::core::mem::offset_of!(pgqa_attend_params, narrow_tokens_per_work) - 220usize];
 };
 unsafe extern "C" {
     pub fn pgqa_attend(

@@ -1,5 +1,6 @@
 //! Launch planning for the attention kernels, in plain Rust so it is unit-tested on the CPU:
-//! which kernel serves each sequence (CUDA cores for few rows, tensor cores for many), which
+//! which kernel serves each sequence (the tensor-core kernel's narrow layout for few rows, its
+//! wide layout for many, CUDA cores where there are no tensor cores), which
 //! query rows each thread block serves, how many blocks serve each K/V head, and into how many
 //! splits (flash-decoding) the keys are cut when the batch alone cannot fill the GPU.
 
@@ -26,24 +27,50 @@ pub fn max_rows_per_block(head_dim: usize) -> usize {
     ATTEND_ACC_ITEMS * ATTEND_THREADS * 8 / head_dim
 }
 
-/// Rows (query row, query head) of one tensor-core attention block (kernels/prefill.cu).
+/// The most rows (query row, query head) of one wide tensor-core block (kernels/prefill.cu):
+/// its chunk of a group's heads. The block takes a warp per 16 of its rows.
 pub const MMA_ROWS: usize = ffi::PGQA_ATTEND_MMA_ROWS.0 as usize;
-/// With [`KernelChoice::Auto`], a sequence whose rows (query rows x group) reach this many goes
-/// to the tensor-core kernel: from half a tensor-core tile on, the tile's wasted rows cost less
-/// than the CUDA-core kernel's scalar dot products. (A choice made from the arithmetic, not yet
-/// from a measurement.)
-pub const MMA_MIN_ROWS: usize = 32;
+/// Rows the plan packs into a wide block: query rows x group up to 64 (4 warps) when the group
+/// fits, else one query row with all the group's heads (up to [`MMA_ROWS`]): a group of 71
+/// (Falcon-7B) is one block of 5 warps that reads each K/V byte once.
+pub const MMA_PACK_ROWS: usize = 64;
+/// Rows of one narrow tensor-core block: one m16 fragment, its 4 warps splitting the keys.
+pub const NARROW_ROWS: usize = ffi::PGQA_ATTEND_NARROW_ROWS.0 as usize;
 
 /// Which attention kernels a schedule may use.
+///
+/// [`Auto`](KernelChoice::Auto) sends an item of at most [`NARROW_ROWS`] rows (query rows x
+/// group: decode, short speculative items) to the narrow tensor-core layout and longer ones to
+/// the wide layout; backends without tensor cores (GPUs older than sm_80) turn it into
+/// [`CudaCores`](KernelChoice::CudaCores). The rule comes from the profiler's speed-of-light
+/// model (`src/sim/speed_of_light.rs`), per K/V byte read, against an H200 (4.8 TB/s HBM; 67
+/// TFLOP/s of f32 FMA and 989 TFLOP/s of dense bf16 MMA, NVIDIA's datasheet for the H100 SXM,
+/// the same chip):
+/// - the CUDA-core kernel does `rows` FMAs per K or V element, `rows` flops per 16-bit byte:
+///   at HBM speed, `0.072 x rows` of the f32 pipe for 16-bit pages and `0.144 x rows` for fp8,
+///   before the conversions and the softmax that share its issue slots. It reaches the pipe's
+///   limit near 14 rows (7 on fp8 pages) and is never below the tensor-core time;
+/// - the narrow layout does 16 padded rows of MMA whatever the group, `0.078` of the MMA pipe
+///   (`0.16` on fp8 pages): memory-bound at every row count up to 16, with no idle warp;
+/// - the wide layout keeps a warp per 16 rows: from 17 rows on it wastes less MMA than the
+///   narrow layout's head chunks, and reads each K/V byte once per block of up to 128 rows.
+///
+/// Both tensor-core layouts keep a 64-key tile in flight per block (2 x 64 x head_dim x the
+/// page's bytes), so bytes in flight decide nothing between them. No GPU has timed the rule yet:
+/// the device check times all three paths on every bench shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelChoice {
-    /// Per sequence: tensor cores from [`MMA_MIN_ROWS`] rows on, CUDA cores below.
+    /// Per sequence: the narrow tensor-core layout up to [`NARROW_ROWS`] rows, the wide one
+    /// above (CUDA cores on GPUs without tensor cores).
     #[default]
     Auto,
     /// Every sequence on CUDA cores (GPUs older than sm_80; comparisons).
     CudaCores,
-    /// Every sequence on tensor cores (sm_80 or newer).
+    /// Every sequence on the wide tensor-core layout (sm_80 or newer).
     TensorCores,
+    /// Every sequence on the narrow tensor-core layout (sm_80 or newer): blocks of 16 rows, a
+    /// group above 16 in chunks of 16 heads (each chunk reads the K/V again).
+    NarrowTensorCores,
 }
 
 /// One kernel's share of a launch: the grid's x dimension and how its blocks cover the rows.
@@ -62,10 +89,12 @@ pub struct KernelWork {
 }
 
 impl KernelWork {
-    fn new(rows_per_block: usize, group: usize) -> Self {
+    /// Blocks serve chunks of `chunk_rows` of a group's heads, and pack up to `pack_rows` rows
+    /// (query rows x heads) when the group fits.
+    fn new(chunk_rows: usize, pack_rows: usize, group: usize) -> Self {
         Self {
-            head_chunks: group.div_ceil(rows_per_block),
-            tokens_per_work: (rows_per_block / group.min(rows_per_block)).max(1),
+            head_chunks: group.div_ceil(chunk_rows),
+            tokens_per_work: (pack_rows / group.min(pack_rows)).max(1),
             work: Vec::new(),
             longest_query: 0,
         }
@@ -162,10 +191,13 @@ impl Splits {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttendSchedule {
-    /// Work of the CUDA-core kernel (kernels/attend.cu): few rows per sequence.
+    /// Work of the CUDA-core kernel (kernels/attend.cu): every item on GPUs without tensor
+    /// cores, or on request.
     pub cuda_cores: KernelWork,
-    /// Work of the tensor-core kernel (kernels/prefill.cu): many rows per sequence.
+    /// Work of the tensor-core kernel's wide layout (kernels/prefill.cu): many rows per item.
     pub tensor_cores: KernelWork,
+    /// Work of the tensor-core kernel's narrow layout (kernels/prefill.cu): up to 16 rows.
+    pub narrow_tensor_cores: KernelWork,
     /// Splits of the keys (1: no split, no merge) for plain causal attention; both kernels use
     /// the same. Other key masks (a sliding window, non-causal) take
     /// [`splits`](AttendSchedule::splits).
@@ -194,8 +226,10 @@ impl AttendSchedule {
         choice: KernelChoice,
     ) -> Self {
         let group = shape.group();
-        let mut cuda_cores = KernelWork::new(max_rows_per_block(shape.head_dim()), group);
-        let mut tensor_cores = KernelWork::new(MMA_ROWS, group);
+        let cuda_rows = max_rows_per_block(shape.head_dim());
+        let mut cuda_cores = KernelWork::new(cuda_rows, cuda_rows, group);
+        let mut tensor_cores = KernelWork::new(MMA_ROWS, MMA_PACK_ROWS, group);
+        let mut narrow_tensor_cores = KernelWork::new(NARROW_ROWS, NARROW_ROWS, group);
         let mut max_context_len = 0;
         for seq in 0..lens.batch() {
             let query_len = lens.query_len(seq);
@@ -203,21 +237,21 @@ impl AttendSchedule {
                 continue;
             }
             max_context_len = max_context_len.max(lens.context_len(seq));
-            let on_tensor_cores = match choice {
-                KernelChoice::Auto => query_len * group >= MMA_MIN_ROWS,
-                KernelChoice::CudaCores => false,
-                KernelChoice::TensorCores => true,
-            };
-            let kernel = if on_tensor_cores {
-                &mut tensor_cores
-            } else {
-                &mut cuda_cores
+            let kernel = match choice {
+                KernelChoice::Auto if query_len * group <= NARROW_ROWS => &mut narrow_tensor_cores,
+                KernelChoice::Auto | KernelChoice::TensorCores => &mut tensor_cores,
+                KernelChoice::CudaCores => &mut cuda_cores,
+                KernelChoice::NarrowTensorCores => &mut narrow_tensor_cores,
             };
             kernel.push(seq, query_len);
         }
-        let (cuda_cores, tensor_cores) = (cuda_cores.finish(lens), tensor_cores.finish(lens));
-        let blocks =
-            cuda_cores.blocks(shape.n_kv_heads()) + tensor_cores.blocks(shape.n_kv_heads());
+        let cuda_cores = cuda_cores.finish(lens);
+        let tensor_cores = tensor_cores.finish(lens);
+        let narrow_tensor_cores = narrow_tensor_cores.finish(lens);
+        let blocks = [&cuda_cores, &tensor_cores, &narrow_tensor_cores]
+            .iter()
+            .map(|kernel| kernel.blocks(shape.n_kv_heads()))
+            .sum::<usize>();
         let target = sm_count.max(1) * BLOCKS_PER_SM;
         let wanted = if blocks == 0 {
             1
@@ -236,6 +270,7 @@ impl AttendSchedule {
         Self {
             cuda_cores,
             tensor_cores,
+            narrow_tensor_cores,
             num_splits,
             keys_per_split,
             wanted_splits: wanted,
@@ -259,10 +294,15 @@ impl AttendSchedule {
     /// # Ok::<(), paged_gqa::Error>(())
     /// ```
     pub fn splits(&self, lens: &SeqLens, mask: KeyMask) -> Splits {
-        let longest = self
-            .cuda_cores
-            .longest_range(lens, mask)
-            .max(self.tensor_cores.longest_range(lens, mask));
+        let longest = [
+            &self.cuda_cores,
+            &self.tensor_cores,
+            &self.narrow_tensor_cores,
+        ]
+        .iter()
+        .map(|kernel| kernel.longest_range(lens, mask))
+        .max()
+        .unwrap_or(0);
         let splits = Splits::new(self.wanted_splits, longest);
         debug_assert!(splits.num_splits <= self.max_splits);
         splits
@@ -270,7 +310,9 @@ impl AttendSchedule {
 
     /// True when no block has anything to do (no query rows).
     pub fn is_empty(&self) -> bool {
-        self.cuda_cores.work.is_empty() && self.tensor_cores.work.is_empty()
+        self.cuda_cores.work.is_empty()
+            && self.tensor_cores.work.is_empty()
+            && self.narrow_tensor_cores.work.is_empty()
     }
 
     /// f32 elements of the split workspace: partial outputs `[num_tokens, n_heads, num_splits,

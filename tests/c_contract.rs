@@ -75,6 +75,9 @@ mod contract {
             kv_dtype: pgqa_dtype::PGQA_DTYPE_BF16,
             k_scale: std::ptr::null(),
             v_scale: std::ptr::null(),
+            narrow_work: at(0xe000).cast(),
+            num_narrow_work: 0,
+            narrow_tokens_per_work: 1,
         }
     }
 
@@ -108,7 +111,7 @@ mod contract {
     #[test]
     fn malformed_shapes_and_schedules_are_invalid_arguments() {
         let invalid = pgqa_status::PGQA_STATUS_INVALID_ARGUMENT;
-        let cases: [(&str, Break); 16] = [
+        let cases: [(&str, Break); 20] = [
             ("window_left below -1", |p| p.window_left = -2),
             ("causal neither 0 nor 1", |p| p.causal = 2),
             ("negative soft-cap", |p| p.logit_softcap = -1.0),
@@ -125,13 +128,29 @@ mod contract {
                 p.mma_tokens_per_work = 0;
             }),
             (
-                "more rows than a tensor-core block holds (17 x 4 > 64)",
+                "more rows than a wide tensor-core block holds (33 x 4 > 128)",
                 |p| {
                     p.num_work = 0;
                     p.num_mma_work = 1;
-                    p.mma_tokens_per_work = 17;
+                    p.mma_tokens_per_work = 33;
                 },
             ),
+            ("negative narrow tensor-core work", |p| {
+                p.num_narrow_work = -1
+            }),
+            ("narrow work with zero tokens per item", |p| {
+                p.num_narrow_work = 1;
+                p.narrow_tokens_per_work = 0;
+            }),
+            ("more rows than a narrow block holds (5 x 4 > 16)", |p| {
+                p.num_work = 0;
+                p.num_narrow_work = 1;
+                p.narrow_tokens_per_work = 5;
+            }),
+            ("narrow work without its list", |p| {
+                p.num_narrow_work = 1;
+                p.narrow_work = std::ptr::null();
+            }),
             ("tensor-core work without its list", |p| {
                 p.num_mma_work = 1;
                 p.mma_work = std::ptr::null();
@@ -173,6 +192,9 @@ mod contract {
         p.num_work = 0;
         p.num_mma_work = 1;
         assert_refused(p, unsupported, "head_dim 72, tensor-core work");
+        p.num_mma_work = 0;
+        p.num_narrow_work = 1;
+        assert_refused(p, unsupported, "head_dim 72, narrow tensor-core work");
         let mut p = params();
         p.dtype = pgqa_dtype::PGQA_DTYPE_F32;
         assert_refused(p, unsupported, "f32");

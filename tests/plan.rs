@@ -5,7 +5,7 @@ mod common;
 
 use paged_gqa::plan::{
     max_rows_per_block, AttendSchedule, KernelChoice, KernelWork, MAX_SPLITS, MIN_KEYS_PER_SPLIT,
-    MMA_MIN_ROWS, MMA_ROWS,
+    MMA_PACK_ROWS, MMA_ROWS, NARROW_ROWS,
 };
 use paged_gqa::{GqaShape, SeqLens};
 use rand::Rng;
@@ -37,7 +37,11 @@ fn assert_covers(s: &AttendSchedule, max_len: usize) {
 fn assert_rows_covered(s: &AttendSchedule, lens: &SeqLens) {
     let mut next = vec![0usize; lens.batch()];
     let mut kernel_of = vec![None; lens.batch()];
-    for (name, kernel) in [("cuda", &s.cuda_cores), ("mma", &s.tensor_cores)] {
+    for (name, kernel) in [
+        ("cuda", &s.cuda_cores),
+        ("mma", &s.tensor_cores),
+        ("narrow", &s.narrow_tensor_cores),
+    ] {
         let mut work = kernel.work.clone();
         work.sort();
         for [seq, j0] in work {
@@ -45,7 +49,7 @@ fn assert_rows_covered(s: &AttendSchedule, lens: &SeqLens) {
             let first_kernel = *kernel_of[seq].get_or_insert(name);
             assert_eq!(
                 first_kernel, name,
-                "sequence {seq} is split between the two kernels"
+                "sequence {seq} is split between two kernels"
             );
             assert_eq!(
                 j0, next[seq],
@@ -70,14 +74,15 @@ fn a_batch_that_fills_the_gpu_is_not_split() {
     assert!(s.keys_per_split >= 8192);
     assert_eq!(s.workspace_floats(128, llama3_8b()), 0);
     assert_eq!(
-        s.cuda_cores.work.len(),
+        s.narrow_tensor_cores.work.len(),
         128,
         "one work item per decoding sequence"
     );
     assert!(s.tensor_cores.work.is_empty(), "group 4 decode: 4 rows");
+    assert!(s.cuda_cores.work.is_empty(), "group 4 decode: 4 rows");
     assert_eq!(
-        s.cuda_cores.tokens_per_work, 1,
-        "a decode block sizes its shared memory for one query row"
+        s.narrow_tensor_cores.tokens_per_work, 1,
+        "a decode block serves one query row"
     );
 }
 
@@ -125,32 +130,47 @@ fn large_groups_are_served_in_chunks_of_heads() {
     let wide = GqaShape::new(71, 1, 128).unwrap();
     let s = AttendSchedule::with_kernels(H200_SMS, &lens, wide, KernelChoice::CudaCores);
     assert_eq!(s.cuda_cores.head_chunks, 2);
-    // Tensor cores: 64 heads, then 7.
+    // Tensor cores, wide: all 71 heads in one block (5 warps), each K/V byte read once.
     let s = AttendSchedule::new(H200_SMS, &lens, wide);
     assert_eq!(
         (s.tensor_cores.head_chunks, s.tensor_cores.tokens_per_work),
-        (2, 1)
+        (1, 1)
     );
+    // Narrow: chunks of 16 heads.
+    let s = AttendSchedule::with_kernels(H200_SMS, &lens, wide, KernelChoice::NarrowTensorCores);
+    assert_eq!(
+        (
+            s.narrow_tensor_cores.head_chunks,
+            s.narrow_tensor_cores.tokens_per_work
+        ),
+        (5, 1)
+    );
+    // Above 128 heads, chunks of 128.
+    let huge = GqaShape::new(200, 1, 64).unwrap();
+    let s = AttendSchedule::new(H200_SMS, &lens, huge);
+    assert_eq!(s.tensor_cores.head_chunks, 2);
 }
 
 #[test]
-fn auto_sends_many_rows_to_tensor_cores_and_few_to_cuda_cores() {
-    // Group 4: decode (4 rows) and speculation of 7 (28 rows) on CUDA cores; 8 query rows
-    // (32 rows) and prompts on tensor cores.
-    let lens = SeqLens::new(&[900, 900, 900, 900], &[1, 7, 8, 500]).unwrap();
+fn auto_sends_up_to_16_rows_to_the_narrow_layout_and_more_to_the_wide_one() {
+    // Group 4: decode (4 rows) and speculation of 4 (16 rows) narrow; 5 query rows (20 rows)
+    // and prompts wide; nothing on CUDA cores.
+    let lens = SeqLens::new(&[900, 900, 900, 900], &[1, 4, 5, 500]).unwrap();
     let s = AttendSchedule::new(H200_SMS, &lens, llama3_8b());
     let seqs = |k: &KernelWork| {
         let mut v: Vec<i32> = k.work.iter().map(|&[seq, _]| seq).collect();
         v.dedup();
         v
     };
-    assert_eq!(seqs(&s.cuda_cores), [0, 1]);
+    assert_eq!(seqs(&s.narrow_tensor_cores), [0, 1]);
     assert_eq!(seqs(&s.tensor_cores), [2, 3]);
-    assert_eq!(MMA_MIN_ROWS, 32);
-    // Falcon-7B decodes on tensor cores: 71 rows per token.
+    assert!(s.cuda_cores.work.is_empty());
+    assert_eq!(NARROW_ROWS, 16);
+    assert_eq!(s.narrow_tensor_cores.tokens_per_work, 4);
+    // Falcon-7B decodes on the wide layout: 71 rows per token.
     let falcon_7b = GqaShape::new(71, 1, 64).unwrap();
     let s = decode(H200_SMS, 3, 100, falcon_7b);
-    assert!(s.cuda_cores.work.is_empty());
+    assert!(s.cuda_cores.work.is_empty() && s.narrow_tensor_cores.work.is_empty());
     assert_eq!(s.tensor_cores.work.len(), 3);
 }
 
@@ -158,16 +178,25 @@ fn auto_sends_many_rows_to_tensor_cores_and_few_to_cuda_cores() {
 fn a_forced_choice_puts_every_sequence_on_one_kernel() {
     let lens = SeqLens::new(&[900, 900, 40], &[1, 500, 40]).unwrap();
     let cuda = AttendSchedule::with_kernels(H200_SMS, &lens, llama3_8b(), KernelChoice::CudaCores);
-    assert!(cuda.tensor_cores.work.is_empty());
+    assert!(cuda.tensor_cores.work.is_empty() && cuda.narrow_tensor_cores.work.is_empty());
     assert_rows_covered(&cuda, &lens);
     let mma = AttendSchedule::with_kernels(H200_SMS, &lens, llama3_8b(), KernelChoice::TensorCores);
-    assert!(mma.cuda_cores.work.is_empty());
+    assert!(mma.cuda_cores.work.is_empty() && mma.narrow_tensor_cores.work.is_empty());
     assert_rows_covered(&mma, &lens);
+    let narrow = AttendSchedule::with_kernels(
+        H200_SMS,
+        &lens,
+        llama3_8b(),
+        KernelChoice::NarrowTensorCores,
+    );
+    assert!(narrow.cuda_cores.work.is_empty() && narrow.tensor_cores.work.is_empty());
+    assert_eq!(narrow.narrow_tensor_cores.tokens_per_work, 4);
+    assert_rows_covered(&narrow, &lens);
 }
 
 #[test]
 fn tensor_core_blocks_pack_whole_groups_into_64_rows() {
-    assert_eq!(MMA_ROWS, 64);
+    assert_eq!((MMA_PACK_ROWS, MMA_ROWS), (64, 128));
     for (group, tokens) in [(1, 64), (4, 16), (5, 12), (7, 9), (8, 8), (64, 1), (71, 1)] {
         let shape = GqaShape::new(group * 2, 2, 128).unwrap();
         let lens = SeqLens::new(&[1000], &[1000]).unwrap();
@@ -175,7 +204,7 @@ fn tensor_core_blocks_pack_whole_groups_into_64_rows() {
         assert_eq!(s.tensor_cores.tokens_per_work, tokens, "group {group}");
         assert_eq!(
             s.tensor_cores.head_chunks,
-            group.div_ceil(64),
+            group.div_ceil(128),
             "group {group}"
         );
         assert_eq!(s.tensor_cores.work.len(), 1000_usize.div_ceil(tokens));
@@ -190,11 +219,11 @@ fn prompts_pack_several_query_rows_per_block() {
     assert_eq!(s.cuda_cores.tokens_per_work, 12);
     assert_eq!(s.cuda_cores.work.len(), 4096_usize.div_ceil(12) + 2 + 1);
     assert_rows_covered(&s, &lens);
-    // Tensor cores: 64 rows = 16 query rows x 4 heads; the decode token stays on CUDA cores.
+    // Tensor cores: 64 rows = 16 query rows x 4 heads; the decode token goes narrow.
     let s = AttendSchedule::new(H200_SMS, &lens, llama3_8b());
     assert_eq!(s.tensor_cores.tokens_per_work, 16);
     assert_eq!(s.tensor_cores.work.len(), 4096 / 16 + 2);
-    assert_eq!(s.cuda_cores.work, [[2, 0]]);
+    assert_eq!(s.narrow_tensor_cores.work, [[2, 0]]);
     assert_rows_covered(&s, &lens);
 }
 
@@ -204,6 +233,7 @@ fn sequences_without_query_rows_get_no_work() {
     let s = AttendSchedule::new(H200_SMS, &lens, llama3_8b());
     assert!(s.cuda_cores.work.iter().all(|&[seq, _]| seq != 1));
     assert!(s.tensor_cores.work.iter().all(|&[seq, _]| seq != 1));
+    assert!(s.narrow_tensor_cores.work.iter().all(|&[seq, _]| seq != 1));
     // The idle long sequence does not stretch the splits.
     assert!(s.num_splits * s.keys_per_split < 9000);
 }
@@ -247,7 +277,8 @@ fn random_plans_cover_every_key_and_row() {
             KernelChoice::Auto,
             KernelChoice::CudaCores,
             KernelChoice::TensorCores,
-        ][rng.random_range(0..3)];
+            KernelChoice::NarrowTensorCores,
+        ][rng.random_range(0..4)];
         let s = AttendSchedule::with_kernels(rng.random_range(1..=200), &lens, shape, choice);
         let max_len = (0..batch)
             .filter(|&b| query[b] > 0)
@@ -265,7 +296,8 @@ fn random_plans_cover_every_key_and_row() {
             max_rows_per_block(shape.head_dim())
         ));
         assert!(rows_fit(&s.tensor_cores, MMA_ROWS));
-        for kernel in [&s.cuda_cores, &s.tensor_cores] {
+        assert!(rows_fit(&s.narrow_tensor_cores, NARROW_ROWS));
+        for kernel in [&s.cuda_cores, &s.tensor_cores, &s.narrow_tensor_cores] {
             let last_keys: Vec<usize> = kernel
                 .work
                 .iter()
@@ -292,6 +324,7 @@ fn the_gpu_small_varlen_case_is_split_on_an_h200() {
         KernelChoice::Auto,
         KernelChoice::CudaCores,
         KernelChoice::TensorCores,
+        KernelChoice::NarrowTensorCores,
     ] {
         let s = AttendSchedule::with_kernels(H200_SMS, &lens, shape, choice);
         assert!(s.num_splits > 1, "{choice:?}: {s:?}");
@@ -307,7 +340,7 @@ fn blocks_that_see_the_most_keys_come_first() {
     let mut descending = first_rows.clone();
     descending.sort_by(|a, b| b.cmp(a));
     assert_eq!(first_rows, descending);
-    assert_eq!(s.cuda_cores.work, [[1, 0], [2, 0]]);
+    assert_eq!(s.narrow_tensor_cores.work, [[1, 0], [2, 0]]);
     assert_rows_covered(&s, &lens);
     // Ordered by the keys of the last row, not by sequence or by first row.
     let decode = AttendSchedule::new(
@@ -315,7 +348,7 @@ fn blocks_that_see_the_most_keys_come_first() {
         &SeqLens::decode(&[20, 5000]).unwrap(),
         llama3_8b(),
     );
-    assert_eq!(decode.cuda_cores.work, [[1, 0], [0, 0]]);
+    assert_eq!(decode.narrow_tensor_cores.work, [[1, 0], [0, 0]]);
     // A prompt of 98 (last block's rows see up to 98 keys) and a chunk of 16 on 94 cached (its
     // one block sees 110): the chunk first.
     let lens = SeqLens::new(&[98, 110], &[98, 16]).unwrap();

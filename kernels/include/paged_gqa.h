@@ -12,6 +12,13 @@
 
 #include <stdint.h>
 
+/**
+ * The version of this contract. 2: pgqa_attend_params gained narrow_work, num_narrow_work and
+ * narrow_tokens_per_work at its end (the narrow tensor-core layout) and PGQA_ATTEND_MMA_ROWS
+ * became 128; a caller built against version 1 must zero-fill the new fields and be rebuilt.
+ */
+#define PGQA_ABI_VERSION 2
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -116,7 +123,8 @@ pgqa_status pgqa_copy_blocks(const pgqa_copy_blocks_params *params, pgqa_stream 
 enum {
   PGQA_ATTEND_THREADS = 128, /**< threads per block */
   PGQA_ATTEND_ACC_ITEMS = 6, /**< 8-element output accumulators per thread */
-  PGQA_ATTEND_MMA_ROWS = 64,  /**< rows of a tensor-core block (4 warps of 16) */
+  PGQA_ATTEND_MMA_ROWS = 128, /**< most rows of a wide tensor-core block (a warp per 16) */
+  PGQA_ATTEND_NARROW_ROWS = 16, /**< rows of a narrow tensor-core block (4 warps on the keys) */
   PGQA_ATTEND_MAX_SPLITS = 65535
 };
 
@@ -131,14 +139,19 @@ enum {
  * visible keys, plus exp(sinks[h]) in the denominator (no value) when sinks is not null: the
  * sink is counted once per row whatever the splits, and the returned lse includes it.
  *
- * Two kernels share the call; the caller (src/plan.rs) hands each its own work list, and
+ * Three kernel paths share the call; the caller (src/plan.rs) hands each its own work list, and
  * every query row of every sequence must be in exactly one of them:
  * - `work`: the CUDA-core kernel, for items with few rows (decode, speculation). Its rows are
  *   (query row, query head) pairs, at most PGQA_ATTEND_ACC_ITEMS * PGQA_ATTEND_THREADS * 8 /
  *   head_dim of them (tokens_per_work query rows times the group, or a chunk of the group).
- * - `mma_work`: the tensor-core kernel (mma.sync m16n8k16, sm_80 or newer), for items with many
- *   rows (prompts, chunks, large groups): PGQA_ATTEND_MMA_ROWS rows per block,
- *   mma_tokens_per_work query rows times the group (or a chunk of 64 of its heads).
+ * - `mma_work`: the tensor-core kernel's wide layout (mma.sync m16n8k16, sm_80 or newer), for
+ *   items with many rows (prompts, chunks, groups above 16): mma_tokens_per_work query rows
+ *   times the group (or a chunk of PGQA_ATTEND_MMA_ROWS of its heads), at most
+ *   PGQA_ATTEND_MMA_ROWS rows per block, a warp per 16 of them.
+ * - `narrow_work`: its narrow layout (sm_80 or newer), for items of at most
+ *   PGQA_ATTEND_NARROW_ROWS rows (decode, short speculative items): narrow_tokens_per_work
+ *   query rows times the group (or a chunk of 16 of its heads) in one 16-row fragment, the
+ *   block's 4 warps splitting the keys of each tile and merging their states at the end.
  *
  * Either kernel's block serves one work item, one K/V head (or a chunk of its query heads) and
  * one split of its key range; it reads each K and V row of the range once for all its rows, and
@@ -149,7 +162,7 @@ enum {
  * each split writes partial outputs and log2-sum-exp to the workspace and the launcher merges
  * them (adding the sinks). A row with no visible key gives 0 and lse sinks[h] (-inf without).
  * head_dim: 64, 80, 96, 128 or 256; dtype: F16 or BF16. Returns PGQA_STATUS_UNSUPPORTED when
- * mma_work is not empty on a GPU older than sm_80.
+ * mma_work or narrow_work is not empty on a GPU older than sm_80.
  *
  * Pages (kv_dtype): dtype, or fp8 (F8_E4M3, F8_E5M2) with k_scale and v_scale: attention is
  * then exactly attention over the dequantized K/V (stored * scale of the row's K/V head). Both
@@ -183,7 +196,7 @@ typedef struct pgqa_attend_params {
   int32_t max_blocks;
   int32_t num_blocks; /**< block ids outside [0, num_blocks) are never read */
   int32_t tokens_per_work; /**< query rows per work item; 1 when the group exceeds a block */
-  int32_t mma_tokens_per_work; /**< query rows per mma_work item (times min(group, 64) <= 64) */
+  int32_t mma_tokens_per_work; /**< query rows per mma_work item (times min(group, 128) <= 128) */
   int32_t num_splits;
   int32_t keys_per_split; /**< split s of a block covers keys [lo + s * keys_per_split,
                                lo + (s + 1) * keys_per_split) of its range [lo, hi) */
@@ -197,6 +210,10 @@ typedef struct pgqa_attend_params {
   pgqa_dtype kv_dtype;       /**< element type of k_cache and v_cache: dtype, or an fp8 type */
   const float *k_scale;      /**< [n_kv_heads] for fp8 pages (ignored otherwise; may be null) */
   const float *v_scale;      /**< [n_kv_heads] for fp8 pages (ignored otherwise; may be null) */
+  /* Since PGQA_ABI_VERSION 2: */
+  const int32_t *narrow_work;     /**< [num_narrow_work, 2]: the same, for the narrow layout */
+  int32_t num_narrow_work;
+  int32_t narrow_tokens_per_work; /**< query rows per narrow_work item (times min(group, 16) <= 16) */
 } pgqa_attend_params;
 
 pgqa_status pgqa_attend(const pgqa_attend_params *params, pgqa_stream stream,

@@ -56,8 +56,10 @@ struct AttentionTables {
     query_starts: CudaSlice<i32>,
     /// [num_work, 2] i32, the CUDA-core kernel's work items
     work: CudaSlice<i32>,
-    /// [num_mma_work, 2] i32, the tensor-core kernel's work items
+    /// [num_mma_work, 2] i32, the tensor-core kernel's work items (wide layout)
     mma_work: CudaSlice<i32>,
+    /// [num_narrow_work, 2] i32, the tensor-core kernel's work items (narrow layout)
+    narrow_work: CudaSlice<i32>,
     /// The split-KV partials of the schedule (f32).
     workspace: CudaSlice<f32>,
 }
@@ -112,6 +114,11 @@ impl DeviceTables {
             query_starts: upload(dev, &params::query_starts(lens), 0)?,
             work: upload(dev, bytemuck::cast_slice(&schedule.cuda_cores.work), 0)?,
             mma_work: upload(dev, bytemuck::cast_slice(&schedule.tensor_cores.work), 0)?,
+            narrow_work: upload(
+                dev,
+                bytemuck::cast_slice(&schedule.narrow_tensor_cores.work),
+                0,
+            )?,
             workspace: dev.alloc_zeros::<f32>(floats)?,
             schedule,
         });
@@ -254,6 +261,7 @@ fn attention_as<T: CandleElement + CudaDType>(
         let (query_starts, _qs) = tables.query_starts.device_ptr(&stream);
         let (work, _w) = tables.work.device_ptr(&stream);
         let (mma_work, _mw) = tables.mma_work.device_ptr(&stream);
+        let (narrow_work, _nw) = tables.narrow_work.device_ptr(&stream);
         let (split_workspace, _ws) = tables.workspace.device_ptr(&stream);
         let launch_tables = AttendTables {
             layout,
@@ -266,6 +274,7 @@ fn attention_as<T: CandleElement + CudaDType>(
             query_starts,
             work,
             mma_work,
+            narrow_work,
             split_workspace,
         };
         let tensors = AttendTensors {

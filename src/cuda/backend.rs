@@ -23,8 +23,8 @@ impl Backend for Arc<CudaStream> {
         Ok(count.max(1) as usize)
     }
 
-    /// The tensor-core kernel needs sm_80 or newer (and a build for such a GPU): there `Auto`
-    /// means CUDA cores only and `TensorCores` is an error.
+    /// The tensor-core kernel needs sm_80 or newer (and a build for such a GPU): elsewhere
+    /// `Auto` means CUDA cores only and either tensor-core layout is an error.
     fn kernels(&self, requested: KernelChoice) -> Result<KernelChoice> {
         let context = self.context();
         let major = context
@@ -34,10 +34,12 @@ impl Backend for Arc<CudaStream> {
         let tensor_cores = major >= 8 && TENSOR_CORES_BUILT;
         match requested {
             KernelChoice::Auto if !tensor_cores => Ok(KernelChoice::CudaCores),
-            KernelChoice::TensorCores if !tensor_cores => Err(Error::NoTensorCoreKernel {
-                compute_capability: format!("{major}.{minor}"),
-                built: TENSOR_CORES_BUILT,
-            }),
+            KernelChoice::TensorCores | KernelChoice::NarrowTensorCores if !tensor_cores => {
+                Err(Error::NoTensorCoreKernel {
+                    compute_capability: format!("{major}.{minor}"),
+                    built: TENSOR_CORES_BUILT,
+                })
+            }
             choice => Ok(choice),
         }
     }

@@ -31,8 +31,10 @@ pub(crate) struct AttendState<B: Backend> {
     query_starts: B::Buffer<i32>,
     /// [num_work, 2]: the CUDA-core kernel's work items
     work: B::Buffer<i32>,
-    /// [num_mma_work, 2]: the tensor-core kernel's work items
+    /// [num_mma_work, 2]: the tensor-core kernel's work items (wide layout)
     mma_work: B::Buffer<i32>,
+    /// [num_narrow_work, 2]: the tensor-core kernel's work items (narrow layout)
+    narrow_work: B::Buffer<i32>,
     /// partial outputs and lse of the splits
     workspace: B::Buffer<f32>,
 }
@@ -72,6 +74,11 @@ impl<B: Backend> AttendState<B> {
                 bytemuck::cast_slice(&schedule.tensor_cores.work),
                 0,
             )?,
+            narrow_work: upload_nonempty(
+                backend,
+                bytemuck::cast_slice(&schedule.narrow_tensor_cores.work),
+                0,
+            )?,
             workspace: backend.alloc_zeros::<f32>(floats)?,
             schedule,
             backend: backend.clone(),
@@ -107,6 +114,7 @@ impl<B: Backend> AttendState<B> {
             query_starts: backend.address(&self.query_starts),
             work: backend.address(&self.work),
             mma_work: backend.address(&self.mma_work),
+            narrow_work: backend.address(&self.narrow_work),
             split_workspace: backend.address(&self.workspace),
         };
         launch_attend(backend, &tables, tensors, dtype, options)

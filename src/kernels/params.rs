@@ -109,8 +109,10 @@ pub(crate) struct AttendTables<'a> {
     pub query_starts: u64,
     /// [num_work, 2] i32: the CUDA-core kernel's work items
     pub work: u64,
-    /// [num_mma_work, 2] i32: the tensor-core kernel's work items
+    /// [num_mma_work, 2] i32: the tensor-core kernel's work items (wide layout)
     pub mma_work: u64,
+    /// [num_narrow_work, 2] i32: the tensor-core kernel's work items (narrow layout)
+    pub narrow_work: u64,
     /// [num_tokens, n_heads, num_splits, head_dim] f32 then [num_tokens, n_heads, num_splits] f32
     pub split_workspace: u64,
 }
@@ -247,6 +249,15 @@ pub(crate) fn attend_params(
         kv_dtype: self::dtype(tensors.kv_dtype),
         k_scale: tensors.k_scale as *const f32,
         v_scale: tensors.v_scale as *const f32,
+        narrow_work: tables.narrow_work as *const i32,
+        num_narrow_work: to_i32(
+            "narrow tensor-core work items",
+            schedule.narrow_tensor_cores.work.len(),
+        )?,
+        narrow_tokens_per_work: to_i32(
+            "narrow_tokens_per_work",
+            schedule.narrow_tensor_cores.tokens_per_work,
+        )?,
     }))
 }
 

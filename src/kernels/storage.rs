@@ -25,10 +25,11 @@ pub struct DeviceStepPlan {
     context_lens: u64,
     query_starts: u64,
     slot_mapping: u64,
-    /// The attention launch plan, its two work lists and its split workspace.
+    /// The attention launch plan, its three work lists and its split workspace.
     schedule: AttendSchedule,
     work: u64,
     mma_work: u64,
+    narrow_work: u64,
     split_workspace: u64,
 }
 
@@ -215,6 +216,7 @@ impl<B: Backend, P: PageElement> Pages<B, P> {
             push_section(&mut bytes, plan.block_copies()),
             push_section(&mut bytes, &schedule.cuda_cores.work),
             push_section(&mut bytes, &schedule.tensor_cores.work),
+            push_section(&mut bytes, &schedule.narrow_tensor_cores.work),
         ];
         if bytes.len() > B::len(&self.workspace) {
             self.workspace = self
@@ -225,7 +227,7 @@ impl<B: Backend, P: PageElement> Pages<B, P> {
             self.backend.write(&bytes, &mut self.workspace)?;
         }
         let base = self.backend.address(&self.workspace);
-        let [block_tables, context_lens, query_starts, slot_mapping, block_copies, work, mma_work] =
+        let [block_tables, context_lens, query_starts, slot_mapping, block_copies, work, mma_work, narrow_work] =
             offsets.map(|o| base + o as u64);
 
         if !plan.block_copies().is_empty() {
@@ -256,6 +258,7 @@ impl<B: Backend, P: PageElement> Pages<B, P> {
             schedule,
             work,
             mma_work,
+            narrow_work,
             split_workspace: self.backend.address(&self.split_workspace),
         })
     }
@@ -320,6 +323,7 @@ impl<B: Backend, P: PageElement> Pages<B, P> {
             query_starts: plan.query_starts,
             work: plan.work,
             mma_work: plan.mma_work,
+            narrow_work: plan.narrow_work,
             split_workspace: plan.split_workspace,
         };
         let (k_scale, v_scale) = self.scale_ptrs(layer);

@@ -1,5 +1,5 @@
 //! The attention checks every kernel test shares: a case run through `AttendBatch` with each
-//! kernel choice (automatic, CUDA cores only, tensor cores only), every output compared with
+//! kernel choice (automatic, CUDA cores only, each tensor-core layout only), every output compared with
 //! the f64 oracle computed with the same attention variants.
 
 use paged_gqa::cpu::{Attention, Conditioning, RoundingModel};
@@ -17,13 +17,13 @@ pub fn model<D: Device, T: Element>(choice: KernelChoice) -> RoundingModel {
     let tensor_cores = RoundingModel::mma_weights(T::DTYPE, D::MMA_ACCUMULATION);
     match choice {
         KernelChoice::CudaCores => cuda_cores,
-        KernelChoice::TensorCores => tensor_cores,
+        KernelChoice::TensorCores | KernelChoice::NarrowTensorCores => tensor_cores,
         KernelChoice::Auto => cuda_cores.either(tensor_cores),
     }
 }
 
 /// Runs one case through AttendBatch with each kernel choice (automatic, CUDA cores only,
-/// tensor cores only) and compares every output with the oracle; returns each choice's split
+/// each tensor-core layout only) and compares every output with the oracle; returns each choice's split
 /// count.
 pub fn check_case<D: Device, T: Element>(dev: &D, what: &str, case: &PagedCase) -> Vec<usize> {
     check_variant::<D, T>(dev, what, case, &AttendOptions::default())
@@ -64,6 +64,7 @@ pub fn check_case_with<D: Device, T: Element>(
         KernelChoice::Auto,
         KernelChoice::CudaCores,
         KernelChoice::TensorCores,
+        KernelChoice::NarrowTensorCores,
     ]
     .into_iter()
     .map(|choice| {
@@ -89,6 +90,7 @@ pub fn check_fp8<D: Device, T: Element, F: Fp8Element>(
         KernelChoice::Auto,
         KernelChoice::CudaCores,
         KernelChoice::TensorCores,
+        KernelChoice::NarrowTensorCores,
     ]
     .into_iter()
     .map(|choice| {

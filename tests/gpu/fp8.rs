@@ -554,7 +554,11 @@ fn sim_fp8_decode_fetches_half_the_bytes_of_bf16() {
     let typed = case.typed::<bf16>();
     let rows = 4 * shape.n_heads();
     let q = device.upload(&typed.q).unwrap();
-    for choice in [KernelChoice::CudaCores, KernelChoice::TensorCores] {
+    for choice in [
+        KernelChoice::CudaCores,
+        KernelChoice::TensorCores,
+        KernelChoice::NarrowTensorCores,
+    ] {
         let batch = AttendBatch::with_kernels(
             &device,
             case.layout,

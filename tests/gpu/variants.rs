@@ -427,7 +427,11 @@ fn sim_windowed_decode_fetches_only_the_window() {
     let options = AttendOptions::new().with_window_left(127);
     // 2 sequences x 128 keys x K and V x 2 bytes.
     let window_bytes = 2 * 128 * 2 * shape.kv_row_len() * 2;
-    for choice in [KernelChoice::CudaCores, KernelChoice::TensorCores] {
+    for choice in [
+        KernelChoice::CudaCores,
+        KernelChoice::TensorCores,
+        KernelChoice::NarrowTensorCores,
+    ] {
         let batch = AttendBatch::with_kernels(
             &device,
             case.layout,

@@ -44,12 +44,15 @@ pub enum BenchMode {
 /// Which attention kernels the fused path may use (GPU only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchKernels {
-    /// Per sequence, as the library picks: tensor cores for many rows, CUDA cores for few.
+    /// Per sequence, as the library picks: the narrow tensor-core layout up to 16 rows, the
+    /// wide one above (CUDA cores on GPUs without tensor cores).
     Auto,
     /// Every sequence on the CUDA-core kernel.
     CudaCores,
-    /// Every sequence on the tensor-core kernel.
+    /// Every sequence on the tensor-core kernel's wide layout.
     TensorCores,
+    /// Every sequence on the tensor-core kernel's narrow layout.
+    NarrowTensorCores,
 }
 
 impl BenchKernels {
@@ -59,10 +62,12 @@ impl BenchKernels {
             BenchKernels::Auto => KernelChoice::Auto,
             BenchKernels::CudaCores => KernelChoice::CudaCores,
             BenchKernels::TensorCores => KernelChoice::TensorCores,
+            BenchKernels::NarrowTensorCores => KernelChoice::NarrowTensorCores,
         }
     }
 
-    /// The option's name on the command line ("auto", "cuda-cores", "tensor-cores").
+    /// The option's name on the command line ("auto", "cuda-cores", "tensor-cores",
+    /// "narrow-tensor-cores").
     pub fn name(self) -> String {
         self.to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_string())
