@@ -21,8 +21,9 @@
 // In the MMA fragments (mma.cuh) lane 4 g + t holds rows g and g + 8 of its warp's 16. Per tile
 // of kKeys keys:
 //   0. cp.async brings the tile's K and V rows into shared memory (two buffers: the next tile's
-//      copies fly while this one is computed). Rows past the range are zero-filled: P V must
-//      never multiply a zero probability by stale bits that happen to be NaN;
+//      copies, issued just after the tile's one barrier, fly while this one is computed). Rows
+//      past the range are zero-filled: P V must never multiply a zero probability by stale bits
+//      that happen to be NaN;
 //   1. S = Q K^T on tensor cores (ldmatrix of Q and of K rows, m16n8k16, f32), then in the
 //      log2 domain S *= scale * log2 e (or, soft-capped, S = (cap log2 e) tanh(scale S / cap)),
 //      plus the ALiBi bias (slope log2 e) (key - position), -inf outside each row's visible keys
@@ -41,8 +42,9 @@
 // type): step 0 brings the tile's 8-bit rows into a staging buffer (two buffers: the next tile's
 // copies fly while this one is computed), then, after the barrier that makes them visible,
 // every thread widens 8 values at a time (exact: each fp8 value is a T value) into the one
-// 16-bit K and V tile, and a second barrier makes that visible to ldmatrix: the K/V bytes cross
-// global memory once, as 8-bit values. The scales are folded as in attend.cu: k_scale into the
+// 16-bit K and V tile, and a second barrier makes that visible to ldmatrix (narrow: each warp
+// widens only the 16 keys it computes, and __syncwarp suffices): the K/V bytes cross global
+// memory once, as 8-bit values. The scales are folded as in attend.cu: k_scale into the
 // score scale (before the soft-cap), v_scale into the normalisation factor.
 
 #pragma once
@@ -268,17 +270,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   float l_lo = 0.0f, l_hi = 0.0f;            // this lane's part of the running sum
 
   for (int tile = 0; tile < num_tiles; ++tile) {
-    if (tile + 1 < num_tiles) {
-      load_tile(tile + 1);  // its buffer was last read before the previous iteration's barrier
-      pgqa::copy_async_wait<1>();
-    } else {
-      pgqa::copy_async_wait<0>();
-    }
-    __syncthreads();  // tile `tile` (and, the first time, Q) visible to every thread
+    pgqa::copy_async_wait<0>();  // this thread's copies of tile `tile` (the only group in flight)
+    // One barrier per tile: tile `tile` (and, the first time, Q) is visible to every thread, and
+    // every warp is done with tile `tile - 1`, whose buffer the next copies fill while this tile
+    // is computed (fp8: whose staging buffer they fill, and whose widened tile this one
+    // overwrites).
+    __syncthreads();
+    if (tile + 1 < num_tiles) load_tile(tile + 1);
 
     if constexpr (G::kFp8) {
       // Widen the staged 8-bit rows into the 16-bit tiles, 8 values per step. The previous
-      // tile's reads of them ended at the last iteration's final barrier. Narrow: each warp
+      // tile's reads of them ended before this iteration's barrier. Narrow: each warp
       // widens the keys it computes (a warp's own ldmatrix reads them: __syncwarp suffices);
       // wide: the block widens the tile for every warp.
       const uint8_t *k_src = k_stage + (tile & 1) * G::kStageBytes;
@@ -401,8 +403,6 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         }
       }
     }
-    __syncthreads();  // this tile's buffers are free for the load two iterations on (fp8: the
-                      // 16-bit tiles for the next widening)
   }
   pgqa::copy_async_wait<0>();  // the Q copies, when there was no tile
 
