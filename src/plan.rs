@@ -15,8 +15,27 @@ pub const ATTEND_THREADS: usize = ffi::PGQA_ATTEND_THREADS.0 as usize;
 const ATTEND_ACC_ITEMS: usize = ffi::PGQA_ATTEND_ACC_ITEMS.0 as usize;
 /// The most splits a launch takes (grid z).
 pub const MAX_SPLITS: usize = ffi::PGQA_ATTEND_MAX_SPLITS.0 as usize;
-/// A split covers at least this many keys: below it, the merge costs more than it gains.
-pub const MIN_KEYS_PER_SPLIT: usize = 256;
+/// The fewest keys a split of `shape`'s attention covers: enough that the split's partial
+/// results (an f32 output row and a log-sum-exp per query head of the group, written by the
+/// split and read back by the merge) cost at most a quarter of the 16-bit K/V bytes it reads;
+/// a multiple of [`SPLIT_ALIGN`]. Llama-3-8B, Qwen2.5-0.5B, Gemma-2-9B: 64 keys; Llama-3-70B,
+/// gpt-oss-20b: 128; Falcon-7B (71 heads on one K/V head): 640. Short splits are how a small
+/// batch fills the GPU with blocks (and bytes in flight); the merge's traffic is what they cost.
+///
+/// ```
+/// use paged_gqa::{plan::min_keys_per_split, GqaShape};
+/// assert_eq!(min_keys_per_split(GqaShape::new(32, 8, 128)?), 64);
+/// assert_eq!(min_keys_per_split(GqaShape::new(64, 8, 128)?), 128);
+/// assert_eq!(min_keys_per_split(GqaShape::new(71, 1, 64)?), 640);
+/// # Ok::<(), paged_gqa::Error>(())
+/// ```
+pub fn min_keys_per_split(shape: GqaShape) -> usize {
+    let partial_bytes = shape.group() * (shape.head_dim() + 1) * 4 * 2;
+    let kv_bytes_per_key = shape.head_dim() * 2 * 2;
+    (4 * partial_bytes)
+        .div_ceil(kv_bytes_per_key)
+        .next_multiple_of(SPLIT_ALIGN)
+}
 /// Split boundaries fall on multiples of this many keys (every tile size divides it).
 pub const SPLIT_ALIGN: usize = 64;
 /// Resident blocks per SM to aim for: enough loads in flight to cover HBM latency.
@@ -156,10 +175,10 @@ pub struct Splits {
 }
 
 impl Splits {
-    /// At most `wanted` splits (capped so each covers at least [`MIN_KEYS_PER_SPLIT`] keys and
+    /// At most `wanted` splits (capped so each covers at least `min_keys` keys, and at
     /// [`MAX_SPLITS`]) of ranges of up to `longest` keys, aligned to [`SPLIT_ALIGN`].
-    fn new(wanted: usize, longest: usize) -> Self {
-        let most_useful = longest.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
+    fn new(wanted: usize, longest: usize, min_keys: usize) -> Self {
+        let most_useful = longest.div_ceil(min_keys).max(1);
         let num_splits = wanted.min(most_useful).clamp(1, MAX_SPLITS);
         let keys_per_split = longest
             .div_ceil(num_splits)
@@ -207,6 +226,8 @@ pub struct AttendSchedule {
     pub keys_per_split: usize,
     /// Splits the GPU would like: enough blocks to fill it.
     wanted_splits: usize,
+    /// [`min_keys_per_split`] of the shape.
+    min_keys_per_split: usize,
     /// The most splits any key mask can get (the workspace is sized for it).
     max_splits: usize,
 }
@@ -261,11 +282,11 @@ impl AttendSchedule {
         let Splits {
             num_splits,
             keys_per_split,
-        } = Splits::new(wanted, max_context_len);
+        } = Splits::new(wanted, max_context_len, min_keys_per_split(shape));
         // No block range is longer than the longest context, whatever the mask: no mask gets
         // more splits than this (before rounding).
         let max_splits = wanted
-            .min(max_context_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1))
+            .min(max_context_len.div_ceil(min_keys_per_split(shape)).max(1))
             .clamp(1, MAX_SPLITS);
         Self {
             cuda_cores,
@@ -274,6 +295,7 @@ impl AttendSchedule {
             num_splits,
             keys_per_split,
             wanted_splits: wanted,
+            min_keys_per_split: min_keys_per_split(shape),
             max_splits,
         }
     }
@@ -303,7 +325,7 @@ impl AttendSchedule {
         .map(|kernel| kernel.longest_range(lens, mask))
         .max()
         .unwrap_or(0);
-        let splits = Splits::new(self.wanted_splits, longest);
+        let splits = Splits::new(self.wanted_splits, longest, self.min_keys_per_split);
         debug_assert!(splits.num_splits <= self.max_splits);
         splits
     }

@@ -4,7 +4,7 @@
 mod common;
 
 use paged_gqa::plan::{
-    max_rows_per_block, AttendSchedule, KernelChoice, KernelWork, MAX_SPLITS, MIN_KEYS_PER_SPLIT,
+    max_rows_per_block, min_keys_per_split, AttendSchedule, KernelChoice, KernelWork, MAX_SPLITS,
     MMA_PACK_ROWS, MMA_ROWS, NARROW_ROWS,
 };
 use paged_gqa::{GqaShape, SeqLens};
@@ -97,14 +97,24 @@ fn one_long_request_is_split_to_fill_the_gpu() {
 
 #[test]
 fn short_contexts_are_not_split_below_the_minimum() {
+    // Llama-3-8B: a split's partials (4 rows of 129 floats, written and read) stay under a
+    // quarter of its K/V bytes from 33 keys on: splits of 64.
+    assert_eq!(min_keys_per_split(llama3_8b()), 64);
     let s = decode(H200_SMS, 1, 300, llama3_8b());
     assert_eq!(
-        s.num_splits, 2,
-        "300 keys hold two splits of at least {MIN_KEYS_PER_SPLIT} / 2"
+        (s.num_splits, s.keys_per_split),
+        (5, 64),
+        "300 keys hold five splits of at least 64"
     );
-    let s = decode(H200_SMS, 1, 200, llama3_8b());
+    let s = decode(H200_SMS, 1, 64, llama3_8b());
     assert_eq!(s.num_splits, 1);
-    assert_covers(&s, 200);
+    assert_covers(&s, 64);
+    // Falcon-7B's 71 heads share one K/V head: splits of at least 640 keys.
+    let falcon_7b = GqaShape::new(71, 1, 64).unwrap();
+    assert_eq!(min_keys_per_split(falcon_7b), 640);
+    let s = decode(H200_SMS, 1, 8192, falcon_7b);
+    assert_eq!((s.num_splits, s.keys_per_split), (13, 640));
+    assert_covers(&s, 8192);
 }
 
 #[test]
