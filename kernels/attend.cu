@@ -16,7 +16,9 @@
 //      probabilities written back over the scores, alpha = exp2(m_old - m_new) (a row that has
 //      seen no key yet keeps m = -inf, p = 0: no NaN from -inf - -inf);
 //   3. every thread owns up to kAccItems 8-element slices of the rows' outputs and adds
-//      sum_t p[r][t] * v_t to them (after scaling them by alpha).
+//      sum_t p[r][t] * v_t to them (after scaling them by alpha); with fewer slices than
+//      threads, several threads share a slice, each over its part of the keys, and add their
+//      sums at the end.
 // Each K and V byte of the block's range is read from global memory once for all its rows;
 // the range starts at the first row's window start and ends at the last row's causal limit, so
 // tiles left of the window or above the diagonal are never loaded. Sinks enter at the end (one
@@ -47,6 +49,10 @@ struct Geometry {
   static constexpr int kChunks = D / 8;  // 8-element slices per row (16 bytes of 16-bit K/V)
   // Keys per tile: about 4096 elements of K (and of V) per buffer.
   static constexpr int kKeys = 4096 / D >= 64 ? 64 : (4096 / D >= 32 ? 32 : 16);
+  // Score row stride in floats: one more than the keys, so the lanes of a warp reading key t of
+  // different rows in P.V (prob[t]) hit different banks (rows kKeys floats apart would share
+  // one).
+  static constexpr int kScoreStride = kKeys + 1;
   // Elements per 16-byte copy, and copies per row.
   static constexpr int kCopyElems = 16 / static_cast<int>(sizeof(KV));
   static constexpr int kCopyChunks = D / kCopyElems;
@@ -61,11 +67,11 @@ struct Geometry {
 };
 
 // Shared memory of a block serving `rows` rows: K and V tiles (two buffers each) of KV,
-// then q [rows][D] f32, scores [rows][kKeys] f32, m, l, alpha, bias [rows] f32.
+// then q [rows][D] f32, scores [rows][kScoreStride] f32, m, l, alpha, bias [rows] f32.
 template <typename KV, int D>
 size_t smem_bytes(int rows) {
   using G = Geometry<KV, D>;
-  return 4 * G::kTileElems * sizeof(KV) + static_cast<size_t>(rows) * (D + G::kKeys + 4) * sizeof(float);
+  return 4 * G::kTileElems * sizeof(KV) + static_cast<size_t>(rows) * (D + G::kScoreStride + 4) * sizeof(float);
 }
 
 // Eight K/V elements of a shared row (a 16-byte or, for fp8, an 8-byte vector) as floats.
@@ -136,8 +142,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int rows = tokens * heads;
 
   float *q_s = reinterpret_cast<float *>(v_tiles + 2 * G::kTileElems);  // [rows][D]
-  float *scores = q_s + rows * D;                                         // [rows][kKeys]
-  float *m_s = scores + rows * G::kKeys;                                  // [rows]
+  float *scores = q_s + rows * D;                                         // [rows][kScoreStride]
+  float *m_s = scores + rows * G::kScoreStride;                           // [rows]
   float *l_s = m_s + rows;                                                // [rows]
   float *alpha_s = l_s + rows;                                            // [rows]
   float *bias_s = alpha_s + rows;  // [rows]: ALiBi slope of the row's head, times log2 e
@@ -200,6 +206,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     bias_s[r] = p.alibi_slopes != nullptr ? p.alibi_slopes[head0 + r % heads] * pgqa::kLog2e : 0.0f;
   }
 
+  // P.V: item = (row, 8-element slice). When the block has fewer items than threads, `parts`
+  // threads share each item, part p taking keys p, p + parts, ... of every tile (item0, part:
+  // this thread's); their partial sums are added at the end. Otherwise parts = 1 and thread t
+  // owns items t, t + kThreads, ... (kAccItems of them at most).
+  const int items = rows * G::kChunks;
+  const int parts = items >= kThreads ? 1 : kThreads / items;
+  const int part = parts > 1 ? threadIdx.x / items : 0;
+  // An idle thread (part >= parts) gets item `items`, past the last row: it skips every item.
+  const int item0 = parts == 1 ? threadIdx.x : (part < parts ? threadIdx.x % items : items);
+
   float acc[kAccItems][8];
 #pragma unroll
   for (int k = 0; k < kAccItems; ++k)
@@ -233,14 +249,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (capped) score = cap_log2 * tanhf(score * inv_cap);
         score += bias_s[r] * static_cast<float>(key - keys.position(j));
       }
-      scores[i] = score;
+      scores[r * G::kScoreStride + t] = score;
     }
     __syncthreads();
 
     // 2. Online softmax, one warp per row. A row whose keys all lie past its limit so far has
     //    m = -inf: its probabilities are 0 and alpha is irrelevant (its accumulators are 0).
     for (int r = warp; r < rows; r += kWarps) {
-      float *row = scores + r * G::kKeys;
+      float *row = scores + r * G::kScoreStride;
       float tile_max = -INFINITY;
       for (int t = lane; t < G::kKeys; t += 32) tile_max = fmaxf(tile_max, row[t]);
       tile_max = pgqa::warp_max(tile_max);
@@ -262,18 +278,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
 
-    // 3. Outputs: item = (row, 8-element slice).
+    // 3. Outputs: this thread's items, its part of the tile's keys.
 #pragma unroll
     for (int k = 0; k < kAccItems; ++k) {
-      const int item = threadIdx.x + k * kThreads;
+      const int item = k == 0 ? item0 : threadIdx.x + k * kThreads;
       const int r = item / G::kChunks;
       const int c = item % G::kChunks;
       if (r < rows) {
         const float alpha = alpha_s[r];
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[k][j] *= alpha;
-        const float *prob = scores + r * G::kKeys;
-        for (int t = 0; t < valid; ++t) {
+        const float *prob = scores + r * G::kScoreStride;
+        for (int t = part; t < valid; t += parts) {
           float vf[8];
           load8(v_tile + t * G::kRowStride + c * 8, vf);
           const float pt = prob[t];
@@ -284,7 +300,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // this tile's buffers, scores and alpha are free for the next iteration
   }
-  __syncthreads();  // m_s, l_s final (also when this split has no key)
+  __syncthreads();  // m_s, l_s final (also when this split has no key); the K/V tiles are free
+
+  if (parts > 1) {
+    // Parts 1.. hand their partial sums to part 0 through the K/V tiles' memory (at most
+    // (kThreads - items) x 8 floats: 4 KiB; the tiles hold 20 KiB or more).
+    float *partial_s = reinterpret_cast<float *>(smem);  // [parts - 1][items][8]
+    if (part > 0 && part < parts) {
+      float *dst = partial_s + ((part - 1) * items + item0) * 8;
+      pgqa::store_vec<float4>(dst, make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]));
+      pgqa::store_vec<float4>(dst + 4, make_float4(acc[0][4], acc[0][5], acc[0][6], acc[0][7]));
+    }
+    __syncthreads();
+    if (part == 0) {
+      for (int q = 1; q < parts; ++q) {
+        const float *src = partial_s + ((q - 1) * items + item0) * 8;
+        const float4 lo = pgqa::load_vec<float4>(src);
+        const float4 hi = pgqa::load_vec<float4>(src + 4);
+        acc[0][0] += lo.x;
+        acc[0][1] += lo.y;
+        acc[0][2] += lo.z;
+        acc[0][3] += lo.w;
+        acc[0][4] += hi.x;
+        acc[0][5] += hi.y;
+        acc[0][6] += hi.z;
+        acc[0][7] += hi.w;
+      }
+    }
+  }
 
   // Row r's output row is (token q_begin + j0 + r / heads, head head0 + r % heads).
   auto out_row = [&](int r) {
@@ -317,13 +360,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  // Normalise and store: the final output, or this split's partial for the merge.
+  // Normalise and store (part 0 of each item): the final output, or this split's partial for
+  // the merge.
 #pragma unroll
   for (int k = 0; k < kAccItems; ++k) {
-    const int item = threadIdx.x + k * kThreads;
+    const int item = k == 0 ? item0 : threadIdx.x + k * kThreads;
     const int r = item / G::kChunks;
     const int c = item % G::kChunks;
-    if (r < rows) {
+    if (r < rows && part == 0) {
       const float inv = alpha_s[r];
       float o[8];
 #pragma unroll

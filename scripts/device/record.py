@@ -143,7 +143,7 @@ def build(args, record, notes):
 
     # The benchmark sweep: it must finish and write its records.
     for bench in (s for s in steps if s["kind"] == "bench"):
-        records = "bench.json" if bench["name"] == "bench" else "bench-prefill.json"
+        records = {"bench": "bench.json", "bench_kernels": "bench-kernels.json"}.get(bench["name"], "bench-prefill.json")
         wrote = os.path.exists(os.path.join(out, records))
         entries.append(("paged-gqa", f"{bench['name']}_sweep", "pass" if bench["status"] == "0" and wrote else "fail"))
 
@@ -253,8 +253,8 @@ def main():
     except (OSError, ValueError) as e:
         notes.append(f"source.json unreadable: {e}")
     record["host"] = {"node": platform.node(), "kernel": platform.release()}
-    # The benchmark sweeps' records (paged-gqa bench --json: decode, then prefill).
-    for name in ("bench.json", "bench-prefill.json"):
+    # The benchmark sweeps' records (paged-gqa bench --json: decode, prefill, the three paths).
+    for name in ("bench.json", "bench-prefill.json", "bench-kernels.json"):
         try:
             bench = read(os.path.join(out, name))
             if bench:

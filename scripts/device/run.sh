@@ -9,7 +9,8 @@
 #      against their sha256), PAGED_GQA_REQUIRE_GPU=1, --test-threads=1;
 #   3. `paged-gqa demo` (the test `cli_demo`; `cli_demo_used_gpu` checks the decode ran on the GPU);
 #   4. compute-sanitizer memcheck and racecheck over every staged GPU test binary (small cases),
-#      then `paged-gqa bench --quick` (records: OUTDIR/bench.json, plot: OUTDIR/bench.svg) and
+#      then `paged-gqa bench --quick` (records: OUTDIR/bench.json, plot: OUTDIR/bench.svg), the
+#      three attention paths on the decode shapes (OUTDIR/bench-kernels.json) and
 #      the peers on the same shapes (torch_peers.py, when torch imports: PyTorch SDPA, FlashInfer
 #      and FlashAttention-3 from the staged peers/);
 #   5. record.py: OUTDIR/record.json (always), OUTDIR/device-check.log (all logs in one file).
@@ -142,6 +143,14 @@ step bench bench bench.log 90 "$work/bin/paged-gqa" bench --quick --iters 10 \
 # Prefill: whole causal prompts of 1k/4k/8k (Llama-3-8B and -70B heads), TFLOP/s.
 step bench bench_prefill bench-prefill.log 60 "$work/bin/paged-gqa" bench --mode prefill --quick \
   --iters 5 --json "$out/bench-prefill.json"
+# The three attention paths timed against each other (CUDA cores, wide and narrow tensor-core
+# layouts) on the profiler's decode shapes: the first GPU run settles KernelChoice::Auto's rule
+# (src/plan.rs), which the profiler's model derived.
+step bench bench_kernels bench-kernels.log 90 "$work/bin/paged-gqa" bench --iters 3 \
+  --kernels cuda-cores --kernels tensor-cores --kernels narrow-tensor-cores \
+  --model Llama-3-8B --model Llama-3-70B --model Qwen2.5-0.5B --model Falcon-7B \
+  --model gpt-oss-20b --model Gemma-2-9B --batch 1 --batch 64 --context 1024 --context 8192 \
+  --json "$out/bench-kernels.json"
 # PyTorch peers on the same shapes, added to bench.json (when torch and the records are there).
 if [[ -f "$out/bench.json" ]] && python3 -c "import torch" 2>/dev/null; then
   # The staged FlashInfer wheels, installed for this run only (no network there).

@@ -363,7 +363,7 @@ fn full_batch_without_splits<D: Device>(dev: &D, test: &str) {
     let lens: Vec<usize> = (0..96).map(|i| 1 + (i * 37) % 600).collect();
     let case = PagedCase::random(&mut rng, shape, 16, &lens, &vec![1; lens.len()]);
     let splits = check_case::<D, f16>(dev, "Llama-3-8B batch 96", &case);
-    assert_eq!(splits, [1, 1, 1]);
+    assert_eq!(splits, [1, 1, 1, 1]);
 }
 
 #[test]

@@ -184,7 +184,7 @@ fn bench_case(args: &ProfileArgs) -> Result<bench::Case, Failure> {
         page_size: args.page_size,
         dtype: args.dtype,
         kv_dtype: args.kv_dtype,
-        kernels: args.kernels,
+        kernels: vec![args.kernels],
         iters: None,
         json: None,
         svg: None,

@@ -155,9 +155,10 @@ pub struct BenchArgs {
     /// naive path has no fp8 pages on the GPU and the emulator: its columns are empty there.
     #[arg(long, value_enum, default_value = "auto")]
     pub kv_dtype: BenchKvDType,
-    /// The fused path's kernels (GPU only): to time one kernel against the other.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub kernels: BenchKernels,
+    /// The fused path's kernels (GPU and emulator; repeatable: each case runs on each, to time
+    /// one path against another). Default: auto.
+    #[arg(long, value_enum)]
+    pub kernels: Vec<BenchKernels>,
     /// Timed runs per measurement (after warm-up).
     #[arg(long)]
     pub iters: Option<usize>,
@@ -354,13 +355,21 @@ fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
             "batch sizes and contexts must be positive, got {bad}"
         )));
     }
+    let kernel_choices = if args.kernels.is_empty() {
+        vec![BenchKernels::Auto]
+    } else {
+        args.kernels.clone()
+    };
     let mut cases = Vec::new();
     for name in &models {
         let model = model(name)?;
         let shape = model.shape().map_err(Failure::input)?;
         let (options, variant) = layer0(model)?;
         for &batch in &batches {
-            for &context in &contexts {
+            for (&context, &kernels) in contexts
+                .iter()
+                .flat_map(|c| kernel_choices.iter().map(move |k| (c, k)))
+            {
                 cases.push(Case {
                     model: model.name,
                     shape,
@@ -372,7 +381,7 @@ fn sweep(args: &BenchArgs, target: Target) -> Result<Vec<Case>, Failure> {
                     dtype: args.dtype.dtype(),
                     kv_dtype: args.kv_dtype.dtype(args.dtype.dtype()),
                     mode: args.mode,
-                    kernels: args.kernels,
+                    kernels,
                 });
             }
         }
@@ -405,10 +414,14 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         BenchBackend::Cuda => Some(paged_gqa::cuda::context(0).map_err(Failure::runtime)?),
         BenchBackend::Auto => paged_gqa::cuda::context(0).ok(),
     };
-    if gpu.is_none() && args.kernels != BenchKernels::Auto {
+    if let Some(kernels) = args
+        .kernels
+        .iter()
+        .find(|&&k| gpu.is_none() && k != BenchKernels::Auto)
+    {
         return Err(Failure::input(format!(
             "--kernels {} picks GPU kernels; the CPU backend has one path",
-            args.kernels.name()
+            kernels.name()
         )));
     }
     let cases = sweep(
