@@ -1,5 +1,6 @@
-//! The attention kernels on the GPU against the f64 oracle, each case run three times: the
-//! automatic per-sequence choice, CUDA cores only and tensor cores only. Decode on real model
+//! The attention kernels on the GPU against the f64 oracle, each case run four times: the
+//! automatic per-sequence choice, CUDA cores only, and each tensor-core layout (wide, narrow)
+//! only. Decode on real model
 //! shapes (and head chunks, d80) in bf16 and f16 with mixed context lengths (1, a page boundary,
 //! a partial page, 32k), splits on and off; an 8k prompt, a varlen batch up to 4096, a chunk of
 //! 512 on 10k cached keys, speculative verification of 2..8 tokens; the cache path, and a step
@@ -108,6 +109,50 @@ fn gpu_attend_small_varlen_batch() {
 #[test]
 fn sim_attend_small_varlen_batch() {
     small_varlen_batch(&SimDevice::new(), "sim_attend_small_varlen_batch");
+}
+
+/// Every group the layouts treat differently (1; 3 and 7, which pad the narrow fragment; 16, a
+/// full fragment; 17, the first wide one; 71, Falcon-7B's 5 wide warps and 5 narrow head chunks)
+/// at every head_dim built, pages of 1, 16 and 256 in turn: decode rows of 1 key, a page and a
+/// split's worth, and a 2-token speculative item (two query rows in one narrow block up to group
+/// 8). Each kernel choice, bf16.
+fn groups_and_head_dims<D: Device>(dev: &D, test: &str) {
+    let mut rng = common::rng(test);
+    let mut i = 0;
+    for group in [1, 3, 7, 16, 17, 71] {
+        for head_dim in [64, 80, 96, 128, 256] {
+            let n_kv_heads = if group >= 16 { 1 } else { 2 };
+            let shape = GqaShape::new(group * n_kv_heads, n_kv_heads, head_dim).unwrap();
+            let block_size = [1, 16, 256][i % 3];
+            i += 1;
+            let case = PagedCase::random(
+                &mut rng,
+                shape,
+                block_size,
+                &[1, 16, 300, 90],
+                &[1, 1, 1, 2],
+            );
+            check_case::<D, bf16>(
+                dev,
+                &format!("group {group}, head_dim {head_dim}, pages of {block_size}"),
+                &case,
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_attend_layouts_over_groups_and_head_dims() {
+    let test = "gpu_attend_layouts_over_groups_and_head_dims";
+    if let Some(gpu) = common::gpu_stream(test) {
+        groups_and_head_dims(&gpu, test);
+    }
+}
+
+#[test]
+fn sim_attend_layouts_over_groups_and_head_dims() {
+    let test = "sim_attend_layouts_over_groups_and_head_dims";
+    groups_and_head_dims(&SimDevice::new(), test);
 }
 
 /// A Llama prompt of `prompt` rows; a varlen batch (decode, a short prompt, a chunk of 500,
