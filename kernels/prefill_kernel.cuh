@@ -291,8 +291,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
       for (int i = first; i < G::kWarpKeys * G::kChunks; i += stride) {
         const int row = key0 + i / G::kChunks;
         const int c = (i % G::kChunks) * 8;
-        pgqa::store_vec<uint4>(k_tiles + row * G::kStride + c, pgqa::widen8(*reinterpret_cast<const uint2 *>(k_src + row * D + c), fp8_tag, tag));
-        pgqa::store_vec<uint4>(v_tiles + row * G::kStride + c, pgqa::widen8(*reinterpret_cast<const uint2 *>(v_src + row * D + c), fp8_tag, tag));
+        pgqa::store_vec<uint4>(k_tiles + row * G::kStride + c, pgqa::widen8(pgqa::load_vec<uint2>(k_src + row * D + c), fp8_tag, tag));
+        pgqa::store_vec<uint4>(v_tiles + row * G::kStride + c, pgqa::widen8(pgqa::load_vec<uint2>(v_src + row * D + c), fp8_tag, tag));
       }
       if constexpr (G::kNarrow) {
         __syncwarp();  // the warp's widened keys visible to its ldmatrix

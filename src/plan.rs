@@ -15,31 +15,55 @@ pub const ATTEND_THREADS: usize = ffi::PGQA_ATTEND_THREADS.0 as usize;
 const ATTEND_ACC_ITEMS: usize = ffi::PGQA_ATTEND_ACC_ITEMS.0 as usize;
 /// The most splits a launch takes (grid z).
 pub const MAX_SPLITS: usize = ffi::PGQA_ATTEND_MAX_SPLITS.0 as usize;
-/// The fewest keys a split of `shape`'s attention covers: enough that the split's partial
-/// results (an f32 output row and a log-sum-exp per query head of the group, written by the
-/// split and read back by the merge) cost at most a quarter of the 16-bit K/V bytes it reads;
-/// a multiple of [`SPLIT_ALIGN`]. Llama-3-8B, Qwen2.5-0.5B, Gemma-2-9B: 64 keys; Llama-3-70B,
-/// gpt-oss-20b: 128; Falcon-7B (71 heads on one K/V head): 640. Short splits are how a small
-/// batch fills the GPU with blocks (and bytes in flight); the merge's traffic is what they cost.
-///
-/// ```
-/// use paged_gqa::{plan::min_keys_per_split, GqaShape};
-/// assert_eq!(min_keys_per_split(GqaShape::new(32, 8, 128)?), 64);
-/// assert_eq!(min_keys_per_split(GqaShape::new(64, 8, 128)?), 128);
-/// assert_eq!(min_keys_per_split(GqaShape::new(71, 1, 64)?), 640);
-/// # Ok::<(), paged_gqa::Error>(())
-/// ```
-pub fn min_keys_per_split(shape: GqaShape) -> usize {
-    let partial_bytes = shape.group() * (shape.head_dim() + 1) * 4 * 2;
-    let kv_bytes_per_key = shape.head_dim() * 2 * 2;
-    (4 * partial_bytes)
-        .div_ceil(kv_bytes_per_key)
-        .next_multiple_of(SPLIT_ALIGN)
-}
 /// Split boundaries fall on multiples of this many keys (every tile size divides it).
 pub const SPLIT_ALIGN: usize = 64;
-/// Resident blocks per SM to aim for: enough loads in flight to cover HBM latency.
-pub const BLOCKS_PER_SM: usize = 4;
+
+/// The speed-of-light model the planner cuts the keys with: `src/sim/speed_of_light.rs`'s, for
+/// an H200, with what the profiler measured of the tensor-core kernel (one 64-key tile of K and
+/// V in flight per block, 3 blocks per SM at most). A split count `n` costs
+/// `(K/V bytes + n x the partials' bytes) / achievable bandwidth`, where the partials are an f32
+/// output row and a log-sum-exp per row of every block, written by the split and read back by
+/// the merge, and the achievable bandwidth is the datasheet's or what the blocks' bytes in flight
+/// sustain over twice the idle DRAM latency (loaded latency is higher; twice Little's law is the
+/// margin the kernels aim for), whichever is lower. The planner takes the cheapest `n`: few
+/// blocks want many splits (bytes in flight), many blocks want none (the merge's bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitModel {
+    /// Multiprocessors of the GPU.
+    pub sms: usize,
+    /// Thread blocks of the launch before any split (work items x K/V heads x head chunks).
+    pub blocks: usize,
+    /// Rows of a block (the group's query heads of one query row).
+    pub rows: usize,
+    pub head_dim: usize,
+}
+
+impl SplitModel {
+    /// H200 HBM bandwidth, bytes per second (NVIDIA's datasheet).
+    pub const BANDWIDTH: f64 = 4.8e12;
+    /// Twice the idle DRAM latency of `src/sim/speed_of_light.rs` (656 cycles at 1.755 GHz).
+    pub const LATENCY_S: f64 = 2.0 * 656.0 / 1.755e9;
+    /// Resident blocks per SM at most (the narrow layout's theoretical occupancy at head_dim
+    /// 128, register-limited).
+    pub const BLOCKS_PER_SM: f64 = 3.0;
+
+    /// The model's time, in seconds, for `splits` of block ranges of `longest` keys (16-bit
+    /// pages).
+    pub fn time(&self, splits: Splits, longest: usize) -> f64 {
+        let kv_row = (2 * self.head_dim * 2) as f64; // K and V, 16-bit
+        let blocks = (self.blocks * splits.num_splits) as f64;
+        let kv = self.blocks as f64 * longest as f64 * kv_row;
+        let partials = if splits.num_splits > 1 {
+            blocks * (self.rows * (self.head_dim + 1) * 4 * 2) as f64
+        } else {
+            0.0
+        };
+        let in_flight = SPLIT_ALIGN as f64 * kv_row;
+        let resident = (blocks / self.sms.max(1) as f64).min(Self::BLOCKS_PER_SM);
+        let sustained = in_flight * resident * self.sms as f64 / Self::LATENCY_S;
+        (kv + partials) / sustained.min(Self::BANDWIDTH)
+    }
+}
 
 /// Rows (query row, query head) one CUDA-core attention block computes for `head_dim`.
 pub fn max_rows_per_block(head_dim: usize) -> usize {
@@ -175,20 +199,35 @@ pub struct Splits {
 }
 
 impl Splits {
-    /// At most `wanted` splits (capped so each covers at least `min_keys` keys, and at
-    /// [`MAX_SPLITS`]) of ranges of up to `longest` keys, aligned to [`SPLIT_ALIGN`].
-    fn new(wanted: usize, longest: usize, min_keys: usize) -> Self {
-        let most_useful = longest.div_ceil(min_keys).max(1);
-        let num_splits = wanted.min(most_useful).clamp(1, MAX_SPLITS);
+    /// `num_splits` of ranges of up to `longest` keys, aligned to [`SPLIT_ALIGN`] (fewer when
+    /// rounding leaves trailing splits empty).
+    fn new(num_splits: usize, longest: usize) -> Self {
         let keys_per_split = longest
-            .div_ceil(num_splits)
+            .div_ceil(num_splits.clamp(1, MAX_SPLITS))
             .next_multiple_of(SPLIT_ALIGN)
             .max(SPLIT_ALIGN);
-        // Rounding up may leave trailing splits empty: drop them.
         Self {
             num_splits: longest.div_ceil(keys_per_split).max(1),
             keys_per_split,
         }
+    }
+
+    /// The splits of ranges of up to `longest` keys the model finds fastest (the fewest of
+    /// equal cost), at most `most`.
+    fn modelled(model: &SplitModel, longest: usize, most: usize) -> Self {
+        let candidates = longest
+            .div_ceil(SPLIT_ALIGN)
+            .clamp(1, most.clamp(1, MAX_SPLITS));
+        let mut best = Self::new(1, longest);
+        let mut best_time = model.time(best, longest);
+        for n in 2..=candidates {
+            let splits = Self::new(n, longest);
+            let time = model.time(splits, longest);
+            if time < best_time {
+                (best, best_time) = (splits, time);
+            }
+        }
+        best
     }
 }
 
@@ -224,10 +263,8 @@ pub struct AttendSchedule {
     /// Keys per split: split `s` covers keys `[s * keys_per_split, (s + 1) * keys_per_split)`
     /// of each block's range.
     pub keys_per_split: usize,
-    /// Splits the GPU would like: enough blocks to fill it.
-    wanted_splits: usize,
-    /// [`min_keys_per_split`] of the shape.
-    min_keys_per_split: usize,
+    /// The model the splits were chosen with.
+    model: SplitModel,
     /// The most splits any key mask can get (the workspace is sized for it).
     max_splits: usize,
 }
@@ -273,29 +310,26 @@ impl AttendSchedule {
             .iter()
             .map(|kernel| kernel.blocks(shape.n_kv_heads()))
             .sum::<usize>();
-        let target = sm_count.max(1) * BLOCKS_PER_SM;
-        let wanted = if blocks == 0 {
-            1
-        } else {
-            target.div_ceil(blocks)
+        let model = SplitModel {
+            sms: sm_count.max(1),
+            blocks,
+            rows: group,
+            head_dim: shape.head_dim(),
         };
         let Splits {
             num_splits,
             keys_per_split,
-        } = Splits::new(wanted, max_context_len, min_keys_per_split(shape));
-        // No block range is longer than the longest context, whatever the mask: no mask gets
-        // more splits than this (before rounding).
-        let max_splits = wanted
-            .min(max_context_len.div_ceil(min_keys_per_split(shape)).max(1))
-            .clamp(1, MAX_SPLITS);
+        } = Splits::modelled(&model, max_context_len, MAX_SPLITS);
+        // No block range is longer than the longest context, whatever the mask: the workspace
+        // holds these splits, and a mask's (over shorter ranges) are capped at them.
+        let max_splits = num_splits;
         Self {
             cuda_cores,
             tensor_cores,
             narrow_tensor_cores,
             num_splits,
             keys_per_split,
-            wanted_splits: wanted,
-            min_keys_per_split: min_keys_per_split(shape),
+            model,
             max_splits,
         }
     }
@@ -311,8 +345,8 @@ impl AttendSchedule {
     /// let schedule = AttendSchedule::new(132, &lens, gpt_oss);
     /// let window = KeyMask { causal: true, window_left: Some(127) };
     /// let splits = schedule.splits(&lens, window);
-    /// assert_eq!((splits.num_splits, splits.keys_per_split), (1, 128)); // 128 keys: no split
-    /// assert!(schedule.splits(&lens, KeyMask::CAUSAL).num_splits > 1);
+    /// assert_eq!((splits.num_splits, splits.keys_per_split), (2, 64)); // the window: 2 splits
+    /// assert!(schedule.splits(&lens, KeyMask::CAUSAL).num_splits > 2);
     /// # Ok::<(), paged_gqa::Error>(())
     /// ```
     pub fn splits(&self, lens: &SeqLens, mask: KeyMask) -> Splits {
@@ -325,9 +359,7 @@ impl AttendSchedule {
         .map(|kernel| kernel.longest_range(lens, mask))
         .max()
         .unwrap_or(0);
-        let splits = Splits::new(self.wanted_splits, longest, self.min_keys_per_split);
-        debug_assert!(splits.num_splits <= self.max_splits);
-        splits
+        Splits::modelled(&self.model, longest, self.max_splits)
     }
 
     /// True when no block has anything to do (no query rows).

@@ -4,8 +4,8 @@
 mod common;
 
 use paged_gqa::plan::{
-    max_rows_per_block, min_keys_per_split, AttendSchedule, KernelChoice, KernelWork, MAX_SPLITS,
-    MMA_PACK_ROWS, MMA_ROWS, NARROW_ROWS,
+    max_rows_per_block, AttendSchedule, KernelChoice, KernelWork, MAX_SPLITS, MMA_PACK_ROWS,
+    MMA_ROWS, NARROW_ROWS,
 };
 use paged_gqa::{GqaShape, SeqLens};
 use rand::Rng;
@@ -89,32 +89,33 @@ fn a_batch_that_fills_the_gpu_is_not_split() {
 #[test]
 fn one_long_request_is_split_to_fill_the_gpu() {
     let s = decode(H200_SMS, 1, 32_768, llama3_8b());
-    // 8 blocks (one per K/V head) for 132 SMs: about 4 blocks per SM wanted, 66 splits, rounded
-    // to 64-key boundaries: 512 keys each, 64 splits.
-    assert_eq!((s.num_splits, s.keys_per_split), (64, 512));
+    // 8 blocks (one per K/V head) for 132 SMs: the model's cheapest cut is 14 splits of 2368
+    // keys (112 blocks, enough bytes in flight; more would only add partials to merge).
+    assert_eq!((s.num_splits, s.keys_per_split), (14, 2368));
     assert_covers(&s, 32_768);
 }
 
 #[test]
 fn short_contexts_are_not_split_below_the_minimum() {
-    // Llama-3-8B: a split's partials (4 rows of 129 floats, written and read) stay under a
-    // quarter of its K/V bytes from 33 keys on: splits of 64.
-    assert_eq!(min_keys_per_split(llama3_8b()), 64);
-    let s = decode(H200_SMS, 1, 300, llama3_8b());
-    assert_eq!(
-        (s.num_splits, s.keys_per_split),
-        (5, 64),
-        "300 keys hold five splits of at least 64"
-    );
     let s = decode(H200_SMS, 1, 64, llama3_8b());
     assert_eq!(s.num_splits, 1);
     assert_covers(&s, 64);
-    // Falcon-7B's 71 heads share one K/V head: splits of at least 640 keys.
-    let falcon_7b = GqaShape::new(71, 1, 64).unwrap();
-    assert_eq!(min_keys_per_split(falcon_7b), 640);
-    let s = decode(H200_SMS, 1, 8192, falcon_7b);
-    assert_eq!((s.num_splits, s.keys_per_split), (13, 640));
-    assert_covers(&s, 8192);
+}
+
+#[test]
+fn the_model_splits_small_grids_for_bytes_in_flight_and_leaves_full_ones_whole() {
+    // Llama-3-8B, one request of 8k: 8 blocks; 15 splits of 576 keys make 120, each with a
+    // 32 KiB tile in flight: 29 KiB per SM, over twice Little's law at H200 bandwidth.
+    let s = decode(H200_SMS, 1, 8192, llama3_8b());
+    assert_eq!((s.num_splits, s.keys_per_split), (15, 576));
+    // Qwen2.5-0.5B (2 K/V heads, head_dim 64: 16 KiB tiles) needs more: 128 splits of 64.
+    let qwen = GqaShape::new(14, 2, 64).unwrap();
+    assert_eq!(decode(H200_SMS, 1, 8192, qwen).num_splits, 128);
+    // 64 requests fill the GPU: no split, no merge.
+    assert_eq!(decode(H200_SMS, 64, 8192, llama3_8b()).num_splits, 1);
+    // Falcon-7B's 71 rows make every split's partials heavy, and still 64 requests take 4.
+    let falcon = GqaShape::new(71, 1, 64).unwrap();
+    assert_eq!(decode(H200_SMS, 64, 8192, falcon).num_splits, 4);
 }
 
 #[test]

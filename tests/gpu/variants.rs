@@ -457,7 +457,8 @@ fn sim_windowed_decode_fetches_only_the_window() {
             causal: true,
             window_left: Some(127),
         };
-        assert_eq!(batch.schedule().splits(&case.lens, mask).num_splits, 1);
+        // The splits are sized from the window, not the 32k context: two of 64 keys at most.
+        assert!(batch.schedule().splits(&case.lens, mask).num_splits <= 2);
         assert_eq!(
             fetched as usize, window_bytes,
             "{choice:?}: {fetched} bytes fetched, the window holds {window_bytes}"
