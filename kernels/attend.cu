@@ -305,18 +305,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (parts > 1) {
     // Parts 1.. hand their partial sums to part 0 through the K/V tiles' memory (at most
     // (kThreads - items) x 8 floats: 4 KiB; the tiles hold 20 KiB or more).
-    float *partial_s = reinterpret_cast<float *>(smem);  // [parts - 1][items][8]
+    // [parts - 1][2 halves][items][4]: a warp's 16-byte accesses are contiguous (no conflict).
+    float *partial_s = reinterpret_cast<float *>(smem);
     if (part > 0 && part < parts) {
-      float *dst = partial_s + ((part - 1) * items + item0) * 8;
+      float *dst = partial_s + ((part - 1) * 2 * items + item0) * 4;
       pgqa::store_vec<float4>(dst, make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]));
-      pgqa::store_vec<float4>(dst + 4, make_float4(acc[0][4], acc[0][5], acc[0][6], acc[0][7]));
+      pgqa::store_vec<float4>(dst + items * 4, make_float4(acc[0][4], acc[0][5], acc[0][6], acc[0][7]));
     }
     __syncthreads();
     if (part == 0) {
       for (int q = 1; q < parts; ++q) {
-        const float *src = partial_s + ((q - 1) * items + item0) * 8;
+        const float *src = partial_s + ((q - 1) * 2 * items + item0) * 4;
         const float4 lo = pgqa::load_vec<float4>(src);
-        const float4 hi = pgqa::load_vec<float4>(src + 4);
+        const float4 hi = pgqa::load_vec<float4>(src + items * 4);
         acc[0][0] += lo.x;
         acc[0][1] += lo.y;
         acc[0][2] += lo.z;
