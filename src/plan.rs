@@ -265,8 +265,6 @@ pub struct AttendSchedule {
     pub keys_per_split: usize,
     /// The model the splits were chosen with.
     model: SplitModel,
-    /// The most splits any key mask can get (the workspace is sized for it).
-    max_splits: usize,
 }
 
 impl AttendSchedule {
@@ -322,7 +320,6 @@ impl AttendSchedule {
         } = Splits::modelled(&model, max_context_len, MAX_SPLITS);
         // No block range is longer than the longest context, whatever the mask: the workspace
         // holds these splits, and a mask's (over shorter ranges) are capped at them.
-        let max_splits = num_splits;
         Self {
             cuda_cores,
             tensor_cores,
@@ -330,7 +327,6 @@ impl AttendSchedule {
             num_splits,
             keys_per_split,
             model,
-            max_splits,
         }
     }
 
@@ -359,7 +355,7 @@ impl AttendSchedule {
         .map(|kernel| kernel.longest_range(lens, mask))
         .max()
         .unwrap_or(0);
-        Splits::modelled(&self.model, longest, self.max_splits)
+        Splits::modelled(&self.model, longest, self.num_splits)
     }
 
     /// True when no block has anything to do (no query rows).
@@ -374,14 +370,14 @@ impl AttendSchedule {
     /// The most splits any key mask gets ([`splits`](AttendSchedule::splits)); the workspace
     /// is sized for it.
     pub fn max_splits(&self) -> usize {
-        self.max_splits
+        self.num_splits
     }
 
     /// Sized for the most splits any key mask gets ([`splits`](AttendSchedule::splits)).
     pub fn workspace_floats(&self, num_tokens: usize, shape: GqaShape) -> usize {
-        if self.max_splits == 1 {
+        if self.num_splits == 1 {
             return 0;
         }
-        num_tokens * shape.n_heads() * self.max_splits * (shape.head_dim() + 1)
+        num_tokens * shape.n_heads() * self.num_splits * (shape.head_dim() + 1)
     }
 }
