@@ -39,8 +39,10 @@
 // loaded or computed. Each K and V byte of the range crosses HBM once for all 64 rows.
 //
 // Pages of fp8 (KV = pgqa::fp8_e4m3 or fp8_e5m2; T, the MMA operand type, stays q's 16-bit
-// type): step 0 brings the tile's 8-bit rows into a staging buffer (two buffers: the next tile's
-// copies fly while this one is computed), then, after the barrier that makes them visible,
+// type): step 0 brings the tile's 8-bit rows into a staging buffer (a ring of kStageBuffers:
+// the next tile's copies fly while this one is computed; the narrow layout at head_dim <= 128
+// keeps the next TWO tiles in flight, so that a block of 8-bit pages has as many bytes in flight
+// as one of 16-bit pages), then, after the barrier that makes them visible,
 // every thread widens 8 values at a time (exact: each fp8 value is a T value) into the one
 // 16-bit K and V tile, and a second barrier makes that visible to ldmatrix (narrow: each warp
 // widens only the 16 keys it computes, and __syncwarp suffices): the K/V bytes cross global
@@ -79,24 +81,30 @@ struct TileGeometry {
   static constexpr int kStride = D + 8;
   static constexpr int kTileElems = kKeys * kStride;
   // 16-bit K and V tiles: two buffers each that cp.async fills; fp8: one each, filled by the
-  // widening, and two 8-bit staging buffers each ([kKeys][D] bytes, unpadded) that cp.async
-  // fills.
+  // widening, and a ring of kStageBuffers 8-bit staging buffers each ([kKeys][D] bytes,
+  // unpadded) that cp.async fills.
   static constexpr int kBuffers = kFp8 ? 1 : 2;
   static constexpr int kStageBytes = kFp8 ? kKeys * D : 0;
+  // Tiles whose copies fly while one is computed: one, or two for narrow fp8 blocks up to
+  // head_dim 128 (2 x 64 keys x D bytes of K and V: the bytes of one 16-bit tile; 86 KiB of
+  // shared memory at D = 128, under the 99 KiB of sm_86/89; at D = 256 one 8-bit tile is
+  // already 32 KiB, and a third buffer would pass sm_80's 163 KiB).
+  static constexpr int kAhead = kFp8 && kNarrow && D <= 128 ? 2 : 1;
+  static constexpr int kStageBuffers = kFp8 ? kAhead + 1 : 0;
   // Narrow: the warps' final states for the merge, over the same memory after the loop:
   // outputs [kKeyWarps][D / 8][32 lanes][4] then (m lo, m hi, l lo, l hi) [kKeyWarps][32][4].
   static constexpr int kMergeFloats = kNarrow ? kKeyWarps * (D / 8 + 1) * 32 * 4 : 0;
 };
 
 // Shared memory of a block with `row_warps` 16-row fragments: Q [16 row_warps][kStride], K tiles
-// [kBuffers][kKeys][kStride], V tiles the same (T); fp8: then K staging [2][kKeys][D], V staging
-// [2][kKeys][D] (bytes). Narrow: at least the merge's floats.
+// [kBuffers][kKeys][kStride], V tiles the same (T); fp8: then K staging [kStageBuffers][kKeys][D],
+// V staging the same (bytes). Narrow: at least the merge's floats.
 template <typename T, typename KV, int D, int kKeyWarps>
 constexpr size_t smem_bytes(int row_warps) {
   using G = TileGeometry<kKeyWarps, KV, D>;
   const size_t loop = (static_cast<size_t>(16 * row_warps) * G::kStride + 2 * G::kBuffers * G::kTileElems) *
                           sizeof(T) +
-                      4 * G::kStageBytes;
+                      2 * static_cast<size_t>(G::kStageBuffers) * G::kStageBytes;
   const size_t merge = G::kMergeFloats * sizeof(float);
   return loop > merge ? loop : merge;
 }
@@ -130,9 +138,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   T *q_s = reinterpret_cast<T *>(smem);                        // [16 row_warps][kStride]
   T *k_tiles = q_s + 16 * row_warps * G::kStride;              // [kBuffers][kKeys][kStride]
   T *v_tiles = k_tiles + G::kBuffers * G::kTileElems;          // [kBuffers][kKeys][kStride]
-  // fp8 only: [2][kKeys][D] each (empty otherwise).
+  // fp8 only: [kStageBuffers][kKeys][D] each (empty otherwise).
   uint8_t *k_stage = reinterpret_cast<uint8_t *>(v_tiles + G::kBuffers * G::kTileElems);
-  uint8_t *v_stage = k_stage + 2 * G::kStageBytes;
+  uint8_t *v_stage = k_stage + G::kStageBuffers * G::kStageBytes;
 
   const int seq = work[2 * static_cast<int64_t>(blockIdx.x)];
   const int j0 = work[2 * static_cast<int64_t>(blockIdx.x) + 1];  // first query row
@@ -172,8 +180,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     }
   }
 
-  // Issues the copies of tile `tile` into buffer tile % 2 (fp8: its staging buffer); rows past
-  // `end` become zeros.
+  // Issues the copies of tile `tile` into buffer tile % 2 (fp8: staging buffer tile %
+  // kStageBuffers) as one copy group; rows past `end` become zeros.
   auto load_tile = [&](int tile) {
     const int base = start + tile * G::kKeys;
     const int valid = min(G::kKeys, end - base);
@@ -201,8 +209,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
       }
     } else {
       // 16 fp8 values per copy into the unpadded staging rows [kKeys][D].
-      uint8_t *k_dst = k_stage + (tile & 1) * G::kStageBytes;
-      uint8_t *v_dst = v_stage + (tile & 1) * G::kStageBytes;
+      uint8_t *k_dst = k_stage + (tile % G::kStageBuffers) * G::kStageBytes;
+      uint8_t *v_dst = v_stage + (tile % G::kStageBuffers) * G::kStageBytes;
       for (int i = threadIdx.x; i < G::kKeys * (D / 16); i += threads) {
         const int row = i / (D / 16);
         const int c = (i % (D / 16)) * 16;
@@ -225,10 +233,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     pgqa::copy_async_commit();
   };
 
-  if (num_tiles > 0) {
-    load_tile(0);
-  } else {
-    pgqa::copy_async_commit();  // the Q copies
+  // The first kAhead tiles, a copy group each (the Q copies join the first; an empty group
+  // stands for a tile past the range, so that the group count stays one per tile).
+#pragma unroll
+  for (int tile = 0; tile < G::kAhead; ++tile) {
+    if (tile < num_tiles) {
+      load_tile(tile);
+    } else {
+      pgqa::copy_async_commit();
+    }
   }
 
   const int warp = threadIdx.x / 32;
@@ -270,21 +283,27 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   float l_lo = 0.0f, l_hi = 0.0f;            // this lane's part of the running sum
 
   for (int tile = 0; tile < num_tiles; ++tile) {
-    pgqa::copy_async_wait<0>();  // this thread's copies of tile `tile` (the only group in flight)
+    // This thread's copies of tile `tile`: groups up to tile + kAhead - 1 are committed, and
+    // all but the newest kAhead - 1 are complete.
+    pgqa::copy_async_wait<G::kAhead - 1>();
     // One barrier per tile: tile `tile` (and, the first time, Q) is visible to every thread, and
     // every warp is done with tile `tile - 1`, whose buffer the next copies fill while this tile
     // is computed (fp8: whose staging buffer they fill, and whose widened tile this one
     // overwrites).
     __syncthreads();
-    if (tile + 1 < num_tiles) load_tile(tile + 1);
+    if (tile + G::kAhead < num_tiles) {
+      load_tile(tile + G::kAhead);
+    } else if (G::kAhead > 1) {
+      pgqa::copy_async_commit();  // an empty group keeps the count for the wait above
+    }
 
     if constexpr (G::kFp8) {
       // Widen the staged 8-bit rows into the 16-bit tiles, 8 values per step. The previous
       // tile's reads of them ended before this iteration's barrier. Narrow: each warp
       // widens the keys it computes (a warp's own ldmatrix reads them: __syncwarp suffices);
       // wide: the block widens the tile for every warp.
-      const uint8_t *k_src = k_stage + (tile & 1) * G::kStageBytes;
-      const uint8_t *v_src = v_stage + (tile & 1) * G::kStageBytes;
+      const uint8_t *k_src = k_stage + (tile % G::kStageBuffers) * G::kStageBytes;
+      const uint8_t *v_src = v_stage + (tile % G::kStageBuffers) * G::kStageBytes;
       const KV *fp8_tag = nullptr;
       const int first = G::kNarrow ? lane : threadIdx.x;
       const int stride = G::kNarrow ? 32 : threads;
@@ -404,7 +423,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
       }
     }
   }
-  pgqa::copy_async_wait<0>();  // the Q copies, when there was no tile
+  pgqa::copy_async_wait<0>();  // the Q copies when there was no tile (and any empty group)
 
 #pragma unroll
   for (int offset = 1; offset < 4; offset *= 2) {

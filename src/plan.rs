@@ -19,8 +19,9 @@ pub const MAX_SPLITS: usize = ffi::PGQA_ATTEND_MAX_SPLITS.0 as usize;
 pub const SPLIT_ALIGN: usize = 64;
 
 /// The speed-of-light model the planner cuts the keys with: `src/sim/speed_of_light.rs`'s, for
-/// an H200, with what the profiler measured of the tensor-core kernel (one 64-key tile of K and
-/// V in flight per block, 3 blocks per SM at most). A split count `n` costs
+/// an H200, with what the profiler measured of the tensor-core kernel (the bytes of one 64-key
+/// tile of 16-bit K and V in flight per block: one tile of 16-bit pages, or two of fp8 pages in
+/// the narrow layout up to head_dim 128; 3 blocks per SM at most). A split count `n` costs
 /// `(K/V bytes + n x the partials' bytes) / achievable bandwidth`, where the partials are an f32
 /// output row and a log-sum-exp per row of every block, written by the split and read back by
 /// the merge, and the achievable bandwidth is the datasheet's or what the blocks' bytes in flight
@@ -99,7 +100,8 @@ pub const NARROW_ROWS: usize = ffi::PGQA_ATTEND_NARROW_ROWS.0 as usize;
 ///   narrow layout's head chunks, and reads each K/V byte once per block of up to 128 rows.
 ///
 /// Both tensor-core layouts keep a 64-key tile in flight per block (2 x 64 x head_dim x the
-/// page's bytes), so bytes in flight decide nothing between them. No GPU has timed the rule yet:
+/// page's bytes; the narrow layout keeps two of fp8 pages up to head_dim 128, the bytes of one
+/// 16-bit tile), so bytes in flight decide nothing between them. No GPU has timed the rule yet:
 /// the device check times all three paths on every bench shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelChoice {
@@ -365,14 +367,14 @@ impl AttendSchedule {
             && self.narrow_tensor_cores.work.is_empty()
     }
 
-    /// f32 elements of the split workspace: partial outputs `[num_tokens, n_heads, num_splits,
-    /// head_dim]` then partial log-sum-exps `[num_tokens, n_heads, num_splits]`; 0 without splits.
     /// The most splits any key mask gets ([`splits`](AttendSchedule::splits)); the workspace
     /// is sized for it.
     pub fn max_splits(&self) -> usize {
         self.num_splits
     }
 
+    /// f32 elements of the split workspace: partial outputs `[num_tokens, n_heads, num_splits,
+    /// head_dim]` then partial log-sum-exps `[num_tokens, n_heads, num_splits]`; 0 without splits.
     /// Sized for the most splits any key mask gets ([`splits`](AttendSchedule::splits)).
     pub fn workspace_floats(&self, num_tokens: usize, shape: GqaShape) -> usize {
         if self.num_splits == 1 {

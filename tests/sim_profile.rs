@@ -231,7 +231,7 @@ fn sanitizers_catch_the_planted_races_the_two_schedules_catch() {
 mod real_kernels {
     use paged_gqa::fp8::{self, Fp8E4M3, Fp8Element, KvScales};
     use paged_gqa::plan::KernelChoice;
-    use paged_gqa::sim::profile::Space;
+    use paged_gqa::sim::profile::{LaunchProfile, Space};
     use paged_gqa::sim::{AttendBatch, DeviceKvScales, SimDevice};
     use paged_gqa::{AttendOptions, GqaShape, PagedLayout, SeqLens};
 
@@ -251,7 +251,13 @@ mod real_kernels {
     /// One attention call over `contexts` keys with `query_lens` rows each, pages of `page`
     /// tokens (bf16, or e4m3 when `fp8`): per launch of an attention kernel, the K/V sectors
     /// the profile counts x 32 must be the bytes the traffic counter counted, and both nonzero.
-    fn check(choice: KernelChoice, fp8_pages: bool, contexts: &[usize], query_lens: &[usize]) {
+    /// Returns the attention kernels' launch profiles.
+    fn check(
+        choice: KernelChoice,
+        fp8_pages: bool,
+        contexts: &[usize],
+        query_lens: &[usize],
+    ) -> Vec<LaunchProfile> {
         let shape = GqaShape::new(8, 2, 64).unwrap();
         let page = 16;
         let max_blocks = contexts.iter().max().unwrap().div_ceil(page);
@@ -320,19 +326,20 @@ mod real_kernels {
         }
         let fetched = device.watched_bytes();
         let profile = device.take_profile().unwrap();
-        let attention: Vec<_> = profile
+        let kernels: Vec<String> = profile.launches.iter().map(|l| l.kernel.clone()).collect();
+        let attention: Vec<LaunchProfile> = profile
             .launches
-            .iter()
+            .into_iter()
             .filter(|l| {
                 l.kernel.starts_with("attend_kernel") || l.kernel.starts_with("prefill_kernel")
             })
             .collect();
         assert!(
             !attention.is_empty(),
-            "{choice:?}: no attention launch in {profile:#?}"
+            "{choice:?}: no attention launch in {kernels:#?}"
         );
         let mut total = 0;
-        for launch in attention {
+        for launch in &attention {
             let kv = launch.totals(Space::Kv);
             assert!(kv.sectors > 0, "{}: no K/V sectors", launch.kernel);
             assert_eq!(
@@ -349,6 +356,7 @@ mod real_kernels {
             total += launch.kv_bytes_fetched;
         }
         assert_eq!(total, fetched);
+        attention
     }
 
     #[test]
@@ -358,6 +366,34 @@ mod real_kernels {
             check(KernelChoice::CudaCores, fp8_pages, &[37, 300], &[1, 1]);
             // Prompt chunks on the tensor-core kernel.
             check(KernelChoice::TensorCores, fp8_pages, &[40, 70], &[40, 20]);
+        }
+    }
+
+    #[test]
+    fn narrow_blocks_keep_a_16_bit_tiles_bytes_in_flight_with_fp8_pages() {
+        // 64 decode rows over 300 keys (5 tiles of 64, at least 2 per split), group 4 at
+        // head_dim 64: the narrow layout. A block's most bytes in flight are the first copy
+        // groups before the first wait: Q (4 rows x 64 x 2 bytes) and one 64-key tile of
+        // 16-bit K and V, or two of 8-bit K and V (the ring of three staging buffers).
+        let tile_16_bit = 2 * 64 * 64 * 2;
+        for fp8_pages in [false, true] {
+            let launches = check(
+                KernelChoice::NarrowTensorCores,
+                fp8_pages,
+                &[300; 64],
+                &[1; 64],
+            );
+            let narrow: Vec<_> = launches
+                .iter()
+                .filter(|l| l.kernel.starts_with("prefill_kernel") && l.kernel.ends_with(", 4>"))
+                .collect();
+            assert_eq!(narrow.len(), 1, "fp8 {fp8_pages}: {launches:#?}");
+            assert_eq!(
+                narrow[0].max_block_inflight,
+                tile_16_bit + 4 * 64 * 2,
+                "fp8 {fp8_pages}: {}",
+                narrow[0].kernel
+            );
         }
     }
 }
