@@ -1,9 +1,23 @@
-//! Element types the kernels take, and the element types of KV cache pages.
+//! Element types the kernels take, and the element types of KV cache pages. A foundation:
+//! imports nothing of the crate (the fp8 page elements implement [`PageElement`] in
+//! [`crate::fp8`]).
 
 use half::{bf16, f16};
 
-use crate::fp8::{Fp8E4M3, Fp8E5M2, Fp8Format};
-use crate::kernels::DeviceValue;
+/// Values the backends move between host and device memory.
+pub trait DeviceValue:
+    bytemuck::Pod + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Send + Sync + 'static
+{
+}
+impl<T> DeviceValue for T where
+    T: bytemuck::Pod
+        + cudarc::driver::DeviceRepr
+        + cudarc::driver::ValidAsZeroBits
+        + Send
+        + Sync
+        + 'static
+{
+}
 
 /// Element type of a tensor on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -14,7 +28,7 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
-    /// OCP fp8 e4m3fn ([`Fp8Format::E4M3`]): a page type only (queries, outputs and new K/V rows
+    /// OCP fp8 e4m3fn ([`Fp8Format::E4M3`](crate::fp8::Fp8Format::E4M3)): a page type only (queries, outputs and new K/V rows
     /// stay 16-bit), each value stored under a per-head scale.
     F8E4M3,
     /// OCP fp8 e5m2 ([`Fp8Format::E5M2`]): a page type only, as [`F8E4M3`](DType::F8E4M3).
@@ -31,18 +45,10 @@ impl DType {
         }
     }
 
-    /// The fp8 format of an fp8 page type; `None` for the others.
-    pub fn fp8_format(self) -> Option<Fp8Format> {
-        match self {
-            DType::F8E4M3 => Some(Fp8Format::E4M3),
-            DType::F8E5M2 => Some(Fp8Format::E5M2),
-            DType::F32 | DType::F16 | DType::BF16 => None,
-        }
-    }
-
-    /// Whether this is an fp8 page type.
+    /// Whether this is an fp8 page type (its format:
+    /// [`Fp8Format::of`](crate::fp8::Fp8Format::of)).
     pub fn is_fp8(self) -> bool {
-        self.fp8_format().is_some()
+        matches!(self, DType::F8E4M3 | DType::F8E5M2)
     }
 }
 
@@ -87,8 +93,9 @@ impl Element for bf16 {
 }
 
 /// An element of KV cache pages on a device: every [`Element`] (pages of the compute type,
-/// holding K/V as they are), and the stored fp8 values [`Fp8E4M3`] and [`Fp8E5M2`] (pages that
-/// hold K/V quantized under per-head scales: see [`crate::fp8`]).
+/// holding K/V as they are), and the stored fp8 values
+/// [`Fp8E4M3`](crate::fp8::Fp8E4M3) and [`Fp8E5M2`](crate::fp8::Fp8E5M2) (pages that hold K/V
+/// quantized under per-head scales: see [`crate::fp8`]).
 pub trait PageElement: DeviceValue + Copy {
     /// The page dtype ([`CacheConfig::page_dtype`](crate::cache::CacheConfig::page_dtype)).
     const PAGE_DTYPE: DType;
@@ -96,12 +103,4 @@ pub trait PageElement: DeviceValue + Copy {
 
 impl<T: Element> PageElement for T {
     const PAGE_DTYPE: DType = T::DTYPE;
-}
-
-impl PageElement for Fp8E4M3 {
-    const PAGE_DTYPE: DType = DType::F8E4M3;
-}
-
-impl PageElement for Fp8E5M2 {
-    const PAGE_DTYPE: DType = DType::F8E5M2;
 }

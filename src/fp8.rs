@@ -106,6 +106,7 @@
 //! # Ok::<(), paged_gqa::Error>(())
 //! ```
 
+use crate::dtype::{DType, PageElement};
 use crate::error::{Error, Result};
 
 /// One of the two FP8 storage formats of the OCP 8-bit floating point specification.
@@ -120,6 +121,15 @@ pub enum Fp8Format {
 }
 
 impl Fp8Format {
+    /// The format of an fp8 page dtype; `None` for the others.
+    pub fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F8E4M3 => Some(Fp8Format::E4M3),
+            DType::F8E5M2 => Some(Fp8Format::E5M2),
+            DType::F32 | DType::F16 | DType::BF16 => None,
+        }
+    }
+
     /// The NaN [`encode`] produces in either format: `0x7F` (all exponent and mantissa bits set,
     /// sign clear), the NaN CUDA's float-to-fp8 conversion returns.
     pub const NAN_BITS: u8 = 0x7F;
@@ -300,8 +310,16 @@ unsafe impl cudarc::driver::DeviceRepr for Fp8E5M2 {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::ValidAsZeroBits for Fp8E5M2 {}
 
+impl PageElement for Fp8E4M3 {
+    const PAGE_DTYPE: DType = DType::F8E4M3;
+}
+
+impl PageElement for Fp8E5M2 {
+    const PAGE_DTYPE: DType = DType::F8E5M2;
+}
+
 /// A stored fp8 value of one format: [`Fp8E4M3`] or [`Fp8E5M2`].
-pub trait Fp8Element: crate::dtype::PageElement + Into<f32> + Into<f64> + Send + Sync {
+pub trait Fp8Element: PageElement + Into<f32> + Into<f64> + Send + Sync {
     /// The format of the stored bits.
     const FORMAT: Fp8Format;
     /// The value with these bits.

@@ -48,7 +48,7 @@ pub mod models;
 #[rustfmt::skip] // bindgen output, compared verbatim by tests/ffi_bindings.rs
 pub mod ffi;
 pub mod fp8;
-mod kernels;
+mod launch;
 pub mod plan;
 pub mod shape;
 pub mod sim;
@@ -57,10 +57,9 @@ pub mod variants;
 
 pub use batch::SeqLens;
 pub use cache::{BlockTables, PagedLayout};
-pub use dtype::{DType, Element, PageElement};
+pub use dtype::{DType, DeviceValue, Element, PageElement};
 pub use error::{Error, Result};
-pub use kernels::storage::DeviceStepPlan;
-pub use kernels::DeviceValue;
+pub use launch::storage::DeviceStepPlan;
 pub use shape::GqaShape;
 pub use state::AttentionState;
 pub use variants::{AttendOptions, KeyMask};

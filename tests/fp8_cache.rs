@@ -56,8 +56,8 @@ fn page_dtypes_are_the_compute_dtype_or_fp8_over_rows_of_16() {
     assert_eq!(err, Error::Fp8HeadDim { head_dim: 72 });
     assert!(err.to_string().contains("72"), "{err}");
     assert_eq!(DType::F8E4M3.size_bytes(), 1);
-    assert_eq!(DType::F8E5M2.fp8_format(), Some(Fp8Format::E5M2));
-    assert_eq!(DType::BF16.fp8_format(), None);
+    assert_eq!(Fp8Format::of(DType::F8E5M2), Some(Fp8Format::E5M2));
+    assert_eq!(Fp8Format::of(DType::BF16), None);
 }
 
 #[test]

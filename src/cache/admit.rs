@@ -5,7 +5,7 @@
 use crate::batch::MAX_CONTEXT_LEN;
 use crate::cache::block_hash::BlockHash;
 use crate::cache::manager::Sequence;
-use crate::cache::prefix::{PrefixIndex, PrefixStats, SeqPrefix};
+use crate::cache::prefix::{PrefixStats, SeqPrefix};
 use crate::cache::{BlockManager, SeqId, StepPlan};
 use crate::error::{Error, Result};
 
@@ -178,7 +178,7 @@ impl BlockManager {
             if let Some(s) = self.sequences.get_mut(&seq) {
                 let prompt_blocks = s.prefix.as_ref().map_or(0, |p| p.prompt_blocks);
                 let upto = (s.len / self.block_size).min(prompt_blocks);
-                name_blocks(&mut self.prefix, s, self.block_size, upto);
+                s.name_blocks(&mut self.prefix, self.block_size, upto);
             }
         }
         Ok(())
@@ -218,24 +218,4 @@ impl BlockManager {
     pub fn parked_blocks(&self) -> Vec<u32> {
         self.allocator.parked().collect()
     }
-}
-
-/// Names `s`'s full blocks from its first unnamed one up to block `upto` (their K/V written
-/// and committed), if it names blocks at all.
-pub(super) fn name_blocks(index: &mut PrefixIndex, s: &mut Sequence, bs: usize, upto: usize) {
-    let Some(prefix) = &mut s.prefix else {
-        return;
-    };
-    let first = prefix.named;
-    if upto <= first {
-        return;
-    }
-    for (i, tokens) in (first..upto).zip(prefix.tokens.chunks_exact(bs)) {
-        let name = BlockHash::block(&prefix.chain, tokens);
-        // Sequences that name blocks have reclaimed none: block i is blocks[i].
-        index.insert(name, s.blocks[i]);
-        prefix.chain = name;
-    }
-    prefix.named = upto;
-    prefix.tokens.drain(..(upto - first) * bs);
 }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::batch::{SeqLens, MAX_CONTEXT_LEN, MAX_TOKENS};
-use crate::cache::admit::name_blocks;
+use crate::cache::block_hash::BlockHash;
 use crate::cache::prefix::{PrefixIndex, SeqPrefix};
 use crate::cache::{BlockAllocator, PlanStamp, StepPlan};
 use crate::error::{Error, Result};
@@ -31,6 +31,28 @@ pub(super) struct Sequence {
     /// is on; `None` otherwise, and once it can no longer name blocks safely (a plan of it was
     /// abandoned, the page identity changed, the window reclaimed its first pages).
     pub(super) prefix: Option<SeqPrefix>,
+}
+
+impl Sequence {
+    /// Names its full blocks from its first unnamed one up to block `upto` (their K/V written
+    /// and committed) in `index`, if it names blocks at all (`bs`: the block size).
+    pub(super) fn name_blocks(&mut self, index: &mut PrefixIndex, bs: usize, upto: usize) {
+        let Some(prefix) = &mut self.prefix else {
+            return;
+        };
+        let first = prefix.named;
+        if upto <= first {
+            return;
+        }
+        for (i, tokens) in (first..upto).zip(prefix.tokens.chunks_exact(bs)) {
+            let name = BlockHash::block(&prefix.chain, tokens);
+            // Sequences that name blocks have reclaimed none: block i is blocks[i].
+            index.insert(name, self.blocks[i]);
+            prefix.chain = name;
+        }
+        prefix.named = upto;
+        prefix.tokens.drain(..(upto - first) * bs);
+    }
 }
 
 impl Sequence {
@@ -218,9 +240,8 @@ impl BlockManager {
             for (seq, committed) in pending.touched {
                 if let Some(s) = self.sequences.get_mut(&seq) {
                     // What was committed before the plan is written: its full blocks count.
-                    name_blocks(
+                    s.name_blocks(
                         &mut self.prefix,
-                        s,
                         self.block_size,
                         committed / self.block_size,
                     );
@@ -311,7 +332,7 @@ impl BlockManager {
         self.changed(); // an uncommitted plan of it: it names nothing
         let mut removed = self.sequences.remove(&seq).unwrap();
         let full = removed.len / self.block_size;
-        name_blocks(&mut self.prefix, &mut removed, self.block_size, full);
+        removed.name_blocks(&mut self.prefix, self.block_size, full);
         for &b in removed.blocks.iter().rev() {
             self.release(b);
         }

@@ -116,7 +116,7 @@ impl PagedMetadata {
 
 /// The candle op: inputs (q, k_cache, v_cache), output `out`; `lse` comes back through
 /// [`lse`](AttentionOp::lse).
-pub(crate) struct AttentionOp<'a> {
+struct AttentionOp<'a> {
     pub geometry: Geometry,
     pub metadata: &'a PagedMetadata,
     pub tables: &'a CheckedTables,
@@ -205,8 +205,18 @@ impl CustomOp3 for AttentionOp<'_> {
         v_cache: &candle_core::CudaStorage,
         v_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let args = super::cuda::AttentionArgs {
+            layout: self.geometry.layout,
+            dtype: self.geometry.dtype,
+            lens: self.metadata.lens(),
+            max_blocks: self.metadata.max_blocks(),
+            block_tables: &self.tables.block_tables,
+            reclaimed: &self.tables.reclaimed,
+            uploads: &self.metadata.device,
+            options: self.options,
+        };
         let (out, lse) = super::cuda::attention(
-            self,
+            &args,
             (q, q_layout),
             (k_cache, k_layout),
             (v_cache, v_layout),

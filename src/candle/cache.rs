@@ -50,7 +50,7 @@ impl CandleStorage {
         config.page_lens(num_blocks, config.dtype().size_bytes())?;
         // The kernels' limits, on every device (a cache made on the CPU works on the GPU):
         // block ids are i32, and the block copy runs one grid row per (layer, K or V).
-        crate::kernels::params::to_i32("num_blocks", num_blocks)?;
+        crate::launch::params::to_i32("num_blocks", num_blocks)?;
         if 2 * config.num_layers() > 65535 {
             return Err(Error::TooLarge {
                 what: "2 * num_layers",
@@ -200,7 +200,7 @@ impl PagedCache<CandleStorage> {
 }
 
 /// The copy-on-write copies of a step over every (layer, K or V) tensor of the pages.
-pub(crate) struct CopyBlocks<'a> {
+struct CopyBlocks<'a> {
     pub config: CacheConfig,
     pub num_blocks: usize,
     /// [num_copies] (src block, dst block), made by the bookkeeping
@@ -249,6 +249,12 @@ impl InplaceOp1 for CopyBlocks<'_> {
         pages: &mut candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<()> {
-        super::cuda::copy_blocks(self, pages, layout)
+        super::cuda::copy_blocks(
+            &self.config,
+            self.num_blocks,
+            self.block_copies,
+            pages,
+            layout,
+        )
     }
 }

@@ -1,5 +1,5 @@
 //! The candle ops on CUDA (feature `candle-cuda`): candle's `CudaStorage` slices and its
-//! device's stream, handed to the crate's launch layer ([`crate::kernels`]) with no copy.
+//! device's stream, handed to the crate's launch layer ([`crate::launch`]) with no copy.
 //!
 //! Streams: everything launches on `CudaDevice::cuda_stream()` of the tensors' one candle device
 //! (candle 0.11's `Device::new_cuda` is the per-thread stream, `new_cuda_with_stream` a stream
@@ -22,18 +22,16 @@ use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaDevice, CudaStorage, DType as CandleDType, Layout};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
-use crate::cache::PagedLayout;
+use crate::batch::SeqLens;
+use crate::cache::{CacheConfig, PagedLayout};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::kernels::attend::launch_attend;
-use crate::kernels::params::{self, AttendTables, AttendTensors};
-use crate::kernels::{Backend, Launch};
+use crate::launch::attend::launch_attend;
+use crate::launch::params::{self, AttendTables, AttendTensors};
+use crate::launch::{Backend, Launch};
 use crate::plan::{AttendSchedule, KernelChoice};
+use crate::variants::AttendOptions;
 
-use super::attention::AttentionOp;
-use super::cache::CopyBlocks;
-use super::metadata::{CheckedTables, PagedMetadata};
-use super::write::{Slots, Write};
 use super::CandleElement;
 
 /// A metadata's uploads, per candle device and geometry.
@@ -84,14 +82,16 @@ fn upload<V: cudarc::driver::DeviceRepr + 'static>(
 }
 
 impl DeviceTables {
-    /// The attention tables of `metadata` on `dev` for `layout` (uploaded by the first call).
+    /// The step's attention tables on `dev` for `layout`: `block_tables` `[batch, max_blocks]`
+    /// (checked against `layout`), the lengths of `lens` and the work lists of its schedule
+    /// (uploaded by the first call for this device and layout).
     fn attention(
         &self,
         dev: &CudaDevice,
         stream: &Arc<CudaStream>,
         layout: PagedLayout,
-        metadata: &PagedMetadata,
-        checked: &CheckedTables,
+        lens: &SeqLens,
+        block_tables: &[i32],
     ) -> candle_core::Result<Arc<AttentionTables>> {
         let mut uploaded = self.attention.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(found) = uploaded
@@ -100,7 +100,6 @@ impl DeviceTables {
         {
             return Ok(found.clone());
         }
-        let lens = metadata.lens();
         let shape = layout.shape();
         let choice = Backend::kernels(stream, KernelChoice::Auto)?;
         let schedule =
@@ -109,7 +108,7 @@ impl DeviceTables {
         let tables = Arc::new(AttentionTables {
             device: dev.id(),
             layout,
-            block_tables: upload(dev, &checked.block_tables, -1)?,
+            block_tables: upload(dev, block_tables, -1)?,
             context_lens: upload(dev, &lens.context_lens_i32(), 0)?,
             query_starts: upload(dev, &params::query_starts(lens), 0)?,
             work: upload(dev, bytemuck::cast_slice(&schedule.cuda_cores.work), 0)?,
@@ -126,14 +125,18 @@ impl DeviceTables {
         Ok(tables)
     }
 
-    /// The slot mapping of `metadata` on `dev` for `checked`'s page geometry.
+    /// The step's slot mapping on `dev` for a cache of `num_blocks` pages of `block_size`
+    /// tokens: `slot_mapping` `[num_tokens]`, derived from the block tables checked against
+    /// that geometry (uploaded by the first call for this device and geometry).
     fn slots(
         &self,
         dev: &CudaDevice,
-        checked: &CheckedTables,
+        num_blocks: usize,
+        block_size: usize,
+        slot_mapping: &[i64],
     ) -> candle_core::Result<Arc<SlotTable>> {
         let mut uploaded = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (dev.id(), checked.num_blocks, checked.block_size);
+        let key = (dev.id(), num_blocks, block_size);
         if let Some(found) = uploaded
             .iter()
             .find(|t| (t.device, t.num_blocks, t.block_size) == key)
@@ -142,9 +145,9 @@ impl DeviceTables {
         }
         let table = Arc::new(SlotTable {
             device: dev.id(),
-            num_blocks: checked.num_blocks,
-            block_size: checked.block_size,
-            slots: upload(dev, &checked.slot_mapping, -1)?,
+            num_blocks,
+            block_size,
+            slots: upload(dev, slot_mapping, -1)?,
         });
         uploaded.push(table.clone());
         Ok(table)
@@ -207,17 +210,38 @@ fn check_stream(
     Ok(())
 }
 
+/// What an attention launch needs of its step and its caches, all checked by the caller.
+pub(crate) struct AttentionArgs<'a> {
+    /// One cache tensor's geometry, with the query heads (`n_heads`).
+    pub layout: PagedLayout,
+    /// The element type of `q`, the caches and `out`.
+    pub dtype: DType,
+    /// Keys and query rows per sequence (`num_tokens` rows of `q`).
+    pub lens: &'a SeqLens,
+    /// Columns of `block_tables`.
+    pub max_blocks: usize,
+    /// [batch, max_blocks] i32: every entry a sequence uses is a block of the caches (checked
+    /// against `layout`); the others may be -1
+    pub block_tables: &'a [i32],
+    /// [batch]: leading pages of each sequence a sliding window reclaimed (-1 entries)
+    pub reclaimed: &'a [usize],
+    /// The step's uploads: `block_tables`, the lengths and the work lists go up with the
+    /// step's first attention on a device for `layout`.
+    pub uploads: &'a DeviceTables,
+    pub options: &'a AttendOptions,
+}
+
 /// Attention on CUDA: returns `out` `[num_tokens, n_heads, head_dim]` and `lse`
 /// `[num_tokens, n_heads]` f32.
 pub(crate) fn attention(
-    op: &AttentionOp<'_>,
+    args: &AttentionArgs<'_>,
     q: (&CudaStorage, &Layout),
     k_cache: (&CudaStorage, &Layout),
     v_cache: (&CudaStorage, &Layout),
 ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
-    match op.geometry.dtype {
-        DType::F16 => attention_as::<half::f16>(op, q, k_cache, v_cache),
-        DType::BF16 => attention_as::<half::bf16>(op, q, k_cache, v_cache),
+    match args.dtype {
+        DType::F16 => attention_as::<half::f16>(args, q, k_cache, v_cache),
+        DType::BF16 => attention_as::<half::bf16>(args, q, k_cache, v_cache),
         dtype @ (DType::F32 | DType::F8E4M3 | DType::F8E5M2) => Err(Error::UnsupportedDType {
             kernel: "attention",
             dtype,
@@ -227,7 +251,7 @@ pub(crate) fn attention(
 }
 
 fn attention_as<T: CandleElement + CudaDType>(
-    op: &AttentionOp<'_>,
+    args: &AttentionArgs<'_>,
     q: (&CudaStorage, &Layout),
     k_cache: (&CudaStorage, &Layout),
     v_cache: (&CudaStorage, &Layout),
@@ -236,14 +260,13 @@ fn attention_as<T: CandleElement + CudaDType>(
     let stream = dev.cuda_stream();
     check_stream("k_cache", k_cache.0, &stream)?;
     check_stream("v_cache", v_cache.0, &stream)?;
-    let layout = op.geometry.layout;
+    let layout = args.layout;
     let shape = layout.shape();
-    let rows = op.metadata.num_tokens() * shape.n_heads();
+    let rows = args.lens.num_tokens() * shape.n_heads();
     let q_len = rows * shape.head_dim();
-    let tables = op
-        .metadata
-        .device
-        .attention(dev, &stream, layout, op.metadata, op.tables)?;
+    let tables = args
+        .uploads
+        .attention(dev, &stream, layout, args.lens, args.block_tables)?;
     let q_view = view::<T>(q.0, q.1, "q", q_len)?;
     let k_view = view::<T>(k_cache.0, k_cache.1, "k_cache", layout.cache_len())?;
     let v_view = view::<T>(v_cache.0, v_cache.1, "v_cache", layout.cache_len())?;
@@ -265,9 +288,9 @@ fn attention_as<T: CandleElement + CudaDType>(
         let (split_workspace, _ws) = tables.workspace.device_ptr(&stream);
         let launch_tables = AttendTables {
             layout,
-            lens: op.metadata.lens(),
-            reclaimed: &op.tables.reclaimed,
-            max_blocks: op.metadata.max_blocks(),
+            lens: args.lens,
+            reclaimed: args.reclaimed,
+            max_blocks: args.max_blocks,
             schedule: &tables.schedule,
             block_tables,
             context_lens,
@@ -294,7 +317,7 @@ fn attention_as<T: CandleElement + CudaDType>(
             &launch_tables,
             &tensors,
             <T as Element>::DTYPE,
-            op.options,
+            args.options,
         )?;
         // The guards drop here, after the launch is enqueued.
     }
@@ -311,17 +334,34 @@ pub(crate) enum Caches<'a> {
     Split((&'a mut CudaStorage, usize), (&'a mut CudaStorage, usize)),
 }
 
+/// What a write launch needs, all checked by the caller.
+pub(crate) struct WriteArgs<'a> {
+    /// One layer of the caches: the K/V heads, `block_size` and the element type of the caches,
+    /// `k` and `v`.
+    pub config: CacheConfig,
+    /// One cache tensor's geometry (`num_blocks`).
+    pub layout: PagedLayout,
+    /// Rows of `k` and `v`.
+    pub num_tokens: usize,
+    /// [num_tokens] i64, each < num_blocks * block_size (negative: skipped)
+    pub slots: &'a [i64],
+    /// The step's uploads when `slots` is a metadata's slot mapping for `layout` (uploaded by
+    /// the step's first write on a device for that geometry); `None` for given slots, uploaded
+    /// for this call.
+    pub uploads: Option<&'a DeviceTables>,
+}
+
 /// The write on CUDA: one `pgqa_write_kv` launch for K and V.
 pub(crate) fn write(
-    write: &Write<'_>,
+    args: &WriteArgs<'_>,
     caches: Caches<'_>,
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
 ) -> candle_core::Result<()> {
-    match write.geometry.dtype {
-        DType::F16 => write_as::<half::f16>(write, caches, k, v),
-        DType::BF16 => write_as::<half::bf16>(write, caches, k, v),
-        DType::F32 => write_as::<f32>(write, caches, k, v),
+    match args.config.dtype() {
+        DType::F16 => write_as::<half::f16>(args, caches, k, v),
+        DType::BF16 => write_as::<half::bf16>(args, caches, k, v),
+        DType::F32 => write_as::<f32>(args, caches, k, v),
         dtype @ (DType::F8E4M3 | DType::F8E5M2) => Err(Error::UnsupportedDType {
             kernel: "candle write_kv",
             dtype,
@@ -331,7 +371,7 @@ pub(crate) fn write(
 }
 
 fn write_as<T: CandleElement + CudaDType>(
-    write: &Write<'_>,
+    args: &WriteArgs<'_>,
     caches: Caches<'_>,
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
@@ -339,22 +379,22 @@ fn write_as<T: CandleElement + CudaDType>(
     let dev = k.0.device.clone();
     let stream = dev.cuda_stream();
     check_stream("v", v.0, &stream)?;
-    let layout = write.geometry.layout;
-    let rows = write.num_tokens * write.geometry.shape.kv_row_len();
+    let layout = args.layout;
+    let rows = args.num_tokens * args.config.shape().kv_row_len();
     let len = layout.cache_len();
     let elem = std::mem::size_of::<T>() as u64;
     let k_view = view::<T>(k.0, k.1, "k", rows)?;
     let v_view = view::<T>(v.0, v.1, "v", rows)?;
     // The metadata's slots went up with its first write of the step; given slots go up now.
     let (metadata_slots, given_slots);
-    let slots: &CudaSlice<i64> = match write.source {
-        Slots::Metadata(metadata) => {
-            let checked = metadata.checked(&layout)?;
-            metadata_slots = metadata.device.slots(&dev, &checked)?;
+    let slots: &CudaSlice<i64> = match args.uploads {
+        Some(uploads) => {
+            metadata_slots =
+                uploads.slots(&dev, layout.num_blocks(), layout.block_size(), args.slots)?;
             &metadata_slots.slots
         }
-        Slots::Given(slots) => {
-            given_slots = upload(&dev, slots, -1)?;
+        None => {
+            given_slots = upload(&dev, args.slots, -1)?;
             &given_slots
         }
     };
@@ -373,9 +413,9 @@ fn write_as<T: CandleElement + CudaDType>(
     let (slots_ptr, _s) = slots.device_ptr(&stream);
     let launch = |k_cache: u64, v_cache: u64| -> Result<()> {
         let Some(params) = params::write_kv_params(
-            &write.geometry.config()?,
+            &args.config,
             layout.num_blocks(),
-            write.num_tokens,
+            args.num_tokens,
             (k_ptr, rows),
             (v_ptr, rows),
             k_cache,
@@ -422,15 +462,23 @@ fn write_as<T: CandleElement + CudaDType>(
 
 /// The copy-on-write copies of a [`CandleStorage`](super::CandleStorage) step: one upload of
 /// the pairs, one `pgqa_copy_blocks` launch over every layer's K and V.
+///
+/// `pages` `[num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim]` of `config`'s dtype
+/// from `layout`'s start offset; `block_copies` `[num_copies]` (src block, dst block), made by
+/// the bookkeeping.
 pub(crate) fn copy_blocks(
-    op: &CopyBlocks<'_>,
+    config: &CacheConfig,
+    num_blocks: usize,
+    block_copies: &[[i32; 2]],
     pages: &mut CudaStorage,
     layout: &Layout,
 ) -> candle_core::Result<()> {
-    match op.config.dtype() {
-        DType::F16 => copy_blocks_as::<half::f16>(op, pages, layout),
-        DType::BF16 => copy_blocks_as::<half::bf16>(op, pages, layout),
-        DType::F32 => copy_blocks_as::<f32>(op, pages, layout),
+    match config.dtype() {
+        DType::F16 => copy_blocks_as::<half::f16>(config, num_blocks, block_copies, pages, layout),
+        DType::BF16 => {
+            copy_blocks_as::<half::bf16>(config, num_blocks, block_copies, pages, layout)
+        }
+        DType::F32 => copy_blocks_as::<f32>(config, num_blocks, block_copies, pages, layout),
         dtype @ (DType::F8E4M3 | DType::F8E5M2) => Err(Error::UnsupportedDType {
             kernel: "candle copy_blocks",
             dtype,
@@ -440,7 +488,9 @@ pub(crate) fn copy_blocks(
 }
 
 fn copy_blocks_as<T: CandleElement + CudaDType>(
-    op: &CopyBlocks<'_>,
+    config: &CacheConfig,
+    num_blocks: usize,
+    block_copies: &[[i32; 2]],
     pages: &mut CudaStorage,
     layout: &Layout,
 ) -> candle_core::Result<()> {
@@ -448,15 +498,12 @@ fn copy_blocks_as<T: CandleElement + CudaDType>(
     let stream = dev.cuda_stream();
     let pairs = upload(
         &dev,
-        bytemuck::cast_slice::<[i32; 2], i32>(op.block_copies),
+        bytemuck::cast_slice::<[i32; 2], i32>(block_copies),
         -1,
     )?;
     let slice = pages.as_cuda_slice_mut::<T>()?;
-    let total = 2
-        * op.config.num_layers()
-        * op.num_blocks
-        * op.config.block_size()
-        * op.config.shape().kv_row_len();
+    let total =
+        2 * config.num_layers() * num_blocks * config.block_size() * config.shape().kv_row_len();
     let start = layout.start_offset();
     if start + total > slice.len() {
         Err(Error::BufferLength {
@@ -468,11 +515,11 @@ fn copy_blocks_as<T: CandleElement + CudaDType>(
     let (pairs_ptr, _pairs) = pairs.device_ptr(&stream);
     let (base, _pages) = slice.device_ptr_mut(&stream);
     let params = params::copy_blocks_params(
-        &op.config,
-        op.num_blocks,
+        config,
+        num_blocks,
         base + (start * std::mem::size_of::<T>()) as u64,
         pairs_ptr,
-        op.block_copies.len(),
+        block_copies.len(),
     );
     // SAFETY: the pages hold 2 * num_layers tensors of num_blocks blocks from `start`
     // (checked); the pairs were made by the bookkeeping (ids < num_blocks, fresh destinations;

@@ -223,7 +223,7 @@ pub(crate) fn caches(
         return Err(Error::ZeroBlocks);
     }
     if k_cache.device().is_cuda() {
-        crate::kernels::params::check_supported("attention", shape, dtype)?;
+        crate::launch::params::check_supported("attention", shape, dtype)?;
     }
     Ok(Geometry {
         shape,

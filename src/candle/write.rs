@@ -97,7 +97,7 @@ impl PagedMetadata {
 
 /// Where a write's slots come from.
 #[derive(Clone, Copy)]
-pub(crate) enum Slots<'a> {
+enum Slots<'a> {
     /// The caller's slot mapping, read to the host.
     Given(&'a [i64]),
     /// Derived from a step's block tables.
@@ -106,7 +106,7 @@ pub(crate) enum Slots<'a> {
 
 /// A write, checked: the geometry, the host slots (validated) and where the device slots
 /// come from.
-pub(crate) struct Write<'a> {
+struct Write<'a> {
     pub geometry: Geometry,
     pub num_tokens: usize,
     /// [num_tokens], each < num_slots (negative: skipped)
@@ -115,6 +115,24 @@ pub(crate) struct Write<'a> {
     pub source: Slots<'a>,
     /// Element offset of `v_cache` in the storage of `k_cache` when they share one.
     pub v_offset_in_k: Option<usize>,
+}
+
+#[cfg(feature = "candle-cuda")]
+impl Write<'_> {
+    /// What the CUDA launch takes of this write: the metadata's slots go up once per step (its
+    /// uploads), given slots with every call.
+    fn cuda_args(&self) -> Result<super::cuda::WriteArgs<'_>> {
+        Ok(super::cuda::WriteArgs {
+            config: self.geometry.config()?,
+            layout: self.geometry.layout,
+            num_tokens: self.num_tokens,
+            slots: self.slots,
+            uploads: match self.source {
+                Slots::Metadata(metadata) => Some(&metadata.device),
+                Slots::Given(_) => None,
+            },
+        })
+    }
 }
 
 fn write(
@@ -244,7 +262,7 @@ impl InplaceOp3 for WriteShared<'_> {
     ) -> candle_core::Result<()> {
         let v_offset = self.write.v_offset_in_k.unwrap_or_default();
         super::cuda::write(
-            self.write,
+            &self.write.cuda_args()?,
             super::cuda::Caches::Shared(caches, k_cache.start_offset(), v_offset),
             (k, k_layout),
             (v, v_layout),
@@ -356,7 +374,7 @@ impl InplaceOp1 for WriteV<'_, candle_core::CudaStorage> {
     ) -> candle_core::Result<()> {
         let k_cache = self.k_cache.take().ok_or_else(backend_changed)?;
         super::cuda::write(
-            self.write,
+            &self.write.cuda_args()?,
             super::cuda::Caches::Split(
                 (k_cache, self.k_offset),
                 (v_cache, v_cache_layout.start_offset()),

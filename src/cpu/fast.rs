@@ -6,9 +6,9 @@ use std::num::NonZeroUsize;
 use std::thread;
 
 use crate::batch::SeqLens;
-use crate::cpu::{gather_paged, repeat_kv, ContiguousKv, KvSource, PagedKv};
+use crate::cpu::repeat_kv::gather_repeated;
+use crate::cpu::{ContiguousKv, KvSource, PagedKv};
 use crate::error::{Error, Result};
-use crate::fp8::KvScales;
 use crate::variants::{AttendOptions, KeyMask};
 
 /// Query rows (tokens) per tile of a sequence's prompt in the CPU attention.
@@ -270,23 +270,9 @@ where
     Q: Copy + Into<f32> + Sync,
     T: Copy + Into<f32> + Sync,
 {
-    let shape = kv.shape();
-    let lens = kv.lens();
-    let (k, v) = gather_paged(kv)?;
-    let k = repeat_kv(&k, shape, lens.total_keys())?;
-    let v = repeat_kv(&v, shape, lens.total_keys())?;
-    let scales = repeated_scales(kv)?;
-    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?.with_scales(&scales)?;
+    let (k, v, scales) = gather_repeated(kv)?;
+    let mha = ContiguousKv::new(kv.shape().repeated(), kv.lens(), &k, &v)?.with_scales(&scales)?;
     // Sinks and slopes are per query head, and the default scale per head_dim: repeat_kv
     // keeps both.
     attend(q, &mha, options, out, lse)
-}
-
-/// The scales of `kv`'s K/V heads repeated as `repeat_kv` repeats the heads (`[n_heads]`
-/// each: query head `h` reads K/V head `h / group`'s); ones when `kv` has none.
-pub(crate) fn repeated_scales<T>(kv: &PagedKv<'_, T>) -> Result<KvScales> {
-    let shape = kv.layout().shape();
-    let heads = 0..shape.n_heads();
-    let (k, v): (Vec<f32>, Vec<f32>) = heads.map(|h| kv.scales(h / shape.group())).unzip();
-    KvScales::new(k, v)
 }

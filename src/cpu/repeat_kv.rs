@@ -3,6 +3,7 @@
 
 use crate::cpu::{attention, Attention, ContiguousKv, KvSource, PagedKv};
 use crate::error::{Error, Result};
+use crate::fp8::KvScales;
 use crate::shape::GqaShape;
 use crate::variants::{AttendOptions, KeyMask};
 
@@ -59,6 +60,24 @@ pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> Result<(Vec<T>, Vec<T>)>
     Ok((k, v))
 }
 
+/// `paged` as the naive paths see it: the pages gathered, every K/V head repeated for its
+/// group (`k` and `v` `[total_keys, n_heads, head_dim]`), and the fp8 scales repeated with
+/// their heads (`[n_heads]` each; ones when `paged` has none).
+pub(crate) fn gather_repeated<T: Copy>(
+    paged: &PagedKv<'_, T>,
+) -> Result<(Vec<T>, Vec<T>, KvScales)> {
+    let shape = paged.shape();
+    let total_keys = paged.lens().total_keys();
+    let (k, v) = gather_paged(paged)?;
+    let heads = 0..shape.n_heads();
+    let (k_scales, v_scales) = heads.map(|h| paged.scales(h / shape.group())).unzip();
+    Ok((
+        repeat_kv(&k, shape, total_keys)?,
+        repeat_kv(&v, shape, total_keys)?,
+        KvScales::new(k_scales, v_scales)?,
+    ))
+}
+
 /// The naive path: gather the pages, materialise `repeat_kv` for K and V, then attention with
 /// one K/V head per query head. Same contract and result as [`attention`] over `paged`.
 pub fn attention_naive<Q, T>(
@@ -70,14 +89,9 @@ where
     Q: Copy + Into<f64> + Sync,
     T: Copy + Into<f64> + Sync,
 {
-    let shape = paged.shape();
-    let lens = paged.lens();
-    let (k, v) = gather_paged(paged)?;
-    let k = repeat_kv(&k, shape, lens.total_keys())?;
-    let v = repeat_kv(&v, shape, lens.total_keys())?;
-    // fp8 pages' scales follow their heads through repeat_kv.
-    let scales = crate::cpu::fast::repeated_scales(paged)?;
-    let mha = ContiguousKv::new(shape.repeated(), lens, &k, &v)?.with_scales(&scales)?;
+    let (k, v, scales) = gather_repeated(paged)?;
+    let mha =
+        ContiguousKv::new(paged.shape().repeated(), paged.lens(), &k, &v)?.with_scales(&scales)?;
     // The default scale depends on head_dim only, and sinks and slopes are per query head:
     // repeat_kv keeps both.
     attention(q, &mha, options)

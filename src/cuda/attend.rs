@@ -11,8 +11,8 @@ use crate::cuda::{check_built, CudaStepPlan, CudaStorage};
 use crate::dtype::{DType, Element, PageElement};
 use crate::error::Result;
 use crate::fp8::{Fp8Element, KvScales};
-use crate::kernels::attend::{AttendState, UploadedScales};
-use crate::kernels::params::AttendTensors;
+use crate::launch::attend::{AttendState, UploadedScales};
+use crate::launch::params::AttendTensors;
 use crate::plan::{AttendSchedule, KernelChoice};
 use crate::variants::AttendOptions;
 
@@ -92,29 +92,7 @@ impl AttendBatch {
         lse: &mut impl DevicePtrMut<f32>,
         options: &AttendOptions,
     ) -> Result<()> {
-        let (k_ptr, _k_sync) = k_cache.device_ptr(stream);
-        let (v_ptr, _v_sync) = v_cache.device_ptr(stream);
-        let (q_ptr, _q_sync) = q.device_ptr(stream);
-        let (out_len, lse_len) = (out.len(), lse.len());
-        let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
-        let (lse_ptr, _lse_sync) = lse.device_ptr_mut(stream);
-        let tensors = AttendTensors {
-            k_cache: k_ptr,
-            v_cache: v_ptr,
-            kv_dtype: T::DTYPE,
-            k_scale: 0,
-            v_scale: 0,
-            q: (q_ptr, q.len()),
-            out: (out_ptr, out_len),
-            lse: (lse_ptr, lse_len),
-        };
-        self.state.run(
-            stream,
-            T::DTYPE,
-            &tensors,
-            (k_cache.len(), v_cache.len()),
-            options,
-        )
+        self.launch(stream, k_cache, v_cache, None, q, out, lse, options)
     }
 
     /// [`run`](AttendBatch::run) over fp8 caches: `k_cache`, `v_cache` one layer's
@@ -138,6 +116,23 @@ impl AttendBatch {
         lse: &mut impl DevicePtrMut<f32>,
         options: &AttendOptions,
     ) -> Result<()> {
+        self.launch(stream, k_cache, v_cache, Some(scales), q, out, lse, options)
+    }
+
+    /// [`run`](AttendBatch::run) (no `scales`) and [`run_fp8`](AttendBatch::run_fp8): the
+    /// caches' and tensors' device addresses, held for the launch.
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: Element, P: PageElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        k_cache: &impl DevicePtr<P>,
+        v_cache: &impl DevicePtr<P>,
+        scales: Option<&DeviceKvScales>,
+        q: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: &mut impl DevicePtrMut<f32>,
+        options: &AttendOptions,
+    ) -> Result<()> {
         let (k_ptr, _k_sync) = k_cache.device_ptr(stream);
         let (v_ptr, _v_sync) = v_cache.device_ptr(stream);
         let (q_ptr, _q_sync) = q.device_ptr(stream);
@@ -147,21 +142,27 @@ impl AttendBatch {
         let tensors = AttendTensors {
             k_cache: k_ptr,
             v_cache: v_ptr,
-            kv_dtype: F::PAGE_DTYPE,
+            kv_dtype: P::PAGE_DTYPE,
             k_scale: 0,
             v_scale: 0,
             q: (q_ptr, q.len()),
             out: (out_ptr, out_len),
             lse: (lse_ptr, lse_len),
         };
-        self.state.run_fp8(
-            stream,
-            T::DTYPE,
-            tensors,
-            (k_cache.len(), v_cache.len()),
-            &scales.uploaded,
-            options,
-        )
+        let cache_lens = (k_cache.len(), v_cache.len());
+        match scales {
+            None => self
+                .state
+                .run(stream, T::DTYPE, &tensors, cache_lens, options),
+            Some(scales) => self.state.run_fp8(
+                stream,
+                T::DTYPE,
+                tensors,
+                cache_lens,
+                &scales.uploaded,
+                options,
+            ),
+        }
     }
 }
 

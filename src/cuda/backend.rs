@@ -5,7 +5,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr};
 
 use crate::error::{Error, Result};
-use crate::kernels::{Backend, DeviceValue, Launch};
+use crate::launch::{Backend, DeviceValue, Launch};
 use crate::plan::KernelChoice;
 
 use super::launch;

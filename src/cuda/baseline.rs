@@ -12,7 +12,7 @@ use crate::cache::PagedLayout;
 use crate::cuda::check_built;
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::kernels::naive::NaiveState;
+use crate::launch::naive::NaiveState;
 use crate::variants::AttendOptions;
 
 /// A batch run the naive way, with every buffer it needs allocated once: contiguous K/V

@@ -9,7 +9,7 @@ use crate::cuda::check_built;
 use crate::dtype::{Element, PageElement};
 use crate::error::Result;
 use crate::fp8::KvScales;
-use crate::kernels::storage::{DeviceStepPlan, Pages};
+use crate::launch::storage::{DeviceStepPlan, Pages};
 
 /// A [`StepPlan`] whose tables are on the device (see [`DeviceStepPlan`](crate::DeviceStepPlan)).
 pub type CudaStepPlan = DeviceStepPlan;

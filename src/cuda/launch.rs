@@ -66,7 +66,7 @@ launcher!(
 /// Turns what a launcher returned into a `Result`.
 #[cfg_attr(not(paged_gqa_kernels), allow(dead_code))]
 fn check(kernel: &'static str, status: ffi::pgqa_status, cuda_error: i32) -> Result<()> {
-    crate::kernels::check_status(kernel, status, || cuda_error_detail(cuda_error))
+    crate::launch::check_status(kernel, status, || cuda_error_detail(cuda_error))
 }
 
 #[cfg(paged_gqa_kernels)]

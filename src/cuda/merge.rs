@@ -5,7 +5,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use crate::cuda::launch;
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::kernels::params;
+use crate::launch::params;
 use crate::state::AttentionState;
 
 /// [`cpu::merge_states`](crate::cpu::merge_states) on the GPU: merges two attention results over

@@ -3,7 +3,7 @@
 //! Three layers, as in cudarc: [`crate::ffi`] (bindgen of `paged_gqa.h`, nothing else) ->
 //! `launch` (turns a launcher's status into a `Result`) -> the safe functions here, which
 //! validate shapes, lengths and alignment before anything reaches a kernel. What the CUDA
-//! backend shares with the kernel emulator ([`crate::sim`]) lives in `crate::kernels`; this
+//! backend shares with the kernel emulator ([`crate::sim`]) lives in `crate::launch`; this
 //! module adds cudarc's memory and streams.
 //!
 //! Every entry point returns [`Error::CudaUnavailable`] when the crate was built without nvcc,
@@ -19,7 +19,7 @@ mod repeat_kv;
 
 use std::sync::Arc;
 
-pub use crate::kernels::params::ATTEND_HEAD_DIMS;
+pub use crate::launch::params::ATTEND_HEAD_DIMS;
 pub use attend::{AttendBatch, DeviceKvScales};
 pub use baseline::NaiveAttention;
 pub use cache::{CudaStepPlan, CudaStorage};

@@ -5,7 +5,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use crate::cuda::launch;
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::kernels::params;
+use crate::launch::params;
 use crate::shape::GqaShape;
 
 /// `repeat_kv` on the GPU, the Llama reference semantics: `dst` head `h` is a copy of `src`

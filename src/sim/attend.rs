@@ -7,8 +7,8 @@ use crate::cache::{PagedCache, PagedLayout};
 use crate::dtype::{DType, Element, PageElement};
 use crate::error::Result;
 use crate::fp8::{Fp8Element, KvScales};
-use crate::kernels::attend::{AttendState, UploadedScales};
-use crate::kernels::params::AttendTensors;
+use crate::launch::attend::{AttendState, UploadedScales};
+use crate::launch::params::AttendTensors;
 use crate::plan::{AttendSchedule, KernelChoice};
 use crate::sim::{SimBuffer, SimDevice, SimStepPlan, SimStorage};
 use crate::variants::AttendOptions;
@@ -84,23 +84,7 @@ impl AttendBatch {
         lse: &mut SimBuffer<f32>,
         options: &AttendOptions,
     ) -> Result<()> {
-        let tensors = AttendTensors {
-            k_cache: k_cache.address_on("k_cache", device)?,
-            v_cache: v_cache.address_on("v_cache", device)?,
-            kv_dtype: T::DTYPE,
-            k_scale: 0,
-            v_scale: 0,
-            q: (q.address_on("q", device)?, q.len()),
-            out: (out.address_on("out", device)?, out.len()),
-            lse: (lse.address_on("lse", device)?, lse.len()),
-        };
-        self.state.run(
-            device,
-            T::DTYPE,
-            &tensors,
-            (k_cache.len(), v_cache.len()),
-            options,
-        )
+        self.launch(device, k_cache, v_cache, None, q, out, lse, options)
     }
 
     /// [`run`](AttendBatch::run) over fp8 caches read under `scales` (see
@@ -117,24 +101,46 @@ impl AttendBatch {
         lse: &mut SimBuffer<f32>,
         options: &AttendOptions,
     ) -> Result<()> {
+        self.launch(device, k_cache, v_cache, Some(scales), q, out, lse, options)
+    }
+
+    /// [`run`](AttendBatch::run) (no `scales`) and [`run_fp8`](AttendBatch::run_fp8).
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: Element, P: PageElement>(
+        &self,
+        device: &Rc<SimDevice>,
+        k_cache: &SimBuffer<P>,
+        v_cache: &SimBuffer<P>,
+        scales: Option<&DeviceKvScales>,
+        q: &SimBuffer<T>,
+        out: &mut SimBuffer<T>,
+        lse: &mut SimBuffer<f32>,
+        options: &AttendOptions,
+    ) -> Result<()> {
         let tensors = AttendTensors {
             k_cache: k_cache.address_on("k_cache", device)?,
             v_cache: v_cache.address_on("v_cache", device)?,
-            kv_dtype: F::PAGE_DTYPE,
+            kv_dtype: P::PAGE_DTYPE,
             k_scale: 0,
             v_scale: 0,
             q: (q.address_on("q", device)?, q.len()),
             out: (out.address_on("out", device)?, out.len()),
             lse: (lse.address_on("lse", device)?, lse.len()),
         };
-        self.state.run_fp8(
-            device,
-            T::DTYPE,
-            tensors,
-            (k_cache.len(), v_cache.len()),
-            &scales.uploaded,
-            options,
-        )
+        let cache_lens = (k_cache.len(), v_cache.len());
+        match scales {
+            None => self
+                .state
+                .run(device, T::DTYPE, &tensors, cache_lens, options),
+            Some(scales) => self.state.run_fp8(
+                device,
+                T::DTYPE,
+                tensors,
+                cache_lens,
+                &scales.uploaded,
+                options,
+            ),
+        }
     }
 }
 

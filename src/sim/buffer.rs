@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
-use crate::kernels::DeviceValue;
+use crate::launch::DeviceValue;
 
 extern "C" {
     fn pgqa_sim_device_new() -> *mut c_void;

@@ -4,7 +4,7 @@ use std::rc::Rc;
 
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::kernels::{params, Backend, Launch};
+use crate::launch::{params, Backend, Launch};
 use crate::sim::{SimBuffer, SimDevice};
 use crate::state::AttentionState;
 

@@ -35,7 +35,7 @@ use std::ffi::{c_char, c_void, CStr};
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::kernels::{check_status, Backend, DeviceValue, Launch};
+use crate::launch::{check_status, Backend, DeviceValue, Launch};
 use crate::plan::KernelChoice;
 
 #[allow(non_camel_case_types)]

@@ -123,9 +123,9 @@ const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel-report
 #[cfg(not(paged_gqa_kernels))]
 const PTXAS_REPORT: &str = "";
 
-/// `void (anonymous namespace)::attend_kernel<__half, pgqa::fp8_e5m2, 256>(pgqa_attend_params,
-/// int)` and the emulator's `attend_kernel<__half, fp8_e5m2, 256>` both to
-/// `attend_kernel<__half,fp8_e5m2,256>`: no return type, parameters, namespaces or spaces.
+/// `void (anonymous namespace)::cuda_core_attend_kernel<__half, pgqa::fp8_e5m2, 256>(pgqa_attend_params,
+/// int)` and the emulator's `cuda_core_attend_kernel<__half, fp8_e5m2, 256>` both to
+/// `cuda_core_attend_kernel<__half,fp8_e5m2,256>`: no return type, parameters, namespaces or spaces.
 pub fn normalize_kernel_name(name: &str) -> String {
     let name = name.trim();
     let name = name.strip_prefix("void ").unwrap_or(name);
@@ -262,15 +262,15 @@ mod tests {
 
     #[test]
     fn ptxas_and_emulator_names_agree() {
-        let ptxas = "void (anonymous namespace)::attend_kernel<__half, pgqa::fp8_e5m2, 256>(pgqa_attend_params, int, int, int)";
-        let emulated = "attend_kernel<__half, fp8_e5m2, 256>";
+        let ptxas = "void (anonymous namespace)::cuda_core_attend_kernel<__half, pgqa::fp8_e5m2, 256>(pgqa_attend_params, int, int, int)";
+        let emulated = "cuda_core_attend_kernel<__half, fp8_e5m2, 256>";
         assert_eq!(
             normalize_kernel_name(ptxas),
             normalize_kernel_name(emulated)
         );
         assert_eq!(
             normalize_kernel_name(emulated),
-            "attend_kernel<__half,fp8_e5m2,256>"
+            "cuda_core_attend_kernel<__half,fp8_e5m2,256>"
         );
         assert_eq!(
             normalize_kernel_name("copy_blocks_kernel(uint4*, int const*, int, long)"),

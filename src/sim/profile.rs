@@ -1,6 +1,6 @@
 //! The emulator's profile of traced launches: every load and store of the traced copy of the
 //! kernels grouped into warp-level requests and counted with the sm_90 rules, per launch and per
-//! source line (see the README, "Profiling the kernels without a GPU").
+//! source line (see docs/emulator.md, "Profiling the kernels").
 //!
 //! Counters are exact for the emulator's execution of the kernel source; how they map to the
 //! hardware follows these rules (from NVIDIA's Nsight Compute documentation; those marked
@@ -160,7 +160,7 @@ impl Totals {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "cli", derive(serde::Serialize))]
 pub struct LaunchProfile {
-    /// The kernel instance, as `attend_kernel<__half, __half, 128>`.
+    /// The kernel instance, as `cuda_core_attend_kernel<__half, __half, 128>`.
     pub kernel: String,
     /// The host function that launched it.
     pub launcher: String,

@@ -6,7 +6,7 @@ use crate::cache::{CacheConfig, PageStorage, PagedCache, StepPlan};
 use crate::dtype::{Element, PageElement};
 use crate::error::Result;
 use crate::fp8::KvScales;
-use crate::kernels::storage::{DeviceStepPlan, Pages};
+use crate::launch::storage::{DeviceStepPlan, Pages};
 use crate::sim::{SimBuffer, SimDevice};
 
 /// A [`StepPlan`] whose tables are in emulated device memory (see

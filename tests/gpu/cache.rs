@@ -227,6 +227,6 @@ fn gpu_cache_write_rejects_bad_rows_and_stale_plans() {
 #[test]
 fn sim_cache_write_rejects_bad_rows_and_stale_plans() {
     // The misaligned case needs a view into a device buffer, which emulator buffers do not
-    // have (both backends run the same alignment check, crate::kernels::params): GPU only.
+    // have (both backends run the same alignment check, crate::launch::params): GPU only.
     rejects_bad_rows_and_stale_plans(&SimDevice::new());
 }

@@ -156,6 +156,6 @@ fn gpu_repeat_kv_rejects_wrong_lengths_and_misaligned_views() {
 #[test]
 fn sim_repeat_kv_rejects_wrong_lengths_and_misaligned_views() {
     // Emulator buffers have no views, so the misaligned view (the same alignment check on both
-    // backends, crate::kernels::params) is GPU only; the short source runs here.
+    // backends, crate::launch::params) is GPU only; the short source runs here.
     rejects_wrong_lengths(&SimDevice::new());
 }

@@ -343,7 +343,7 @@ pub fn parse(bytes: &[u8]) -> Result<Case, String> {
         PagedLayout::new(shape, num_blocks, block_size).map_err(|e| format!("k_cache: {e}"))?;
     let fp8 = match (page_dtype, bits) {
         (Some(page_dtype), Some((k_bits, v_bits))) => {
-            let format = page_dtype.fp8_format().expect("an fp8 page dtype");
+            let format = paged_gqa::fp8::Fp8Format::of(page_dtype).expect("an fp8 page dtype");
             let k = scale_tensor(&st, "k_scale", n_kv_heads)?;
             let v = scale_tensor(&st, "v_scale", n_kv_heads)?;
             let scales = KvScales::new(k, v).map_err(|e| {

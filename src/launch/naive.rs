@@ -9,9 +9,9 @@ use crate::cache::PagedLayout;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::kernels::attend::AttendState;
-use crate::kernels::params::{self, check_aligned, to_i32, AttendTensors};
-use crate::kernels::{check_same, upload_nonempty, Backend, Launch};
+use crate::launch::attend::AttendState;
+use crate::launch::params::{self, check_aligned, to_i32, AttendTensors};
+use crate::launch::{check_same, upload_nonempty, Backend, Launch};
 use crate::plan::KernelChoice;
 use crate::variants::AttendOptions;
 

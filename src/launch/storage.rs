@@ -8,8 +8,8 @@ use crate::cache::{CacheConfig, PagedLayout, StepPlan};
 use crate::dtype::{DType, PageElement};
 use crate::error::{Error, Result};
 use crate::fp8::KvScales;
-use crate::kernels::params::{self, AttendTables, AttendTensors};
-use crate::kernels::{attend, Backend, Launch};
+use crate::launch::params::{self, AttendTables, AttendTensors};
+use crate::launch::{attend, Backend, Launch};
 use crate::plan::{AttendSchedule, KernelChoice};
 use crate::variants::AttendOptions;
 

@@ -7,8 +7,8 @@ use crate::cache::{block_tables::check_reclaimed_invisible, PagedLayout};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fp8::KvScales;
-use crate::kernels::params::{self, AttendTables, AttendTensors, LaunchVariants};
-use crate::kernels::{check_same, upload_nonempty, Backend, Launch};
+use crate::launch::params::{self, AttendTables, AttendTensors, LaunchVariants};
+use crate::launch::{check_same, upload_nonempty, Backend, Launch};
 use crate::plan::{AttendSchedule, KernelChoice};
 use crate::variants::AttendOptions;
 

@@ -12,24 +12,10 @@ pub(crate) mod naive;
 pub(crate) mod params;
 pub(crate) mod storage;
 
+pub use crate::dtype::DeviceValue;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::plan::KernelChoice;
-
-/// Values the backends move between host and device memory.
-pub trait DeviceValue:
-    bytemuck::Pod + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Send + Sync + 'static
-{
-}
-impl<T> DeviceValue for T where
-    T: bytemuck::Pod
-        + cudarc::driver::DeviceRepr
-        + cudarc::driver::ValidAsZeroBits
-        + Send
-        + Sync
-        + 'static
-{
-}
 
 /// One launcher of `paged_gqa.h` with its parameters.
 pub(crate) enum Launch<'a> {
