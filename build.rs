@@ -74,7 +74,7 @@ fn main() {
     };
     build_kernels(&manifest_dir, &toolkit, &archs);
     println!("cargo::rustc-cfg=paged_gqa_kernels");
-    // The tensor-core kernel has a body only in sm_80+ code (kernels/prefill.cu).
+    // The tensor-core kernel has a body only in sm_80+ code (kernels/attend_tensor_cores.cu).
     if archs.iter().any(|&arch| arch >= 80) {
         println!("cargo::rustc-cfg=paged_gqa_mma");
     }

@@ -37,7 +37,7 @@ fn launch_bounds(source: &str) -> Vec<(String, String)> {
 }
 
 /// `source` followed by the text of the kernel headers (`#include "x.cuh"` beside it) it
-/// includes: where its kernels may be defined (prefill_kernel.cuh, instantiated by two files).
+/// includes: where its kernels may be defined (attend_tensor_cores.cuh, instantiated by two files).
 fn with_local_headers(kernel: &Path, source: &str) -> String {
     let mut text = source.to_string();
     for line in source.lines() {

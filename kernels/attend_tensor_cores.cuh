@@ -1,11 +1,11 @@
-// prefill_kernel.cuh: the tensor-core kernel of pgqa_attend (see paged_gqa.h), for work items
+// attend_tensor_cores.cuh: the tensor-core kernel of pgqa_attend (see paged_gqa.h), for work items
 // with many rows: prompts, prompt chunks, and large groups, and its launcher, as templates over
-// the MMA type T, the page type KV and head_dim D. Instantiated by prefill.cu (16-bit pages,
-// KV = T) and prefill_fp8.cu (fp8 pages): two translation units, so that adding the fp8
-// kernels leaves the 16-bit kernels' code generation (registers) as it was.
+// the MMA type T, the page type KV and head_dim D. Instantiated by attend_tensor_cores.cu (16-bit
+// pages, KV = T) and attend_tensor_cores_fp8.cu (fp8 pages): two translation units, so that
+// adding the fp8 kernels leaves the 16-bit kernels' code generation (registers) as it was.
 //
 // One thread block = one (work item, K/V head or chunk of its query heads, split of the keys).
-// Its rows are (query row, query head) pairs packed as in attend.cu: row r is query row
+// Its rows are (query row, query head) pairs packed as in attend_cuda_cores.cuh: row r is query row
 // j0 + r / heads, head head0 + r % heads; rows from tokens * heads on are padding (their Q is
 // zero and they are never stored). Two layouts of the block's warps (template kKeyWarps):
 // - wide (kKeyWarps = 1; prompts, chunks, groups above 16): one warp per 16 rows, up to
@@ -46,14 +46,14 @@
 // every thread widens 8 values at a time (exact: each fp8 value is a T value) into the one
 // 16-bit K and V tile, and a second barrier makes that visible to ldmatrix (narrow: each warp
 // widens only the 16 keys it computes, and __syncwarp suffices): the K/V bytes cross global
-// memory once, as 8-bit values. The scales are folded as in attend.cu: k_scale into the
+// memory once, as 8-bit values. The scales are folded as in attend_cuda_cores.cuh: k_scale into the
 // score scale (before the soft-cap), v_scale into the normalisation factor.
 
 #pragma once
 
 #include "fp8.cuh"
 #include "mma.cuh"
-#include "prefill.cuh"
+#include "attend_tensor_cores_launch.cuh"
 
 namespace {
 
@@ -128,7 +128,7 @@ __device__ inline void store_pair(const pgqa_attend_params &p, int64_t row, int 
 // narrow blocks kKeyWarps warps over one 16-row fragment.
 template <typename T, typename KV, int D, int kKeyWarps>
 __global__ void __launch_bounds__(kMaxThreads, 1)
-    prefill_kernel(const pgqa_attend_params p, const int32_t *work, int tokens_per_work, int block_shift,
+    tensor_core_attend_kernel(const pgqa_attend_params p, const int32_t *work, int tokens_per_work, int block_shift,
                    int group, int head_chunks) {
 #if PGQA_MMA_CODE
   using G = TileGeometry<kKeyWarps, KV, D>;
@@ -556,7 +556,7 @@ pgqa_status launch(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cu
   const int row_warps = G::kNarrow ? 1 : static_cast<int>(fragments < kWideRows / 16 ? fragments : kWideRows / 16);
   const int threads = G::kNarrow ? 32 * kKeyWarps : 32 * row_warps;
   const size_t smem = smem_bytes<T, KV, D, kKeyWarps>(row_warps);
-  auto kernel = prefill_kernel<T, KV, D, kKeyWarps>;
+  auto kernel = tensor_core_attend_kernel<T, KV, D, kKeyWarps>;
   if (phase == pgqa::Phase::kPrepare) {
     if (work == nullptr || tokens_per_work < 1 || grid_y > 65535 || max_rows > G::kChunkRows)
       return PGQA_STATUS_INVALID_ARGUMENT;

@@ -1,11 +1,11 @@
-// prefill_fp8.cu: the tensor-core kernel over fp8 pages (the kernel: prefill_kernel.cuh), for
-// bf16 and f16 queries and e4m3fn and e5m2 pages.
+// attend_tensor_cores_fp8.cu: the tensor-core kernel over fp8 pages (the kernel:
+// attend_tensor_cores.cuh), for bf16 and f16 queries and e4m3fn and e5m2 pages.
 
-#include "prefill_kernel.cuh"
+#include "attend_tensor_cores.cuh"
 
 namespace pgqa {
 
-pgqa_status launch_prefill_fp8(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
+pgqa_status launch_tensor_cores_fp8(const pgqa_attend_params &p, cudaStream_t stream, int32_t *cuda_error,
                                Phase phase) {
   const bool bf16 = p.dtype == PGQA_DTYPE_BF16;
   switch (p.kv_dtype) {

@@ -1,4 +1,5 @@
-// prefill.cuh: the tensor-core half of pgqa_attend (prefill.cu), called by its entry point.
+// attend_tensor_cores_launch.cuh: the launchers of the tensor-core half of pgqa_attend
+// (attend_tensor_cores.cu, attend_tensor_cores_fp8.cu), called by its entry point (attend.cu).
 #pragma once
 
 #include "common.cuh"
@@ -9,12 +10,12 @@ namespace pgqa {
 // for an empty list). kPrepare checks the launches (sm_80 device, a kernel built for sm_80+,
 // rows per block, grid) and raises the shared memory limit; kLaunch launches. The caller has validated the common arguments and runs the
 // split merge.
-pgqa_status launch_prefill(const pgqa_attend_params &params, cudaStream_t stream,
+pgqa_status launch_tensor_cores(const pgqa_attend_params &params, cudaStream_t stream,
                            int32_t *cuda_error, Phase phase);
 
-// launch_prefill for fp8 pages (kv_dtype F8_E4M3 or F8_E5M2; dtype F16 or BF16), in its own
-// translation unit (prefill_fp8.cu).
-pgqa_status launch_prefill_fp8(const pgqa_attend_params &params, cudaStream_t stream,
+// launch_tensor_cores for fp8 pages (kv_dtype F8_E4M3 or F8_E5M2; dtype F16 or BF16), in its own
+// translation unit (attend_tensor_cores_fp8.cu).
+pgqa_status launch_tensor_cores_fp8(const pgqa_attend_params &params, cudaStream_t stream,
                                int32_t *cuda_error, Phase phase);
 
 }  // namespace pgqa

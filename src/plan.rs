@@ -9,7 +9,7 @@ use crate::ffi;
 use crate::shape::GqaShape;
 use crate::variants::KeyMask;
 
-/// Threads of an attention block (kernels/attend.cu).
+/// Threads of a CUDA-core attention block (kernels/attend_cuda_cores.cuh).
 pub const ATTEND_THREADS: usize = ffi::PGQA_ATTEND_THREADS.0 as usize;
 /// 8-element output accumulators per thread.
 const ATTEND_ACC_ITEMS: usize = ffi::PGQA_ATTEND_ACC_ITEMS.0 as usize;
@@ -71,7 +71,7 @@ pub fn max_rows_per_block(head_dim: usize) -> usize {
     ATTEND_ACC_ITEMS * ATTEND_THREADS * 8 / head_dim
 }
 
-/// The most rows (query row, query head) of one wide tensor-core block (kernels/prefill.cu):
+/// The most rows (query row, query head) of one wide tensor-core block (kernels/attend_tensor_cores.cu):
 /// its chunk of a group's heads. The block takes a warp per 16 of its rows.
 pub const MMA_ROWS: usize = ffi::PGQA_ATTEND_MMA_ROWS.0 as usize;
 /// Rows the plan packs into a wide block: query rows x group up to 64 (4 warps) when the group
@@ -251,12 +251,12 @@ impl Splits {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttendSchedule {
-    /// Work of the CUDA-core kernel (kernels/attend.cu): every item on GPUs without tensor
+    /// Work of the CUDA-core kernel (kernels/attend_cuda_cores.cuh): every item on GPUs without tensor
     /// cores, or on request.
     pub cuda_cores: KernelWork,
-    /// Work of the tensor-core kernel's wide layout (kernels/prefill.cu): many rows per item.
+    /// Work of the tensor-core kernel's wide layout (kernels/attend_tensor_cores.cu): many rows per item.
     pub tensor_cores: KernelWork,
-    /// Work of the tensor-core kernel's narrow layout (kernels/prefill.cu): up to 16 rows.
+    /// Work of the tensor-core kernel's narrow layout (kernels/attend_tensor_cores.cu): up to 16 rows.
     pub narrow_tensor_cores: KernelWork,
     /// Splits of the keys (1: no split, no merge) for plain causal attention; both kernels use
     /// the same. Other key masks (a sliding window, non-causal) take

@@ -385,12 +385,12 @@ fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
     for needle in [
         "EMULATOR COUNTS",
         "MODEL PREDICTIONS",
-        "attend_kernel<__nv_bfloat16, __nv_bfloat16, 64>",
+        "cuda_core_attend_kernel<__nv_bfloat16, __nv_bfloat16, 64>",
         "occupancy (theoretical, sm_90)",
         "wavefronts / ideal",
         "MODEL H100 SXM",
         "MODEL H200",
-        "attend.cu:",
+        "attend_cuda_cores.cuh:",
     ] {
         assert!(stdout.contains(needle), "missing {needle}: {stdout}");
     }
@@ -403,9 +403,9 @@ fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
             l["headline"]["kernel"]
                 .as_str()
                 .unwrap()
-                .starts_with("attend_kernel")
+                .starts_with("cuda_core_attend_kernel")
         })
-        .expect("an attend_kernel launch");
+        .expect("a cuda_core_attend_kernel launch");
     let h = &attend["headline"];
     // Every K/V byte of the batch once, in whole sectors: 2 sequences x 300 keys x 2 heads x
     // 64 x 2 bytes, K and V.
@@ -452,7 +452,7 @@ fn sim_bench_profile_adds_headlines_to_records_and_the_table() {
     // Qwen2.5-0.5B decodes 7 rows per K/V head: the narrow tensor-core layout (4 warps).
     assert!(headlines.iter().any(|h| {
         let kernel = h["kernel"].as_str().unwrap();
-        kernel.starts_with("prefill_kernel") && kernel.ends_with(", 4>")
+        kernel.starts_with("tensor_core_attend_kernel") && kernel.ends_with(", 4>")
     }));
     // --profile needs the emulator.
     let refused = bench(&["--backend", "cpu", "--profile"]);

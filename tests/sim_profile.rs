@@ -331,7 +331,8 @@ mod real_kernels {
             .launches
             .into_iter()
             .filter(|l| {
-                l.kernel.starts_with("attend_kernel") || l.kernel.starts_with("prefill_kernel")
+                l.kernel.starts_with("cuda_core_attend_kernel")
+                    || l.kernel.starts_with("tensor_core_attend_kernel")
             })
             .collect();
         assert!(
@@ -385,7 +386,9 @@ mod real_kernels {
             );
             let narrow: Vec<_> = launches
                 .iter()
-                .filter(|l| l.kernel.starts_with("prefill_kernel") && l.kernel.ends_with(", 4>"))
+                .filter(|l| {
+                    l.kernel.starts_with("tensor_core_attend_kernel") && l.kernel.ends_with(", 4>")
+                })
                 .collect();
             assert_eq!(narrow.len(), 1, "fp8 {fp8_pages}: {launches:#?}");
             assert_eq!(

@@ -12,7 +12,7 @@
 // in reverse thread and block order with copies landing at issue, and every buffer of the device
 // must come out bit-identical. Device memory, shared memory and fiber stacks have guard pages:
 // an access past them faults, and the fault becomes a report naming kernel, block, thread and
-// buffer. See the README, "Running the kernels without a GPU".
+// buffer. See docs/emulator.md.
 
 #undef _FORTIFY_SOURCE
 #include <cxxabi.h>
@@ -123,7 +123,7 @@ thread_local int t_last_error = kCudaSuccess;
 // in an order the linker chooses, so these must exist before their first use.
 struct KernelTables {
   std::mutex mutex;
-  std::map<const void *, std::string> names;  // kernel address -> "attend_kernel<__half, 128>"
+  std::map<const void *, std::string> names;  // kernel address -> "cuda_core_attend_kernel<__half, 128>"
   std::map<std::string, int> bounds;          // unqualified kernel name -> max threads
   std::map<std::string, std::vector<std::pair<uint64_t, std::string>>> symtabs;  // file -> functions
 };
@@ -218,7 +218,7 @@ const std::string &kernel_name(const void *kernel_id, const char *fallback) {
   return tables().names[kernel_id] = name.empty() ? fallback : name;
 }
 
-// "attend_kernel<__half, 128>" -> "attend_kernel".
+// "cuda_core_attend_kernel<__half, 128>" -> "cuda_core_attend_kernel".
 std::string unqualified(const std::string &name) {
   const size_t end = name.find('<');
   std::string base = name.substr(0, end);

@@ -4,7 +4,7 @@
 // in sim/include (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) stand in for the CUDA toolkit's and
 // call the functions declared here. The runtime (runtime.cpp) runs every CUDA thread of a block
 // as a fiber, switched only at synchronisation points (barriers, warp collectives), with the
-// strict semantics listed in the README ("Running the kernels without a GPU").
+// strict semantics listed in docs/emulator.md ("Running the kernels").
 #pragma once
 
 #include <cstddef>

@@ -1,8 +1,8 @@
 // trace.cpp: the tracer of the emulator's traced launches (see trace.h) and the hooks GCC's
 // thread-sanitizer instrumentation calls from the traced copy of the kernels.
 //
-// The sm_90 rules applied (sources and which of them are models: README, "Profiling the kernels
-// without a GPU"):
+// The sm_90 rules applied (sources and which of them are models: docs/emulator.md, "Profiling the
+// kernels"):
 //   - a warp instruction is one request; its lanes are the lanes that reached the same site the
 //     same number of times since the warp last stopped (SIMT reconvergence, as the emulator runs
 //     a warp's lanes one after another between synchronisation points);
