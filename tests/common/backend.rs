@@ -170,300 +170,193 @@ pub fn gpu_stream(test: &str) -> Option<Arc<CudaStream>> {
     super::gpu_or_skip(test).map(|ctx| ctx.new_stream().unwrap())
 }
 
-impl Device for Arc<CudaStream> {
-    const MMA_ACCUMULATION: paged_gqa::cpu::Accumulation =
-        paged_gqa::cpu::Accumulation::TensorCores;
-    type Buf<T: DeviceValue> = cuda::CudaSlice<T>;
-    type Attend = cuda::AttendBatch;
-    type Plan = cuda::CudaStepPlan;
-    type Storage<P: PageElement> = CudaStorage<P>;
-    type Naive<T: Element> = cuda::NaiveAttention<T>;
+/// `impl Device` for a backend whose module (`cuda`, `sim`) has the same API: every method
+/// delegates to it, except the host copies and the page fill (`$own`), which each backend
+/// writes itself.
+macro_rules! device_impl {
+    ($device:ty, $backend:ident, $buf:ident, $plan:ident, $storage:ident, $accumulation:ident, { $($own:item)* }) => {
+        impl Device for $device {
+            const MMA_ACCUMULATION: paged_gqa::cpu::Accumulation =
+                paged_gqa::cpu::Accumulation::$accumulation;
+            type Buf<T: DeviceValue> = $backend::$buf<T>;
+            type Attend = $backend::AttendBatch;
+            type Plan = $backend::$plan;
+            type Storage<P: PageElement> = $storage<P>;
+            type Naive<T: Element> = $backend::NaiveAttention<T>;
 
-    fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
-        self.clone_htod(values).unwrap()
-    }
-    fn alloc_poisoned<T: DeviceValue>(&self, len: usize) -> Self::Buf<T> {
-        self.upload(&poisoned::<T>(len))
-    }
-    fn download<T: DeviceValue>(&self, buffer: &Self::Buf<T>) -> Vec<T> {
-        self.clone_dtoh(buffer).unwrap()
-    }
+            $($own)*
 
-    fn attend_batch(
-        &self,
-        layout: PagedLayout,
-        dtype: DType,
-        lens: &SeqLens,
-        tables: &[i32],
-        max_blocks: usize,
-        choice: KernelChoice,
-    ) -> Result<Self::Attend> {
-        cuda::AttendBatch::with_kernels(self, layout, dtype, lens, tables, max_blocks, choice)
-    }
-    fn schedule(batch: &Self::Attend) -> &AttendSchedule {
-        batch.schedule()
-    }
-    fn run_attend<T: Element>(
-        &self,
-        batch: &Self::Attend,
-        k_cache: &Self::Buf<T>,
-        v_cache: &Self::Buf<T>,
-        q: &Self::Buf<T>,
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-        options: &AttendOptions,
-    ) -> Result<()> {
-        batch.run(self, k_cache, v_cache, q, out, lse, options)
-    }
-    fn run_attend_fp8<T: Element, F: Fp8Element>(
-        &self,
-        batch: &Self::Attend,
-        k_cache: &Self::Buf<F>,
-        v_cache: &Self::Buf<F>,
-        scales: &KvScales,
-        q: &Self::Buf<T>,
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-        options: &AttendOptions,
-    ) -> Result<()> {
-        let scales = cuda::DeviceKvScales::new(self, scales)?;
-        batch.run_fp8(self, k_cache, v_cache, &scales, q, out, lse, options)
-    }
+            fn attend_batch(
+                &self,
+                layout: PagedLayout,
+                dtype: DType,
+                lens: &SeqLens,
+                tables: &[i32],
+                max_blocks: usize,
+                choice: KernelChoice,
+            ) -> Result<Self::Attend> {
+                $backend::AttendBatch::with_kernels(self, layout, dtype, lens, tables, max_blocks, choice)
+            }
+            fn schedule(batch: &Self::Attend) -> &AttendSchedule {
+                batch.schedule()
+            }
+            fn run_attend<T: Element>(
+                &self,
+                batch: &Self::Attend,
+                k_cache: &Self::Buf<T>,
+                v_cache: &Self::Buf<T>,
+                q: &Self::Buf<T>,
+                out: &mut Self::Buf<T>,
+                lse: &mut Self::Buf<f32>,
+                options: &AttendOptions,
+            ) -> Result<()> {
+                batch.run(self, k_cache, v_cache, q, out, lse, options)
+            }
+            fn run_attend_fp8<T: Element, F: Fp8Element>(
+                &self,
+                batch: &Self::Attend,
+                k_cache: &Self::Buf<F>,
+                v_cache: &Self::Buf<F>,
+                scales: &KvScales,
+                q: &Self::Buf<T>,
+                out: &mut Self::Buf<T>,
+                lse: &mut Self::Buf<f32>,
+                options: &AttendOptions,
+            ) -> Result<()> {
+                let scales = $backend::DeviceKvScales::new(self, scales)?;
+                batch.run_fp8(self, k_cache, v_cache, &scales, q, out, lse, options)
+            }
 
-    fn storage<P: PageElement>(
-        &self,
-        config: CacheConfig,
-        num_blocks: usize,
-    ) -> Result<Self::Storage<P>> {
-        CudaStorage::new(self.clone(), config, num_blocks)
-    }
-    fn pages<P: PageElement>(storage: &Self::Storage<P>) -> &Self::Buf<P> {
-        storage.pages()
-    }
-    fn fill_pages<P: PageElement>(&self, storage: &mut Self::Storage<P>, values: &[P]) {
-        self.memcpy_htod(values, storage.pages_mut()).unwrap();
-    }
-    fn set_scales<P: PageElement>(
-        cache: &mut PagedCache<Self::Storage<P>>,
-        layer: usize,
-        scales: &KvScales,
-    ) -> Result<()> {
-        cache.set_scales(layer, scales)
-    }
-    fn write_kv<P: PageElement, T: Element>(
-        cache: &mut PagedCache<Self::Storage<P>>,
-        layer: usize,
-        plan: &Self::Plan,
-        k_new: &Self::Buf<T>,
-        v_new: &Self::Buf<T>,
-    ) -> Result<()> {
-        cache.write(layer, plan, k_new, v_new)
-    }
-    fn attend_cache<P: PageElement, T: Element>(
-        cache: &PagedCache<Self::Storage<P>>,
-        layer: usize,
-        plan: &Self::Plan,
-        q: &Self::Buf<T>,
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-        options: &AttendOptions,
-    ) -> Result<()> {
-        cache.attend(layer, plan, q, out, lse, options)
-    }
-    fn merge_states<T: Element>(
-        &self,
-        head_dim: usize,
-        a: (&Self::Buf<T>, &Self::Buf<f32>),
-        b: (&Self::Buf<T>, &Self::Buf<f32>),
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-    ) -> Result<()> {
-        cuda::merge_states(
-            self,
-            head_dim,
-            AttentionState::new(a.0, a.1),
-            AttentionState::new(b.0, b.1),
-            AttentionState::new(out, lse),
-        )
-    }
+            fn storage<P: PageElement>(
+                &self,
+                config: CacheConfig,
+                num_blocks: usize,
+            ) -> Result<Self::Storage<P>> {
+                $storage::new(self.clone(), config, num_blocks)
+            }
+            fn pages<P: PageElement>(storage: &Self::Storage<P>) -> &Self::Buf<P> {
+                storage.pages()
+            }
+            fn set_scales<P: PageElement>(
+                cache: &mut PagedCache<Self::Storage<P>>,
+                layer: usize,
+                scales: &KvScales,
+            ) -> Result<()> {
+                cache.set_scales(layer, scales)
+            }
+            fn write_kv<P: PageElement, T: Element>(
+                cache: &mut PagedCache<Self::Storage<P>>,
+                layer: usize,
+                plan: &Self::Plan,
+                k_new: &Self::Buf<T>,
+                v_new: &Self::Buf<T>,
+            ) -> Result<()> {
+                cache.write(layer, plan, k_new, v_new)
+            }
+            fn attend_cache<P: PageElement, T: Element>(
+                cache: &PagedCache<Self::Storage<P>>,
+                layer: usize,
+                plan: &Self::Plan,
+                q: &Self::Buf<T>,
+                out: &mut Self::Buf<T>,
+                lse: &mut Self::Buf<f32>,
+                options: &AttendOptions,
+            ) -> Result<()> {
+                cache.attend(layer, plan, q, out, lse, options)
+            }
+            fn merge_states<T: Element>(
+                &self,
+                head_dim: usize,
+                a: (&Self::Buf<T>, &Self::Buf<f32>),
+                b: (&Self::Buf<T>, &Self::Buf<f32>),
+                out: &mut Self::Buf<T>,
+                lse: &mut Self::Buf<f32>,
+            ) -> Result<()> {
+                $backend::merge_states(
+                    self,
+                    head_dim,
+                    AttentionState::new(a.0, a.1),
+                    AttentionState::new(b.0, b.1),
+                    AttentionState::new(out, lse),
+                )
+            }
 
-    fn naive<T: Element>(
-        &self,
-        layout: PagedLayout,
-        lens: &SeqLens,
-        tables: &[i32],
-        max_blocks: usize,
-    ) -> Result<Self::Naive<T>> {
-        cuda::NaiveAttention::new(self, layout, lens, tables, max_blocks)
-    }
-    fn run_naive<T: Element>(
-        &self,
-        naive: &mut Self::Naive<T>,
-        k_cache: &Self::Buf<T>,
-        v_cache: &Self::Buf<T>,
-        q: &Self::Buf<T>,
-        out: &mut Self::Buf<T>,
-        options: &AttendOptions,
-    ) -> Result<()> {
-        naive.run(self, k_cache, v_cache, q, out, options)
-    }
+            fn naive<T: Element>(
+                &self,
+                layout: PagedLayout,
+                lens: &SeqLens,
+                tables: &[i32],
+                max_blocks: usize,
+            ) -> Result<Self::Naive<T>> {
+                $backend::NaiveAttention::new(self, layout, lens, tables, max_blocks)
+            }
+            fn run_naive<T: Element>(
+                &self,
+                naive: &mut Self::Naive<T>,
+                k_cache: &Self::Buf<T>,
+                v_cache: &Self::Buf<T>,
+                q: &Self::Buf<T>,
+                out: &mut Self::Buf<T>,
+                options: &AttendOptions,
+            ) -> Result<()> {
+                naive.run(self, k_cache, v_cache, q, out, options)
+            }
 
-    fn repeat_kv<T: Element>(
-        &self,
-        shape: GqaShape,
-        num_tokens: usize,
-        src: &Self::Buf<T>,
-        dst: &mut Self::Buf<T>,
-    ) -> Result<()> {
-        cuda::repeat_kv(self, shape, num_tokens, src, dst)
-    }
+            fn repeat_kv<T: Element>(
+                &self,
+                shape: GqaShape,
+                num_tokens: usize,
+                src: &Self::Buf<T>,
+                dst: &mut Self::Buf<T>,
+            ) -> Result<()> {
+                $backend::repeat_kv(self, shape, num_tokens, src, dst)
+            }
+        }
+    };
 }
 
-impl Device for Rc<SimDevice> {
-    const MMA_ACCUMULATION: paged_gqa::cpu::Accumulation =
-        paged_gqa::cpu::Accumulation::RoundToNearest;
-    type Buf<T: DeviceValue> = sim::SimBuffer<T>;
-    type Attend = sim::AttendBatch;
-    type Plan = sim::SimStepPlan;
-    type Storage<P: PageElement> = SimStorage<P>;
-    type Naive<T: Element> = sim::NaiveAttention<T>;
+device_impl!(
+    Arc<CudaStream>,
+    cuda,
+    CudaSlice,
+    CudaStepPlan,
+    CudaStorage,
+    TensorCores,
+    {
+        fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
+            self.clone_htod(values).unwrap()
+        }
+        fn alloc_poisoned<T: DeviceValue>(&self, len: usize) -> Self::Buf<T> {
+            self.upload(&poisoned::<T>(len))
+        }
+        fn download<T: DeviceValue>(&self, buffer: &Self::Buf<T>) -> Vec<T> {
+            self.clone_dtoh(buffer).unwrap()
+        }
+        fn fill_pages<P: PageElement>(&self, storage: &mut Self::Storage<P>, values: &[P]) {
+            self.memcpy_htod(values, storage.pages_mut()).unwrap();
+        }
+    }
+);
 
-    fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
-        SimDevice::upload(self, values).unwrap()
+device_impl!(
+    Rc<SimDevice>,
+    sim,
+    SimBuffer,
+    SimStepPlan,
+    SimStorage,
+    RoundToNearest,
+    {
+        fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
+            SimDevice::upload(self, values).unwrap()
+        }
+        fn alloc_poisoned<T: DeviceValue>(&self, len: usize) -> Self::Buf<T> {
+            self.alloc(len).unwrap() // the emulator poisons every allocation
+        }
+        fn download<T: DeviceValue>(&self, buffer: &Self::Buf<T>) -> Vec<T> {
+            buffer.to_vec() // launches complete before they return
+        }
+        fn fill_pages<P: PageElement>(&self, storage: &mut Self::Storage<P>, values: &[P]) {
+            storage.pages_mut().copy_from(values).unwrap();
+        }
     }
-    fn alloc_poisoned<T: DeviceValue>(&self, len: usize) -> Self::Buf<T> {
-        self.alloc(len).unwrap() // the emulator poisons every allocation
-    }
-    fn download<T: DeviceValue>(&self, buffer: &Self::Buf<T>) -> Vec<T> {
-        buffer.to_vec() // launches complete before they return
-    }
-
-    fn attend_batch(
-        &self,
-        layout: PagedLayout,
-        dtype: DType,
-        lens: &SeqLens,
-        tables: &[i32],
-        max_blocks: usize,
-        choice: KernelChoice,
-    ) -> Result<Self::Attend> {
-        sim::AttendBatch::with_kernels(self, layout, dtype, lens, tables, max_blocks, choice)
-    }
-    fn schedule(batch: &Self::Attend) -> &AttendSchedule {
-        batch.schedule()
-    }
-    fn run_attend<T: Element>(
-        &self,
-        batch: &Self::Attend,
-        k_cache: &Self::Buf<T>,
-        v_cache: &Self::Buf<T>,
-        q: &Self::Buf<T>,
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-        options: &AttendOptions,
-    ) -> Result<()> {
-        batch.run(self, k_cache, v_cache, q, out, lse, options)
-    }
-    fn run_attend_fp8<T: Element, F: Fp8Element>(
-        &self,
-        batch: &Self::Attend,
-        k_cache: &Self::Buf<F>,
-        v_cache: &Self::Buf<F>,
-        scales: &KvScales,
-        q: &Self::Buf<T>,
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-        options: &AttendOptions,
-    ) -> Result<()> {
-        let scales = sim::DeviceKvScales::new(self, scales)?;
-        batch.run_fp8(self, k_cache, v_cache, &scales, q, out, lse, options)
-    }
-
-    fn storage<P: PageElement>(
-        &self,
-        config: CacheConfig,
-        num_blocks: usize,
-    ) -> Result<Self::Storage<P>> {
-        SimStorage::new(self.clone(), config, num_blocks)
-    }
-    fn pages<P: PageElement>(storage: &Self::Storage<P>) -> &Self::Buf<P> {
-        storage.pages()
-    }
-    fn fill_pages<P: PageElement>(&self, storage: &mut Self::Storage<P>, values: &[P]) {
-        storage.pages_mut().copy_from(values).unwrap();
-    }
-    fn set_scales<P: PageElement>(
-        cache: &mut PagedCache<Self::Storage<P>>,
-        layer: usize,
-        scales: &KvScales,
-    ) -> Result<()> {
-        cache.set_scales(layer, scales)
-    }
-    fn write_kv<P: PageElement, T: Element>(
-        cache: &mut PagedCache<Self::Storage<P>>,
-        layer: usize,
-        plan: &Self::Plan,
-        k_new: &Self::Buf<T>,
-        v_new: &Self::Buf<T>,
-    ) -> Result<()> {
-        cache.write(layer, plan, k_new, v_new)
-    }
-    fn attend_cache<P: PageElement, T: Element>(
-        cache: &PagedCache<Self::Storage<P>>,
-        layer: usize,
-        plan: &Self::Plan,
-        q: &Self::Buf<T>,
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-        options: &AttendOptions,
-    ) -> Result<()> {
-        cache.attend(layer, plan, q, out, lse, options)
-    }
-    fn merge_states<T: Element>(
-        &self,
-        head_dim: usize,
-        a: (&Self::Buf<T>, &Self::Buf<f32>),
-        b: (&Self::Buf<T>, &Self::Buf<f32>),
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-    ) -> Result<()> {
-        sim::merge_states(
-            self,
-            head_dim,
-            AttentionState::new(a.0, a.1),
-            AttentionState::new(b.0, b.1),
-            AttentionState::new(out, lse),
-        )
-    }
-
-    fn naive<T: Element>(
-        &self,
-        layout: PagedLayout,
-        lens: &SeqLens,
-        tables: &[i32],
-        max_blocks: usize,
-    ) -> Result<Self::Naive<T>> {
-        sim::NaiveAttention::new(self, layout, lens, tables, max_blocks)
-    }
-    fn run_naive<T: Element>(
-        &self,
-        naive: &mut Self::Naive<T>,
-        k_cache: &Self::Buf<T>,
-        v_cache: &Self::Buf<T>,
-        q: &Self::Buf<T>,
-        out: &mut Self::Buf<T>,
-        options: &AttendOptions,
-    ) -> Result<()> {
-        naive.run(self, k_cache, v_cache, q, out, options)
-    }
-
-    fn repeat_kv<T: Element>(
-        &self,
-        shape: GqaShape,
-        num_tokens: usize,
-        src: &Self::Buf<T>,
-        dst: &mut Self::Buf<T>,
-    ) -> Result<()> {
-        sim::repeat_kv(self, shape, num_tokens, src, dst)
-    }
-}
+);

@@ -7,6 +7,35 @@ pub mod check;
 #[allow(unused_imports)] // as above
 pub use backend::{gpu_stream, Device};
 
+/// Declares `gpu_$name` (on a CUDA stream, skipping without one) and `sim_$name` (on a fresh
+/// emulated device) running `$body(device, test name)`. The test binary must declare `common`
+/// at its root (`mod common;`).
+#[allow(unused_macros)] // as above
+macro_rules! twins {
+    ($gpu:ident, $sim:ident, $body:path) => {
+        #[test]
+        fn $gpu() {
+            let test = stringify!($gpu);
+            if let Some(gpu) = $crate::common::gpu_stream(test) {
+                $body(&gpu, test);
+            }
+        }
+
+        #[test]
+        fn $sim() {
+            $body(&paged_gqa::sim::SimDevice::new(), stringify!($sim));
+        }
+    };
+}
+#[allow(unused_imports)] // as above
+pub(crate) use twins;
+
+/// A mixed batch's (context lengths, query lengths), for pages of 16: decode rows (1 key, a
+/// page, a partial page, 600 keys: split), a prompt of 40, a chunk of 13 rows on 70 keys and
+/// speculation of 3 on 33.
+pub const MIXED_BATCH: ([usize; 7], [usize; 7]) =
+    ([1, 16, 23, 600, 40, 70, 33], [1, 1, 1, 1, 40, 13, 3]);
+
 use paged_gqa::AttendOptions;
 use std::io::Write;
 use std::sync::Arc;

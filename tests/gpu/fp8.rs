@@ -27,24 +27,7 @@ use rand::Rng;
 use common::check::{check_fp8, compare, model};
 use common::{Device, PagedCase, MODELS};
 
-/// Declares `gpu_$name` (on a CUDA stream, skipping without one) and `sim_$name` (on a fresh
-/// emulated device) running `$body(device, test name)`.
-macro_rules! twins {
-    ($gpu:ident, $sim:ident, $body:path) => {
-        #[test]
-        fn $gpu() {
-            let test = stringify!($gpu);
-            if let Some(gpu) = common::gpu_stream(test) {
-                $body(&gpu, test);
-            }
-        }
-
-        #[test]
-        fn $sim() {
-            $body(&SimDevice::new(), stringify!($sim));
-        }
-    };
-}
+use common::twins;
 
 /// Per-head factors of K and of V for `n_kv` heads: magnitudes from 1/4 to 4 (K's and V's
 /// different), so each head's amax scale differs from its neighbours' and K's from V's.
@@ -115,16 +98,10 @@ twins!(
     models
 );
 
-/// Decode rows (1 key, a page, a partial page, 600 keys: split), a prompt of 40, a chunk of
-/// 13 rows on 70 keys and speculation of 3 on 33, pages of 16.
+/// [`common::MIXED_BATCH`] on pages of 16, with per-head magnitudes.
 fn mixed_batch(rng: &mut StdRng, shape: GqaShape) -> PagedCase {
-    fp8_case(
-        rng,
-        shape,
-        16,
-        &[1, 16, 23, 600, 40, 70, 33],
-        &[1, 1, 1, 1, 40, 13, 3],
-    )
+    let (contexts, queries) = common::MIXED_BATCH;
+    fp8_case(rng, shape, 16, &contexts, &queries)
 }
 
 /// The mixed batch on both kernels (splits on every choice), prompts and chunks on pages of 1

@@ -23,35 +23,12 @@ use rand::Rng;
 use common::check::{self, check_variant, model};
 use common::{Device, PagedCase};
 
-/// Declares `gpu_$name` (on a CUDA stream, skipping without one) and `sim_$name` (on a fresh
-/// emulated device) running `$body(device, test name)`.
-macro_rules! twins {
-    ($gpu:ident, $sim:ident, $body:path) => {
-        #[test]
-        fn $gpu() {
-            let test = stringify!($gpu);
-            if let Some(gpu) = common::gpu_stream(test) {
-                $body(&gpu, test);
-            }
-        }
+use common::twins;
 
-        #[test]
-        fn $sim() {
-            $body(&SimDevice::new(), stringify!($sim));
-        }
-    };
-}
-
-/// Decode rows (1 key, a page, a partial page, 600 keys: split), a prompt of 40, a chunk of 13
-/// rows on 70 keys and speculation of 3 on 33, pages of 16.
+/// [`common::MIXED_BATCH`] on pages of 16.
 fn mixed_batch(rng: &mut rand::rngs::StdRng, shape: GqaShape) -> PagedCase {
-    PagedCase::random(
-        rng,
-        shape,
-        16,
-        &[1, 16, 23, 600, 40, 70, 33],
-        &[1, 1, 1, 1, 40, 13, 3],
-    )
+    let (contexts, queries) = common::MIXED_BATCH;
+    PagedCase::random(rng, shape, 16, &contexts, &queries)
 }
 
 fn windows<D: Device>(dev: &D, test: &str) {

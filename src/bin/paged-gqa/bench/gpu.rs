@@ -9,7 +9,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use paged_gqa::cuda::{AttendBatch, NaiveAttention};
 use paged_gqa::fp8::{Fp8E4M3, Fp8E5M2, Fp8Element};
-use paged_gqa::{DType, DeviceValue, Element};
+use paged_gqa::{DType, DeviceValue, Element, PageElement};
 
 use super::{data, report::Record, Case};
 use crate::Failure;
@@ -114,6 +114,67 @@ pub fn run(ctx: &Arc<CudaContext>, cases: &[Case], iters: usize) -> Result<Vec<R
     Ok(records)
 }
 
+/// The fused path's inputs for one case: `sets` input sets (K and V pages of `P`, queries of
+/// `T`), each K and query a different phase of its pattern, the outputs, and the batch.
+struct Fused<T: Element, P: PageElement> {
+    /// (k_cache, v_cache, q) per set: `[num_blocks, page_size, n_kv_heads, head_dim]` twice, then
+    /// `[num_tokens, n_heads, head_dim]`.
+    inputs: Vec<(CudaSlice<P>, CudaSlice<P>, CudaSlice<T>)>,
+    /// [num_tokens, n_heads, head_dim]
+    out: CudaSlice<T>,
+    /// [num_tokens, n_heads]
+    lse: CudaSlice<f32>,
+    batch: AttendBatch,
+}
+
+impl<T: Element, P: PageElement> Fused<T, P> {
+    fn new(
+        stream: &Arc<CudaStream>,
+        case: &Case,
+        t: &data::Tables,
+        (k_pattern, v_pattern, q_pattern): (&[P], &[P], &[T]),
+        sets: usize,
+    ) -> Result<Self, Failure> {
+        let q_len = t.lens.num_tokens() * case.shape.q_row_len();
+        let mut inputs = Vec::with_capacity(sets);
+        for s in 0..sets {
+            let offset = s * 7919; // a different pattern phase per set
+            let k = random_device(stream, &rotate(k_pattern, offset), t.layout.cache_len())?;
+            let v = random_device(stream, v_pattern, t.layout.cache_len())?;
+            let q = random_device(stream, &rotate(q_pattern, offset), q_len)?;
+            inputs.push((k, v, q));
+        }
+        let batch = AttendBatch::with_kernels(
+            stream,
+            t.layout,
+            T::DTYPE,
+            &t.lens,
+            &t.block_tables,
+            t.max_blocks,
+            case.kernels.choice(),
+        )
+        .map_err(Failure::runtime)?;
+        Ok(Self {
+            inputs,
+            out: stream.alloc_zeros::<T>(q_len).map_err(driver)?,
+            lse: stream
+                .alloc_zeros::<f32>(t.lens.num_tokens() * case.shape.n_heads())
+                .map_err(driver)?,
+            batch,
+        })
+    }
+}
+
+/// `pattern` from element `offset` (modulo its length) on, then its start.
+fn rotate<V: Copy>(pattern: &[V], offset: usize) -> Vec<V> {
+    let offset = offset % pattern.len().max(1);
+    pattern[offset..]
+        .iter()
+        .chain(&pattern[..offset])
+        .copied()
+        .collect()
+}
+
 /// [`measure`] over fp8 pages of `F` (the fused path only: the naive path has no fp8 pages).
 fn measure_fp8<T: Element, F: Fp8Element>(
     ctx: &Arc<CudaContext>,
@@ -138,33 +199,12 @@ fn measure_fp8<T: Element, F: Fp8Element>(
         data::fp8_kv::<F>(&mut rng, &pattern_layout).map_err(Failure::runtime)?;
     let scales = paged_gqa::cuda::DeviceKvScales::new(stream, &scales).map_err(Failure::runtime)?;
     let q_pattern: Vec<T> = data::random(&mut rng, 1 << 16);
-    let q_len = t.lens.num_tokens() * case.shape.q_row_len();
-    let mut inputs = Vec::with_capacity(sets);
-    for s in 0..sets {
-        let offset = s * 7919 % pk.len().max(1);
-        let rotated: Vec<F> = pk[offset..].iter().chain(&pk[..offset]).copied().collect();
-        let k = random_device(stream, &rotated, t.layout.cache_len())?;
-        let v = random_device(stream, &pv, t.layout.cache_len())?;
-        let q = random_device(stream, &q_pattern, q_len)?;
-        inputs.push((k, v, q));
-    }
-    let mut out = stream.alloc_zeros::<T>(q_len).map_err(driver)?;
-    let mut lse = stream
-        .alloc_zeros::<f32>(t.lens.num_tokens() * case.shape.n_heads())
-        .map_err(driver)?;
-    let fused = AttendBatch::with_kernels(
-        stream,
-        t.layout,
-        T::DTYPE,
-        &t.lens,
-        &t.block_tables,
-        t.max_blocks,
-        case.kernels.choice(),
-    )
-    .map_err(Failure::runtime)?;
+    let mut f = Fused::new(stream, case, &t, (&pk, &pv, &q_pattern), sets)?;
     let fused_ms = time_ms(ctx, stream, iters, |i| {
-        let (k, v, q) = &inputs[i % sets];
-        fused.run_fp8(stream, k, v, &scales, q, &mut out, &mut lse, &case.options)
+        let (k, v, q) = &f.inputs[i % sets];
+        let (out, lse) = (&mut f.out, &mut f.lse);
+        f.batch
+            .run_fp8(stream, k, v, &scales, q, out, lse, &case.options)
     })?;
     Ok((fused_ms, None, None))
 }
@@ -181,47 +221,21 @@ fn measure<T: Element>(
     let mut rng = data::rng();
     let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
     let pattern: Vec<T> = data::random(&mut rng, t.layout.cache_len().min(16 << 20));
-    let q_len = t.lens.num_tokens() * case.shape.q_row_len();
-    let mut inputs = Vec::with_capacity(sets);
-    for s in 0..sets {
-        let offset = s * 7919 % pattern.len().max(1); // a different pattern phase per set
-        let rotated: Vec<T> = pattern[offset..]
-            .iter()
-            .chain(&pattern[..offset])
-            .copied()
-            .collect();
-        let k = random_device(stream, &rotated, t.layout.cache_len())?;
-        let v = random_device(stream, &pattern, t.layout.cache_len())?;
-        let q = random_device(stream, &rotated, q_len)?;
-        inputs.push((k, v, q));
-    }
-    let mut out = stream.alloc_zeros::<T>(q_len).map_err(driver)?;
-    let mut lse = stream
-        .alloc_zeros::<f32>(t.lens.num_tokens() * case.shape.n_heads())
-        .map_err(driver)?;
-    let fused = AttendBatch::with_kernels(
-        stream,
-        t.layout,
-        T::DTYPE,
-        &t.lens,
-        &t.block_tables,
-        t.max_blocks,
-        case.kernels.choice(),
-    )
-    .map_err(Failure::runtime)?;
+    let mut f = Fused::new(stream, case, &t, (&pattern, &pattern, &pattern), sets)?;
     let fused_ms = time_ms(ctx, stream, iters, |i| {
-        let (k, v, q) = &inputs[i % sets];
-        fused.run(stream, k, v, q, &mut out, &mut lse, &case.options)
+        let (k, v, q) = &f.inputs[i % sets];
+        let (out, lse) = (&mut f.out, &mut f.lse);
+        f.batch.run(stream, k, v, q, out, lse, &case.options)
     })?;
     let mut naive =
         NaiveAttention::<T>::new(stream, t.layout, &t.lens, &t.block_tables, t.max_blocks)
             .map_err(Failure::runtime)?;
     let naive_ms = time_ms(ctx, stream, iters, |i| {
-        let (k, v, q) = &inputs[i % sets];
-        naive.run(stream, k, v, q, &mut out, &case.options)
+        let (k, v, q) = &f.inputs[i % sets];
+        naive.run(stream, k, v, q, &mut f.out, &case.options)
     })?;
     let attention_ms = time_ms(ctx, stream, iters, |i| {
-        naive.attention(stream, &inputs[i % sets].2, &mut out, &case.options)
+        naive.attention(stream, &f.inputs[i % sets].2, &mut f.out, &case.options)
     })?;
     Ok((fused_ms, Some(naive_ms), Some(attention_ms)))
 }
