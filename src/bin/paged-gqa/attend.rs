@@ -80,7 +80,7 @@ fn stored<F: Fp8Element>(bits: &[u8]) -> Vec<F> {
     bits.iter().map(|&b| F::from_bits(b)).collect()
 }
 
-/// The exact kernel code on the emulator (see the README, "Running the kernels without a GPU").
+/// The exact kernel code on the emulator (see docs/emulator.md).
 fn run_sim_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
     run_sim_on::<T>(case, &sim::SimDevice::new())
 }

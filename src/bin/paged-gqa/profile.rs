@@ -133,7 +133,7 @@ struct ProfileJson<'a> {
 }
 
 const NOTE: &str = "EMULATOR COUNTS (the kernel emulator running the traced kernels on the CPU, sm_90 \
-rules; see the README) and MODEL PREDICTIONS (speed of light from datasheet bandwidth and a cited DRAM \
+rules; see docs/emulator.md) and MODEL PREDICTIONS (speed of light from datasheet bandwidth and a cited DRAM \
 latency); no figure here is a GPU measurement";
 
 pub fn run(args: ProfileArgs) -> Result<(), Failure> {
