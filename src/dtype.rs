@@ -28,10 +28,11 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
-    /// OCP fp8 e4m3fn ([`Fp8Format::E4M3`](crate::fp8::Fp8Format::E4M3)): a page type only (queries, outputs and new K/V rows
-    /// stay 16-bit), each value stored under a per-head scale.
+    /// OCP fp8 e4m3fn ([`Fp8Format::E4M3`](crate::fp8::Fp8Format::E4M3)): a page type only
+    /// (queries, outputs and new K/V rows stay 16-bit), each value stored under a per-head
+    /// scale.
     F8E4M3,
-    /// OCP fp8 e5m2 ([`Fp8Format::E5M2`]): a page type only, as [`F8E4M3`](DType::F8E4M3).
+    /// OCP fp8 e5m2 ([`Fp8Format::E5M2`](crate::fp8::Fp8Format::E5M2)): a page type only, as [`F8E4M3`](DType::F8E4M3).
     F8E5M2,
 }
 

@@ -288,14 +288,14 @@ pub fn scale_from_amax(format: Fp8Format, amax: f32) -> Result<f32> {
     Ok((amax / format.max()).max(f32::MIN_POSITIVE))
 }
 
-/// One stored e4m3fn value (its bits): the element of [`DType::F8E4M3`](crate::DType::F8E4M3)
+/// One stored e4m3fn value (its bits): the element of [`DType::F8E4M3`]
 /// pages. Converting it to `f32` or `f64` gives the stored value, [`decode`]: multiply by the
 /// scale for the value it stands for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(transparent)]
 pub struct Fp8E4M3(pub u8);
 
-/// One stored e5m2 value (its bits): the element of [`DType::F8E5M2`](crate::DType::F8E5M2)
+/// One stored e5m2 value (its bits): the element of [`DType::F8E5M2`]
 /// pages, as [`Fp8E4M3`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(transparent)]
