@@ -12,6 +12,32 @@ fn bench(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `paged-gqa bench ARGS`, which must succeed: its stdout.
+fn bench_ok(args: &[&str]) -> String {
+    succeeded(bench(args))
+}
+
+/// `paged-gqa profile ARGS`, which must succeed: its stdout.
+fn profile_ok(args: &[&str]) -> String {
+    succeeded(profile(args))
+}
+
+/// The stdout of a run that must have succeeded (else its stdout and stderr are the failure).
+fn succeeded(output: std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The JSON a run wrote to `path`.
+fn read_json(path: impl AsRef<std::path::Path>) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn temp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("paged-gqa-bench-{}-{name}", std::process::id()))
 }
@@ -19,7 +45,7 @@ fn temp(name: &str) -> std::path::PathBuf {
 #[test]
 fn a_cpu_sweep_prints_the_table_and_writes_json_and_svg() {
     let (json, svg) = (temp("records.json"), temp("plot.svg"));
-    let output = bench(&[
+    let stdout = bench_ok(&[
         "--backend",
         "cpu",
         "--model",
@@ -35,19 +61,12 @@ fn a_cpu_sweep_prints_the_table_and_writes_json_and_svg() {
         "--svg",
         svg.to_str().unwrap(),
     ]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     assert!(
         stdout.contains("speedup") && stdout.contains("Qwen2.5-0.5B"),
         "{stdout}"
     );
 
-    let records: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records: serde_json::Value = read_json(&json);
     let records = records.as_array().unwrap();
     assert_eq!(records.len(), 4, "2 batches x 2 contexts");
     for r in records {
@@ -90,7 +109,7 @@ fn a_cpu_sweep_prints_the_table_and_writes_json_and_svg() {
 #[test]
 fn a_cpu_prefill_sweep_reports_tflops() {
     let json = temp("prefill.json");
-    let output = bench(&[
+    bench_ok(&[
         "--backend",
         "cpu",
         "--mode",
@@ -106,13 +125,7 @@ fn a_cpu_prefill_sweep_reports_tflops() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let records: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records: serde_json::Value = read_json(&json);
     for r in records.as_array().unwrap() {
         assert_eq!(r["mode"], "prefill");
         // The causal region of an n-token prompt: n (n + 1) / 2 pairs, 4 * head_dim * n_heads each.
@@ -161,19 +174,12 @@ fn bad_bench_options_are_errors() {
 fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
     let json = temp("sim-records.json");
     let run = |args: &[&str]| {
-        let output = bench(args);
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let stdout = bench_ok(args);
         assert!(
             stdout.contains("emulated ms") && stdout.contains("EMULATION"),
             "{stdout}"
         );
-        let records: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let records: serde_json::Value = read_json(&json);
         records.as_array().unwrap().clone()
     };
     let ratio = |r: &serde_json::Value| {
@@ -243,7 +249,7 @@ fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
 #[test]
 fn sim_sweep_with_fp8_pages_fetches_half_the_bytes_of_bf16() {
     let run = |kv_dtype: &str, mode: &str, json: &std::path::Path| {
-        let output = bench(&[
+        let stdout = bench_ok(&[
             "--backend",
             "sim",
             "--mode",
@@ -261,15 +267,8 @@ fn sim_sweep_with_fp8_pages_fetches_half_the_bytes_of_bf16() {
             "--json",
             json.to_str().unwrap(),
         ]);
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
         assert!(stdout.contains("KV dtype"), "{stdout}");
-        let records: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        let records: serde_json::Value = read_json(json);
         (stdout, records.as_array().unwrap().clone())
     };
     for mode in ["decode", "prefill"] {
@@ -316,7 +315,7 @@ fn sim_sweep_with_fp8_pages_fetches_half_the_bytes_of_bf16() {
 #[test]
 fn cpu_sweep_with_fp8_pages_reports_the_page_dtype() {
     let json = temp("cpu-fp8.json");
-    let output = bench(&[
+    let stdout = bench_ok(&[
         "--backend",
         "cpu",
         "--model",
@@ -332,15 +331,8 @@ fn cpu_sweep_with_fp8_pages_reports_the_page_dtype() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     assert!(stdout.contains("fp8-e5m2"), "{stdout}");
-    let records: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records: serde_json::Value = read_json(&json);
     let r = &records[0];
     assert_eq!(r["kv_dtype"], "fp8-e5m2");
     // 2 K/V heads of 64, 1 byte each, K and V.
@@ -364,7 +356,7 @@ fn profile(args: &[&str]) -> std::process::Output {
 #[test]
 fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
     let json = temp("profile.json");
-    let output = profile(&[
+    let stdout = profile_ok(&[
         "--model",
         "Qwen2.5-0.5B",
         "--batch",
@@ -376,12 +368,6 @@ fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     for needle in [
         "EMULATOR COUNTS",
         "MODEL PREDICTIONS",
@@ -394,8 +380,7 @@ fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
     ] {
         assert!(stdout.contains(needle), "missing {needle}: {stdout}");
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value = read_json(&json);
     let launches = v["launches"].as_array().unwrap();
     let attend = launches
         .iter()
@@ -425,7 +410,7 @@ fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
 #[test]
 fn sim_bench_profile_adds_headlines_to_records_and_the_table() {
     let json = temp("bench-profile.json");
-    let output = bench(&[
+    let stdout = bench_ok(&[
         "--backend",
         "sim",
         "--profile",
@@ -438,15 +423,8 @@ fn sim_bench_profile_adds_headlines_to_records_and_the_table() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     assert!(stdout.contains("profile (EMULATOR COUNTS"), "{stdout}");
-    let records: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records: serde_json::Value = read_json(&json);
     let first = &records.as_array().unwrap()[0];
     let headlines = first["profile"].as_array().expect("profile headlines");
     // Qwen2.5-0.5B decodes 7 rows per K/V head: the narrow tensor-core layout (4 warps).

@@ -932,11 +932,22 @@ fn assert_cuda_refuses(test: &str, case: &Case, needles: &[&str]) {
     let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
     write_case(&case_path, &case.tensors(), None);
     let output = attend(&case_path, &out_path, &["--backend", "cuda"]);
-    let message = stderr(&output);
+    assert_refused(test, &output, 1, needles, &out_path);
+    assert_eq!(
+        dir.files(),
+        [CASE],
+        "{test}: files left in the output directory"
+    );
+}
+
+/// The run refused: exit code `code`, a plain stderr naming every one of `needles`, and no
+/// file at `out_path`.
+fn assert_refused(test: &str, output: &Output, code: i32, needles: &[&str], out_path: &Path) {
+    let message = stderr(output);
     eprintln!("{test}: stderr: {message}");
     assert_eq!(
         output.status.code(),
-        Some(1),
+        Some(code),
         "{test}: exit code; stderr:\n{message}"
     );
     assert_plain(test, &message);
@@ -950,11 +961,6 @@ fn assert_cuda_refuses(test: &str, case: &Case, needles: &[&str]) {
         !out_path.exists(),
         "{test}: {} was written",
         out_path.display()
-    );
-    assert_eq!(
-        dir.files(),
-        [CASE],
-        "{test}: files left in the output directory"
     );
 }
 
@@ -1038,25 +1044,7 @@ fn assert_rejected_file(test: &str, dir: &Workdir, case_path: &Path, needles: &[
     let out_path = dir.path(OUT);
     let before = dir.files();
     let output = attend(case_path, &out_path, &[]);
-    let message = stderr(&output);
-    eprintln!("{test}: stderr: {message}");
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "{test}: exit code; stderr:\n{message}"
-    );
-    assert_plain(test, &message);
-    for needle in needles {
-        assert!(
-            message.contains(needle),
-            "{test}: stderr does not mention {needle:?}:\n{message}"
-        );
-    }
-    assert!(
-        !out_path.exists(),
-        "{test}: {} was written",
-        out_path.display()
-    );
+    assert_refused(test, &output, 2, needles, &out_path);
     assert_eq!(
         dir.files(),
         before,

@@ -18,6 +18,21 @@ use rand::{Rng, SeedableRng};
 
 use common::PagedCase;
 
+/// `#[test] $e4m3` and `#[test] $e5m2`, running `$body` over each fp8 format.
+macro_rules! per_format {
+    ($e4m3:ident, $e5m2:ident, $body:ident) => {
+        #[test]
+        fn $e4m3() {
+            $body::<Fp8E4M3>();
+        }
+
+        #[test]
+        fn $e5m2() {
+            $body::<Fp8E5M2>();
+        }
+    };
+}
+
 #[test]
 fn llama_3_70b_in_40_gib_holds_twice_the_tokens_in_fp8() {
     let shape = GqaShape::new(64, 8, 128).unwrap();
@@ -172,15 +187,11 @@ fn write_stores_what_float8_stores<F: Fp8Element + Default>() {
     assert_eq!(cache.storage().scales(0).unwrap(), &KvScales::ones(2));
 }
 
-#[test]
-fn write_quantized_stores_what_float8_stores_e4m3() {
-    write_stores_what_float8_stores::<Fp8E4M3>();
-}
-
-#[test]
-fn write_quantized_stores_what_float8_stores_e5m2() {
-    write_stores_what_float8_stores::<Fp8E5M2>();
-}
+per_format!(
+    write_quantized_stores_what_float8_stores_e4m3,
+    write_quantized_stores_what_float8_stores_e5m2,
+    write_stores_what_float8_stores
+);
 
 #[test]
 fn scales_are_refused_for_another_head_count_or_layer() {
@@ -308,15 +319,11 @@ fn oracle_reads_dequantized_values<F: Fp8Element>() {
     assert!(rel_l2(&wrong.out, &f32_oracle.out) > 0.1);
 }
 
-#[test]
-fn oracle_over_e4m3_pages_reads_the_dequantized_values() {
-    oracle_reads_dequantized_values::<Fp8E4M3>();
-}
-
-#[test]
-fn oracle_over_e5m2_pages_reads_the_dequantized_values() {
-    oracle_reads_dequantized_values::<Fp8E5M2>();
-}
+per_format!(
+    oracle_over_e4m3_pages_reads_the_dequantized_values,
+    oracle_over_e5m2_pages_reads_the_dequantized_values,
+    oracle_reads_dequantized_values
+);
 
 /// The f32 fallback and the naive path (gather, repeat_kv with the scales, per-head attention)
 /// over fp8 pages against the oracle, with every attention variant.
@@ -372,15 +379,11 @@ fn fallback_matches_oracle<F: Fp8Element>() {
     }
 }
 
-#[test]
-fn fallback_over_e4m3_pages_matches_oracle_with_every_variant() {
-    fallback_matches_oracle::<Fp8E4M3>();
-}
-
-#[test]
-fn fallback_over_e5m2_pages_matches_oracle_with_every_variant() {
-    fallback_matches_oracle::<Fp8E5M2>();
-}
+per_format!(
+    fallback_over_e4m3_pages_matches_oracle_with_every_variant,
+    fallback_over_e5m2_pages_matches_oracle_with_every_variant,
+    fallback_matches_oracle
+);
 
 /// An fp8 CPU cache through prompts, decode and a fork: its attention (fallback and oracle)
 /// equals attention over a bf16 cache of the same rows, dequantized, within fp8's error.
