@@ -21,7 +21,8 @@ pub const SPLIT_ALIGN: usize = 64;
 /// The speed-of-light model the planner cuts the keys with: `src/sim/speed_of_light.rs`'s, for
 /// an H200, with what the profiler measured of the tensor-core kernel (the bytes of one 64-key
 /// tile of 16-bit K and V in flight per block: one tile of 16-bit pages, or two of fp8 pages in
-/// the narrow layout up to head_dim 128; 3 blocks per SM at most). A split count `n` costs
+/// the narrow layout up to head_dim 128; 3 blocks per SM at most, which overstates fp8 pages at
+/// head_dim 128, whose staging ring leaves room for 2). A split count `n` costs
 /// `(K/V bytes + n x the partials' bytes) / achievable bandwidth`, where the partials are an f32
 /// output row and a log-sum-exp per row of every block, written by the split and read back by
 /// the merge, and the achievable bandwidth is the datasheet's or what the blocks' bytes in flight
@@ -45,7 +46,7 @@ impl SplitModel {
     /// Twice the idle DRAM latency of `src/sim/speed_of_light.rs` (656 cycles at 1.755 GHz).
     pub const LATENCY_S: f64 = 2.0 * 656.0 / 1.755e9;
     /// Resident blocks per SM at most (the narrow layout's theoretical occupancy at head_dim
-    /// 128, register-limited).
+    /// 128 on 16-bit pages, register-limited; 2 on fp8 pages, shared-memory-limited).
     pub const BLOCKS_PER_SM: f64 = 3.0;
 
     /// The model's time, in seconds, for `splits` of block ranges of `longest` keys (16-bit

@@ -228,6 +228,7 @@ pub(crate) struct AttentionArgs<'a> {
     /// The step's uploads: `block_tables`, the lengths and the work lists go up with the
     /// step's first attention on a device for `layout`.
     pub uploads: &'a DeviceTables,
+    /// The variants, validated by the launch.
     pub options: &'a AttendOptions,
 }
 
