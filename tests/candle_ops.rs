@@ -114,85 +114,89 @@ fn chunks_mixed_with_decode_match_plain_candle_attention() {
     );
 }
 
-#[test]
-fn a_sequence_with_no_new_rows_takes_no_rows() {
-    let mut rng = common::rng("a_sequence_with_no_new_rows_takes_no_rows");
-    let dev = Device::Cpu;
-    let shape = GqaShape::new(8, 2, 64).unwrap();
-    let case = Case::random(
+/// A case of `test` on the CPU in pages of 16, its generator seeded by the test's name.
+fn case_of(
+    test: &str,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    context_lens: &[usize],
+    query_lens: &[usize],
+    dtype: DType,
+) -> Case {
+    let shape = GqaShape::new(n_heads, n_kv_heads, head_dim).unwrap();
+    let mut rng = common::rng(test);
+    Case::random(
         &mut rng,
         shape,
         16,
-        &[30, 40, 7],
-        &[2, 0, 3],
-        DType::F32,
-        &dev,
+        context_lens,
+        query_lens,
+        dtype,
+        &Device::Cpu,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// `paged_attention` of `case`'s queries over `k_cache`, `v_cache` (its pages, or views of
+/// them) with the default options, passing its query lengths unless `decode` (`None`), checked
+/// against the reference as `what`: the output in the case's dtype, each element within its
+/// bound.
+fn check_attention(what: &str, case: &Case, (k_cache, v_cache): (&Tensor, &Tensor), decode: bool) {
+    let (dev, dtype) = (Device::Cpu, case.q.dtype());
+    let query_lens = case.query_lens(&dev).unwrap();
     let (out, lse) = paged_attention(
         &case.q,
-        &case.k_cache,
-        &case.v_cache,
+        k_cache,
+        v_cache,
         &case.block_tables(&dev).unwrap(),
         &case.context_lens(&dev).unwrap(),
-        Some(&case.query_lens(&dev).unwrap()),
+        (!decode).then_some(&query_lens),
         &AttendOptions::default(),
     )
     .unwrap();
     let want = case.reference(None).unwrap();
-    check(
-        "query_lens [2, 0, 3]",
+    check(what, dtype, (&out, &lse), &want, cpu_model(dtype)).unwrap();
+}
+
+#[test]
+fn a_sequence_with_no_new_rows_takes_no_rows() {
+    let case = case_of(
+        "a_sequence_with_no_new_rows_takes_no_rows",
+        (8, 2, 64),
+        &[30, 40, 7],
+        &[2, 0, 3],
         DType::F32,
-        (&out, &lse),
-        &want,
-        cpu_model(DType::F32),
-    )
-    .unwrap();
+    );
+    check_attention(
+        "query_lens [2, 0, 3]",
+        &case,
+        (&case.k_cache, &case.v_cache),
+        false,
+    );
 }
 
 #[test]
 fn query_lens_none_is_a_decode_step() {
-    let mut rng = common::rng("query_lens_none_is_a_decode_step");
-    let dev = Device::Cpu;
-    let shape = GqaShape::new(16, 4, 64).unwrap();
-    let case = Case::random(
-        &mut rng,
-        shape,
-        16,
+    let case = case_of(
+        "query_lens_none_is_a_decode_step",
+        (16, 4, 64),
         &[33, 1, 17],
         &[1, 1, 1],
         DType::BF16,
-        &dev,
-    )
-    .unwrap();
-    let (out, lse) = paged_attention(
-        &case.q,
-        &case.k_cache,
-        &case.v_cache,
-        &case.block_tables(&dev).unwrap(),
-        &case.context_lens(&dev).unwrap(),
-        None,
-        &AttendOptions::default(),
-    )
-    .unwrap();
-    let want = case.reference(None).unwrap();
-    check(
-        "decode",
-        DType::BF16,
-        (&out, &lse),
-        &want,
-        cpu_model(DType::BF16),
-    )
-    .unwrap();
+    );
+    check_attention("decode", &case, (&case.k_cache, &case.v_cache), true);
 }
 
 #[test]
 fn metadata_serves_every_layer_of_a_step() {
     // Two layers with different caches, one metadata: each layer's result is its own.
-    let mut rng = common::rng("metadata_serves_every_layer_of_a_step");
+    let a = case_of(
+        "metadata_serves_every_layer_of_a_step",
+        (32, 8, 128),
+        &[50, 9],
+        &[1, 9],
+        DType::F16,
+    );
     let dev = Device::Cpu;
-    let shape = GqaShape::new(32, 8, 128).unwrap();
-    let a = Case::random(&mut rng, shape, 16, &[50, 9], &[1, 9], DType::F16, &dev).unwrap();
     let meta = PagedMetadata::new(
         &a.block_tables(&dev).unwrap(),
         &a.context_lens(&dev).unwrap(),
@@ -229,10 +233,13 @@ fn metadata_serves_every_layer_of_a_step() {
 #[test]
 fn caches_may_be_views_of_a_larger_tensor() {
     // One layer of a [layers, 2, num_blocks, ...] tensor: a contiguous view with an offset.
-    let mut rng = common::rng("caches_may_be_views_of_a_larger_tensor");
-    let dev = Device::Cpu;
-    let shape = GqaShape::new(8, 2, 64).unwrap();
-    let case = Case::random(&mut rng, shape, 16, &[40, 3], &[4, 3], DType::F32, &dev).unwrap();
+    let case = case_of(
+        "caches_may_be_views_of_a_larger_tensor",
+        (8, 2, 64),
+        &[40, 3],
+        &[4, 3],
+        DType::F32,
+    );
     let filler = (case.k_cache.ones_like().unwrap() * f64::NAN).unwrap();
     let pair = Tensor::stack(&[&case.k_cache, &case.v_cache], 0).unwrap();
     let pages =
@@ -240,25 +247,7 @@ fn caches_may_be_views_of_a_larger_tensor() {
     let layer = pages.i(1).unwrap();
     let (k_cache, v_cache) = (layer.i(0).unwrap(), layer.i(1).unwrap());
     assert!(k_cache.is_contiguous());
-    let (out, lse) = paged_attention(
-        &case.q,
-        &k_cache,
-        &v_cache,
-        &case.block_tables(&dev).unwrap(),
-        &case.context_lens(&dev).unwrap(),
-        Some(&case.query_lens(&dev).unwrap()),
-        &AttendOptions::default(),
-    )
-    .unwrap();
-    let want = case.reference(None).unwrap();
-    check(
-        "layer 1 of 2",
-        DType::F32,
-        (&out, &lse),
-        &want,
-        cpu_model(DType::F32),
-    )
-    .unwrap();
+    check_attention("layer 1 of 2", &case, (&k_cache, &v_cache), false);
 }
 
 /// The caches' host values after `slots` receive `k`, `v` rows (`[tokens, row]`): the expected
