@@ -58,23 +58,11 @@ impl SeqLens {
                     context_len,
                 });
             }
-            if context_len > MAX_CONTEXT_LEN {
-                return Err(Error::TooLarge {
-                    what: "context_len",
-                    value: context_len as u128,
-                    limit: MAX_CONTEXT_LEN as u128,
-                });
-            }
+            Error::check_at_most("context_len", context_len as u128, MAX_CONTEXT_LEN as u128)?;
             query_starts.push(total);
             total += query_len;
         }
-        if total > MAX_TOKENS {
-            return Err(Error::TooLarge {
-                what: "num_tokens",
-                value: total as u128,
-                limit: MAX_TOKENS as u128,
-            });
-        }
+        Error::check_at_most("num_tokens", total as u128, MAX_TOKENS as u128)?;
         query_starts.push(total);
         Ok(Self {
             context_lens: context_lens.to_vec(),

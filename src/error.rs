@@ -327,6 +327,14 @@ impl From<cudarc::driver::DriverError> for Error {
 
 impl Error {
     /// `Err(BufferLength)` unless buffer `name` has the `expected` length its shape implies.
+    /// [`Error::TooLarge`] where `value` passes `limit`.
+    pub(crate) fn check_at_most(what: &'static str, value: u128, limit: u128) -> Result<()> {
+        if value > limit {
+            return Err(Error::TooLarge { what, value, limit });
+        }
+        Ok(())
+    }
+
     pub(crate) fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
         if actual != expected {
             return Err(Error::BufferLength {

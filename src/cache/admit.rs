@@ -92,13 +92,7 @@ impl BlockManager {
     /// # Ok::<(), paged_gqa::Error>(())
     /// ```
     pub fn add_sequence_with_prompt(&mut self, prompt: &[u32], salt: &[u8]) -> Result<Admission> {
-        if prompt.len() > MAX_CONTEXT_LEN {
-            return Err(Error::TooLarge {
-                what: "prompt length",
-                value: prompt.len() as u128,
-                limit: MAX_CONTEXT_LEN as u128,
-            });
-        }
+        Error::check_at_most("prompt length", prompt.len() as u128, MAX_CONTEXT_LEN as u128)?;
         self.prefix.prompt_tokens += prompt.len() as u64;
         if !self.prefix.enabled {
             let seq = self.add_sequence();
@@ -150,13 +144,7 @@ impl BlockManager {
             return Ok(());
         };
         let known = prefix.known(bs) + tokens.len();
-        if known > MAX_CONTEXT_LEN {
-            return Err(Error::TooLarge {
-                what: "known tokens of the sequence",
-                value: known as u128,
-                limit: MAX_CONTEXT_LEN as u128,
-            });
-        }
+        Error::check_at_most("known tokens of the sequence", known as u128, MAX_CONTEXT_LEN as u128)?;
         prefix.tokens.extend_from_slice(tokens);
         Ok(())
     }

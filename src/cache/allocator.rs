@@ -26,13 +26,7 @@ impl BlockAllocator {
         if num_blocks == 0 {
             return Err(Error::ZeroBlocks);
         }
-        if num_blocks > i32::MAX as usize {
-            return Err(Error::TooLarge {
-                what: "num_blocks",
-                value: num_blocks as u128,
-                limit: i32::MAX as u128,
-            });
-        }
+        Error::check_at_most("num_blocks", num_blocks as u128, i32::MAX as u128)?;
         // Reversed so that blocks are handed out in increasing order at first.
         Ok(Self {
             free: (0..num_blocks as u32).rev().collect(),

@@ -172,13 +172,7 @@ impl CacheConfig {
         let tensor_len = PagedLayout::new(self.shape, num_blocks, self.block_size)?.cache_len();
         let total = tensor_len as u128 * 2 * self.num_layers as u128;
         let limit = isize::MAX as u128 / elem_bytes.max(1) as u128;
-        if total > limit {
-            return Err(Error::TooLarge {
-                what: "cache elements",
-                value: total,
-                limit,
-            });
-        }
+        Error::check_at_most("cache elements", total, limit)?;
         Ok((tensor_len, total as usize))
     }
 

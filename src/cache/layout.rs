@@ -30,13 +30,7 @@ impl PagedLayout {
             return Err(Error::ZeroBlockSize);
         }
         let cache_len = (num_blocks as u128) * (block_size as u128) * (shape.kv_row_len() as u128);
-        if cache_len > i64::MAX as u128 {
-            return Err(Error::TooLarge {
-                what: "cache elements",
-                value: cache_len,
-                limit: i64::MAX as u128,
-            });
-        }
+        Error::check_at_most("cache elements", cache_len, i64::MAX as u128)?;
         Ok(Self {
             shape,
             num_blocks,

@@ -48,16 +48,7 @@ impl CandleStorage {
     /// `num_blocks` zero-filled pages per tensor on `device`, in the config's dtype.
     pub fn new(config: CacheConfig, num_blocks: usize, device: &Device) -> Result<Self> {
         config.page_lens(num_blocks, config.dtype().size_bytes())?;
-        // The kernels' limits, on every device (a cache made on the CPU works on the GPU):
-        // block ids are i32, and the block copy runs one grid row per (layer, K or V).
-        crate::launch::params::to_i32("num_blocks", num_blocks)?;
-        if 2 * config.num_layers() > 65535 {
-            return Err(Error::TooLarge {
-                what: "2 * num_layers",
-                value: 2 * config.num_layers() as u128,
-                limit: 65535,
-            });
-        }
+        crate::launch::params::check_cache_limits(&config, num_blocks)?;
         let shape = config.shape();
         let dims = (
             config.num_layers(),

@@ -25,6 +25,14 @@ pub(crate) fn to_i32(what: &'static str, value: usize) -> Result<i32> {
     })
 }
 
+/// The kernels' limits on a cache of `num_blocks` pages per tensor under `config`, on every
+/// device (a cache made on the CPU works on the GPU): block ids are `int32_t`, and the block
+/// copy runs one grid row per (layer, K or V) tensor, whose grid y is at most 65535.
+pub(crate) fn check_cache_limits(config: &CacheConfig, num_blocks: usize) -> Result<()> {
+    to_i32("num_blocks", num_blocks)?;
+    Error::check_at_most("2 * num_layers", 2 * config.num_layers() as u128, 65535)
+}
+
 /// Checks that a device address can take 16-byte vector accesses.
 pub(crate) fn check_aligned(name: &'static str, address: u64) -> Result<()> {
     if address % VECTOR_BYTES != 0 {

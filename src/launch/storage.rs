@@ -104,15 +104,7 @@ impl<B: Backend, P: PageElement> Pages<B, P> {
                 actual: P::PAGE_DTYPE,
             });
         }
-        params::to_i32("num_blocks", num_blocks)?;
-        // copy_blocks runs one grid row per (layer, K or V) tensor: grid y is at most 65535.
-        if 2 * config.num_layers() > 65535 {
-            return Err(Error::TooLarge {
-                what: "2 * num_layers",
-                value: 2 * config.num_layers() as u128,
-                limit: 65535,
-            });
-        }
+        params::check_cache_limits(&config, num_blocks)?;
         let (tensor_len, total) = config.page_lens(num_blocks, std::mem::size_of::<P>())?;
         let host_scales = vec![1.0f32; 2 * config.num_layers() * config.shape().n_kv_heads()];
         Ok(Self {
