@@ -18,4 +18,4 @@ pub use fast::{attend, attend_naive};
 pub use kv::{ContiguousKv, KvSource, PagedKv};
 pub use merge::{lse_ln_to_log2, lse_log2_to_ln, merge_states};
 pub use reference::{attention, attention_of_tokens, attention_with_conditioning, Attention};
-pub use repeat_kv::{attention_naive, gather_paged, repeat_kv};
+pub use repeat_kv::{attention_naive, gather_paged, gather_repeated, repeat_kv};

@@ -63,7 +63,7 @@ pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> Result<(Vec<T>, Vec<T>)>
 /// `paged` as the naive paths see it: the pages gathered, every K/V head repeated for its
 /// group (`k` and `v` `[total_keys, n_heads, head_dim]`), and the fp8 scales repeated with
 /// their heads (`[n_heads]` each; ones when `paged` has none).
-pub(crate) fn gather_repeated<T: Copy>(
+pub fn gather_repeated<T: Copy>(
     paged: &PagedKv<'_, T>,
 ) -> Result<(Vec<T>, Vec<T>, KvScales)> {
     let shape = paged.shape();

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use half::{bf16, f16};
 use paged_gqa::cuda::{self, AttendBatch};
 use paged_gqa::fp8::{Fp8E4M3, Fp8E5M2, Fp8Element};
-use paged_gqa::{cpu, sim, DType, Element};
+use paged_gqa::{cpu, sim, DType, Element, PageElement};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -87,11 +87,71 @@ fn run_sim_typed<T: Element>(case: &Case) -> Result<Output, Failure> {
 
 /// [`run_sim_typed`] on `device`, its K/V pages watched (the traffic counter).
 fn run_sim_on<T: Element>(case: &Case, device: &Rc<sim::SimDevice>) -> Result<Output, Failure> {
-    match case.fp8.as_ref().map(|f| f.dtype) {
-        Some(DType::F8E4M3) => run_sim_fp8::<T, Fp8E4M3>(case, device),
-        Some(_) => run_sim_fp8::<T, Fp8E5M2>(case, device),
-        None => run_sim_pages::<T>(case, device),
-    }
+    let fail = Failure::runtime;
+    let batch = sim::AttendBatch::new(
+        device,
+        case.layout,
+        T::DTYPE,
+        &case.lens,
+        &case.block_tables,
+        case.max_blocks,
+    )
+    .map_err(fail)?;
+    let q = device.upload(&typed::<T>(&case.q)).map_err(fail)?;
+    let mut out = device.alloc::<T>(case.q.len()).map_err(fail)?;
+    let mut lse = device
+        .alloc::<f32>(case.q.len() / case.layout.shape().head_dim())
+        .map_err(fail)?;
+    match &case.fp8 {
+        None => {
+            let k = typed::<T>(&case.k_cache);
+            let v = typed::<T>(&case.v_cache);
+            let (k, v) = watched_pages(device, &k, &v)?;
+            batch
+                .run(device, &k, &v, &q, &mut out, &mut lse, &case.options)
+                .map_err(fail)
+        }
+        Some(fp8) if fp8.dtype == DType::F8E4M3 => {
+            run_sim_fp8::<T, Fp8E4M3>(device, &batch, case, fp8, &q, &mut out, &mut lse)
+        }
+        Some(fp8) => run_sim_fp8::<T, Fp8E5M2>(device, &batch, case, fp8, &q, &mut out, &mut lse),
+    }?;
+    Ok(Output {
+        out: out.as_slice().iter().map(|&x| x.into() as f32).collect(),
+        lse: lse.to_vec(),
+    })
+}
+
+/// The pages `k` and `v` (`[num_blocks, block_size, n_kv_heads, head_dim]` each) uploaded to
+/// `device`, which counts the bytes the kernels fetch from them.
+fn watched_pages<P: PageElement>(
+    device: &Rc<sim::SimDevice>,
+    k: &[P],
+    v: &[P],
+) -> Result<(sim::SimBuffer<P>, sim::SimBuffer<P>), Failure> {
+    let k = device.upload(k).map_err(Failure::runtime)?;
+    let v = device.upload(v).map_err(Failure::runtime)?;
+    let bytes = k.len() * std::mem::size_of::<P>();
+    device.watch(k.address(), bytes);
+    device.watch(v.address(), bytes);
+    Ok((k, v))
+}
+
+/// The fused attention on `device` over the case's fp8 pages of `F`, read under its scales.
+fn run_sim_fp8<T: Element, F: Fp8Element>(
+    device: &Rc<sim::SimDevice>,
+    batch: &sim::AttendBatch,
+    case: &Case,
+    fp8: &crate::case::Fp8Cache,
+    q: &sim::SimBuffer<T>,
+    out: &mut sim::SimBuffer<T>,
+    lse: &mut sim::SimBuffer<f32>,
+) -> Result<(), Failure> {
+    let (k, v) = watched_pages(device, &stored::<F>(&fp8.k_bits), &stored::<F>(&fp8.v_bits))?;
+    let scales = sim::DeviceKvScales::new(device, &fp8.scales).map_err(Failure::runtime)?;
+    batch
+        .run_fp8(device, &k, &v, &scales, q, out, lse, &case.options)
+        .map_err(Failure::runtime)
 }
 
 /// The profile of the case's attention on the emulator's traced kernels (no race check).
@@ -108,83 +168,6 @@ pub fn profile_case(case_path: &Path) -> Result<sim::profile::Profile, Failure> 
         _ => run_kernels(&case, run_sim_typed::<bf16>, run_sim_typed::<f16>)?,
     };
     device.take_profile().map_err(Failure::runtime)
-}
-
-/// [`run_sim_typed`] over fp8 pages of `F`.
-fn run_sim_fp8<T: Element, F: Fp8Element>(
-    case: &Case,
-    device: &Rc<sim::SimDevice>,
-) -> Result<Output, Failure> {
-    let fail = Failure::runtime;
-    let fp8 = case.fp8.as_ref().expect("an fp8 case");
-    let batch = sim::AttendBatch::new(
-        device,
-        case.layout,
-        T::DTYPE,
-        &case.lens,
-        &case.block_tables,
-        case.max_blocks,
-    )
-    .map_err(fail)?;
-    let q = device.upload(&typed::<T>(&case.q)).map_err(fail)?;
-    let k = device.upload(&stored::<F>(&fp8.k_bits)).map_err(fail)?;
-    let v = device.upload(&stored::<F>(&fp8.v_bits)).map_err(fail)?;
-    device.watch(k.address(), k.len());
-    device.watch(v.address(), v.len());
-    let scales = sim::DeviceKvScales::new(device, &fp8.scales).map_err(fail)?;
-    let mut out = device.alloc::<T>(case.q.len()).map_err(fail)?;
-    let mut lse = device
-        .alloc::<f32>(case.q.len() / case.layout.shape().head_dim())
-        .map_err(fail)?;
-    batch
-        .run_fp8(
-            device,
-            &k,
-            &v,
-            &scales,
-            &q,
-            &mut out,
-            &mut lse,
-            &case.options,
-        )
-        .map_err(fail)?;
-    Ok(Output {
-        out: out.as_slice().iter().map(|&x| x.into() as f32).collect(),
-        lse: lse.to_vec(),
-    })
-}
-
-/// [`run_sim_typed`] over pages of `T`.
-fn run_sim_pages<T: Element>(case: &Case, device: &Rc<sim::SimDevice>) -> Result<Output, Failure> {
-    let fail = Failure::runtime;
-    let batch = sim::AttendBatch::new(
-        device,
-        case.layout,
-        T::DTYPE,
-        &case.lens,
-        &case.block_tables,
-        case.max_blocks,
-    )
-    .map_err(fail)?;
-    let upload = |x: &[f64]| device.upload(&typed::<T>(x)).map_err(fail);
-    let (q, k, v) = (
-        upload(&case.q)?,
-        upload(&case.k_cache)?,
-        upload(&case.v_cache)?,
-    );
-    device.watch(k.address(), k.len() * std::mem::size_of::<T>());
-    device.watch(v.address(), v.len() * std::mem::size_of::<T>());
-    let mut out = device.alloc::<T>(case.q.len()).map_err(fail)?;
-    let mut lse = device
-        .alloc::<f32>(case.q.len() / case.layout.shape().head_dim())
-        .map_err(fail)?;
-    batch
-        .run(device, &k, &v, &q, &mut out, &mut lse, &case.options)
-        .map_err(fail)?;
-    Ok(Output {
-        out: out.as_slice().iter().map(|&x| x.into() as f32).collect(),
-        lse: lse.to_vec(),
-    })
 }
 
 fn run_cuda_typed<T: Element>(case: &Case) -> Result<Output, Failure> {

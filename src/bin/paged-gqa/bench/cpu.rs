@@ -71,7 +71,7 @@ pub fn run(cases: &[Case], iters: usize) -> Result<Vec<Record>, Failure> {
     Ok(records)
 }
 
-/// [`measure`] over fp8 pages of `F`: the fallback reads them under their scales; the naive
+/// [`paths`] over fp8 pages of `F`: the fallback reads them under their scales; the naive
 /// path gathers and repeats the stored values, their scales repeated alike.
 fn measure_fp8<T: Element + Into<f32>, F: Fp8Element>(
     case: &Case,
@@ -81,41 +81,10 @@ fn measure_fp8<T: Element + Into<f32>, F: Fp8Element>(
     let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
     let (k, v, scales) = data::fp8_kv::<F>(&mut rng, &t.layout).map_err(Failure::runtime)?;
     let q: Vec<T> = data::random(&mut rng, t.lens.num_tokens() * case.shape.q_row_len());
-    let kv = PagedKv::new(t.layout, &t.lens, &t.block_tables, t.max_blocks, &k, &v)
-        .and_then(|kv| kv.with_scales(&scales))
-        .map_err(Failure::runtime)?;
-    let rows = t.lens.num_tokens() * case.shape.n_heads();
-    let (mut out, mut lse) = (
-        vec![0.0f32; rows * case.shape.head_dim()],
-        vec![0.0f32; rows],
-    );
-    let fused = time_ms(iters, || {
-        cpu::attend(&q, &kv, &case.options, &mut out, &mut lse)
-    })?;
-    let naive = time_ms(iters, || {
-        cpu::attend_naive(&q, &kv, &case.options, &mut out, &mut lse)
-    })?;
-    let (kc, vc) = cpu::gather_paged(&kv).map_err(Failure::runtime)?;
-    let keys = t.lens.total_keys();
-    let (kr, vr) = (
-        cpu::repeat_kv(&kc, case.shape, keys).map_err(Failure::runtime)?,
-        cpu::repeat_kv(&vc, case.shape, keys).map_err(Failure::runtime)?,
-    );
-    let group = case.shape.group();
-    let repeat =
-        |s: &[f32]| -> Vec<f32> { (0..case.shape.n_heads()).map(|h| s[h / group]).collect() };
-    let repeated =
-        KvScales::new(repeat(scales.k()), repeat(scales.v())).map_err(Failure::runtime)?;
-    let mha = ContiguousKv::new(case.shape.repeated(), &t.lens, &kr, &vr)
-        .and_then(|kv| kv.with_scales(&repeated))
-        .map_err(Failure::runtime)?;
-    let attention = time_ms(iters, || {
-        cpu::attend(&q, &mha, &case.options, &mut out, &mut lse)
-    })?;
-    Ok((fused, Some(naive), Some(attention)))
+    paths(case, iters, &t, &q, (&k, &v), Some(&scales))
 }
 
-/// (fused, naive whole path, naive attention alone), milliseconds.
+/// [`paths`] over 16-bit pages of `T`.
 fn measure<T: Element + Into<f32>>(
     case: &Case,
     iters: usize,
@@ -127,30 +96,48 @@ fn measure<T: Element + Into<f32>>(
         data::random(&mut rng, t.layout.cache_len()),
     );
     let q: Vec<T> = data::random(&mut rng, t.lens.num_tokens() * case.shape.q_row_len());
-    let kv = PagedKv::new(t.layout, &t.lens, &t.block_tables, t.max_blocks, &k, &v)
+    paths(case, iters, &t, &q, (&k, &v), None)
+}
+
+/// (fused, naive whole path, naive attention alone), milliseconds, of `q`
+/// (`[num_tokens, n_heads, head_dim]`) over the pages `kv` (`[num_blocks, block_size,
+/// n_kv_heads, head_dim]` each) of `t`, read under `scales` where they hold fp8 values.
+fn paths<T: Element + Into<f32>, P: Copy + Into<f32> + Sync>(
+    case: &Case,
+    iters: usize,
+    t: &data::Tables,
+    q: &[T],
+    (k, v): (&[P], &[P]),
+    scales: Option<&KvScales>,
+) -> Result<(f64, Option<f64>, Option<f64>), Failure> {
+    let kv = PagedKv::new(t.layout, &t.lens, &t.block_tables, t.max_blocks, k, v)
+        .and_then(|kv| match scales {
+            Some(scales) => kv.with_scales(scales),
+            None => Ok(kv),
+        })
         .map_err(Failure::runtime)?;
     let rows = t.lens.num_tokens() * case.shape.n_heads();
     let (mut out, mut lse) = (
         vec![0.0f32; rows * case.shape.head_dim()],
         vec![0.0f32; rows],
     );
-
     let fused = time_ms(iters, || {
-        cpu::attend(&q, &kv, &case.options, &mut out, &mut lse)
+        cpu::attend(q, &kv, &case.options, &mut out, &mut lse)
     })?;
     let naive = time_ms(iters, || {
-        cpu::attend_naive(&q, &kv, &case.options, &mut out, &mut lse)
+        cpu::attend_naive(q, &kv, &case.options, &mut out, &mut lse)
     })?;
-    // The attention step alone, over K/V materialised beforehand.
-    let (kc, vc) = cpu::gather_paged(&kv).map_err(Failure::runtime)?;
-    let keys = t.lens.total_keys();
-    let (kr, vr) = (
-        cpu::repeat_kv(&kc, case.shape, keys).map_err(Failure::runtime)?,
-        cpu::repeat_kv(&vc, case.shape, keys).map_err(Failure::runtime)?,
-    );
-    let mha =
-        ContiguousKv::new(case.shape.repeated(), &t.lens, &kr, &vr).map_err(Failure::runtime)?;
-    let scale = &case.options;
-    let attention = time_ms(iters, || cpu::attend(&q, &mha, scale, &mut out, &mut lse))?;
+    // The attention step alone, over K/V gathered and repeated beforehand (fp8: with their
+    // scales repeated alike).
+    let (kr, vr, repeated) = cpu::gather_repeated(&kv).map_err(Failure::runtime)?;
+    let mha = ContiguousKv::new(case.shape.repeated(), &t.lens, &kr, &vr)
+        .and_then(|mha| match scales {
+            Some(_) => mha.with_scales(&repeated),
+            None => Ok(mha),
+        })
+        .map_err(Failure::runtime)?;
+    let attention = time_ms(iters, || {
+        cpu::attend(q, &mha, &case.options, &mut out, &mut lse)
+    })?;
     Ok((fused, Some(naive), Some(attention)))
 }

@@ -9,8 +9,8 @@ use std::rc::Rc;
 use half::{bf16, f16};
 use paged_gqa::fp8::{Fp8E4M3, Fp8E5M2, Fp8Element};
 use paged_gqa::sim::profile::Profile;
-use paged_gqa::sim::{AttendBatch, NaiveAttention, SimBuffer, SimDevice, Tracing};
-use paged_gqa::{DType, Element};
+use paged_gqa::sim::{AttendBatch, DeviceKvScales, NaiveAttention, SimBuffer, SimDevice, Tracing};
+use paged_gqa::{DType, Element, PageElement};
 
 use super::cpu::time_ms;
 use super::report::Record;
@@ -94,34 +94,34 @@ fn prepare(device: &Rc<SimDevice>, case: &Case) -> Result<Box<dyn Step>, Failure
     })
 }
 
-/// Pages of the compute dtype `T`.
-struct PlainStep<T: Element> {
+/// The fused path's data of one case on the device: K and V pages of `P`, queries and
+/// outputs of the compute dtype `T`, and the batch (tables uploaded once).
+struct Fused<T: Element, P: PageElement> {
     device: Rc<SimDevice>,
     case: Case,
-    k: SimBuffer<T>,
-    v: SimBuffer<T>,
+    /// [num_blocks, page_size, n_kv_heads, head_dim] each
+    k: SimBuffer<P>,
+    v: SimBuffer<P>,
+    /// [num_tokens, n_heads, head_dim]
     q: SimBuffer<T>,
+    /// [num_tokens, n_heads, head_dim]
     out: SimBuffer<T>,
+    /// [num_tokens, n_heads]
     lse: SimBuffer<f32>,
-    fused: AttendBatch,
-    naive: NaiveAttention<T>,
+    batch: AttendBatch,
 }
 
-impl<T: Element> PlainStep<T> {
-    fn new(device: &Rc<SimDevice>, case: &Case) -> Result<Self, Failure> {
-        let mut rng = data::rng();
-        let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
+impl<T: Element, P: PageElement> Fused<T, P> {
+    /// Uploads the pages `k`, `v` and the queries `q` of `t`'s batch.
+    fn new(
+        device: &Rc<SimDevice>,
+        case: &Case,
+        t: &data::Tables,
+        (k, v): (&[P], &[P]),
+        q: &[T],
+    ) -> Result<Self, Failure> {
         let fail = Failure::runtime;
-        let upload =
-            |n: usize, rng: &mut _| device.upload(&data::random::<T>(rng, n)).map_err(fail);
-        let k = upload(t.layout.cache_len(), &mut rng)?;
-        let v = upload(t.layout.cache_len(), &mut rng)?;
-        let q = upload(t.lens.num_tokens() * case.shape.q_row_len(), &mut rng)?;
-        let out = device.alloc::<T>(q.len()).map_err(fail)?;
-        let lse = device
-            .alloc::<f32>(t.lens.num_tokens() * case.shape.n_heads())
-            .map_err(fail)?;
-        let fused = AttendBatch::with_kernels(
+        let batch = AttendBatch::with_kernels(
             device,
             t.layout,
             T::DTYPE,
@@ -131,18 +131,45 @@ impl<T: Element> PlainStep<T> {
             case.kernels.choice(),
         )
         .map_err(fail)?;
-        let naive =
-            NaiveAttention::<T>::new(device, t.layout, &t.lens, &t.block_tables, t.max_blocks)
-                .map_err(fail)?;
         Ok(Self {
             device: device.clone(),
             case: case.clone(),
-            k,
-            v,
-            q,
-            out,
-            lse,
-            fused,
+            k: device.upload(k).map_err(fail)?,
+            v: device.upload(v).map_err(fail)?,
+            q: device.upload(q).map_err(fail)?,
+            out: device.alloc::<T>(q.len()).map_err(fail)?,
+            lse: device
+                .alloc::<f32>(t.lens.num_tokens() * case.shape.n_heads())
+                .map_err(fail)?,
+            batch,
+        })
+    }
+
+    /// (address, bytes) of the K and V pages.
+    fn kv_pages(&self) -> [(u64, usize); 2] {
+        let bytes = self.k.len() * std::mem::size_of::<P>();
+        [(self.k.address(), bytes), (self.v.address(), bytes)]
+    }
+}
+
+/// Pages of the compute dtype `T`, with the naive path over the same pages.
+struct PlainStep<T: Element> {
+    fused: Fused<T, T>,
+    naive: NaiveAttention<T>,
+}
+
+impl<T: Element> PlainStep<T> {
+    fn new(device: &Rc<SimDevice>, case: &Case) -> Result<Self, Failure> {
+        let mut rng = data::rng();
+        let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
+        let k = data::random::<T>(&mut rng, t.layout.cache_len());
+        let v = data::random::<T>(&mut rng, t.layout.cache_len());
+        let q = data::random::<T>(&mut rng, t.lens.num_tokens() * case.shape.q_row_len());
+        let naive =
+            NaiveAttention::<T>::new(device, t.layout, &t.lens, &t.block_tables, t.max_blocks)
+                .map_err(Failure::runtime)?;
+        Ok(Self {
+            fused: Fused::new(device, case, &t, (&k, &v), &q)?,
             naive,
         })
     }
@@ -150,8 +177,8 @@ impl<T: Element> PlainStep<T> {
 
 impl<T: Element> Step for PlainStep<T> {
     fn fused(&mut self) -> paged_gqa::Result<()> {
-        let s = self;
-        s.fused.run(
+        let s = &mut self.fused;
+        s.batch.run(
             &s.device,
             &s.k,
             &s.v,
@@ -165,78 +192,42 @@ impl<T: Element> Step for PlainStep<T> {
         true
     }
     fn naive(&mut self) -> paged_gqa::Result<()> {
-        let s = self;
-        s.naive
+        let s = &mut self.fused;
+        self.naive
             .run(&s.device, &s.k, &s.v, &s.q, &mut s.out, &s.case.options)
     }
     fn kv_pages(&self) -> [(u64, usize); 2] {
-        let bytes = self.k.len() * std::mem::size_of::<T>();
-        [(self.k.address(), bytes), (self.v.address(), bytes)]
+        self.fused.kv_pages()
     }
 }
 
 /// fp8 pages of `F` under a compute dtype `T` (no naive path: it has no fp8 pages).
 struct Fp8Step<T: Element, F: Fp8Element> {
-    device: Rc<SimDevice>,
-    case: Case,
-    k: SimBuffer<F>,
-    v: SimBuffer<F>,
-    scales: paged_gqa::sim::DeviceKvScales,
-    q: SimBuffer<T>,
-    out: SimBuffer<T>,
-    lse: SimBuffer<f32>,
-    fused: AttendBatch,
+    fused: Fused<T, F>,
+    scales: DeviceKvScales,
 }
 
 impl<T: Element, F: Fp8Element> Fp8Step<T, F> {
     fn new(device: &Rc<SimDevice>, case: &Case) -> Result<Self, Failure> {
         let mut rng = data::rng();
         let t = data::tables(case, &mut rng).map_err(Failure::runtime)?;
-        let fail = Failure::runtime;
-        let (k, v, scales) = data::fp8_kv::<F>(&mut rng, &t.layout).map_err(fail)?;
-        let scales = paged_gqa::sim::DeviceKvScales::new(device, &scales).map_err(fail)?;
-        let (k, v) = (
-            device.upload(&k).map_err(fail)?,
-            device.upload(&v).map_err(fail)?,
-        );
+        let (k, v, scales) = data::fp8_kv::<F>(&mut rng, &t.layout).map_err(Failure::runtime)?;
         let q = data::random::<T>(&mut rng, t.lens.num_tokens() * case.shape.q_row_len());
-        let q = device.upload(&q).map_err(fail)?;
-        let out = device.alloc::<T>(q.len()).map_err(fail)?;
-        let lse = device
-            .alloc::<f32>(t.lens.num_tokens() * case.shape.n_heads())
-            .map_err(fail)?;
-        let fused = AttendBatch::with_kernels(
-            device,
-            t.layout,
-            T::DTYPE,
-            &t.lens,
-            &t.block_tables,
-            t.max_blocks,
-            case.kernels.choice(),
-        )
-        .map_err(fail)?;
         Ok(Self {
-            device: device.clone(),
-            case: case.clone(),
-            k,
-            v,
-            scales,
-            q,
-            out,
-            lse,
-            fused,
+            fused: Fused::new(device, case, &t, (&k, &v), &q)?,
+            scales: DeviceKvScales::new(device, &scales).map_err(Failure::runtime)?,
         })
     }
 }
 
 impl<T: Element, F: Fp8Element> Step for Fp8Step<T, F> {
     fn fused(&mut self) -> paged_gqa::Result<()> {
-        let s = self;
-        s.fused.run_fp8(
+        let s = &mut self.fused;
+        s.batch.run_fp8(
             &s.device,
             &s.k,
             &s.v,
-            &s.scales,
+            &self.scales,
             &s.q,
             &mut s.out,
             &mut s.lse,
@@ -250,7 +241,6 @@ impl<T: Element, F: Fp8Element> Step for Fp8Step<T, F> {
         Ok(())
     }
     fn kv_pages(&self) -> [(u64, usize); 2] {
-        let bytes = self.k.len() * std::mem::size_of::<F>();
-        [(self.k.address(), bytes), (self.v.address(), bytes)]
+        self.fused.kv_pages()
     }
 }
