@@ -7,7 +7,9 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_common::{check, cpu_model, reference_attention, Reference, DTYPES};
+use candle_common::{
+    check, cpu_model, reference_attention, small_cache, small_config, Reference, DTYPES,
+};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use paged_gqa::cache::{CacheConfig, PageStorage, PagedCache, SeqId};
 use paged_gqa::candle::{AttendOptions, CandleStorage};
@@ -174,14 +176,7 @@ fn an_engine_loop_matches_plain_candle_attention() {
 
 #[test]
 fn layer_views_are_the_pages_of_that_layer() {
-    let config = CacheConfig::new(
-        GqaShape::new(8, 2, 64).unwrap(),
-        3,
-        16,
-        paged_gqa::DType::F32,
-    )
-    .unwrap();
-    let mut cache = PagedCache::new(CandleStorage::new(config, 4, &Device::Cpu).unwrap()).unwrap();
+    let mut cache = small_cache(3, paged_gqa::DType::F32);
     let seq = cache.add_sequence();
     let plan = cache.plan(&[(seq, 2)]).unwrap();
     let ones = Tensor::ones((2, 2, 64), DType::F32, &Device::Cpu).unwrap();
@@ -216,15 +211,9 @@ fn layer_views_are_the_pages_of_that_layer() {
 /// page dtype, instead of allocating pages of the compute dtype.
 #[test]
 fn fp8_page_configurations_are_refused() {
-    let config = CacheConfig::new(
-        GqaShape::new(8, 2, 64).unwrap(),
-        2,
-        16,
-        paged_gqa::DType::BF16,
-    )
-    .unwrap()
-    .with_page_dtype(paged_gqa::DType::F8E4M3)
-    .unwrap();
+    let config = small_config(2, paged_gqa::DType::BF16)
+        .with_page_dtype(paged_gqa::DType::F8E4M3)
+        .unwrap();
     let err = CandleStorage::new(config, 4, &Device::Cpu).err().unwrap();
     assert!(
         matches!(

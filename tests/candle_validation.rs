@@ -7,9 +7,8 @@ mod common;
 
 use candle_common::assert_error;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use paged_gqa::cache::{CacheConfig, PagedCache};
-use paged_gqa::candle::{paged_attention, write_kv, AttendOptions, CandleStorage, PagedMetadata};
-use paged_gqa::{Error, GqaShape};
+use paged_gqa::candle::{paged_attention, write_kv, AttendOptions, PagedMetadata};
+use paged_gqa::Error;
 
 const DEV: Device = Device::Cpu;
 
@@ -22,6 +21,7 @@ struct Call {
     block_tables: Tensor,
     context_lens: Tensor,
     query_lens: Tensor,
+    options: AttendOptions,
 }
 
 impl Call {
@@ -34,7 +34,15 @@ impl Call {
             block_tables: Tensor::new(&[[3u32, 1], [0, 0]], &DEV).unwrap(),
             context_lens: Tensor::new(&[20u32, 5], &DEV).unwrap(),
             query_lens: Tensor::new(&[1u32, 5], &DEV).unwrap(),
+            options: AttendOptions::default(),
         }
+    }
+
+    /// Runs the valid call with `change` made to it, expecting `expected`.
+    fn refused(change: impl FnOnce(&mut Self), expected: Error) {
+        let mut call = Self::new();
+        change(&mut call);
+        assert_error(call.run(), expected);
     }
 
     fn run(&self) -> candle_core::Result<(Tensor, Tensor)> {
@@ -45,7 +53,7 @@ impl Call {
             &self.block_tables,
             &self.context_lens,
             Some(&self.query_lens),
-            &AttendOptions::default(),
+            &self.options,
         )
     }
 }
@@ -75,20 +83,16 @@ fn the_valid_call_runs() {
 
 #[test]
 fn q_of_the_wrong_rank_is_refused() {
-    let mut call = Call::new();
-    call.q = call.q.reshape((6, 512)).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.q = c.q.reshape((6, 512)).unwrap(),
         shape_error("q", "[num_tokens, n_heads, head_dim]", &[6, 512]),
     );
 }
 
 #[test]
 fn caches_of_the_wrong_rank_are_refused() {
-    let mut call = Call::new();
-    call.k_cache = call.k_cache.reshape((64, 2, 64)).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.k_cache = c.k_cache.reshape((64, 2, 64)).unwrap(),
         shape_error(
             "k_cache",
             "[num_blocks, block_size, n_kv_heads, head_dim]",
@@ -99,20 +103,16 @@ fn caches_of_the_wrong_rank_are_refused() {
 
 #[test]
 fn a_v_cache_shaped_unlike_the_k_cache_is_refused() {
-    let mut call = Call::new();
-    call.v_cache = Tensor::zeros((5, 16, 2, 64), DType::F32, &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.v_cache = Tensor::zeros((5, 16, 2, 64), DType::F32, &DEV).unwrap(),
         shape_error("v_cache", "[4, 16, 2, 64]", &[5, 16, 2, 64]),
     );
 }
 
 #[test]
 fn a_q_head_dim_unlike_the_caches_is_refused() {
-    let mut call = Call::new();
-    call.q = Tensor::zeros((6, 8, 128), DType::F32, &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.q = Tensor::zeros((6, 8, 128), DType::F32, &DEV).unwrap(),
         shape_error(
             "q",
             "[num_tokens, n_heads, 64] (the head_dim of k_cache)",
@@ -123,10 +123,8 @@ fn a_q_head_dim_unlike_the_caches_is_refused() {
 
 #[test]
 fn n_heads_not_a_multiple_of_n_kv_heads_is_refused() {
-    let mut call = Call::new();
-    call.q = Tensor::zeros((6, 7, 64), DType::F32, &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.q = Tensor::zeros((6, 7, 64), DType::F32, &DEV).unwrap(),
         Error::HeadsNotDivisible {
             n_heads: 7,
             n_kv_heads: 2,
@@ -136,110 +134,114 @@ fn n_heads_not_a_multiple_of_n_kv_heads_is_refused() {
 
 #[test]
 fn a_head_dim_not_a_multiple_of_8_is_refused() {
-    let mut call = Call::new();
-    call.q = Tensor::zeros((6, 8, 60), DType::F32, &DEV).unwrap();
-    call.k_cache = Tensor::zeros((4, 16, 2, 60), DType::F32, &DEV).unwrap();
-    call.v_cache = call.k_cache.clone();
-    assert_error(call.run(), Error::HeadDimNotMultipleOf8 { head_dim: 60 });
+    Call::refused(
+        |c| {
+            c.q = Tensor::zeros((6, 8, 60), DType::F32, &DEV).unwrap();
+            c.k_cache = Tensor::zeros((4, 16, 2, 60), DType::F32, &DEV).unwrap();
+            c.v_cache = c.k_cache.clone();
+        },
+        Error::HeadDimNotMultipleOf8 { head_dim: 60 },
+    );
 }
 
 #[test]
 fn a_page_size_the_kernels_lack_is_refused() {
     for block_size in [12, 512] {
-        let mut call = Call::new();
-        call.k_cache = Tensor::zeros((4, block_size, 2, 64), DType::F32, &DEV).unwrap();
-        call.v_cache = call.k_cache.clone();
-        assert_error(call.run(), Error::InvalidBlockSize { block_size });
+        Call::refused(
+            |c| {
+                c.k_cache = Tensor::zeros((4, block_size, 2, 64), DType::F32, &DEV).unwrap();
+                c.v_cache = c.k_cache.clone();
+            },
+            Error::InvalidBlockSize { block_size },
+        );
     }
 }
 
 #[test]
 fn a_cache_without_blocks_is_refused() {
-    let mut call = Call::new();
-    call.k_cache = Tensor::zeros((0, 16, 2, 64), DType::F32, &DEV).unwrap();
-    call.v_cache = call.k_cache.clone();
-    assert_error(call.run(), Error::ZeroBlocks);
+    Call::refused(
+        |c| {
+            c.k_cache = Tensor::zeros((0, 16, 2, 64), DType::F32, &DEV).unwrap();
+            c.v_cache = c.k_cache.clone();
+        },
+        Error::ZeroBlocks,
+    );
 }
 
 #[test]
 fn float_dtypes_other_than_f32_f16_bf16_are_refused() {
-    let mut call = Call::new();
-    call.q = call.q.to_dtype(DType::F64).unwrap();
-    assert_error(call.run(), dtype_error("q", "f32, f16 or bf16", "f64"));
+    Call::refused(
+        |c| c.q = c.q.to_dtype(DType::F64).unwrap(),
+        dtype_error("q", "f32, f16 or bf16", "f64"),
+    );
 }
 
 #[test]
 fn caches_of_another_dtype_than_q_are_refused() {
-    let mut call = Call::new();
-    call.k_cache = call.k_cache.to_dtype(DType::BF16).unwrap();
-    call.v_cache = call.v_cache.to_dtype(DType::BF16).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| {
+            c.k_cache = c.k_cache.to_dtype(DType::BF16).unwrap();
+            c.v_cache = c.v_cache.to_dtype(DType::BF16).unwrap();
+        },
         dtype_error("k_cache", "f32 (the dtype of q)", "bf16"),
     );
-    let mut call = Call::new();
-    call.v_cache = call.v_cache.to_dtype(DType::F16).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.v_cache = c.v_cache.to_dtype(DType::F16).unwrap(),
         dtype_error("v_cache", "f32 (the dtype of k_cache)", "f16"),
     );
 }
 
 #[test]
 fn table_and_length_dtypes_are_checked() {
-    let mut call = Call::new();
-    call.block_tables = call.block_tables.to_dtype(DType::I64).unwrap();
-    assert_error(call.run(), dtype_error("block_tables", "u32 or i32", "i64"));
-    let mut call = Call::new();
-    call.context_lens = call.context_lens.to_dtype(DType::F32).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.block_tables = c.block_tables.to_dtype(DType::I64).unwrap(),
+        dtype_error("block_tables", "u32 or i32", "i64"),
+    );
+    Call::refused(
+        |c| c.context_lens = c.context_lens.to_dtype(DType::F32).unwrap(),
         dtype_error("context_lens", "u32 or i32 or i64", "f32"),
     );
-    let mut call = Call::new();
-    call.query_lens = call.query_lens.to_dtype(DType::U8).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.query_lens = c.query_lens.to_dtype(DType::U8).unwrap(),
         dtype_error("query_lens", "u32 or i32 or i64", "u8"),
     );
 }
 
 #[test]
 fn table_and_length_ranks_are_checked() {
-    let mut call = Call::new();
-    call.block_tables = call.block_tables.flatten_all().unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.block_tables = c.block_tables.flatten_all().unwrap(),
         shape_error("block_tables", "[batch, max_blocks]", &[4]),
     );
-    let mut call = Call::new();
-    call.context_lens = call.context_lens.reshape((2, 1)).unwrap();
-    assert_error(call.run(), shape_error("context_lens", "[batch]", &[2, 1]));
+    Call::refused(
+        |c| c.context_lens = c.context_lens.reshape((2, 1)).unwrap(),
+        shape_error("context_lens", "[batch]", &[2, 1]),
+    );
 }
 
 #[test]
 fn strided_tensors_are_refused_not_guessed() {
-    let mut call = Call::new();
-    call.q = Tensor::zeros((8, 6, 64), DType::F32, &DEV)
-        .unwrap()
-        .transpose(0, 1)
-        .unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| {
+            c.q = Tensor::zeros((8, 6, 64), DType::F32, &DEV)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+        },
         Error::NotContiguous {
             name: "q",
             shape: vec![6, 8, 64],
             stride: vec![64, 384, 1],
         },
     );
-    let mut call = Call::new();
-    // Every other K/V head of a 4-head cache: strided in the head dimension.
-    call.k_cache = Tensor::zeros((4, 16, 4, 64), DType::F32, &DEV)
-        .unwrap()
-        .narrow(2, 0, 2)
-        .unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| {
+            // Every other K/V head of a 4-head cache: strided in the head dimension.
+            c.k_cache = Tensor::zeros((4, 16, 4, 64), DType::F32, &DEV)
+                .unwrap()
+                .narrow(2, 0, 2)
+                .unwrap();
+        },
         Error::NotContiguous {
             name: "k_cache",
             shape: vec![4, 16, 2, 64],
@@ -260,10 +262,8 @@ fn block_ids_outside_the_cache_are_refused() {
         ),
         (Tensor::new(&[[3i32, 1], [-1, 0]], &DEV).unwrap(), 1, 0, -1),
     ] {
-        let mut call = Call::new();
-        call.block_tables = tables;
-        assert_error(
-            call.run(),
+        Call::refused(
+            |c| c.block_tables = tables,
             Error::BlockIdOutOfRange {
                 seq,
                 index,
@@ -280,10 +280,8 @@ fn block_ids_outside_the_cache_are_refused() {
 
 #[test]
 fn a_context_longer_than_its_table_row_is_refused() {
-    let mut call = Call::new();
-    call.context_lens = Tensor::new(&[33u32, 5], &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.context_lens = Tensor::new(&[33u32, 5], &DEV).unwrap(),
         Error::ContextExceedsBlockTable {
             seq: 0,
             context_len: 33,
@@ -296,11 +294,11 @@ fn a_context_longer_than_its_table_row_is_refused() {
 
 #[test]
 fn more_query_rows_than_keys_are_refused() {
-    let mut call = Call::new();
-    call.query_lens = Tensor::new(&[1u32, 6], &DEV).unwrap();
-    call.q = Tensor::zeros((7, 8, 64), DType::F32, &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| {
+            c.query_lens = Tensor::new(&[1u32, 6], &DEV).unwrap();
+            c.q = Tensor::zeros((7, 8, 64), DType::F32, &DEV).unwrap();
+        },
         Error::QueryLongerThanContext {
             seq: 1,
             query_len: 6,
@@ -311,10 +309,8 @@ fn more_query_rows_than_keys_are_refused() {
 
 #[test]
 fn negative_lengths_are_refused() {
-    let mut call = Call::new();
-    call.context_lens = Tensor::new(&[20i32, -5], &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.context_lens = Tensor::new(&[20i32, -5], &DEV).unwrap(),
         Error::NegativeLength {
             name: "context_lens",
             seq: 1,
@@ -325,20 +321,16 @@ fn negative_lengths_are_refused() {
 
 #[test]
 fn lengths_for_another_batch_are_refused() {
-    let mut call = Call::new();
-    call.context_lens = Tensor::new(&[20u32, 5, 1], &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.context_lens = Tensor::new(&[20u32, 5, 1], &DEV).unwrap(),
         Error::BatchLength {
             name: "context_lens",
             expected: 2,
             actual: 3,
         },
     );
-    let mut call = Call::new();
-    call.query_lens = Tensor::new(&[1u32], &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.query_lens = Tensor::new(&[1u32], &DEV).unwrap(),
         Error::BatchLength {
             name: "query_lens",
             expected: 2,
@@ -349,10 +341,8 @@ fn lengths_for_another_batch_are_refused() {
 
 #[test]
 fn q_rows_unlike_the_query_lens_are_refused() {
-    let mut call = Call::new();
-    call.q = Tensor::zeros((5, 8, 64), DType::F32, &DEV).unwrap();
-    assert_error(
-        call.run(),
+    Call::refused(
+        |c| c.q = Tensor::zeros((5, 8, 64), DType::F32, &DEV).unwrap(),
         shape_error(
             "q",
             "[6, n_heads, head_dim] (num_tokens = the sum of query_lens)",
@@ -363,17 +353,10 @@ fn q_rows_unlike_the_query_lens_are_refused() {
 
 #[test]
 fn a_scale_that_is_not_finite_is_refused() {
-    let call = Call::new();
-    let result = paged_attention(
-        &call.q,
-        &call.k_cache,
-        &call.v_cache,
-        &call.block_tables,
-        &call.context_lens,
-        Some(&call.query_lens),
-        &AttendOptions::new().with_scale(f64::NAN),
+    Call::refused(
+        |c| c.options = AttendOptions::new().with_scale(f64::NAN),
+        Error::InvalidScale { scale: f64::NAN },
     );
-    assert_error(result, Error::InvalidScale { scale: f64::NAN });
 }
 
 /// A valid write's tensors: 3 rows of 2 K/V heads of 64 into 4 pages of 16.
@@ -401,118 +384,126 @@ impl WriteCall {
         (host(&self.k_cache), host(&self.v_cache))
     }
 
-    /// Runs the write, expecting `expected`, and checks that neither cache changed.
-    fn refused(&self, expected: Error) {
-        let before = self.snapshot();
-        let result = write_kv(
+    /// Runs the valid write with `change` made to it, expecting `expected`, and checks that
+    /// neither cache changed.
+    fn refused(change: impl FnOnce(&mut Self), expected: Error) {
+        let mut call = Self::new();
+        change(&mut call);
+        let before = call.snapshot();
+        assert_error(call.run(), expected);
+        assert!(before == call.snapshot(), "a refused write changed a cache");
+    }
+
+    fn run(&self) -> candle_core::Result<()> {
+        write_kv(
             &self.k,
             &self.v,
             &self.k_cache,
             &self.v_cache,
             &self.slot_mapping,
-        );
-        assert_error(result, expected);
-        assert!(before == self.snapshot(), "a refused write changed a cache");
+        )
     }
 }
 
 #[test]
 fn the_valid_write_runs() {
-    let call = WriteCall::new();
-    write_kv(
-        &call.k,
-        &call.v,
-        &call.k_cache,
-        &call.v_cache,
-        &call.slot_mapping,
-    )
-    .unwrap();
+    WriteCall::new().run().unwrap();
 }
 
 #[test]
 fn a_slot_past_the_cache_is_refused_and_nothing_is_written() {
-    let mut call = WriteCall::new();
-    call.slot_mapping = Tensor::new(&[5i64, 64, 2], &DEV).unwrap();
-    call.refused(Error::SlotOutOfRange {
-        token: 1,
-        slot: 64,
-        num_slots: 64,
-    });
+    WriteCall::refused(
+        |c| c.slot_mapping = Tensor::new(&[5i64, 64, 2], &DEV).unwrap(),
+        Error::SlotOutOfRange {
+            token: 1,
+            slot: 64,
+            num_slots: 64,
+        },
+    );
 }
 
 #[test]
 fn a_slot_mapping_for_another_row_count_is_refused() {
-    let mut call = WriteCall::new();
-    call.slot_mapping = Tensor::new(&[5i64, 6], &DEV).unwrap();
-    call.refused(shape_error(
-        "slot_mapping",
-        "[3] (one slot per row of k)",
-        &[2],
-    ));
-    call.slot_mapping = Tensor::new(&[5.0f32, 6.0, 7.0], &DEV).unwrap();
-    call.refused(dtype_error("slot_mapping", "i64 or i32 or u32", "f32"));
+    WriteCall::refused(
+        |c| c.slot_mapping = Tensor::new(&[5i64, 6], &DEV).unwrap(),
+        shape_error("slot_mapping", "[3] (one slot per row of k)", &[2]),
+    );
+    WriteCall::refused(
+        |c| c.slot_mapping = Tensor::new(&[5.0f32, 6.0, 7.0], &DEV).unwrap(),
+        dtype_error("slot_mapping", "i64 or i32 or u32", "f32"),
+    );
 }
 
 #[test]
 fn rows_shaped_unlike_the_caches_are_refused() {
-    let mut call = WriteCall::new();
-    call.k = Tensor::zeros((3, 4, 64), DType::F32, &DEV).unwrap();
-    call.refused(shape_error(
-        "k",
-        "[num_tokens, 2, 64] (n_kv_heads, head_dim of k_cache)",
-        &[3, 4, 64],
-    ));
-    let mut call = WriteCall::new();
-    call.v = Tensor::zeros((2, 2, 64), DType::F32, &DEV).unwrap();
-    call.refused(shape_error("v", "[3, 2, 64]", &[2, 2, 64]));
+    WriteCall::refused(
+        |c| c.k = Tensor::zeros((3, 4, 64), DType::F32, &DEV).unwrap(),
+        shape_error(
+            "k",
+            "[num_tokens, 2, 64] (n_kv_heads, head_dim of k_cache)",
+            &[3, 4, 64],
+        ),
+    );
+    WriteCall::refused(
+        |c| c.v = Tensor::zeros((2, 2, 64), DType::F32, &DEV).unwrap(),
+        shape_error("v", "[3, 2, 64]", &[2, 2, 64]),
+    );
 }
 
 #[test]
 fn rows_of_another_dtype_than_the_caches_are_refused() {
-    let mut call = WriteCall::new();
-    call.v = call.v.to_dtype(DType::BF16).unwrap();
-    call.refused(dtype_error("v", "f32 (the dtype of k_cache)", "bf16"));
+    WriteCall::refused(
+        |c| c.v = c.v.to_dtype(DType::BF16).unwrap(),
+        dtype_error("v", "f32 (the dtype of k_cache)", "bf16"),
+    );
 }
 
 #[test]
 fn a_cache_aliasing_an_input_is_refused_and_nothing_is_written() {
     // k is a view of k_cache's storage.
-    let mut call = WriteCall::new();
-    call.k = call.k_cache.i(0).unwrap().narrow(0, 0, 3).unwrap();
-    call.refused(Error::Aliased {
-        written: "k_cache",
-        other: "k",
-    });
+    WriteCall::refused(
+        |c| c.k = c.k_cache.i(0).unwrap().narrow(0, 0, 3).unwrap(),
+        Error::Aliased {
+            written: "k_cache",
+            other: "k",
+        },
+    );
     // v is a view of v_cache.
-    let mut call = WriteCall::new();
-    call.v = call.v_cache.i(2).unwrap().narrow(0, 4, 3).unwrap();
-    call.refused(Error::Aliased {
-        written: "v_cache",
-        other: "v",
-    });
+    WriteCall::refused(
+        |c| c.v = c.v_cache.i(2).unwrap().narrow(0, 4, 3).unwrap(),
+        Error::Aliased {
+            written: "v_cache",
+            other: "v",
+        },
+    );
     // v is a view of k_cache.
-    let mut call = WriteCall::new();
-    call.v = call.k_cache.i(3).unwrap().narrow(0, 0, 3).unwrap();
-    call.refused(Error::Aliased {
-        written: "k_cache",
-        other: "v",
-    });
+    WriteCall::refused(
+        |c| c.v = c.k_cache.i(3).unwrap().narrow(0, 0, 3).unwrap(),
+        Error::Aliased {
+            written: "k_cache",
+            other: "v",
+        },
+    );
     // The same tensor as both caches.
-    let mut call = WriteCall::new();
-    call.v_cache = call.k_cache.clone();
-    call.refused(Error::Aliased {
-        written: "k_cache",
-        other: "v_cache",
-    });
+    WriteCall::refused(
+        |c| c.v_cache = c.k_cache.clone(),
+        Error::Aliased {
+            written: "k_cache",
+            other: "v_cache",
+        },
+    );
     // Overlapping views of one storage.
     let pages = Tensor::randn(0f32, 1., (5, 16, 2, 64), &DEV).unwrap();
-    let mut call = WriteCall::new();
-    call.k_cache = pages.narrow(0, 0, 4).unwrap();
-    call.v_cache = pages.narrow(0, 1, 4).unwrap();
-    call.refused(Error::Aliased {
-        written: "k_cache",
-        other: "v_cache",
-    });
+    WriteCall::refused(
+        |c| {
+            c.k_cache = pages.narrow(0, 0, 4).unwrap();
+            c.v_cache = pages.narrow(0, 1, 4).unwrap();
+        },
+        Error::Aliased {
+            written: "k_cache",
+            other: "v_cache",
+        },
+    );
 }
 
 #[test]
@@ -543,14 +534,7 @@ fn disjoint_views_of_one_storage_are_two_caches() {
 
 #[test]
 fn cache_plans_are_checked_against_the_cache() {
-    let config = CacheConfig::new(
-        GqaShape::new(8, 2, 64).unwrap(),
-        2,
-        16,
-        paged_gqa::DType::F32,
-    )
-    .unwrap();
-    let mut cache = PagedCache::new(CandleStorage::new(config, 4, &DEV).unwrap()).unwrap();
+    let mut cache = candle_common::small_cache(2, paged_gqa::DType::F32);
     let seq = cache.add_sequence();
     let plan = cache.plan(&[(seq, 3)]).unwrap();
     let rows = Tensor::zeros((3, 2, 64), DType::F32, &DEV).unwrap();

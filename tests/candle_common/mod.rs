@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
+use paged_gqa::cache::{CacheConfig, PagedCache};
+use paged_gqa::candle::CandleStorage;
 use paged_gqa::cpu::{Accumulation, Conditioning, RoundingModel};
 use paged_gqa::{GqaShape, SeqLens};
 use rand::rngs::{SmallRng, StdRng};
@@ -479,6 +481,18 @@ pub const PAGES: [usize; 3] = [1, 16, 256];
 
 /// Element types of the parity tests.
 pub const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// The small cache of the cache tests: 8 query heads over 2 K/V heads of 64, `layers` layers,
+/// pages of 16 in `dtype`, 4 of them on the CPU.
+pub fn small_cache(layers: usize, dtype: paged_gqa::DType) -> PagedCache<CandleStorage> {
+    let storage = CandleStorage::new(small_config(layers, dtype), 4, &Device::Cpu).unwrap();
+    PagedCache::new(storage).unwrap()
+}
+
+/// The configuration of [`small_cache`].
+pub fn small_config(layers: usize, dtype: paged_gqa::DType) -> CacheConfig {
+    CacheConfig::new(GqaShape::new(8, 2, 64).unwrap(), layers, 16, dtype).unwrap()
+}
 
 /// The text of a candle error, which must carry the crate's error message.
 pub fn assert_error<T: std::fmt::Debug>(result: Result<T>, expected: paged_gqa::Error) {
