@@ -123,27 +123,26 @@ impl Raw {
     }
 
     fn i32(shape: Vec<usize>, values: &[i32]) -> Self {
-        Self {
-            dtype: Dtype::I32,
-            shape,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }
+        Self::little_endian(Dtype::I32, shape, values, i32::to_le_bytes)
     }
 
     fn i64(shape: Vec<usize>, values: &[i64]) -> Self {
-        Self {
-            dtype: Dtype::I64,
-            shape,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }
+        Self::little_endian(Dtype::I64, shape, values, i64::to_le_bytes)
     }
 
     fn f32(shape: Vec<usize>, values: &[f32]) -> Self {
-        Self {
-            dtype: Dtype::F32,
-            shape,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }
+        Self::little_endian(Dtype::F32, shape, values, f32::to_le_bytes)
+    }
+
+    /// `values` stored as `dtype`, each as `bytes` writes it (little-endian, as the file holds it).
+    fn little_endian<T: Copy, const N: usize>(
+        dtype: Dtype,
+        shape: Vec<usize>,
+        values: &[T],
+        bytes: fn(T) -> [u8; N],
+    ) -> Self {
+        let data = values.iter().flat_map(|&v| bytes(v)).collect();
+        Self { dtype, shape, data }
     }
 }
 
@@ -630,7 +629,8 @@ fn assert_kernel_rows(test: &str, case: &Case, got: &(Vec<f64>, Vec<f64>), scale
     assert!(lse_err < 1e-3, "{test}: lse max |diff| {lse_err:e}");
 }
 
-/// Writes `case` (with `metadata`), runs the CPU backend, checks success and returns OUT.
+/// Writes `case` (with `metadata`), runs `extra` (the CPU backend unless it names another),
+/// checks success and returns OUT.
 fn run_valid(
     test: &str,
     dir: &Workdir,
@@ -638,8 +638,21 @@ fn run_valid(
     metadata: Option<HashMap<String, String>>,
     extra: &[&str],
 ) -> (Vec<f64>, Vec<f64>) {
+    run_tensors(test, dir, case, &case.tensors(), metadata, extra)
+}
+
+/// Writes `tensors` (with `metadata`) as the case file in `dir`, runs `extra`, checks success
+/// and returns OUT, shaped as `case`'s output.
+fn run_tensors(
+    test: &str,
+    dir: &Workdir,
+    case: &Case,
+    tensors: &Tensors,
+    metadata: Option<HashMap<String, String>>,
+    extra: &[&str],
+) -> (Vec<f64>, Vec<f64>) {
     let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
-    write_case(&case_path, &case.tensors(), metadata);
+    write_case(&case_path, tensors, metadata);
     let output = attend(&case_path, &out_path, extra);
     assert!(
         output.status.success(),
@@ -822,19 +835,11 @@ fn metadata_and_tensor_variants_are_applied() {
         ),
     ];
     for (what, meta, extra, variants) in cases {
-        let dir = Workdir::new(test);
+        let what = format!("{test}: {what}");
         let mut tensors = case.tensors();
         tensors.extend(extra.into_iter().map(|(name, raw)| (name.to_string(), raw)));
-        let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
-        write_case(&case_path, &tensors, meta);
-        let output = attend(&case_path, &out_path, &[]);
-        assert!(output.status.success(), "{what}: {}", stderr(&output));
-        let got = read_output(&out_path, &case);
-        assert_matches(
-            &format!("{test}: {what}"),
-            &got,
-            &reference_with(&case, &variants),
-        );
+        let got = run_tensors(&what, &Workdir::new(test), &case, &tensors, meta, &[]);
+        assert_matches(&what, &got, &reference_with(&case, &variants));
         // Each variant moves the result far beyond the tolerance: the match means it was used.
         let apart = relative_l2(&got.0, &plain.out).max(max_abs(&got.1, &plain.lse));
         assert!(
@@ -925,13 +930,13 @@ fn minus_one_padding_past_the_used_blocks_is_accepted() {
 // ---------------------------------------------------------------------------------------------
 // --backend cuda.
 
-/// Runs `case` with `--backend cuda` where the CLI must refuse it: exit 1, every needle on
-/// stderr, no output file.
-fn assert_cuda_refuses(test: &str, case: &Case, needles: &[&str]) {
+/// Runs `case` with `--backend BACKEND` (cuda or sim) where the CLI must refuse it: exit 1,
+/// every needle on stderr, no output file.
+fn assert_backend_refuses(test: &str, case: &Case, backend: &str, needles: &[&str]) {
     let dir = Workdir::new(test);
     let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
     write_case(&case_path, &case.tensors(), None);
-    let output = attend(&case_path, &out_path, &["--backend", "cuda"]);
+    let output = attend(&case_path, &out_path, &["--backend", backend]);
     assert_refused(test, &output, 1, needles, &out_path);
     assert_eq!(
         dir.files(),
@@ -975,7 +980,7 @@ fn decode_geometry() -> Geometry {
 fn cuda_backend_refuses_f32_cases() {
     let test = "cuda_backend_refuses_f32_cases";
     let case = Case::random(&mut common::rng(test), decode_geometry(), Dtype::F32);
-    assert_cuda_refuses(test, &case, &["F16 or all BF16", "F32"]);
+    assert_backend_refuses(test, &case, "cuda", &["F16 or all BF16", "F32"]);
 }
 
 /// With a GPU, the CUDA attention of a bf16 case (decode rows and a 4-token chunk) matches the
@@ -988,7 +993,7 @@ fn cuda_backend_attends_on_a_gpu_or_says_cuda_is_unavailable() {
     let test = "cuda_backend_attends_on_a_gpu_or_says_cuda_is_unavailable";
     let case = Case::random(&mut common::rng(test), Geometry::default(), Dtype::BF16);
     match common::gpu_or_skip(test) {
-        None => assert_cuda_refuses(test, &case, &["CUDA is unavailable"]),
+        None => assert_backend_refuses(test, &case, "cuda", &["CUDA is unavailable"]),
         Some(_) => {
             let dir = Workdir::new(test);
             let got = run_valid(test, &dir, &case, None, &["--backend", "cuda"]);
@@ -1022,17 +1027,7 @@ fn sim_backend_replays_a_case_through_the_kernels() {
 fn sim_backend_refuses_f32_cases() {
     let test = "sim_backend_refuses_f32_cases";
     let case = Case::random(&mut common::rng(test), decode_geometry(), Dtype::F32);
-    let dir = Workdir::new(test);
-    let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
-    write_case(&case_path, &case.tensors(), None);
-    let output = attend(&case_path, &out_path, &["--backend", "sim"]);
-    assert_eq!(output.status.code(), Some(1), "{test}: {}", stderr(&output));
-    assert!(
-        stderr(&output).contains("F16 or all BF16"),
-        "{test}: {}",
-        stderr(&output)
-    );
-    assert_eq!(dir.files(), [CASE], "{test}: files left");
+    assert_backend_refuses(test, &case, "sim", &["F16 or all BF16"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1080,40 +1075,70 @@ fn default_case(test: &str) -> Case {
     case_of(test, Geometry::default())
 }
 
+/// The tensors of the default case of `test`, broken by `breaks` (what it returns, a removed or
+/// replaced tensor, is dropped), must be rejected, naming every needle.
+fn assert_broken_rejected<R>(
+    test: &str,
+    breaks: impl FnOnce(&Case, &mut Tensors) -> R,
+    needles: &[&str],
+) {
+    let case = default_case(test);
+    let mut tensors = case.tensors();
+    breaks(&case, &mut tensors);
+    assert_rejected(test, &tensors, None, needles);
+}
+
+/// The default case of `test` with the metadata `scale` must be rejected, naming every needle.
+fn assert_scale_rejected(test: &str, scale: &str, needles: &[&str]) {
+    assert_rejected(
+        test,
+        &default_case(test).tensors(),
+        scale_metadata(scale),
+        needles,
+    );
+}
+
 #[test]
 fn missing_q_is_rejected() {
     let test = "missing_q_is_rejected";
-    let mut tensors = default_case(test).tensors();
-    tensors.remove("q");
-    assert_rejected(test, &tensors, None, &["`q`", "missing"]);
+    assert_broken_rejected(test, |_, t| t.remove("q"), &["`q`", "missing"]);
 }
 
 #[test]
 fn missing_block_tables_is_rejected() {
     let test = "missing_block_tables_is_rejected";
-    let mut tensors = default_case(test).tensors();
-    tensors.remove("block_tables");
-    assert_rejected(test, &tensors, None, &["`block_tables`", "missing"]);
+    assert_broken_rejected(
+        test,
+        |_, t| t.remove("block_tables"),
+        &["`block_tables`", "missing"],
+    );
 }
 
 #[test]
 fn q_of_rank_2_is_rejected() {
     let test = "q_of_rank_2_is_rejected";
-    let case = default_case(test);
-    let mut tensors = case.tensors();
-    tensors.get_mut("q").unwrap().shape = vec![case.num_tokens(), case.g.n_heads * case.g.head_dim];
-    assert_rejected(test, &tensors, None, &["`q`", "rank 2", "[6, 512]"]);
+    assert_broken_rejected(
+        test,
+        |case, t| {
+            t.get_mut("q").unwrap().shape =
+                vec![case.num_tokens(), case.g.n_heads * case.g.head_dim]
+        },
+        &["`q`", "rank 2", "[6, 512]"],
+    );
 }
 
 #[test]
 fn k_cache_of_rank_3_is_rejected() {
     let test = "k_cache_of_rank_3_is_rejected";
-    let case = default_case(test);
-    let mut tensors = case.tensors();
-    let g = &case.g;
-    tensors.get_mut("k_cache").unwrap().shape =
-        vec![case.num_blocks * g.block_size, g.n_kv_heads, g.head_dim];
-    assert_rejected(test, &tensors, None, &["`k_cache`", "rank 3"]);
+    assert_broken_rejected(
+        test,
+        |case, t| {
+            let g = &case.g;
+            t.get_mut("k_cache").unwrap().shape =
+                vec![case.num_blocks * g.block_size, g.n_kv_heads, g.head_dim];
+        },
+        &["`k_cache`", "rank 3"],
+    );
 }
 
 #[test]
@@ -1132,11 +1157,14 @@ fn v_cache_shape_differing_from_k_cache_is_rejected() {
 #[test]
 fn q_head_dim_differing_from_the_cache_is_rejected() {
     let test = "q_head_dim_differing_from_the_cache_is_rejected";
-    let case = default_case(test);
-    let mut tensors = case.tensors();
-    // The same elements as [num_tokens, 2 * n_heads, head_dim / 2].
-    tensors.get_mut("q").unwrap().shape = vec![case.num_tokens(), 16, 32];
-    assert_rejected(test, &tensors, None, &["`q`", "dimension 2", "32", "64"]);
+    assert_broken_rejected(
+        test,
+        |case, t| {
+            // The same elements as [num_tokens, 2 * n_heads, head_dim / 2].
+            t.get_mut("q").unwrap().shape = vec![case.num_tokens(), 16, 32];
+        },
+        &["`q`", "dimension 2", "32", "64"],
+    );
 }
 
 #[test]
@@ -1169,50 +1197,57 @@ fn head_dim_not_a_multiple_of_8_is_rejected() {
 #[test]
 fn block_tables_of_dtype_f32_is_rejected() {
     let test = "block_tables_of_dtype_f32_is_rejected";
-    let case = default_case(test);
-    let mut tensors = case.tensors();
-    let values: Vec<f32> = case.block_tables.iter().map(|&b| b as f32).collect();
-    tensors.insert(
-        "block_tables".into(),
-        Raw::f32(vec![case.batch(), case.max_blocks], &values),
+    assert_broken_rejected(
+        test,
+        |case, t| {
+            let values: Vec<f32> = case.block_tables.iter().map(|&b| b as f32).collect();
+            t.insert(
+                "block_tables".into(),
+                Raw::f32(vec![case.batch(), case.max_blocks], &values),
+            )
+        },
+        &["`block_tables`", "F32", "I32"],
     );
-    assert_rejected(test, &tensors, None, &["`block_tables`", "F32", "I32"]);
 }
 
 #[test]
 fn block_tables_of_dtype_i64_is_rejected() {
     let test = "block_tables_of_dtype_i64_is_rejected";
-    let case = default_case(test);
-    let mut tensors = case.tensors();
-    let values: Vec<i64> = case.block_tables.iter().map(|&b| b.into()).collect();
-    tensors.insert(
-        "block_tables".into(),
-        Raw::i64(vec![case.batch(), case.max_blocks], &values),
+    assert_broken_rejected(
+        test,
+        |case, t| {
+            let values: Vec<i64> = case.block_tables.iter().map(|&b| b.into()).collect();
+            t.insert(
+                "block_tables".into(),
+                Raw::i64(vec![case.batch(), case.max_blocks], &values),
+            )
+        },
+        &["`block_tables`", "I64", "I32"],
     );
-    assert_rejected(test, &tensors, None, &["`block_tables`", "I64", "I32"]);
 }
 
 #[test]
 fn q_of_an_int_dtype_is_rejected() {
     let test = "q_of_an_int_dtype_is_rejected";
-    let mut tensors = default_case(test).tensors();
-    tensors.get_mut("q").unwrap().dtype = Dtype::I32; // same byte count as the f32 values
-    assert_rejected(test, &tensors, None, &["`q`", "I32"]);
+    // I32: the same byte count as the f32 values.
+    assert_broken_rejected(
+        test,
+        |_, t| t.get_mut("q").unwrap().dtype = Dtype::I32,
+        &["`q`", "I32"],
+    );
 }
 
 #[test]
 fn context_lens_length_differing_from_the_batch_is_rejected() {
     let test = "context_lens_length_differing_from_the_batch_is_rejected";
-    let case = default_case(test);
-    let mut tensors = case.tensors();
-    tensors.insert(
-        "context_lens".into(),
-        Raw::i32(vec![2], &case.g.context_lens[..2]),
-    );
-    assert_rejected(
+    assert_broken_rejected(
         test,
-        &tensors,
-        None,
+        |case, t| {
+            t.insert(
+                "context_lens".into(),
+                Raw::i32(vec![2], &case.g.context_lens[..2]),
+            )
+        },
         &["`context_lens`", "is 2", "expected 3"],
     );
 }
@@ -1220,13 +1255,9 @@ fn context_lens_length_differing_from_the_batch_is_rejected() {
 #[test]
 fn query_lens_length_differing_from_the_batch_is_rejected() {
     let test = "query_lens_length_differing_from_the_batch_is_rejected";
-    let case = default_case(test);
-    let mut tensors = case.tensors();
-    tensors.insert("query_lens".into(), Raw::i32(vec![4], &[1, 1, 4, 0]));
-    assert_rejected(
+    assert_broken_rejected(
         test,
-        &tensors,
-        None,
+        |_, t| t.insert("query_lens".into(), Raw::i32(vec![4], &[1, 1, 4, 0])),
         &["`query_lens`", "is 4", "expected 3"],
     );
 }
@@ -1275,13 +1306,10 @@ fn query_len_greater_than_context_len_is_rejected() {
 #[test]
 fn sum_of_query_lens_differing_from_q_tokens_is_rejected() {
     let test = "sum_of_query_lens_differing_from_q_tokens_is_rejected";
-    let case = default_case(test); // q has 6 rows
-    let mut tensors = case.tensors();
-    tensors.insert("query_lens".into(), Raw::i32(vec![3], &[1, 1, 3]));
-    assert_rejected(
+    assert_broken_rejected(
         test,
-        &tensors,
-        None,
+        // q has 6 rows
+        |_, t| t.insert("query_lens".into(), Raw::i32(vec![3], &[1, 1, 3])),
         &["`q`", "dimension 0", "is 6", "expected 5", "query_lens"],
     );
 }
@@ -1313,21 +1341,20 @@ fn negative_block_id_in_the_used_part_is_rejected() {
 #[test]
 fn context_longer_than_its_block_table_is_rejected() {
     let test = "context_longer_than_its_block_table_is_rejected";
-    let case = default_case(test); // context_lens [1, 16, 37]: 3 pages of 16 for the last
-    let mut tensors = case.tensors();
-    let two_columns: Vec<i32> = case
-        .block_tables
-        .chunks(case.max_blocks)
-        .flat_map(|row| row[..2].to_vec())
-        .collect();
-    tensors.insert(
-        "block_tables".into(),
-        Raw::i32(vec![case.batch(), 2], &two_columns),
-    );
-    assert_rejected(
+    // context_lens [1, 16, 37]: 3 pages of 16 for the last.
+    assert_broken_rejected(
         test,
-        &tensors,
-        None,
+        |case, t| {
+            let two_columns: Vec<i32> = case
+                .block_tables
+                .chunks(case.max_blocks)
+                .flat_map(|row| row[..2].to_vec())
+                .collect();
+            t.insert(
+                "block_tables".into(),
+                Raw::i32(vec![case.batch(), 2], &two_columns),
+            )
+        },
         &[
             "block_tables",
             "context_lens[2] = 37",
@@ -1339,36 +1366,27 @@ fn context_longer_than_its_block_table_is_rejected() {
 
 #[test]
 fn non_numeric_scale_is_rejected() {
-    let test = "non_numeric_scale_is_rejected";
-    let tensors = default_case(test).tensors();
-    assert_rejected(
-        test,
-        &tensors,
-        scale_metadata("abc"),
+    assert_scale_rejected(
+        "non_numeric_scale_is_rejected",
+        "abc",
         &["`scale`", "\"abc\""],
     );
 }
 
 #[test]
 fn infinite_scale_is_rejected() {
-    let test = "infinite_scale_is_rejected";
-    let tensors = default_case(test).tensors();
-    assert_rejected(
-        test,
-        &tensors,
-        scale_metadata("inf"),
+    assert_scale_rejected(
+        "infinite_scale_is_rejected",
+        "inf",
         &["`scale`", "\"inf\"", "finite"],
     );
 }
 
 #[test]
 fn nan_scale_is_rejected() {
-    let test = "nan_scale_is_rejected";
-    let tensors = default_case(test).tensors();
-    assert_rejected(
-        test,
-        &tensors,
-        scale_metadata("NaN"),
+    assert_scale_rejected(
+        "nan_scale_is_rejected",
+        "NaN",
         &["`scale`", "\"NaN\"", "finite"],
     );
 }
@@ -1486,16 +1504,7 @@ fn run_fp8(
     fp8: &Fp8,
     extra: &[&str],
 ) -> (Vec<f64>, Vec<f64>) {
-    let (case_path, out_path) = (dir.path(CASE), dir.path(OUT));
-    write_case(&case_path, &fp8_tensors(case, fp8), None);
-    let output = attend(&case_path, &out_path, extra);
-    assert!(
-        output.status.success(),
-        "{test}: exit {:?}, stderr:\n{}",
-        output.status.code(),
-        stderr(&output)
-    );
-    read_output(&out_path, case)
+    run_tensors(test, dir, case, &fp8_tensors(case, fp8), None, extra)
 }
 
 /// f32, f16 and bf16 queries over e4m3 and e5m2 caches: the CPU backend matches the definition
