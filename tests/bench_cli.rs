@@ -4,12 +4,21 @@
 
 use std::process::Command;
 
-fn bench(args: &[&str]) -> std::process::Output {
+/// `paged-gqa COMMAND ARGS`.
+fn paged_gqa(command: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_paged-gqa"))
-        .arg("bench")
+        .arg(command)
         .args(args)
         .output()
         .unwrap()
+}
+
+fn bench(args: &[&str]) -> std::process::Output {
+    paged_gqa("bench", args)
+}
+
+fn profile(args: &[&str]) -> std::process::Output {
+    paged_gqa("profile", args)
 }
 
 /// `paged-gqa bench ARGS`, which must succeed: its stdout.
@@ -42,31 +51,42 @@ fn temp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("paged-gqa-bench-{}-{name}", std::process::id()))
 }
 
+/// `run(ARGS --json FILE)` (`bench_ok` or `profile_ok`), FILE `name` in the temp dir: the run's
+/// stdout and the JSON it wrote (the file then removed).
+fn with_json(run: fn(&[&str]) -> String, name: &str, args: &[&str]) -> (String, serde_json::Value) {
+    let json = temp(name);
+    let stdout = run(&[args, &["--json", json.to_str().unwrap()]].concat());
+    let value = read_json(&json);
+    let _ = std::fs::remove_file(json);
+    (stdout, value)
+}
+
 #[test]
 fn a_cpu_sweep_prints_the_table_and_writes_json_and_svg() {
-    let (json, svg) = (temp("records.json"), temp("plot.svg"));
-    let stdout = bench_ok(&[
-        "--backend",
-        "cpu",
-        "--model",
-        "Qwen2.5-0.5B",
-        "--batch",
-        "1,2",
-        "--context",
-        "64,300",
-        "--iters",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-        "--svg",
-        svg.to_str().unwrap(),
-    ]);
+    let svg = temp("plot.svg");
+    let (stdout, records) = with_json(
+        bench_ok,
+        "records.json",
+        &[
+            "--backend",
+            "cpu",
+            "--model",
+            "Qwen2.5-0.5B",
+            "--batch",
+            "1,2",
+            "--context",
+            "64,300",
+            "--iters",
+            "1",
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+    );
     assert!(
         stdout.contains("speedup") && stdout.contains("Qwen2.5-0.5B"),
         "{stdout}"
     );
 
-    let records: serde_json::Value = read_json(&json);
     let records = records.as_array().unwrap();
     assert_eq!(records.len(), 4, "2 batches x 2 contexts");
     for r in records {
@@ -103,29 +123,29 @@ fn a_cpu_sweep_prints_the_table_and_writes_json_and_svg() {
         plot.starts_with("<svg") && plot.contains("Qwen2.5-0.5B b2 fused"),
         "not the expected SVG"
     );
-    let _ = (std::fs::remove_file(json), std::fs::remove_file(svg));
+    let _ = std::fs::remove_file(svg);
 }
 
 #[test]
 fn a_cpu_prefill_sweep_reports_tflops() {
-    let json = temp("prefill.json");
-    bench_ok(&[
-        "--backend",
-        "cpu",
-        "--mode",
-        "prefill",
-        "--model",
-        "Qwen2.5-0.5B",
-        "--batch",
-        "1",
-        "--context",
-        "40,100",
-        "--iters",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let records: serde_json::Value = read_json(&json);
+    let (_, records) = with_json(
+        bench_ok,
+        "prefill.json",
+        &[
+            "--backend",
+            "cpu",
+            "--mode",
+            "prefill",
+            "--model",
+            "Qwen2.5-0.5B",
+            "--batch",
+            "1",
+            "--context",
+            "40,100",
+            "--iters",
+            "1",
+        ],
+    );
     for r in records.as_array().unwrap() {
         assert_eq!(r["mode"], "prefill");
         // The causal region of an n-token prompt: n (n + 1) / 2 pairs, 4 * head_dim * n_heads each.
@@ -136,7 +156,6 @@ fn a_cpu_prefill_sweep_reports_tflops() {
         );
         assert!(r["tflops"].as_f64().unwrap() > 0.0);
     }
-    let _ = std::fs::remove_file(json);
 }
 
 #[test]
@@ -172,14 +191,12 @@ fn bad_bench_options_are_errors() {
 /// layout; gpt-oss-20b's sliding layer, only its window).
 #[test]
 fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
-    let json = temp("sim-records.json");
     let run = |args: &[&str]| {
-        let stdout = bench_ok(args);
+        let (stdout, records) = with_json(bench_ok, "sim-records.json", args);
         assert!(
             stdout.contains("emulated ms") && stdout.contains("EMULATION"),
             "{stdout}"
         );
-        let records: serde_json::Value = read_json(&json);
         records.as_array().unwrap().clone()
     };
     let ratio = |r: &serde_json::Value| {
@@ -201,8 +218,6 @@ fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
         "2",
         "--context",
         "300",
-        "--json",
-        json.to_str().unwrap(),
     ]);
     assert_eq!(decode.len(), 4);
     // gpt-oss-20b's layer 0 slides over 128 keys: that is all it needs and all it fetches.
@@ -225,8 +240,6 @@ fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
         "1",
         "--context",
         "256",
-        "--json",
-        json.to_str().unwrap(),
     ]);
     // 256 rows x group 4 in blocks of 64 rows (16 query rows): 16 blocks per K/V head, block b
     // reading exactly the keys up to its last row's causal limit, 16 (b + 1) (tiles above the
@@ -240,7 +253,6 @@ fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
         needed * per_block_keys / 256,
         "prefill fetched {fetched}, needed {needed}"
     );
-    let _ = std::fs::remove_file(&json);
 }
 
 /// `--kv-dtype fp8-e4m3|fp8-e5m2` on the emulator: the table and the records carry the page
@@ -248,34 +260,35 @@ fn sim_sweep_counts_kv_traffic_and_labels_times_as_emulation() {
 /// the same shapes (Llama-3-8B and Qwen2-7B decode on CUDA cores, a prefill on tensor cores).
 #[test]
 fn sim_sweep_with_fp8_pages_fetches_half_the_bytes_of_bf16() {
-    let run = |kv_dtype: &str, mode: &str, json: &std::path::Path| {
-        let stdout = bench_ok(&[
-            "--backend",
-            "sim",
-            "--mode",
-            mode,
-            "--model",
-            "Llama-3-8B",
-            "--model",
-            "Qwen2-7B",
-            "--batch",
-            "2",
-            "--context",
-            "200",
-            "--kv-dtype",
-            kv_dtype,
-            "--json",
-            json.to_str().unwrap(),
-        ]);
+    let run = |kv_dtype: &str, mode: &str| {
+        let json = format!("fp8-{mode}.json");
+        let (stdout, records) = with_json(
+            bench_ok,
+            &json,
+            &[
+                "--backend",
+                "sim",
+                "--mode",
+                mode,
+                "--model",
+                "Llama-3-8B",
+                "--model",
+                "Qwen2-7B",
+                "--batch",
+                "2",
+                "--context",
+                "200",
+                "--kv-dtype",
+                kv_dtype,
+            ],
+        );
         assert!(stdout.contains("KV dtype"), "{stdout}");
-        let records: serde_json::Value = read_json(json);
         (stdout, records.as_array().unwrap().clone())
     };
     for mode in ["decode", "prefill"] {
-        let json = temp(&format!("fp8-{mode}.json"));
-        let (_, bf16) = run("auto", mode, &json);
+        let (_, bf16) = run("auto", mode);
         for kv_dtype in ["fp8-e4m3", "fp8-e5m2"] {
-            let (stdout, fp8) = run(kv_dtype, mode, &json);
+            let (stdout, fp8) = run(kv_dtype, mode);
             assert!(stdout.contains(kv_dtype), "{stdout}");
             assert_eq!(fp8.len(), bf16.len());
             for (f, b) in fp8.iter().zip(&bf16) {
@@ -307,67 +320,58 @@ fn sim_sweep_with_fp8_pages_fetches_half_the_bytes_of_bf16() {
                 assert!(f["baseline_ms"].is_null(), "{f}");
             }
         }
-        let _ = std::fs::remove_file(&json);
     }
 }
 
 /// The CPU fallback over fp8 pages, fused and naive (its scales repeated with the heads).
 #[test]
 fn cpu_sweep_with_fp8_pages_reports_the_page_dtype() {
-    let json = temp("cpu-fp8.json");
-    let stdout = bench_ok(&[
-        "--backend",
-        "cpu",
-        "--model",
-        "Qwen2.5-0.5B",
-        "--batch",
-        "1",
-        "--context",
-        "100",
-        "--iters",
-        "1",
-        "--kv-dtype",
-        "fp8-e5m2",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (stdout, records) = with_json(
+        bench_ok,
+        "cpu-fp8.json",
+        &[
+            "--backend",
+            "cpu",
+            "--model",
+            "Qwen2.5-0.5B",
+            "--batch",
+            "1",
+            "--context",
+            "100",
+            "--iters",
+            "1",
+            "--kv-dtype",
+            "fp8-e5m2",
+        ],
+    );
     assert!(stdout.contains("fp8-e5m2"), "{stdout}");
-    let records: serde_json::Value = read_json(&json);
     let r = &records[0];
     assert_eq!(r["kv_dtype"], "fp8-e5m2");
     // 2 K/V heads of 64, 1 byte each, K and V.
     assert_eq!(r["kv_bytes_per_token"], 2 * 2 * 64);
     assert_eq!(r["kv_bytes"], 100 * 2 * 2 * 64);
     assert!(r["baseline_ms"].as_f64().unwrap() > 0.0);
-    let _ = std::fs::remove_file(json);
     let bad = bench(&["--backend", "cpu", "--kv-dtype", "fp8"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("fp8-e4m3"));
 }
 
-fn profile(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_paged-gqa"))
-        .arg("profile")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
-    let json = temp("profile.json");
-    let stdout = profile_ok(&[
-        "--model",
-        "Qwen2.5-0.5B",
-        "--batch",
-        "2",
-        "--context",
-        "300",
-        "--kernels",
-        "cuda-cores",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (stdout, v) = with_json(
+        profile_ok,
+        "profile.json",
+        &[
+            "--model",
+            "Qwen2.5-0.5B",
+            "--batch",
+            "2",
+            "--context",
+            "300",
+            "--kernels",
+            "cuda-cores",
+        ],
+    );
     for needle in [
         "EMULATOR COUNTS",
         "MODEL PREDICTIONS",
@@ -380,7 +384,6 @@ fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
     ] {
         assert!(stdout.contains(needle), "missing {needle}: {stdout}");
     }
-    let v: serde_json::Value = read_json(&json);
     let launches = v["launches"].as_array().unwrap();
     let attend = launches
         .iter()
@@ -404,27 +407,26 @@ fn sim_profile_reports_each_launch_labelled_as_emulator_counts() {
     assert_eq!(h["predictions"].as_array().unwrap().len(), 2);
     assert!(!attend["source_lines"].as_array().unwrap().is_empty());
     assert!(!attend["profile"]["phases"].as_array().unwrap().is_empty());
-    std::fs::remove_file(&json).ok();
 }
 
 #[test]
 fn sim_bench_profile_adds_headlines_to_records_and_the_table() {
-    let json = temp("bench-profile.json");
-    let stdout = bench_ok(&[
-        "--backend",
-        "sim",
-        "--profile",
-        "--model",
-        "Qwen2.5-0.5B",
-        "--batch",
-        "1",
-        "--context",
-        "200",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (stdout, records) = with_json(
+        bench_ok,
+        "bench-profile.json",
+        &[
+            "--backend",
+            "sim",
+            "--profile",
+            "--model",
+            "Qwen2.5-0.5B",
+            "--batch",
+            "1",
+            "--context",
+            "200",
+        ],
+    );
     assert!(stdout.contains("profile (EMULATOR COUNTS"), "{stdout}");
-    let records: serde_json::Value = read_json(&json);
     let first = &records.as_array().unwrap()[0];
     let headlines = first["profile"].as_array().expect("profile headlines");
     // Qwen2.5-0.5B decodes 7 rows per K/V head: the narrow tensor-core layout (4 warps).
@@ -435,5 +437,4 @@ fn sim_bench_profile_adds_headlines_to_records_and_the_table() {
     // --profile needs the emulator.
     let refused = bench(&["--backend", "cpu", "--profile"]);
     assert_eq!(refused.status.code(), Some(2));
-    std::fs::remove_file(&json).ok();
 }
