@@ -292,10 +292,38 @@ fn shuffles_follow_the_ptx_modes() {
     }
 }
 
-/// One m16n8k16 through ldmatrix (A direct, B transposed) and mma.sync, against the product
-/// computed here in f64 from the same 16-bit values (within f32 accumulation), C = [0.25, -0.5, 1, 2] per lane's
-/// fragment (rows g / g + 8, columns 2t / 2t + 1).
-fn mma_matches_a_matrix_product(name: &str, to_bits: fn(f32) -> u16, to_f64: fn(u16) -> f64) {
+/// A 16-bit float type: how the `half` crate rounds an f32 to its bits (nearest even) and widens
+/// them (exactly), and how the emulator does.
+struct Half {
+    name: &'static str,
+    round: fn(f32) -> u16,
+    widen: fn(u16) -> f32,
+    sim_round: fn(f32) -> u16,
+    sim_widen: fn(u16) -> f32,
+}
+
+const BF16: Half = Half {
+    name: "bf16",
+    round: |x| bf16::from_f32(x).to_bits(),
+    widen: |b| bf16::from_bits(b).to_f32(),
+    sim_round: convert::f32_to_bf16,
+    sim_widen: convert::bf16_to_f32,
+};
+
+const F16: Half = Half {
+    name: "f16",
+    round: |x| f16::from_f32(x).to_bits(),
+    widen: |b| f16::from_bits(b).to_f32(),
+    sim_round: convert::f32_to_f16,
+    sim_widen: convert::f16_to_f32,
+};
+
+/// One m16n8k16 through ldmatrix (A direct, B transposed) and mma.sync (the check `mma_TYPE`),
+/// against the product computed here in f64 from the same 16-bit values (within f32
+/// accumulation), C = [0.25, -0.5, 1, 2] per lane's fragment (rows g / g + 8, columns 2t / 2t + 1).
+fn mma_matches_a_matrix_product(half: &Half) {
+    let name = &format!("mma_{}", half.name);
+    let (to_bits, to_f64) = (half.round, |b| (half.widen)(b) as f64);
     let mut rng_state = 0x9e3779b97f4a7c15u64;
     let mut next = || {
         rng_state ^= rng_state << 13;
@@ -330,31 +358,19 @@ fn mma_matches_a_matrix_product(name: &str, to_bits: fn(f32) -> u16, to_f64: fn(
 
 #[test]
 fn mma_bf16_matches_a_matrix_product() {
-    mma_matches_a_matrix_product(
-        "mma_bf16",
-        |x| bf16::from_f32(x).to_bits(),
-        |b| bf16::from_bits(b).to_f64(),
-    );
+    mma_matches_a_matrix_product(&BF16);
 }
 
 #[test]
 fn mma_f16_matches_a_matrix_product() {
-    mma_matches_a_matrix_product(
-        "mma_f16",
-        |x| f16::from_f32(x).to_bits(),
-        |b| f16::from_bits(b).to_f64(),
-    );
+    mma_matches_a_matrix_product(&F16);
 }
 
 /// Every 16-bit pattern widens exactly; every pattern, the midpoints to its neighbours and one
 /// f32 ulp either side of them round as the `half` crate rounds (nearest even); NaN stays NaN.
-fn conversions_match(
-    name: &str,
-    widen: fn(u16) -> f32,
-    narrow: fn(f32) -> u16,
-    reference_widen: fn(u16) -> f32,
-    reference_narrow: fn(f32) -> u16,
-) {
+fn conversions_match(half: &Half) {
+    let (name, widen, narrow) = (half.name, half.sim_widen, half.sim_round);
+    let (reference_widen, reference_narrow) = (half.widen, half.round);
     for bits in 0..=u16::MAX {
         let want = reference_widen(bits);
         let got = widen(bits);
@@ -404,22 +420,10 @@ fn conversions_match(
 
 #[test]
 fn f16_conversions_are_bit_exact_round_to_nearest_even() {
-    conversions_match(
-        "f16",
-        convert::f16_to_f32,
-        convert::f32_to_f16,
-        |b| f16::from_bits(b).to_f32(),
-        |x| f16::from_f32(x).to_bits(),
-    );
+    conversions_match(&F16);
 }
 
 #[test]
 fn bf16_conversions_are_bit_exact_round_to_nearest_even() {
-    conversions_match(
-        "bf16",
-        convert::bf16_to_f32,
-        convert::f32_to_bf16,
-        |b| bf16::from_bits(b).to_f32(),
-        |x| bf16::from_f32(x).to_bits(),
-    );
+    conversions_match(&BF16);
 }
