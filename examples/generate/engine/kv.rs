@@ -7,12 +7,14 @@ use std::rc::Rc;
 
 use candle_core::{DType as CandleDType, Device, Result, Tensor};
 use half::{bf16, f16};
-use paged_gqa::cache::{Admission, CacheConfig, PageStorage, PagedCache, PrefixStats, SeqId};
+use paged_gqa::cache::{
+    Admission, CacheConfig, PageStorage, PagedCache, PrefixStats, SeqId, StepPlan,
+};
 use paged_gqa::candle::CandleStorage;
 use paged_gqa::cpu::CpuStorage;
 use paged_gqa::fp8::{head_amax, Fp8E4M3, Fp8E5M2, KvScales};
-use paged_gqa::sim::{SimDevice, SimStorage};
-use paged_gqa::{AttendOptions, DType};
+use paged_gqa::sim::{SimBuffer, SimDevice, SimStorage};
+use paged_gqa::{AttendOptions, DType, Element};
 
 /// What the engine asks of a paged cache: the crate's bookkeeping (sequences, forks, plans),
 /// and per layer the write of the step's new K/V and the attention of its queries.
@@ -187,116 +189,117 @@ impl Pages for CandleStorage {
     }
 }
 
-/// Host pages of a plain element (f32, f16, bf16): rows converted, then the crate's f32 CPU
-/// attention.
-macro_rules! cpu_pages {
+/// An element of host pages: how the step's f32 K/V rows are stored into them.
+pub trait HostPage: Copy + Default + Into<f32> + Sync {
+    /// Writes `k`, `v` (`[tokens, n_kv_heads, head_dim]` f32) under `plan` into `layer`.
+    fn write(
+        cache: &mut PagedCache<CpuStorage<Self>>,
+        plan: &StepPlan,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> paged_gqa::Result<()>;
+}
+
+/// Plain elements (f32, f16, bf16): rows converted, stored as they are.
+macro_rules! plain_host_page {
     ($t:ty, $from:expr) => {
-        impl Pages for CpuStorage<$t> {
-            fn write_and_attend(
-                cache: &mut PagedCache<Self>,
-                plan: &Self::Plan,
+        impl HostPage for $t {
+            fn write(
+                cache: &mut PagedCache<CpuStorage<Self>>,
+                plan: &StepPlan,
                 layer: usize,
-                q: &Tensor,
-                k: &Tensor,
-                v: &Tensor,
-            ) -> Result<Tensor> {
-                let rows = |t: &Tensor| -> Result<Vec<$t>> {
-                    Ok(host_f32(t)?.into_iter().map($from).collect())
-                };
-                cache.write(layer, plan, &rows(k)?, &rows(v)?)?;
-                cpu_attend(cache, plan, layer, q)
+                k: &[f32],
+                v: &[f32],
+            ) -> paged_gqa::Result<()> {
+                let rows = |x: &[f32]| -> Vec<$t> { x.iter().copied().map($from).collect() };
+                cache.write(layer, plan, &rows(k), &rows(v))
             }
         }
     };
 }
-cpu_pages!(f32, |x| x);
-cpu_pages!(bf16, bf16::from_f32);
-cpu_pages!(f16, f16::from_f32);
+plain_host_page!(f32, |x| x);
+plain_host_page!(bf16, bf16::from_f32);
+plain_host_page!(f16, f16::from_f32);
 
-/// fp8 pages: rows quantized under the layer's scales ([`PagedCache::write_quantized`]).
-macro_rules! fp8_pages {
+/// fp8 elements: rows quantized under the layer's scales ([`PagedCache::write_quantized`]).
+macro_rules! fp8_host_page {
     ($t:ty) => {
-        impl Pages for CpuStorage<$t> {
-            fn write_and_attend(
-                cache: &mut PagedCache<Self>,
-                plan: &Self::Plan,
+        impl HostPage for $t {
+            fn write(
+                cache: &mut PagedCache<CpuStorage<Self>>,
+                plan: &StepPlan,
                 layer: usize,
-                q: &Tensor,
-                k: &Tensor,
-                v: &Tensor,
-            ) -> Result<Tensor> {
-                cache.write_quantized(layer, plan, &host_f32(k)?, &host_f32(v)?)?;
-                cpu_attend(cache, plan, layer, q)
+                k: &[f32],
+                v: &[f32],
+            ) -> paged_gqa::Result<()> {
+                cache.write_quantized(layer, plan, k, v)
             }
         }
     };
 }
-fp8_pages!(Fp8E4M3);
-fp8_pages!(Fp8E5M2);
+fp8_host_page!(Fp8E4M3);
+fp8_host_page!(Fp8E5M2);
 
-/// The crate's CPU attention of `q` over host pages.
-fn cpu_attend<T: Copy + Default + Into<f32> + Sync>(
-    cache: &PagedCache<CpuStorage<T>>,
-    plan: &paged_gqa::cache::StepPlan,
-    layer: usize,
-    q: &Tensor,
-) -> Result<Tensor>
-where
-    CpuStorage<T>: PageStorage<Plan = paged_gqa::cache::StepPlan>,
-{
-    let dims = q.dims().to_vec(); // [tokens, n_heads, head_dim]
-    let q_host = host_f32(q)?;
-    let mut out = vec![0f32; q_host.len()];
-    let mut lse = vec![0f32; dims[0] * dims[1]];
-    cache.attend(
-        layer,
-        plan,
-        &q_host,
-        &mut out,
-        &mut lse,
-        &AttendOptions::default(),
-    )?;
-    Tensor::from_vec(out, dims, q.device())
+/// Host pages: rows stored as [`HostPage`] says, then the crate's f32 CPU attention.
+impl<T: HostPage> Pages for CpuStorage<T> {
+    fn write_and_attend(
+        cache: &mut PagedCache<Self>,
+        plan: &Self::Plan,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        T::write(cache, plan, layer, &host_f32(k)?, &host_f32(v)?)?;
+        let dims = q.dims().to_vec(); // [tokens, n_heads, head_dim]
+        let q_host = host_f32(q)?;
+        let mut out = vec![0f32; q_host.len()];
+        let mut lse = vec![0f32; dims[0] * dims[1]];
+        cache.attend(
+            layer,
+            plan,
+            &q_host,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )?;
+        Tensor::from_vec(out, dims, q.device())
+    }
 }
 
 /// The emulator: the real write and attention kernels, q/k/v/out in the compute dtype `T`.
-macro_rules! sim_pages {
-    ($t:ty, $from:expr) => {
-        impl Pages for SimStorage<$t> {
-            fn write_and_attend(
-                cache: &mut PagedCache<Self>,
-                plan: &Self::Plan,
-                layer: usize,
-                q: &Tensor,
-                k: &Tensor,
-                v: &Tensor,
-            ) -> Result<Tensor> {
-                let device = cache.storage().device().clone();
-                let upload = |t: &Tensor| -> Result<paged_gqa::sim::SimBuffer<$t>> {
-                    let rows: Vec<$t> = host_f32(t)?.into_iter().map($from).collect();
-                    Ok(device.upload(&rows)?)
-                };
-                cache.write(layer, plan, &upload(k)?, &upload(v)?)?;
-                let dims = q.dims().to_vec(); // [tokens, n_heads, head_dim]
-                let q_dev = upload(q)?;
-                let mut out = device.alloc::<$t>(q_dev.len())?;
-                let mut lse = device.alloc::<f32>(dims[0] * dims[1])?;
-                cache.attend(
-                    layer,
-                    plan,
-                    &q_dev,
-                    &mut out,
-                    &mut lse,
-                    &AttendOptions::default(),
-                )?;
-                let out: Vec<f32> = out.to_vec().into_iter().map(f32::from).collect();
-                Tensor::from_vec(out, dims, q.device())
-            }
-        }
-    };
+impl<T: Element + Into<f32>> Pages for SimStorage<T> {
+    fn write_and_attend(
+        cache: &mut PagedCache<Self>,
+        plan: &Self::Plan,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let device = cache.storage().device().clone();
+        let upload = |t: &Tensor| -> Result<SimBuffer<T>> {
+            let rows: Vec<T> = host_f32(t)?.into_iter().map(T::from_f32).collect();
+            Ok(device.upload(&rows)?)
+        };
+        cache.write(layer, plan, &upload(k)?, &upload(v)?)?;
+        let dims = q.dims().to_vec(); // [tokens, n_heads, head_dim]
+        let q_dev = upload(q)?;
+        let mut out = device.alloc::<T>(q_dev.len())?;
+        let mut lse = device.alloc::<f32>(dims[0] * dims[1])?;
+        cache.attend(
+            layer,
+            plan,
+            &q_dev,
+            &mut out,
+            &mut lse,
+            &AttendOptions::default(),
+        )?;
+        let out: Vec<f32> = out.to_vec().into_iter().map(Into::into).collect();
+        Tensor::from_vec(out, dims, q.device())
+    }
 }
-sim_pages!(bf16, bf16::from_f32);
-sim_pages!(f16, f16::from_f32);
 
 /// Where attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
