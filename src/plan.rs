@@ -40,11 +40,19 @@ pub struct SplitModel {
     pub head_dim: usize,
 }
 
+/// Idle DRAM latency of the GPUs the planner models, in seconds: 656 cycles at 1.755 GHz
+/// (arXiv:2501.12084v2, Table 3, measured on an H800 PCIe; loaded latency is higher). The
+/// profiler's speed-of-light model ([`crate::sim::speed_of_light`]) uses the same figure.
+pub const DRAM_LATENCY_S: f64 = 656.0 / 1.755e9;
+
+/// H200 HBM bandwidth, bytes per second (NVIDIA's datasheet).
+pub const H200_BANDWIDTH: f64 = 4.8e12;
+
 impl SplitModel {
     /// H200 HBM bandwidth, bytes per second (NVIDIA's datasheet).
-    pub const BANDWIDTH: f64 = 4.8e12;
-    /// Twice the idle DRAM latency of `src/sim/speed_of_light.rs` (656 cycles at 1.755 GHz).
-    pub const LATENCY_S: f64 = 2.0 * 656.0 / 1.755e9;
+    pub const BANDWIDTH: f64 = H200_BANDWIDTH;
+    /// Twice the idle DRAM latency ([`DRAM_LATENCY_S`]).
+    pub const LATENCY_S: f64 = 2.0 * DRAM_LATENCY_S;
     /// Resident blocks per SM at most (the narrow layout's theoretical occupancy at head_dim
     /// 128 on 16-bit pages, register-limited; 2 on fp8 pages, shared-memory-limited).
     pub const BLOCKS_PER_SM: f64 = 3.0;

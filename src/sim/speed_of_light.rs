@@ -20,8 +20,9 @@
 use super::occupancy::{limits, Occupancy};
 use super::profile::LaunchProfile;
 
-/// Idle DRAM latency in seconds (arXiv:2501.12084v2 Table 3: 656 cycles at 1.755 GHz).
-pub const DRAM_LATENCY_S: f64 = 656.0 / 1.755e9;
+/// Idle DRAM latency in seconds (arXiv:2501.12084v2 Table 3: 656 cycles at 1.755 GHz), the
+/// planner's figure: one machine model for both.
+pub use crate::plan::DRAM_LATENCY_S;
 
 /// A GPU of the model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,7 +43,7 @@ pub const H100: Gpu = Gpu {
 /// H200: 4.8 TB/s (NVIDIA's datasheet).
 pub const H200: Gpu = Gpu {
     name: "H200",
-    bandwidth: 4.8e12,
+    bandwidth: crate::plan::H200_BANDWIDTH,
     sms: limits::SMS,
 };
 
