@@ -23,6 +23,10 @@ pub trait Device: Clone {
     /// How this backend's tensor cores accumulate: truncating on a GPU, rounded to nearest on
     /// the emulator (its MMA is f32 arithmetic). Sets the error bound of the tensor-core kernel.
     const MMA_ACCUMULATION: paged_gqa::cpu::Accumulation;
+    /// Whether this is the kernel emulator, which runs a kernel about 10^4 times slower than a
+    /// GPU: the longest cases of a test body are shortened on it (each body says to what, and
+    /// why that still tests what the GPU's size does).
+    const EMULATED: bool;
     /// An attention batch over caller-managed pages (`cuda::AttendBatch`, `sim::AttendBatch`).
     type Attend;
     /// The step plan of this backend's cache storage.
@@ -174,10 +178,11 @@ pub fn gpu_stream(test: &str) -> Option<Arc<CudaStream>> {
 /// delegates to it, except the host copies and the page fill (`$own`), which each backend
 /// writes itself.
 macro_rules! device_impl {
-    ($device:ty, $backend:ident, $buf:ident, $plan:ident, $storage:ident, $accumulation:ident, { $($own:item)* }) => {
+    ($device:ty, $backend:ident, $buf:ident, $plan:ident, $storage:ident, $accumulation:ident, $emulated:literal, { $($own:item)* }) => {
         impl Device for $device {
             const MMA_ACCUMULATION: paged_gqa::cpu::Accumulation =
                 paged_gqa::cpu::Accumulation::$accumulation;
+            const EMULATED: bool = $emulated;
             type Buf<T: DeviceValue> = $backend::$buf<T>;
             type Attend = $backend::AttendBatch;
             type Plan = $backend::$plan;
@@ -322,6 +327,7 @@ device_impl!(
     CudaStepPlan,
     CudaStorage,
     TensorCores,
+    false,
     {
         fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
             self.clone_htod(values).unwrap()
@@ -345,6 +351,7 @@ device_impl!(
     SimStepPlan,
     SimStorage,
     RoundToNearest,
+    true,
     {
         fn upload<T: DeviceValue>(&self, values: &[T]) -> Self::Buf<T> {
             SimDevice::upload(self, values).unwrap()

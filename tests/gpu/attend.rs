@@ -26,7 +26,7 @@ use paged_gqa::plan::KernelChoice;
 use paged_gqa::sim::SimDevice;
 use paged_gqa::{Element, GqaShape};
 
-use common::MODELS;
+use common::{twins, MODELS};
 
 /// Shapes beyond the models': groups larger than a CUDA-core block's rows (served in head
 /// chunks) and head_dim 80.
@@ -49,34 +49,16 @@ fn models<D: Device, T: Element>(dev: &D, test: &str) {
         check_case::<D, T>(dev, &format!("{model}, pages of {block_size}"), &case);
     }
 }
-
-#[test]
-fn gpu_decode_matches_oracle_on_model_shapes_bf16() {
-    let test = "gpu_decode_matches_oracle_on_model_shapes_bf16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        models::<_, bf16>(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_decode_matches_oracle_on_model_shapes_bf16() {
-    let test = "sim_decode_matches_oracle_on_model_shapes_bf16";
-    models::<_, bf16>(&SimDevice::new(), test);
-}
-
-#[test]
-fn gpu_decode_matches_oracle_on_model_shapes_f16() {
-    let test = "gpu_decode_matches_oracle_on_model_shapes_f16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        models::<_, f16>(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_decode_matches_oracle_on_model_shapes_f16() {
-    let test = "sim_decode_matches_oracle_on_model_shapes_f16";
-    models::<_, f16>(&SimDevice::new(), test);
-}
+twins!(
+    gpu_decode_matches_oracle_on_model_shapes_bf16,
+    sim_decode_matches_oracle_on_model_shapes_bf16,
+    models::<_, bf16>
+);
+twins!(
+    gpu_decode_matches_oracle_on_model_shapes_f16,
+    sim_decode_matches_oracle_on_model_shapes_f16,
+    models::<_, f16>
+);
 
 /// Small enough for compute-sanitizer: decode rows, a prompt, a chunk, speculation, splits; on
 /// both kernels.
@@ -97,19 +79,11 @@ fn small_varlen_batch<D: Device>(dev: &D, test: &str) {
         "every kernel choice must take the split path ({splits:?})"
     );
 }
-
-#[test]
-fn gpu_attend_small_varlen_batch() {
-    let test = "gpu_attend_small_varlen_batch";
-    if let Some(gpu) = common::gpu_stream(test) {
-        small_varlen_batch(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_attend_small_varlen_batch() {
-    small_varlen_batch(&SimDevice::new(), "sim_attend_small_varlen_batch");
-}
+twins!(
+    gpu_attend_small_varlen_batch,
+    sim_attend_small_varlen_batch,
+    small_varlen_batch
+);
 
 /// Every group the layouts treat differently (1; 3 and 7, which pad the narrow fragment; 16, a
 /// full fragment; 17, the first wide one; 71, Falcon-7B's 5 wide warps and 5 narrow head chunks)
@@ -140,30 +114,26 @@ fn groups_and_head_dims<D: Device>(dev: &D, test: &str) {
         }
     }
 }
+twins!(
+    gpu_attend_layouts_over_groups_and_head_dims,
+    sim_attend_layouts_over_groups_and_head_dims,
+    groups_and_head_dims
+);
 
-#[test]
-fn gpu_attend_layouts_over_groups_and_head_dims() {
-    let test = "gpu_attend_layouts_over_groups_and_head_dims";
-    if let Some(gpu) = common::gpu_stream(test) {
-        groups_and_head_dims(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_attend_layouts_over_groups_and_head_dims() {
-    let test = "sim_attend_layouts_over_groups_and_head_dims";
-    groups_and_head_dims(&SimDevice::new(), test);
-}
-
-/// A Llama prompt of `prompt` rows; a varlen batch (decode, a short prompt, a chunk of 500,
-/// speculation); on every shape a chunk of `chunk.1` rows on `chunk.0` cached keys beside short
+/// A Llama prompt of 1024 rows; a varlen batch (decode, a short prompt, a chunk of 500,
+/// speculation); on every shape a chunk of 128 rows on 2000 cached keys beside short
 /// speculation.
-fn prompts_chunks_and_speculation<D: Device>(
-    dev: &D,
-    test: &str,
-    prompt: usize,
-    chunk: (usize, usize),
-) {
+fn prompts_chunks_and_speculation<D: Device>(dev: &D, test: &str) {
+    // The emulator takes about 0.75 us per (query row, key, query head) at d128: the 1024 prompt
+    // (three kernel choices) would take 40 s and the chunks of 128 on 2000 keys on 12 shapes
+    // 4.5 minutes. A 256 prompt is still 16 tensor-core blocks per K/V head, and chunks of 64
+    // on 400 cached keys are still chunks far behind their cache (4 tensor-core blocks for
+    // group 4; pages of 1, 16, 32 and 256). The varlen batch runs at the GPU's size.
+    let (prompt, (cached, chunk)) = if D::EMULATED {
+        (256, (400, 64))
+    } else {
+        (1024, (2000, 128))
+    };
     let mut rng = common::rng(test);
     let llama = GqaShape::new(32, 8, 128).unwrap();
     // One long prompt.
@@ -173,7 +143,6 @@ fn prompts_chunks_and_speculation<D: Device>(
     let case = PagedCase::random(&mut rng, llama, 16, &[1, 17, 600, 300], &[1, 17, 500, 6]);
     check_case::<D, f16>(dev, "Llama-3-8B varlen", &case);
     // Chunked prefill (a chunk on cached keys) on every model shape.
-    let (cached, chunk) = chunk;
     for (i, &(model, n_heads, n_kv_heads, head_dim)) in
         MODELS.iter().chain(&EXTRA_SHAPES).enumerate()
     {
@@ -193,85 +162,67 @@ fn prompts_chunks_and_speculation<D: Device>(
         );
     }
 }
+twins!(
+    gpu_attend_matches_oracle_on_prompts_chunks_and_speculation,
+    sim_full_attend_matches_oracle_on_prompts_chunks_and_speculation,
+    prompts_chunks_and_speculation
+);
 
-#[test]
-fn gpu_attend_matches_oracle_on_prompts_chunks_and_speculation() {
-    let test = "gpu_attend_matches_oracle_on_prompts_chunks_and_speculation";
-    if let Some(gpu) = common::gpu_stream(test) {
-        prompts_chunks_and_speculation(&gpu, test, 1024, (2000, 128));
-    }
-}
-
-#[test]
-fn sim_full_attend_matches_oracle_on_prompts_chunks_and_speculation() {
-    let test = "sim_full_attend_matches_oracle_on_prompts_chunks_and_speculation";
-    // The emulator takes about 0.75 us per (query row, key, query head) at d128: the 1024 prompt
-    // (three kernel choices) would take 40 s and the chunks of 128 on 2000 keys on 12 shapes
-    // 4.5 minutes. A 256 prompt is still 16 tensor-core blocks per K/V head, and chunks of 64
-    // on 400 cached keys are still chunks far behind their cache (4 tensor-core blocks for
-    // group 4; pages of 1, 16, 32 and 256). The varlen batch runs at the GPU's size.
-    prompts_chunks_and_speculation(&SimDevice::new(), test, 256, (400, 64));
+/// [`check_case_at`] at a sample of the case's rows (see [`common::sample_tokens`]: each
+/// sequence's first and last 16, and every `stride`-th between).
+fn check_sampled<D: Device, T: Element>(dev: &D, what: &str, case: &PagedCase, stride: usize) {
+    check_case_at::<D, T>(dev, what, case, &common::sample_tokens(&case.lens, stride));
 }
 
 /// Issue 6's long cases, checked at a sample of rows (the f64 oracle of every row of an 8k
 /// prompt takes minutes); every output element must still be written.
-fn long_prompt<D: Device>(dev: &D, test: &str, n: usize) {
-    let mut rng = common::rng(test);
-    let llama = GqaShape::new(32, 8, 128).unwrap();
-    let case = PagedCase::random(&mut rng, llama, 16, &[n], &[n]);
-    let keep = common::sample_tokens(&case.lens, 61);
-    check_case_at::<D, bf16>(dev, &format!("Llama-3-8B prompt {n}"), &case, &keep);
-}
-
-#[test]
-fn gpu_prefill_matches_oracle_on_an_8k_prompt() {
-    let test = "gpu_prefill_matches_oracle_on_an_8k_prompt";
-    if let Some(gpu) = common::gpu_stream(test) {
-        long_prompt(&gpu, test, 8192);
-    }
-}
-
-#[test]
-fn sim_full_prefill_matches_oracle_on_an_8k_prompt() {
+fn long_prompt<D: Device>(dev: &D, test: &str) {
     // An 8k prompt is 34M causal (row, key) pairs per head: about 40 minutes on the emulator.
     // 512 rows are still 32 tensor-core blocks per K/V head, checked at a sample of rows as on
     // the GPU.
-    long_prompt(
-        &SimDevice::new(),
-        "sim_full_prefill_matches_oracle_on_an_8k_prompt",
-        512,
-    );
-}
-
-fn varlen_prompts<D: Device>(dev: &D, test: &str, lens: [usize; 4]) {
+    let n = if D::EMULATED { 512 } else { 8192 };
     let mut rng = common::rng(test);
-    let qwen = GqaShape::new(28, 4, 128).unwrap();
-    let case = PagedCase::random(&mut rng, qwen, 16, &lens, &lens);
-    let keep = common::sample_tokens(&case.lens, 29);
-    let what = format!("Qwen2-7B prompts {lens:?}");
-    check_case_at::<D, f16>(dev, &what, &case, &keep);
+    let llama = GqaShape::new(32, 8, 128).unwrap();
+    let case = PagedCase::random(&mut rng, llama, 16, &[n], &[n]);
+    check_sampled::<D, bf16>(dev, &format!("Llama-3-8B prompt {n}"), &case, 61);
 }
+twins!(
+    gpu_prefill_matches_oracle_on_an_8k_prompt,
+    sim_full_prefill_matches_oracle_on_an_8k_prompt,
+    long_prompt
+);
 
-#[test]
-fn gpu_prefill_matches_oracle_on_a_varlen_batch() {
-    let test = "gpu_prefill_matches_oracle_on_a_varlen_batch";
-    if let Some(gpu) = common::gpu_stream(test) {
-        varlen_prompts(&gpu, test, [1, 17, 500, 4096]);
-    }
-}
-
-#[test]
-fn sim_full_prefill_matches_oracle_on_a_varlen_batch() {
+fn varlen_prompts<D: Device>(dev: &D, test: &str) {
     // The 4096 prompt would take the emulator about 9 minutes; prompts of 1, 17, 200 and 400
     // are still a varlen batch of prompts of every size class (a single row, less than one
     // tensor-core block, several), checked at sampled rows as on the GPU.
-    let test = "sim_full_prefill_matches_oracle_on_a_varlen_batch";
-    varlen_prompts(&SimDevice::new(), test, [1, 17, 200, 400]);
+    let lens = if D::EMULATED {
+        [1, 17, 200, 400]
+    } else {
+        [1, 17, 500, 4096]
+    };
+    let mut rng = common::rng(test);
+    let qwen = GqaShape::new(28, 4, 128).unwrap();
+    let case = PagedCase::random(&mut rng, qwen, 16, &lens, &lens);
+    check_sampled::<D, f16>(dev, &format!("Qwen2-7B prompts {lens:?}"), &case, 29);
 }
+twins!(
+    gpu_prefill_matches_oracle_on_a_varlen_batch,
+    sim_full_prefill_matches_oracle_on_a_varlen_batch,
+    varlen_prompts
+);
 
-/// A chunk of `chunk` rows on `cached` keys beside two decoding sequences, and on Gemma's
-/// pages of 256.
-fn chunk_on_cached_keys<D: Device>(dev: &D, test: &str, cached: usize, chunk: usize) {
+/// A chunk of 512 rows on 10k cached keys beside two decoding sequences, and on Gemma's pages
+/// of 256.
+fn chunk_on_cached_keys<D: Device>(dev: &D, test: &str) {
+    // 512 rows on 10k keys would take the emulator about 13 minutes (Llama and Gemma, three
+    // kernel choices); a chunk of 64 on 1000 cached keys is still a chunk far behind its cache
+    // beside a 3000-key and a 9-key decode, on pages of 16 and of 256, and still split.
+    let (cached, chunk) = if D::EMULATED {
+        (1000, 64)
+    } else {
+        (10_000, 512)
+    };
     let mut rng = common::rng(test);
     let llama = GqaShape::new(32, 8, 128).unwrap();
     // The chunk beside two decoding sequences, as an engine batches them.
@@ -282,32 +233,18 @@ fn chunk_on_cached_keys<D: Device>(dev: &D, test: &str, cached: usize, chunk: us
         &[cached + chunk, 3000, 9],
         &[chunk, 1, 1],
     );
-    let keep = common::sample_tokens(&case.lens, 5);
     let what = format!("Llama-3-8B chunk {chunk} on {cached}");
-    check_case_at::<D, bf16>(dev, &what, &case, &keep);
+    check_sampled::<D, bf16>(dev, &what, &case, 5);
     let gemma = GqaShape::new(16, 8, 256).unwrap();
     let case = PagedCase::random(&mut rng, gemma, 256, &[cached + chunk], &[chunk]);
-    let keep = common::sample_tokens(&case.lens, 5);
     let what = format!("Gemma-2-9B chunk {chunk} on {cached}");
-    check_case_at::<D, f16>(dev, &what, &case, &keep);
+    check_sampled::<D, f16>(dev, &what, &case, 5);
 }
-
-#[test]
-fn gpu_chunked_prefill_of_512_on_10k_cached_keys() {
-    let test = "gpu_chunked_prefill_of_512_on_10k_cached_keys";
-    if let Some(gpu) = common::gpu_stream(test) {
-        chunk_on_cached_keys(&gpu, test, 10_000, 512);
-    }
-}
-
-#[test]
-fn sim_full_chunked_prefill_of_512_on_10k_cached_keys() {
-    // 512 rows on 10k keys would take the emulator about 13 minutes (Llama and Gemma, three
-    // kernel choices); a chunk of 64 on 1000 cached keys is still a chunk far behind its cache
-    // beside a 3000-key and a 9-key decode, on pages of 16 and of 256, and still split.
-    let test = "sim_full_chunked_prefill_of_512_on_10k_cached_keys";
-    chunk_on_cached_keys(&SimDevice::new(), test, 1000, 64);
-}
+twins!(
+    gpu_chunked_prefill_of_512_on_10k_cached_keys,
+    sim_full_chunked_prefill_of_512_on_10k_cached_keys,
+    chunk_on_cached_keys
+);
 
 fn speculation<D: Device>(dev: &D, test: &str) {
     let mut rng = common::rng(test);
@@ -326,20 +263,11 @@ fn speculation<D: Device>(dev: &D, test: &str) {
         );
     }
 }
-
-#[test]
-fn gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes() {
-    let test = "gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes";
-    if let Some(gpu) = common::gpu_stream(test) {
-        speculation(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_full_speculative_verification_of_2_to_8_tokens_on_model_shapes() {
-    let test = "sim_full_speculative_verification_of_2_to_8_tokens_on_model_shapes";
-    speculation(&SimDevice::new(), test);
-}
+twins!(
+    gpu_speculative_verification_of_2_to_8_tokens_on_model_shapes,
+    sim_full_speculative_verification_of_2_to_8_tokens_on_model_shapes,
+    speculation
+);
 
 /// One request of 32k keys beside short ones: its keys must be split, and merged exactly.
 fn long_decode_splits<D: Device>(dev: &D, test: &str) {
@@ -353,20 +281,11 @@ fn long_decode_splits<D: Device>(dev: &D, test: &str) {
         "one long request must be split ({splits:?})"
     );
 }
-
-#[test]
-fn gpu_decode_splits_a_32k_context_and_merges_exactly() {
-    let test = "gpu_decode_splits_a_32k_context_and_merges_exactly";
-    if let Some(gpu) = common::gpu_stream(test) {
-        long_decode_splits(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_full_decode_splits_a_32k_context_and_merges_exactly() {
-    let test = "sim_full_decode_splits_a_32k_context_and_merges_exactly";
-    long_decode_splits(&SimDevice::new(), test);
-}
+twins!(
+    gpu_decode_splits_a_32k_context_and_merges_exactly,
+    sim_full_decode_splits_a_32k_context_and_merges_exactly,
+    long_decode_splits
+);
 
 /// A long row of a narrow shape (one K/V head, group 8, d64), alone and with a prompt chunk on
 /// its keys: more than 8 splits, cheap enough for the quick suite, so a mistake that shows only
@@ -386,22 +305,14 @@ fn many_splits<D: Device>(dev: &D, test: &str) {
         );
     }
 }
+twins!(
+    gpu_decode_merges_more_than_8_splits,
+    sim_decode_merges_more_than_8_splits,
+    many_splits
+);
 
-#[test]
-fn gpu_decode_merges_more_than_8_splits() {
-    let test = "gpu_decode_merges_more_than_8_splits";
-    if let Some(gpu) = common::gpu_stream(test) {
-        many_splits(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_decode_merges_more_than_8_splits() {
-    let test = "sim_decode_merges_more_than_8_splits";
-    many_splits(&SimDevice::new(), test);
-}
-
-/// 96 decoding sequences of up to 600 keys: enough blocks for 132 SMs, so no split.
+/// 96 decoding sequences of up to 600 keys: enough blocks for 132 SMs, so no split. (The
+/// emulated device has the H200's 132 SMs, so the planner decides as on the GPU.)
 fn full_batch_without_splits<D: Device>(dev: &D, test: &str) {
     let mut rng = common::rng(test);
     let shape = GqaShape::new(32, 8, 128).unwrap();
@@ -410,21 +321,11 @@ fn full_batch_without_splits<D: Device>(dev: &D, test: &str) {
     let splits = check_case::<D, f16>(dev, "Llama-3-8B batch 96", &case);
     assert_eq!(splits, [1, 1, 1, 1]);
 }
-
-#[test]
-fn gpu_decode_without_splits_when_the_batch_fills_the_gpu() {
-    let test = "gpu_decode_without_splits_when_the_batch_fills_the_gpu";
-    if let Some(gpu) = common::gpu_stream(test) {
-        full_batch_without_splits(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_full_decode_without_splits_when_the_batch_fills_the_gpu() {
-    // The emulated device has the H200's 132 SMs, so the planner decides as on the GPU.
-    let test = "sim_full_decode_without_splits_when_the_batch_fills_the_gpu";
-    full_batch_without_splits(&SimDevice::new(), test);
-}
+twins!(
+    gpu_decode_without_splits_when_the_batch_fills_the_gpu,
+    sim_full_decode_without_splits_when_the_batch_fills_the_gpu,
+    full_batch_without_splits
+);
 
 /// One layer's device buffers of a cache step, kept for the CUDA-graph replay: new K, new V,
 /// q, out, lse, and the output of the direct launch.
