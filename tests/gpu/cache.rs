@@ -4,23 +4,22 @@
 //! running the same body on the kernel emulator.
 
 use crate::common;
+use crate::setup::{same_bits, CachePair};
 
 use half::{bf16, f16};
-use paged_gqa::cache::{CacheConfig, PagedCache, SeqId, StepPlan};
-use paged_gqa::cpu::CpuStorage;
+use paged_gqa::cache::{CacheConfig, PagedCache, SeqId};
 use paged_gqa::sim::SimDevice;
 use paged_gqa::{Element, Error, GqaShape};
 use rand::rngs::StdRng;
 
-use common::Device;
+use common::{twins, Device};
 
 const LAYERS: usize = 3;
 const BLOCKS: usize = 32;
 
+/// The caches, and the random rows both are fed.
 struct Pair<D: Device, T: Element> {
-    dev: D,
-    device: PagedCache<D::Storage<T>>,
-    cpu: PagedCache<CpuStorage<T>>,
+    caches: CachePair<D, T>,
     rng: StdRng,
 }
 
@@ -33,82 +32,22 @@ impl<D: Device, T: Element> Pair<D, T> {
             T::DTYPE,
         )
         .unwrap();
-        // Both caches start with the same random pages, not zeros: a block copy that misses
-        // part of a block (an unused slot included) then leaves the two caches different.
         let mut rng = common::rng(test);
-        let mut device_storage = dev.storage::<T>(config, BLOCKS).unwrap();
-        let mut cpu_storage = CpuStorage::<T>::new(config, BLOCKS).unwrap();
-        let pages: Vec<T> = common::uniform(&mut rng, cpu_storage.pages_mut().len())
-            .into_iter()
-            .map(T::from_f32)
-            .collect();
-        dev.fill_pages(&mut device_storage, &pages);
-        cpu_storage.pages_mut().copy_from_slice(&pages);
-        Self {
-            dev: dev.clone(),
-            device: PagedCache::new(device_storage).unwrap(),
-            cpu: PagedCache::new(cpu_storage).unwrap(),
-            rng,
-        }
-    }
-
-    fn add(&mut self) -> SeqId {
-        let id = self.device.add_sequence();
-        assert_eq!(self.cpu.add_sequence(), id);
-        id
-    }
-
-    fn fork(&mut self, parent: SeqId) -> SeqId {
-        let id = self.device.fork(parent).unwrap();
-        assert_eq!(self.cpu.fork(parent).unwrap(), id);
-        id
-    }
-
-    fn free(&mut self, seq: SeqId) {
-        self.device.free(seq).unwrap();
-        self.cpu.free(seq).unwrap();
+        let caches = CachePair::new(dev, config, BLOCKS, |len| random(&mut rng, len));
+        Self { caches, rng }
     }
 
     /// Plans `batch` on both, writes the same random rows to every layer, compares the pages.
     fn step(&mut self, batch: &[(SeqId, usize)]) {
-        let device_plan = self.device.plan(batch).unwrap();
-        let cpu_plan = self.cpu.plan(batch).unwrap();
-        let (g, c): (&StepPlan, &StepPlan) = (device_plan.as_ref(), &cpu_plan);
-        assert_eq!(
-            (g.slot_mapping(), g.block_tables(), g.block_copies()),
-            (c.slot_mapping(), c.block_tables(), c.block_copies())
-        );
-        let n = c.num_new_tokens() * self.cpu.config().shape().kv_row_len();
+        let (device_plan, cpu_plan) = self.caches.plan(batch);
+        let n = cpu_plan.num_new_tokens() * self.caches.cpu.config().shape().kv_row_len();
         for layer in 0..LAYERS {
-            let k: Vec<T> = common::uniform(&mut self.rng, n)
-                .into_iter()
-                .map(T::from_f32)
-                .collect();
-            let v: Vec<T> = common::uniform(&mut self.rng, n)
-                .into_iter()
-                .map(T::from_f32)
-                .collect();
-            let (k_dev, v_dev) = (self.dev.upload(&k), self.dev.upload(&v));
-            D::write_kv(&mut self.device, layer, &device_plan, &k_dev, &v_dev).unwrap();
-            self.cpu.write(layer, &cpu_plan, &k, &v).unwrap();
+            let (k, v) = (random::<T>(&mut self.rng, n), random::<T>(&mut self.rng, n));
+            let (k_dev, v_dev) = (self.caches.dev.upload(&k), self.caches.dev.upload(&v));
+            D::write_kv(&mut self.caches.device, layer, &device_plan, &k_dev, &v_dev).unwrap();
+            self.caches.cpu.write(layer, &cpu_plan, &k, &v).unwrap();
         }
-        self.compare(batch);
-    }
-
-    fn compare(&self, batch: &[(SeqId, usize)]) {
-        let device_pages: Vec<T> = self.dev.download(D::pages(self.device.storage()));
-        let cpu_pages: Vec<T> = (0..LAYERS)
-            .flat_map(|l| {
-                let (k, v) = self.cpu.storage().layer(l);
-                k.iter().chain(v).copied().collect::<Vec<_>>()
-            })
-            .collect();
-        assert_eq!(device_pages.len(), cpu_pages.len());
-        let differ = device_pages
-            .iter()
-            .zip(&cpu_pages)
-            .filter(|(g, c)| bytemuck::bytes_of(*g) != bytemuck::bytes_of(*c))
-            .count();
+        let differ = self.caches.differing_pages(same_bits);
         assert_eq!(
             differ, 0,
             "after step {batch:?}: {differ} page elements differ from the CPU cache"
@@ -116,48 +55,39 @@ impl<D: Device, T: Element> Pair<D, T> {
     }
 }
 
-fn scenario<D: Device, T: Element>(dev: &D, test: &str, block_size: usize) {
+/// `n` random values in [-1, 1) as `T`.
+fn random<T: Element>(rng: &mut StdRng, n: usize) -> Vec<T> {
+    common::uniform(rng, n)
+        .into_iter()
+        .map(T::from_f32)
+        .collect()
+}
+
+fn scenario<D: Device, T: Element, const BLOCK_SIZE: usize>(dev: &D, test: &str) {
+    let block_size = BLOCK_SIZE;
     let mut pair = Pair::<D, T>::new(dev, test, block_size);
-    let (a, b) = (pair.add(), pair.add());
+    let (a, b) = (pair.caches.add(), pair.caches.add());
     pair.step(&[(a, 37), (b, block_size)]); // prefill: partial page, exact page
     for _ in 0..5 {
         pair.step(&[(a, 1), (b, 1)]); // decode
     }
-    let c = pair.fork(a);
+    let c = pair.caches.fork(a);
     pair.step(&[(a, 1), (c, 3)]); // a copies the shared partial page (copy_blocks), c writes in place
     pair.step(&[(c, 2)]);
-    pair.free(b);
-    let d = pair.add();
+    pair.caches.free(b);
+    let d = pair.caches.add();
     pair.step(&[(d, 3 * block_size + 5), (a, 1)]); // reuses b's pages
 }
-
-#[test]
-fn gpu_cache_matches_cpu_bf16_pages_of_16() {
-    let test = "gpu_cache_matches_cpu_bf16_pages_of_16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        scenario::<_, bf16>(&gpu, test, 16);
-    }
-}
-
-#[test]
-fn sim_cache_matches_cpu_bf16_pages_of_16() {
-    let test = "sim_cache_matches_cpu_bf16_pages_of_16";
-    scenario::<_, bf16>(&SimDevice::new(), test, 16);
-}
-
-#[test]
-fn gpu_cache_matches_cpu_f16_pages_of_8() {
-    let test = "gpu_cache_matches_cpu_f16_pages_of_8";
-    if let Some(gpu) = common::gpu_stream(test) {
-        scenario::<_, f16>(&gpu, test, 8);
-    }
-}
-
-#[test]
-fn sim_cache_matches_cpu_f16_pages_of_8() {
-    let test = "sim_cache_matches_cpu_f16_pages_of_8";
-    scenario::<_, f16>(&SimDevice::new(), test, 8);
-}
+twins!(
+    gpu_cache_matches_cpu_bf16_pages_of_16,
+    sim_cache_matches_cpu_bf16_pages_of_16,
+    scenario::<_, bf16, 16>
+);
+twins!(
+    gpu_cache_matches_cpu_f16_pages_of_8,
+    sim_cache_matches_cpu_f16_pages_of_8,
+    scenario::<_, f16, 8>
+);
 
 /// The small cache of the refusal tests: 2 layers of 8/2 heads of 64, pages of 16, bf16.
 fn small_config() -> CacheConfig {

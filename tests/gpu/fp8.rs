@@ -12,10 +12,10 @@
 //! PAGED_GQA_REQUIRE_GPU=1; its twin `sim_xxx` runs the same body on the kernel emulator.
 
 use crate::common;
+use crate::setup::{fetched, span, CachePair};
 
 use half::{bf16, f16};
 use paged_gqa::cache::{CacheConfig, PagedCache, SeqId, StepPlan};
-use paged_gqa::cpu::CpuStorage;
 use paged_gqa::fp8::{Fp8E4M3, Fp8E5M2, Fp8Element, KvScales};
 use paged_gqa::plan::KernelChoice;
 use paged_gqa::sim::{AttendBatch, SimDevice};
@@ -52,26 +52,19 @@ fn fp8_case(
     case
 }
 
-/// [`check_fp8`] over every row with per-head amax scales.
-fn check<D: Device, T: Element, F: Fp8Element>(
-    dev: &D,
-    what: &str,
-    case: &PagedCase,
-    options: &AttendOptions,
-) -> Vec<usize> {
-    let keep = vec![true; case.lens.num_tokens()];
-    check_fp8::<D, T, F>(dev, what, case, &case.amax_scales::<F>(), &keep, options)
-}
-
-/// Both formats.
+/// [`check_fp8`] over every row with per-head amax scales, e4m3 pages then e5m2 pages.
 fn check_both<D: Device, T: Element>(
     dev: &D,
     what: &str,
     case: &PagedCase,
     options: &AttendOptions,
 ) -> Vec<usize> {
-    let mut splits = check::<D, T, Fp8E4M3>(dev, what, case, options);
-    splits.extend(check::<D, T, Fp8E5M2>(dev, what, case, options));
+    let keep = vec![true; case.lens.num_tokens()];
+    let (e4m3, e5m2) = (case.amax_scales::<Fp8E4M3>(), case.amax_scales::<Fp8E5M2>());
+    let mut splits = check_fp8::<D, T, Fp8E4M3>(dev, what, case, &e4m3, &keep, options);
+    splits.extend(check_fp8::<D, T, Fp8E5M2>(
+        dev, what, case, &e5m2, &keep, options,
+    ));
     splits
 }
 
@@ -202,9 +195,7 @@ fn blocks(block_size: usize) -> usize {
 /// A device cache and a CPU cache over fp8 pages of `F` with the same per-layer scales, fed the
 /// same steps.
 struct Pair<D: Device, F: Fp8Element + Default> {
-    dev: D,
-    device: PagedCache<D::Storage<F>>,
-    cpu: PagedCache<CpuStorage<F>>,
+    caches: CachePair<D, F>,
     rng: StdRng,
 }
 
@@ -216,49 +207,20 @@ impl<D: Device, F: Fp8Element + Default> Pair<D, F> {
             .with_page_dtype(F::PAGE_DTYPE)
             .unwrap();
         let mut rng = common::rng(test);
-        // Both caches start with the same random stored bits: a block copy that misses part of
-        // a block leaves them different.
-        let mut device_storage = dev.storage::<F>(config, blocks(block_size)).unwrap();
-        let mut cpu_storage = CpuStorage::<F>::new(config, blocks(block_size)).unwrap();
-        let pages: Vec<F> = (0..cpu_storage.pages_mut().len())
-            .map(|_| F::from_bits(rng.random()))
-            .collect();
-        dev.fill_pages(&mut device_storage, &pages);
-        cpu_storage.pages_mut().copy_from_slice(&pages);
-        let mut device = PagedCache::new(device_storage).unwrap();
-        let mut cpu = PagedCache::new(cpu_storage).unwrap();
+        // Both caches start with the same random stored bits.
+        let mut caches = CachePair::new(dev, config, blocks(block_size), |len| {
+            (0..len).map(|_| F::from_bits(rng.random())).collect()
+        });
         for layer in 0..LAYERS {
             // Amax-style scales of rows in [-4, 4): 4 / max, per head, times a per-head factor.
             let (k, v) = head_factors(&mut rng, shape.n_kv_heads());
             let scale =
                 |f: Vec<f32>| -> Vec<f32> { f.iter().map(|x| x * 4.0 / F::FORMAT.max()).collect() };
             let scales = KvScales::new(scale(k), scale(v)).unwrap();
-            D::set_scales(&mut device, layer, &scales).unwrap();
-            cpu.set_scales(layer, &scales).unwrap();
+            D::set_scales(&mut caches.device, layer, &scales).unwrap();
+            caches.cpu.set_scales(layer, &scales).unwrap();
         }
-        Self {
-            dev: dev.clone(),
-            device,
-            cpu,
-            rng,
-        }
-    }
-
-    fn add(&mut self) -> SeqId {
-        let id = self.device.add_sequence();
-        assert_eq!(self.cpu.add_sequence(), id);
-        id
-    }
-
-    fn fork(&mut self, parent: SeqId) -> SeqId {
-        let id = self.device.fork(parent).unwrap();
-        assert_eq!(self.cpu.fork(parent).unwrap(), id);
-        id
-    }
-
-    fn free(&mut self, seq: SeqId) {
-        self.device.free(seq).unwrap();
-        self.cpu.free(seq).unwrap();
+        Self { caches, rng }
     }
 
     /// Rows in [-4, 4) (about the range the scales were made for), every 97th value far past
@@ -285,20 +247,17 @@ impl<D: Device, F: Fp8Element + Default> Pair<D, F> {
     /// for bit (NaNs as NaNs); then, unless the rows had infinities and NaNs (`special`),
     /// attention over every layer of the device cache against the CPU cache's oracle.
     fn step(&mut self, batch: &[(SeqId, usize)], special: bool) {
-        let device_plan = self.device.plan(batch).unwrap();
-        let cpu_plan = self.cpu.plan(batch).unwrap();
-        let (g, c): (&StepPlan, &StepPlan) = (device_plan.as_ref(), &cpu_plan);
-        assert_eq!(
-            (g.slot_mapping(), g.block_tables(), g.block_copies()),
-            (c.slot_mapping(), c.block_tables(), c.block_copies())
-        );
-        let shape = self.cpu.config().shape();
-        let n = c.num_new_tokens() * shape.kv_row_len();
+        let (device_plan, cpu_plan) = self.caches.plan(batch);
+        let shape = self.caches.cpu.config().shape();
+        let n = cpu_plan.num_new_tokens() * shape.kv_row_len();
         for layer in 0..LAYERS {
             let (k, v) = (self.rows(n, special), self.rows(n, special));
-            let (k_dev, v_dev) = (self.dev.upload(&k), self.dev.upload(&v));
-            D::write_kv(&mut self.device, layer, &device_plan, &k_dev, &v_dev).unwrap();
-            self.cpu.write_quantized(layer, &cpu_plan, &k, &v).unwrap();
+            let (k_dev, v_dev) = (self.caches.dev.upload(&k), self.caches.dev.upload(&v));
+            D::write_kv(&mut self.caches.device, layer, &device_plan, &k_dev, &v_dev).unwrap();
+            self.caches
+                .cpu
+                .write_quantized(layer, &cpu_plan, &k, &v)
+                .unwrap();
         }
         self.compare_pages(batch);
         if !special {
@@ -307,7 +266,8 @@ impl<D: Device, F: Fp8Element + Default> Pair<D, F> {
     }
 
     fn attend(&mut self, device_plan: &D::Plan, cpu_plan: &StepPlan) {
-        let shape = self.cpu.config().shape();
+        let CachePair { dev, device, cpu } = &self.caches;
+        let shape = cpu.config().shape();
         let tokens = cpu_plan.num_new_tokens();
         for layer in 0..LAYERS {
             let q: Vec<bf16> = common::uniform(&mut self.rng, tokens * shape.q_row_len())
@@ -317,24 +277,24 @@ impl<D: Device, F: Fp8Element + Default> Pair<D, F> {
             let keep = vec![true; tokens];
             let (oracle, cond) = paged_gqa::cpu::attention_with_conditioning(
                 &q,
-                &self.cpu.paged_kv(layer, cpu_plan).unwrap(),
+                &cpu.paged_kv(layer, cpu_plan).unwrap(),
                 &AttendOptions::new(),
                 &keep,
             )
             .unwrap();
-            let mut out = self.dev.alloc_poisoned::<bf16>(q.len());
-            let mut lse = self.dev.alloc_poisoned::<f32>(tokens * shape.n_heads());
+            let mut out = dev.alloc_poisoned::<bf16>(q.len());
+            let mut lse = dev.alloc_poisoned::<f32>(tokens * shape.n_heads());
             D::attend_cache(
-                &self.device,
+                device,
                 layer,
                 device_plan,
-                &self.dev.upload(&q),
+                &dev.upload(&q),
                 &mut out,
                 &mut lse,
                 &AttendOptions::new(),
             )
             .unwrap();
-            let (out, lse) = (self.dev.download_f64(&out), self.dev.download_f64(&lse));
+            let (out, lse) = (dev.download_f64(&out), dev.download_f64(&lse));
             let what = format!("{:?} cache, layer {layer}", F::FORMAT);
             let model = model::<D, bf16>(KernelChoice::Auto);
             compare(&what, shape, &out, &lse, &oracle, &cond, &keep, model);
@@ -342,23 +302,11 @@ impl<D: Device, F: Fp8Element + Default> Pair<D, F> {
     }
 
     fn compare_pages(&self, batch: &[(SeqId, usize)]) {
-        let device_pages: Vec<F> = self.dev.download(D::pages(self.device.storage()));
-        let cpu_pages: Vec<F> = (0..LAYERS)
-            .flat_map(|l| {
-                let (k, v) = self.cpu.storage().layer(l);
-                k.iter().chain(v).copied().collect::<Vec<_>>()
-            })
-            .collect();
-        assert_eq!(device_pages.len(), cpu_pages.len());
-        let differ = device_pages
-            .iter()
-            .zip(&cpu_pages)
-            .filter(|(g, c)| {
-                let (g, c) = (g.to_bits(), c.to_bits());
-                // A NaN is a NaN: the GPU's cvt may not encode it as 0x7F as the host does.
-                g != c && !(F::FORMAT.is_nan(g) && F::FORMAT.is_nan(c))
-            })
-            .count();
+        // A NaN is a NaN: the GPU's cvt may not encode it as 0x7F as the host does.
+        let differ = self.caches.differing_pages(|g, c| {
+            let (g, c) = (g.to_bits(), c.to_bits());
+            g == c || (F::FORMAT.is_nan(g) && F::FORMAT.is_nan(c))
+        });
         assert_eq!(
             differ, 0,
             "after step {batch:?}: {differ} fp8 page values differ from the CPU cache's"
@@ -368,39 +316,38 @@ impl<D: Device, F: Fp8Element + Default> Pair<D, F> {
 
 /// Prompts, decode steps, forks of partly filled blocks (copy-on-write of fp8 blocks) and more
 /// steps on both, pages compared after every step and attention checked.
-fn cache_scenario<D: Device, F: Fp8Element + Default>(dev: &D, test: &str, block_size: usize) {
-    let mut pair = Pair::<D, F>::new(dev, test, block_size);
+fn cache_scenario<D: Device, F: Fp8Element + Default, const BLOCK_SIZE: usize>(
+    dev: &D,
+    test: &str,
+) {
+    let mut pair = Pair::<D, F>::new(dev, test, BLOCK_SIZE);
     // Infinities and NaNs through the write kernel (pages compared only), then given back.
-    let z = pair.add();
+    let z = pair.caches.add();
     pair.step(&[(z, 9)], true);
-    pair.free(z);
-    let (a, b) = (pair.add(), pair.add());
+    pair.caches.free(z);
+    let (a, b) = (pair.caches.add(), pair.caches.add());
     pair.step(&[(a, 21), (b, 3)], false);
     pair.step(&[(a, 1), (b, 1)], false);
-    let c = pair.fork(a); // shares a's partly filled last block
+    let c = pair.caches.fork(a); // shares a's partly filled last block
     pair.step(&[(c, 2), (a, 1)], false); // both write into it: copy-on-write
-    let d = pair.fork(c);
+    let d = pair.caches.fork(c);
     pair.step(&[(d, 5), (b, 1), (c, 1)], false);
     pair.step(&[(a, 1), (b, 1), (c, 1), (d, 1)], false);
 }
 
 fn cache_e4m3<D: Device>(dev: &D, test: &str) {
-    cache_scenario::<D, Fp8E4M3>(dev, test, 16);
-    cache_scenario::<D, Fp8E4M3>(dev, test, 1);
+    cache_scenario::<D, Fp8E4M3, 16>(dev, test);
+    cache_scenario::<D, Fp8E4M3, 1>(dev, test);
 }
 twins!(
     gpu_fp8_e4m3_cache_matches_cpu_cache,
     sim_fp8_e4m3_cache_matches_cpu_cache,
     cache_e4m3
 );
-
-fn cache_e5m2<D: Device>(dev: &D, test: &str) {
-    cache_scenario::<D, Fp8E5M2>(dev, test, 8);
-}
 twins!(
     gpu_fp8_e5m2_cache_matches_cpu_cache,
     sim_fp8_e5m2_cache_matches_cpu_cache,
-    cache_e5m2
+    cache_scenario::<_, Fp8E5M2, 8>
 );
 
 /// What the fp8 paths refuse: a storage whose page type differs from the configuration's,
@@ -552,22 +499,12 @@ fn sim_fp8_decode_fetches_half_the_bytes_of_bf16() {
             device.upload(&typed.k_cache).unwrap(),
             device.upload(&typed.v_cache).unwrap(),
         );
-        device.unwatch_all();
-        device.watch(k.address(), k.len() * 2);
-        device.watch(v.address(), v.len() * 2);
-        batch
-            .run(
-                &device,
-                &k,
-                &v,
-                &q,
-                &mut out,
-                &mut lse,
-                &AttendOptions::new(),
-            )
-            .unwrap();
-        let bf16_fetched = device.watched_bytes() as usize;
-        device.unwatch_all();
+        let bf16_fetched = fetched(&device, &[span(&k), span(&v)], || {
+            let options = AttendOptions::new();
+            batch
+                .run(&device, &k, &v, &q, &mut out, &mut lse, &options)
+                .unwrap();
+        });
         assert_eq!(bf16_fetched, bf16_bytes, "{choice:?}: bf16 pages");
         for format in ["e4m3", "e5m2"] {
             let fetched = if format == "e4m3" {
@@ -604,13 +541,10 @@ fn fp8_fetched<F: Fp8Element>(
         device.upload(&typed.k_cache).unwrap(),
         device.upload(&typed.v_cache).unwrap(),
     );
-    device.unwatch_all();
-    device.watch(k.address(), k.len());
-    device.watch(v.address(), v.len());
-    batch
-        .run_fp8(device, &k, &v, &scales, q, out, lse, &AttendOptions::new())
-        .unwrap();
-    let fetched = device.watched_bytes() as usize;
-    device.unwatch_all();
-    fetched
+    fetched(device, &[span(&k), span(&v)], || {
+        let options = AttendOptions::new();
+        batch
+            .run_fp8(device, &k, &v, &scales, q, out, lse, &options)
+            .unwrap();
+    })
 }

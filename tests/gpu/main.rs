@@ -16,4 +16,5 @@ mod cache;
 mod fp8;
 mod prefix;
 mod repeat_kv;
+mod setup;
 mod variants;

@@ -3,12 +3,13 @@
 //! running the same body on the kernel emulator.
 
 use crate::common;
+use crate::setup::{differing, same_bits};
 
 use half::{bf16, f16};
 use paged_gqa::sim::SimDevice;
 use paged_gqa::{cpu, cuda, Element, Error, GqaShape};
 
-use common::Device;
+use common::{twins, Device};
 
 /// Compares `repeat_kv` of `num_tokens` random rows with the CPU's, bit for bit. The output
 /// starts poisoned (NaN bytes, which no copy of the finite input produces), so an element the
@@ -27,11 +28,7 @@ fn check<D: Device, T: Element>(dev: &D, test: &str, shape: GqaShape, num_tokens
         .unwrap_or_else(|e| panic!("{test}: {e}"));
     let got = dev.download(&dst);
 
-    let wrong = got
-        .iter()
-        .zip(&expected)
-        .filter(|(g, e)| bytemuck::bytes_of(*g) != bytemuck::bytes_of(*e))
-        .count();
+    let wrong = differing(&got, &expected, same_bits);
     assert_eq!(
         wrong,
         0,
@@ -43,22 +40,11 @@ fn check<D: Device, T: Element>(dev: &D, test: &str, shape: GqaShape, num_tokens
 fn llama3_8b<D: Device>(dev: &D, test: &str) {
     check::<D, bf16>(dev, test, GqaShape::new(32, 8, 128).unwrap(), 3 * 77);
 }
-
-#[test]
-fn gpu_repeat_kv_matches_cpu_for_llama3_8b_bf16() {
-    let test = "gpu_repeat_kv_matches_cpu_for_llama3_8b_bf16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        llama3_8b(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_repeat_kv_matches_cpu_for_llama3_8b_bf16() {
-    llama3_8b(
-        &SimDevice::new(),
-        "sim_repeat_kv_matches_cpu_for_llama3_8b_bf16",
-    );
-}
+twins!(
+    gpu_repeat_kv_matches_cpu_for_llama3_8b_bf16,
+    sim_repeat_kv_matches_cpu_for_llama3_8b_bf16,
+    llama3_8b
+);
 
 fn odd_groups<D: Device>(dev: &D, test: &str) {
     for (n_heads, n_kv_heads, head_dim) in [
@@ -72,22 +58,11 @@ fn odd_groups<D: Device>(dev: &D, test: &str) {
         check::<D, f16>(dev, test, shape, 33);
     }
 }
-
-#[test]
-fn gpu_repeat_kv_matches_cpu_for_odd_groups_f16() {
-    let test = "gpu_repeat_kv_matches_cpu_for_odd_groups_f16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        odd_groups(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_repeat_kv_matches_cpu_for_odd_groups_f16() {
-    odd_groups(
-        &SimDevice::new(),
-        "sim_repeat_kv_matches_cpu_for_odd_groups_f16",
-    );
-}
+twins!(
+    gpu_repeat_kv_matches_cpu_for_odd_groups_f16,
+    sim_repeat_kv_matches_cpu_for_odd_groups_f16,
+    odd_groups
+);
 
 fn mha_and_d256<D: Device>(dev: &D, test: &str) {
     let what = format!("{test} (MHA)");
@@ -95,22 +70,11 @@ fn mha_and_d256<D: Device>(dev: &D, test: &str) {
     let what = format!("{test} (d256)");
     check::<D, f32>(dev, &what, GqaShape::new(16, 8, 256).unwrap(), 41);
 }
-
-#[test]
-fn gpu_repeat_kv_matches_cpu_for_mha_and_d256_f32() {
-    let test = "gpu_repeat_kv_matches_cpu_for_mha_and_d256_f32";
-    if let Some(gpu) = common::gpu_stream(test) {
-        mha_and_d256(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_repeat_kv_matches_cpu_for_mha_and_d256_f32() {
-    mha_and_d256(
-        &SimDevice::new(),
-        "sim_repeat_kv_matches_cpu_for_mha_and_d256_f32",
-    );
-}
+twins!(
+    gpu_repeat_kv_matches_cpu_for_mha_and_d256_f32,
+    sim_repeat_kv_matches_cpu_for_mha_and_d256_f32,
+    mha_and_d256
+);
 
 /// A source one element short of the shape's rows is refused.
 fn rejects_wrong_lengths<D: Device>(dev: &D) {

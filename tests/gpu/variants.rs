@@ -11,6 +11,7 @@
 //! PAGED_GQA_REQUIRE_GPU=1; its twin `sim_xxx` runs the same body on the kernel emulator.
 
 use crate::common;
+use crate::setup::{fetched, span};
 
 use half::{bf16, f16};
 use paged_gqa::cache::{CacheConfig, PagedCache};
@@ -421,14 +422,11 @@ fn sim_windowed_decode_fetches_only_the_window() {
         .unwrap();
         let mut out = device.alloc::<bf16>(rows * shape.head_dim()).unwrap();
         let mut lse = device.alloc::<f32>(rows).unwrap();
-        device.unwatch_all();
-        device.watch(k.address(), k.len() * 2);
-        device.watch(v.address(), v.len() * 2);
-        batch
-            .run(&device, &k, &v, &q, &mut out, &mut lse, &options)
-            .unwrap();
-        let fetched = device.watched_bytes();
-        device.unwatch_all();
+        let in_window = fetched(&device, &[span(&k), span(&v)], || {
+            batch
+                .run(&device, &k, &v, &q, &mut out, &mut lse, &options)
+                .unwrap();
+        });
         let full = AttendOptions::new();
         let mask = KeyMask {
             causal: true,
@@ -437,23 +435,22 @@ fn sim_windowed_decode_fetches_only_the_window() {
         // The splits are sized from the window, not the 32k context: two of 64 keys at most.
         assert!(batch.schedule().splits(&case.lens, mask).num_splits <= 2);
         assert_eq!(
-            fetched as usize, window_bytes,
-            "{choice:?}: {fetched} bytes fetched, the window holds {window_bytes}"
+            in_window, window_bytes,
+            "{choice:?}: {in_window} bytes fetched, the window holds {window_bytes}"
         );
         // Without the window the same batch reads every key (K watched alone here).
-        device.watch(k.address(), k.len() * 2);
-        batch
-            .run(&device, &k, &v, &q, &mut out, &mut lse, &full)
-            .unwrap();
-        let whole_k = device.watched_bytes() as usize;
-        device.unwatch_all();
+        let whole_k = fetched(&device, &[span(&k)], || {
+            batch
+                .run(&device, &k, &v, &q, &mut out, &mut lse, &full)
+                .unwrap();
+        });
         assert_eq!(
             whole_k,
             (2 * context - 5) * shape.kv_row_len() * 2,
             "{choice:?}"
         );
         println!(
-            "gpt-oss-20b decode, keys {context} and {}, {choice:?}: window 128 fetched {fetched} B \
+            "gpt-oss-20b decode, keys {context} and {}, {choice:?}: window 128 fetched {in_window} B \
              of K and V; without the window {} B",
             context - 5,
             2 * whole_k
