@@ -6,9 +6,8 @@
 
 use crate::common;
 
-use common::{Device, PagedCase};
+use common::{twins, Device, PagedCase};
 use half::{bf16, f16};
-use paged_gqa::sim::SimDevice;
 use paged_gqa::{Element, GqaShape};
 
 fn check<D: Device, T: Element>(
@@ -70,20 +69,11 @@ fn naive_decode_llama<D: Device>(dev: &D, test: &str) {
     let shape = GqaShape::new(32, 8, 128).unwrap();
     check::<D, bf16>(dev, test, shape, 16, &[1, 16, 37, 2000]);
 }
-
-#[test]
-fn gpu_naive_decode_matches_oracle_llama3_8b_bf16() {
-    let test = "gpu_naive_decode_matches_oracle_llama3_8b_bf16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        naive_decode_llama(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_naive_decode_matches_oracle_llama3_8b_bf16() {
-    let test = "sim_naive_decode_matches_oracle_llama3_8b_bf16";
-    naive_decode_llama(&SimDevice::new(), test);
-}
+twins!(
+    gpu_naive_decode_matches_oracle_llama3_8b_bf16,
+    sim_naive_decode_matches_oracle_llama3_8b_bf16,
+    naive_decode_llama
+);
 
 fn naive_decode_falcon_and_gemma<D: Device>(dev: &D, test: &str) {
     let falcon = GqaShape::new(71, 1, 64).unwrap();
@@ -93,20 +83,11 @@ fn naive_decode_falcon_and_gemma<D: Device>(dev: &D, test: &str) {
     let what = format!("{test} (Gemma-2-9B)");
     check::<D, f16>(dev, &what, gemma, 256, &[300, 1, 256]);
 }
-
-#[test]
-fn gpu_naive_decode_matches_oracle_falcon_and_gemma_f16() {
-    let test = "gpu_naive_decode_matches_oracle_falcon_and_gemma_f16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        naive_decode_falcon_and_gemma(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_naive_decode_matches_oracle_falcon_and_gemma_f16() {
-    let test = "sim_naive_decode_matches_oracle_falcon_and_gemma_f16";
-    naive_decode_falcon_and_gemma(&SimDevice::new(), test);
-}
+twins!(
+    gpu_naive_decode_matches_oracle_falcon_and_gemma_f16,
+    sim_naive_decode_matches_oracle_falcon_and_gemma_f16,
+    naive_decode_falcon_and_gemma
+);
 
 fn naive_prefill<D: Device>(dev: &D, test: &str) {
     let llama = GqaShape::new(32, 8, 128).unwrap();
@@ -122,17 +103,8 @@ fn naive_prefill<D: Device>(dev: &D, test: &str) {
     let qwen = GqaShape::new(28, 4, 128).unwrap();
     check_queries::<D, f16>(dev, test, qwen, 1, &[17, 300], &[17, 300]);
 }
-
-#[test]
-fn gpu_naive_prefill_matches_oracle_on_prompts_and_chunks() {
-    let test = "gpu_naive_prefill_matches_oracle_on_prompts_and_chunks";
-    if let Some(gpu) = common::gpu_stream(test) {
-        naive_prefill(&gpu, test);
-    }
-}
-
-#[test]
-fn sim_full_naive_prefill_matches_oracle_on_prompts_and_chunks() {
-    let test = "sim_full_naive_prefill_matches_oracle_on_prompts_and_chunks";
-    naive_prefill(&SimDevice::new(), test);
-}
+twins!(
+    gpu_naive_prefill_matches_oracle_on_prompts_and_chunks,
+    sim_full_naive_prefill_matches_oracle_on_prompts_and_chunks,
+    naive_prefill
+);

@@ -13,11 +13,10 @@ use crate::common;
 
 use std::collections::BTreeMap;
 
-use common::Device;
+use common::{twins, Device};
 use half::{bf16, f16};
-use paged_gqa::cache::{CacheConfig, PagedCache};
+use paged_gqa::cache::{CacheConfig, PageStorage, PagedCache};
 use paged_gqa::cpu::CpuStorage;
-use paged_gqa::sim::SimDevice;
 use paged_gqa::{AttendOptions, Element, GqaShape};
 
 const LAYERS: usize = 2;
@@ -108,19 +107,19 @@ struct Step {
     digests: Vec<u32>,
 }
 
-/// Serves the requests one after the other on `engine`: `admit` adds a prompt and returns
-/// `(seq, computed)`, `step(seq, tokens to append, new tokens, layer -> (positions' digests) ->
-/// output rows)` runs a plan with every layer's write and attention. The first request is freed
-/// when done (its blocks are parked), the second stays live (its blocks are held).
-fn serve<Seq: Copy>(
-    mut admit: impl FnMut(&[u32]) -> (Seq, usize),
-    mut step: impl FnMut(Seq, &[u32], &Step) -> Vec<Vec<f64>>,
-    mut free: impl FnMut(Seq),
+/// Serves the requests one after the other on `cache`: each is added with its prompt, then
+/// every step appends its sampled token, plans, and gets from `layer(cache, plan, layer, step)`
+/// that layer's output rows (after writing the step's K/V). The first request is freed when
+/// done (its blocks are parked), the second stays live (its blocks are held).
+fn serve<S: PageStorage>(
+    cache: &mut PagedCache<S>,
+    mut layer: impl FnMut(&mut PagedCache<S>, &S::Plan, usize, &Step) -> Vec<f64>,
 ) -> Served {
     let mut served = Served::default();
     let row = shape().q_row_len();
     for (r, prompt) in prompts().iter().enumerate() {
-        let (seq, computed) = admit(prompt);
+        let admission = cache.add_sequence_with_prompt(prompt, b"").unwrap();
+        let (seq, computed) = (admission.seq, admission.computed);
         served.computed.push(computed);
         let mut tokens = prompt.clone();
         let mut start = computed;
@@ -132,20 +131,26 @@ fn serve<Seq: Copy>(
                 vec![sampled(r, s)]
             };
             let d = digests(&tokens);
-            let step_rows = Step {
+            let step = Step {
                 start,
                 digests: d[start..].to_vec(),
             };
-            let outs = step(seq, &appended, &step_rows);
-            for (layer, out) in outs.into_iter().enumerate() {
+            cache.append_tokens(seq, &appended).unwrap();
+            let plan = cache.plan(&[(seq, step.digests.len())]).unwrap();
+            assert_eq!(
+                cache.manager().len(seq).unwrap(),
+                step.start + step.digests.len()
+            );
+            for l in 0..LAYERS {
+                let out = layer(cache, &plan, l, &step);
                 for (i, chunk) in out.chunks(row).enumerate() {
-                    served.out.insert((r, start + i, layer), chunk.to_vec());
+                    served.out.insert((r, start + i, l), chunk.to_vec());
                 }
             }
             start = tokens.len();
         }
         if r == 0 {
-            free(seq);
+            cache.free(seq).unwrap();
         }
     }
     served
@@ -181,88 +186,47 @@ fn compare(on: &Served, off: &Served, what: &str, prompt_tolerance: Option<f64>)
 
 fn serve_cpu<T: Element + Into<f32> + Sync>(caching: bool) -> Served {
     let storage = CpuStorage::<T>::new(config::<T>(caching), BLOCKS).unwrap();
-    let cache = std::cell::RefCell::new(PagedCache::new(storage).unwrap());
-    let served = serve(
-        |prompt| {
-            let a = cache
-                .borrow_mut()
-                .add_sequence_with_prompt(prompt, b"")
-                .unwrap();
-            (a.seq, a.computed)
-        },
-        |seq, appended, step| {
-            let mut cache = cache.borrow_mut();
-            cache.append_tokens(seq, appended).unwrap();
-            let plan = cache.plan(&[(seq, step.digests.len())]).unwrap();
-            assert_eq!(
-                cache.manager().len(seq).unwrap(),
-                step.start + step.digests.len()
-            );
-            (0..LAYERS)
-                .map(|layer| {
-                    let (k, v, q) = projections(&step.digests, layer);
-                    let cast = |x: Vec<f32>| x.into_iter().map(T::from_f32).collect::<Vec<T>>();
-                    cache.write(layer, &plan, &cast(k), &cast(v)).unwrap();
-                    let q = cast(q);
-                    let mut out = vec![f32::NAN; q.len()];
-                    let mut lse = vec![f32::NAN; q.len() / shape().head_dim()];
-                    let options = AttendOptions::default();
-                    cache
-                        .attend(layer, &plan, &q, &mut out, &mut lse, &options)
-                        .unwrap();
-                    out.into_iter().map(f64::from).collect()
-                })
-                .collect()
-        },
-        |seq| cache.borrow_mut().free(seq).unwrap(),
-    );
-    let stats = cache.borrow().prefix_stats();
+    let mut cache = PagedCache::new(storage).unwrap();
+    let served = serve(&mut cache, |cache, plan, layer, step| {
+        let (k, v, q) = projections(&step.digests, layer);
+        let cast = |x: Vec<f32>| x.into_iter().map(T::from_f32).collect::<Vec<T>>();
+        cache.write(layer, plan, &cast(k), &cast(v)).unwrap();
+        let q = cast(q);
+        let mut out = vec![f32::NAN; q.len()];
+        let mut lse = vec![f32::NAN; q.len() / shape().head_dim()];
+        let options = AttendOptions::default();
+        cache
+            .attend(layer, plan, &q, &mut out, &mut lse, &options)
+            .unwrap();
+        out.into_iter().map(f64::from).collect()
+    });
+    let stats = cache.prefix_stats();
     if caching {
         assert_eq!((stats.prompt_tokens, stats.hit_tokens), (47 + 51 + 55, 80));
     } else {
         assert_eq!((stats.hit_tokens, stats.cached_blocks), (0, 0));
     }
-    cache.borrow().manager().audit().unwrap();
+    cache.manager().audit().unwrap();
     served
 }
 
 fn serve_device<D: Device, T: Element>(dev: &D, caching: bool) -> Served {
     let storage = dev.storage::<T>(config::<T>(caching), BLOCKS).unwrap();
-    let cache = std::cell::RefCell::new(PagedCache::new(storage).unwrap());
-    let served = serve(
-        |prompt| {
-            let a = cache
-                .borrow_mut()
-                .add_sequence_with_prompt(prompt, b"")
-                .unwrap();
-            (a.seq, a.computed)
-        },
-        |seq, appended, step| {
-            let mut cache = cache.borrow_mut();
-            cache.append_tokens(seq, appended).unwrap();
-            let plan = cache.plan(&[(seq, step.digests.len())]).unwrap();
-            (0..LAYERS)
-                .map(|layer| {
-                    let (k, v, q) = projections(&step.digests, layer);
-                    let up = |x: Vec<f32>| {
-                        dev.upload(&x.into_iter().map(T::from_f32).collect::<Vec<T>>())
-                    };
-                    let (k, v, q) = (up(k), up(v), up(q));
-                    D::write_kv(&mut cache, layer, &plan, &k, &v).unwrap();
-                    let rows = step.digests.len() * shape().n_heads();
-                    let mut out = dev.alloc_poisoned::<T>(rows * shape().head_dim());
-                    let mut lse = dev.alloc_poisoned::<f32>(rows);
-                    let options = AttendOptions::default();
-                    D::attend_cache(&cache, layer, &plan, &q, &mut out, &mut lse, &options)
-                        .unwrap();
-                    dev.download_f64(&out)
-                })
-                .collect()
-        },
-        |seq| cache.borrow_mut().free(seq).unwrap(),
-    );
+    let mut cache = PagedCache::new(storage).unwrap();
+    let served = serve(&mut cache, |cache, plan, layer, step| {
+        let (k, v, q) = projections(&step.digests, layer);
+        let up = |x: Vec<f32>| dev.upload(&x.into_iter().map(T::from_f32).collect::<Vec<T>>());
+        let (k, v, q) = (up(k), up(v), up(q));
+        D::write_kv(cache, layer, plan, &k, &v).unwrap();
+        let rows = step.digests.len() * shape().n_heads();
+        let mut out = dev.alloc_poisoned::<T>(rows * shape().head_dim());
+        let mut lse = dev.alloc_poisoned::<f32>(rows);
+        let options = AttendOptions::default();
+        D::attend_cache(cache, layer, plan, &q, &mut out, &mut lse, &options).unwrap();
+        dev.download_f64(&out)
+    });
     assert_eq!(
-        cache.borrow().prefix_stats().hit_tokens,
+        cache.prefix_stats().hit_tokens,
         if caching { 80 } else { 0 }
     );
     served
@@ -292,40 +256,24 @@ fn cpu_attention_over_a_reused_prefix_equals_attention_without_caching_bf16() {
 /// (7 rows of 4 heads go to the CUDA cores, 55 to the tensor cores), which rounds differently:
 /// those agree within the kernels' tolerance; decode rows run the same kernel over the same
 /// keys, and agree exactly.
-fn kernels<D: Device, T: Element>(dev: &D, what: &str) {
+fn kernels<D: Device, T: Element>(dev: &D, test: &str) {
     compare(
         &serve_device::<D, T>(dev, true),
         &serve_device::<D, T>(dev, false),
-        what,
+        test,
         // Per token row, relative L2: each run's row is within about u_o (its output rounding)
         // plus u_o (the tensor-core kernel's weights rounded to T, random in sign) of the truth,
         // so the two within 4 u_o of each other.
         Some(4.0 * common::check::model::<D, T>(paged_gqa::plan::KernelChoice::Auto).out_unit),
     );
 }
-
-#[test]
-fn gpu_attention_over_a_reused_prefix_equals_attention_without_caching_bf16() {
-    let test = "gpu_attention_over_a_reused_prefix_equals_attention_without_caching_bf16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        kernels::<_, bf16>(&gpu, "gpu bf16");
-    }
-}
-
-#[test]
-fn sim_attention_over_a_reused_prefix_equals_attention_without_caching_bf16() {
-    kernels::<_, bf16>(&SimDevice::new(), "sim bf16");
-}
-
-#[test]
-fn gpu_attention_over_a_reused_prefix_equals_attention_without_caching_f16() {
-    let test = "gpu_attention_over_a_reused_prefix_equals_attention_without_caching_f16";
-    if let Some(gpu) = common::gpu_stream(test) {
-        kernels::<_, f16>(&gpu, "gpu f16");
-    }
-}
-
-#[test]
-fn sim_attention_over_a_reused_prefix_equals_attention_without_caching_f16() {
-    kernels::<_, f16>(&SimDevice::new(), "sim f16");
-}
+twins!(
+    gpu_attention_over_a_reused_prefix_equals_attention_without_caching_bf16,
+    sim_attention_over_a_reused_prefix_equals_attention_without_caching_bf16,
+    kernels::<_, bf16>
+);
+twins!(
+    gpu_attention_over_a_reused_prefix_equals_attention_without_caching_f16,
+    sim_attention_over_a_reused_prefix_equals_attention_without_caching_f16,
+    kernels::<_, f16>
+);
