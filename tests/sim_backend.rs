@@ -62,30 +62,15 @@ fn batches_and_buffers_of_another_device_are_refused() {
     let rows = case.lens.num_tokens() * shape.n_heads();
     let mut out = a.alloc::<bf16>(rows * 64).unwrap();
     let mut lse = a.alloc::<f32>(rows).unwrap();
+    let options = AttendOptions::default();
     // The batch's tables and the buffers live on `a`: running on `b` would read `a`'s memory.
     let err = batch
-        .run(
-            &b,
-            &k,
-            &v,
-            &q,
-            &mut out,
-            &mut lse,
-            &AttendOptions::default(),
-        )
+        .run(&b, &k, &v, &q, &mut out, &mut lse, &options)
         .unwrap_err();
     assert!(matches!(err, Error::DeviceMismatch { .. }), "{err}");
     let foreign_q = upload(&b, &typed.q);
     let err = batch
-        .run(
-            &a,
-            &k,
-            &v,
-            &foreign_q,
-            &mut out,
-            &mut lse,
-            &AttendOptions::default(),
-        )
+        .run(&a, &k, &v, &foreign_q, &mut out, &mut lse, &options)
         .unwrap_err();
     assert!(matches!(err, Error::DeviceMismatch { what: "q" }), "{err}");
     assert!(
@@ -93,15 +78,7 @@ fn batches_and_buffers_of_another_device_are_refused() {
         "nothing ran"
     );
     batch
-        .run(
-            &a,
-            &k,
-            &v,
-            &q,
-            &mut out,
-            &mut lse,
-            &AttendOptions::default(),
-        )
+        .run(&a, &k, &v, &q, &mut out, &mut lse, &options)
         .unwrap();
     let got: Vec<f64> = out.as_slice().iter().map(|x| x.to_f64()).collect();
     let lse: Vec<f64> = lse.as_slice().iter().map(|&x| f64::from(x)).collect();
