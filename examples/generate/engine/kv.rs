@@ -201,45 +201,38 @@ pub trait HostPage: Copy + Default + Into<f32> + Sync {
     ) -> paged_gqa::Result<()>;
 }
 
-/// Plain elements (f32, f16, bf16): rows converted, stored as they are.
-macro_rules! plain_host_page {
-    ($t:ty, $from:expr) => {
+/// `impl HostPage for $t`, its write being `$body` over `cache`, `plan`, `layer`, `k`, `v`.
+macro_rules! host_page {
+    ($t:ty, |$cache:ident, $plan:ident, $layer:ident, $k:ident, $v:ident| $body:expr) => {
         impl HostPage for $t {
             fn write(
-                cache: &mut PagedCache<CpuStorage<Self>>,
-                plan: &StepPlan,
-                layer: usize,
-                k: &[f32],
-                v: &[f32],
+                $cache: &mut PagedCache<CpuStorage<Self>>,
+                $plan: &StepPlan,
+                $layer: usize,
+                $k: &[f32],
+                $v: &[f32],
             ) -> paged_gqa::Result<()> {
-                let rows = |x: &[f32]| -> Vec<$t> { x.iter().copied().map($from).collect() };
-                cache.write(layer, plan, &rows(k), &rows(v))
+                $body
             }
         }
     };
 }
-plain_host_page!(f32, |x| x);
-plain_host_page!(bf16, bf16::from_f32);
-plain_host_page!(f16, f16::from_f32);
+// Plain elements: rows converted, stored as they are.
+host_page! { f32, |cache, plan, layer, k, v| cache.write(layer, plan, k, v) }
+host_page! { bf16, |cache, plan, layer, k, v| {
+    cache.write(layer, plan, &converted(k, bf16::from_f32), &converted(v, bf16::from_f32))
+} }
+host_page! { f16, |cache, plan, layer, k, v| {
+    cache.write(layer, plan, &converted(k, f16::from_f32), &converted(v, f16::from_f32))
+} }
+// fp8 elements: rows quantized under the layer's scales ([`PagedCache::write_quantized`]).
+host_page! { Fp8E4M3, |cache, plan, layer, k, v| cache.write_quantized(layer, plan, k, v) }
+host_page! { Fp8E5M2, |cache, plan, layer, k, v| cache.write_quantized(layer, plan, k, v) }
 
-/// fp8 elements: rows quantized under the layer's scales ([`PagedCache::write_quantized`]).
-macro_rules! fp8_host_page {
-    ($t:ty) => {
-        impl HostPage for $t {
-            fn write(
-                cache: &mut PagedCache<CpuStorage<Self>>,
-                plan: &StepPlan,
-                layer: usize,
-                k: &[f32],
-                v: &[f32],
-            ) -> paged_gqa::Result<()> {
-                cache.write_quantized(layer, plan, k, v)
-            }
-        }
-    };
+/// `rows` converted element by element.
+fn converted<T>(rows: &[f32], from: fn(f32) -> T) -> Vec<T> {
+    rows.iter().copied().map(from).collect()
 }
-fp8_host_page!(Fp8E4M3);
-fp8_host_page!(Fp8E5M2);
 
 /// Host pages: rows stored as [`HostPage`] says, then the crate's f32 CPU attention.
 impl<T: HostPage> Pages for CpuStorage<T> {
