@@ -28,6 +28,21 @@ pub(crate) enum Launch<'a> {
     NaiveDecode(&'a ffi::pgqa_naive_decode_params),
 }
 
+impl Launch<'_> {
+    /// The kernel's name, as errors give it.
+    pub(crate) fn kernel(&self) -> &'static str {
+        match self {
+            Launch::Attend(_) => "attend",
+            Launch::MergeStates(_) => "merge_states",
+            Launch::WriteKv(_) => "write_kv",
+            Launch::CopyBlocks(_) => "copy_blocks",
+            Launch::RepeatKv(_) => "repeat_kv",
+            Launch::GatherKv(_) => "gather_kv",
+            Launch::NaiveDecode(_) => "naive_decode",
+        }
+    }
+}
+
 /// A place the kernels run: device memory, the device's properties, and the launchers.
 pub(crate) trait Backend: Clone {
     /// An owned allocation of device memory.

@@ -199,34 +199,17 @@ impl Backend for std::rc::Rc<SimDevice> {
                 }
             };
         }
+        let kernel = call.kernel();
         // SAFETY: forwarded from the caller: every pointer is a live buffer of this device.
-        let (kernel, status) = unsafe {
+        let status = unsafe {
             match call {
-                Launch::Attend(p) => ("attend", entry!(pgqa_sim_attend, pgqa_trace_attend, p)),
-                Launch::MergeStates(p) => (
-                    "merge_states",
-                    entry!(pgqa_sim_merge_states, pgqa_trace_merge_states, p),
-                ),
-                Launch::WriteKv(p) => (
-                    "write_kv",
-                    entry!(pgqa_sim_write_kv, pgqa_trace_write_kv, p),
-                ),
-                Launch::CopyBlocks(p) => (
-                    "copy_blocks",
-                    entry!(pgqa_sim_copy_blocks, pgqa_trace_copy_blocks, p),
-                ),
-                Launch::RepeatKv(p) => (
-                    "repeat_kv",
-                    entry!(pgqa_sim_repeat_kv, pgqa_trace_repeat_kv, p),
-                ),
-                Launch::GatherKv(p) => (
-                    "gather_kv",
-                    entry!(pgqa_sim_gather_kv, pgqa_trace_gather_kv, p),
-                ),
-                Launch::NaiveDecode(p) => (
-                    "naive_decode",
-                    entry!(pgqa_sim_naive_decode, pgqa_trace_naive_decode, p),
-                ),
+                Launch::Attend(p) => entry!(pgqa_sim_attend, pgqa_trace_attend, p),
+                Launch::MergeStates(p) => entry!(pgqa_sim_merge_states, pgqa_trace_merge_states, p),
+                Launch::WriteKv(p) => entry!(pgqa_sim_write_kv, pgqa_trace_write_kv, p),
+                Launch::CopyBlocks(p) => entry!(pgqa_sim_copy_blocks, pgqa_trace_copy_blocks, p),
+                Launch::RepeatKv(p) => entry!(pgqa_sim_repeat_kv, pgqa_trace_repeat_kv, p),
+                Launch::GatherKv(p) => entry!(pgqa_sim_gather_kv, pgqa_trace_gather_kv, p),
+                Launch::NaiveDecode(p) => entry!(pgqa_sim_naive_decode, pgqa_trace_naive_decode, p),
             }
         };
         check_status(kernel, status, || {
