@@ -7,7 +7,7 @@ use paged_gqa::fp8::{Fp8Element, KvScales};
 use paged_gqa::plan::KernelChoice;
 use paged_gqa::{AttendOptions, Element};
 
-use super::{Device, Fp8Typed, PagedCase, Typed};
+use super::{Device, PagedCase};
 
 /// The rounding model of one kernel choice on backend `D` writing `T`: the tensor-core kernel
 /// rounds P to `T` before P.V (and, on a GPU, accumulates truncating), the CUDA-core kernel
@@ -60,18 +60,12 @@ pub fn check_case_with<D: Device, T: Element>(
     options: &AttendOptions,
 ) -> Vec<usize> {
     let typed = case.typed_with::<T>(keep, options);
-    [
-        KernelChoice::Auto,
-        KernelChoice::CudaCores,
-        KernelChoice::TensorCores,
-        KernelChoice::NarrowTensorCores,
-    ]
-    .into_iter()
-    .map(|choice| {
-        let what = format!("{what} ({choice:?})");
-        run_and_compare(dev, &what, case, &typed, keep, choice, options)
+    let label = |choice| format!("{what} ({choice:?})");
+    let want = (&typed.oracle, &typed.cond);
+    case.each_choice(dev, label, want, keep, options, |batch, out, lse| {
+        let (k, v) = (dev.upload(&typed.k_cache), dev.upload(&typed.v_cache));
+        dev.run_attend(batch, &k, &v, &dev.upload(&typed.q), out, lse, options)
     })
-    .collect()
 }
 
 /// [`check_case_with`] over fp8 pages: the case's K/V quantized to `F` under `scales`, q in
@@ -86,73 +80,70 @@ pub fn check_fp8<D: Device, T: Element, F: Fp8Element>(
     options: &AttendOptions,
 ) -> Vec<usize> {
     let typed = case.fp8_typed::<T, F>(scales, keep, options);
-    [
-        KernelChoice::Auto,
-        KernelChoice::CudaCores,
-        KernelChoice::TensorCores,
-        KernelChoice::NarrowTensorCores,
-    ]
-    .into_iter()
-    .map(|choice| {
-        let what = format!("{what} ({:?} pages, {choice:?})", F::FORMAT);
-        run_fp8_and_compare(dev, &what, case, &typed, keep, choice, options)
+    let label = |choice| format!("{what} ({:?} pages, {choice:?})", F::FORMAT);
+    let want = (&typed.oracle, &typed.cond);
+    case.each_choice(dev, label, want, keep, options, |batch, out, lse| {
+        let (k, v) = (dev.upload(&typed.k_cache), dev.upload(&typed.v_cache));
+        let q = dev.upload(&typed.q);
+        dev.run_attend_fp8(batch, &k, &v, &typed.scales, &q, out, lse, options)
     })
-    .collect()
 }
 
-/// One kernel choice of an fp8 case against the oracle; returns the launch's split count.
-fn run_fp8_and_compare<D: Device, T: Element, F: Fp8Element>(
-    dev: &D,
-    what: &str,
-    case: &PagedCase,
-    typed: &Fp8Typed<T, F>,
-    keep: &[bool],
-    choice: KernelChoice,
-    options: &AttendOptions,
-) -> usize {
-    let shape = case.layout.shape();
-    let batch = dev
-        .attend_batch(
-            case.layout,
-            T::DTYPE,
-            &case.lens,
-            &case.tables,
-            case.max_blocks,
-            choice,
-        )
-        .unwrap();
-    let rows = case.lens.num_tokens() * shape.n_heads();
-    let (k_dev, v_dev, q_dev) = (
-        dev.upload(&typed.k_cache),
-        dev.upload(&typed.v_cache),
-        dev.upload(&typed.q),
-    );
-    let mut out = dev.alloc_poisoned::<T>(rows * shape.head_dim());
-    let mut lse = dev.alloc_poisoned::<f32>(rows);
-    dev.run_attend_fp8(
-        &batch,
-        &k_dev,
-        &v_dev,
-        &typed.scales,
-        &q_dev,
-        &mut out,
-        &mut lse,
-        options,
-    )
-    .unwrap_or_else(|e| panic!("{what}: {e}"));
-    compare(
-        what,
-        shape,
-        &dev.download_f64(&out),
-        &dev.download_f64(&lse),
-        &typed.oracle,
-        &typed.cond,
-        keep,
-        model::<D, T>(choice),
-    );
-    D::schedule(&batch)
-        .splits(&case.lens, options.mask())
-        .num_splits
+impl PagedCase {
+    /// Runs the case with each kernel choice (automatic, CUDA cores only, each tensor-core
+    /// layout only): the choice's batch over the case's block tables, handed to `run` (which
+    /// uploads q and the pages and launches with `options`) with poisoned outputs, then every
+    /// output element and lse compared with `oracle` at the rows `keep` (`label`: a choice's
+    /// name in messages). Returns each choice's split count.
+    fn each_choice<D: Device, T: Element>(
+        &self,
+        dev: &D,
+        label: impl Fn(KernelChoice) -> String,
+        (oracle, cond): (&Attention, &Conditioning),
+        keep: &[bool],
+        options: &AttendOptions,
+        run: impl Fn(&D::Attend, &mut D::Buf<T>, &mut D::Buf<f32>) -> paged_gqa::Result<()>,
+    ) -> Vec<usize> {
+        let shape = self.layout.shape();
+        let rows = self.lens.num_tokens() * shape.n_heads();
+        [
+            KernelChoice::Auto,
+            KernelChoice::CudaCores,
+            KernelChoice::TensorCores,
+            KernelChoice::NarrowTensorCores,
+        ]
+        .into_iter()
+        .map(|choice| {
+            let what = label(choice);
+            let batch = dev
+                .attend_batch(
+                    self.layout,
+                    T::DTYPE,
+                    &self.lens,
+                    &self.tables,
+                    self.max_blocks,
+                    choice,
+                )
+                .unwrap();
+            let mut out = dev.alloc_poisoned::<T>(rows * shape.head_dim());
+            let mut lse = dev.alloc_poisoned::<f32>(rows);
+            run(&batch, &mut out, &mut lse).unwrap_or_else(|e| panic!("{what}: {e}"));
+            compare(
+                &what,
+                shape,
+                &dev.download_f64(&out),
+                &dev.download_f64(&lse),
+                oracle,
+                cond,
+                keep,
+                model::<D, T>(choice),
+            );
+            D::schedule(&batch)
+                .splits(&self.lens, options.mask())
+                .num_splits
+        })
+        .collect()
+    }
 }
 
 /// A kernel's `out` and `lse` (downloaded, f64) against the oracle at the rows `keep`: every
@@ -273,56 +264,4 @@ pub fn check_bounds(
             lse_bound[r],
         );
     }
-}
-
-/// One kernel choice of a case against the oracle; returns the launch's split count.
-fn run_and_compare<D: Device, T: Element>(
-    dev: &D,
-    what: &str,
-    case: &PagedCase,
-    typed: &Typed<T>,
-    keep: &[bool],
-    choice: KernelChoice,
-    options: &AttendOptions,
-) -> usize {
-    let shape = case.layout.shape();
-    let Typed {
-        q,
-        k_cache: k,
-        v_cache: v,
-        oracle,
-        cond,
-    } = typed;
-
-    let batch = dev
-        .attend_batch(
-            case.layout,
-            T::DTYPE,
-            &case.lens,
-            &case.tables,
-            case.max_blocks,
-            choice,
-        )
-        .unwrap();
-    let rows = case.lens.num_tokens() * shape.n_heads();
-    let (k_dev, v_dev, q_dev) = (dev.upload(k), dev.upload(v), dev.upload(q));
-    let mut out = dev.alloc_poisoned::<T>(rows * shape.head_dim());
-    let mut lse = dev.alloc_poisoned::<f32>(rows);
-    dev.run_attend(&batch, &k_dev, &v_dev, &q_dev, &mut out, &mut lse, options)
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let out = dev.download_f64(&out);
-    let lse = dev.download_f64(&lse);
-    compare(
-        what,
-        shape,
-        &out,
-        &lse,
-        oracle,
-        cond,
-        keep,
-        model::<D, T>(choice),
-    );
-    D::schedule(&batch)
-        .splits(&case.lens, options.mask())
-        .num_splits
 }
