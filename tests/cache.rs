@@ -358,26 +358,17 @@ fn new_rows_of_the_wrong_length_are_an_error() {
     let mut cache = cpu_cache(8, 4);
     let a = cache.add_sequence();
     let plan = cache.plan(&[(a, 3)]).unwrap();
-    assert_eq!(
-        cache
-            .write(0, &plan, &rows(2, 1.0), &rows(3, 1.0))
-            .unwrap_err(),
-        Error::BufferLength {
-            name: "k_new",
-            expected: 48,
-            actual: 32
-        }
-    );
-    assert_eq!(
-        cache
-            .write(0, &plan, &rows(3, 1.0), &rows(4, 1.0))
-            .unwrap_err(),
-        Error::BufferLength {
-            name: "v_new",
-            expected: 48,
-            actual: 64
-        }
-    );
+    // (K rows, V rows): the first of the wrong length is named, with its length in elements.
+    for (k, v, name, actual) in [(2, 3, "k_new", 32), (3, 4, "v_new", 64)] {
+        assert_eq!(
+            cache.write(0, &plan, &rows(k, 1.0), &rows(v, 1.0)),
+            Err(Error::BufferLength {
+                name,
+                expected: 48,
+                actual
+            })
+        );
+    }
 }
 
 #[test]

@@ -23,6 +23,14 @@ fn prefill(cache: &mut BlockManager, seq: SeqId, n: usize) -> StepPlan {
     plan
 }
 
+/// How many of `prompt`'s tokens (unsalted) a new sequence finds cached; the sequence stays.
+fn found(cache: &mut BlockManager, prompt: &[u32]) -> usize {
+    cache
+        .add_sequence_with_prompt(prompt, b"")
+        .unwrap()
+        .computed
+}
+
 fn chain(identity: &BlockHash, salt: &[u8], tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
     let mut parent = BlockHash::root(identity, salt);
     tokens
@@ -130,13 +138,7 @@ fn eviction_takes_the_least_recently_used_chain_tail_first_and_never_a_held_bloc
     assert_eq!(cache.parked_blocks(), [ty[0]]);
     assert_eq!(cache.prefix_stats().evictions, 2);
     // y0 is still found (its child is gone, so only one block).
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&ids(100, 9), b"")
-            .unwrap()
-            .computed,
-        4
-    );
+    assert_eq!(found(&mut cache, &ids(100, 9)), 4);
     cache.audit().unwrap();
 }
 
@@ -192,13 +194,7 @@ fn a_failed_allocation_after_a_hit_evicts_nothing_and_keeps_the_hit() {
     // Freed, the hit blocks are parked again, still findable.
     cache.free(b.seq).unwrap();
     assert_eq!(cache.prefix_stats().parked_blocks, 3);
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&ids(0, 13), b"")
-            .unwrap()
-            .computed,
-        12
-    );
+    assert_eq!(found(&mut cache, &ids(0, 13)), 12);
 }
 
 #[test]
@@ -271,13 +267,7 @@ fn partial_blocks_are_never_cached_and_decode_filled_ones_are_once_freed() {
     assert_eq!(b.computed, 8);
     // A reply that differs in its last token finds only the first block.
     next_turn[7] = 72;
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&next_turn, b"")
-            .unwrap()
-            .computed,
-        4
-    );
+    assert_eq!(found(&mut cache, &next_turn), 4);
     cache.audit().unwrap();
 }
 
@@ -288,20 +278,8 @@ fn a_whole_cached_prompt_still_computes_its_last_block() {
     prefill(&mut cache, a.seq, 8);
     assert_eq!(cache.prefix_stats().cached_blocks, 2);
     // 8 tokens, all cached: the block of the last token is computed again.
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&ids(0, 8), b"")
-            .unwrap()
-            .computed,
-        4
-    );
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&ids(0, 9), b"")
-            .unwrap()
-            .computed,
-        8
-    );
+    assert_eq!(found(&mut cache, &ids(0, 8)), 4);
+    assert_eq!(found(&mut cache, &ids(0, 9)), 8);
     for n in [0, 1, 4] {
         let admitted = cache.add_sequence_with_prompt(&ids(0, n), b"").unwrap();
         assert_eq!(admitted.computed, 0, "a {n}-token prompt");
@@ -342,13 +320,8 @@ fn only_committed_plans_make_blocks_findable() {
             &Default::default(),
         )
         .unwrap();
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&prompt, b"")
-            .unwrap()
-            .computed,
-        8
-    );
+    let again = cache.add_sequence_with_prompt(&prompt, b"").unwrap();
+    assert_eq!(again.computed, 8);
 
     // An abandoned step: b's plan is written for one layer only, then the cache changes.
     let b = cache.add_sequence_with_prompt(&ids(100, 9), b"").unwrap();
@@ -371,13 +344,8 @@ fn only_committed_plans_make_blocks_findable() {
     assert_eq!(cache.prefix_stats().cached_blocks, 2);
     let mut probe = ids(100, 17);
     probe.push(0);
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&probe, b"")
-            .unwrap()
-            .computed,
-        0
-    );
+    let probed = cache.add_sequence_with_prompt(&probe, b"").unwrap();
+    assert_eq!(probed.computed, 0);
     cache.manager().audit().unwrap();
 }
 
@@ -494,13 +462,7 @@ fn forks_share_named_blocks_and_copy_the_partial_one() {
     assert_eq!(cache.block_name(ta[0]), cache.block_name(tb[0]));
     let mut probe = ids(0, 6);
     probe.extend([60, 62, 0]);
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&probe, b"")
-            .unwrap()
-            .computed,
-        8
-    );
+    assert_eq!(found(&mut cache, &probe), 8);
     let probe_seq = cache.sequences().last().unwrap();
     assert_eq!(cache.block_table(probe_seq).unwrap(), &tb[..]);
     cache.free(probe_seq).unwrap();
@@ -544,13 +506,7 @@ fn reclaimed_window_blocks_are_never_found() {
     cache.append_tokens(a.seq, &[99]).unwrap();
     prefill(&mut cache, a.seq, 1);
     assert_eq!(cache.reclaimed_blocks(a.seq).unwrap(), 2);
-    assert_eq!(
-        cache
-            .add_sequence_with_prompt(&prompt, b"")
-            .unwrap()
-            .computed,
-        0
-    );
+    assert_eq!(found(&mut cache, &prompt), 0);
     cache.audit().unwrap();
 }
 
