@@ -9,7 +9,7 @@ use half::bf16;
 use std::collections::BTreeMap;
 
 use paged_gqa::cache::{CacheConfig, PagedCache, SeqId};
-use paged_gqa::cpu::{self, CpuStorage, PagedKv};
+use paged_gqa::cpu::{self, CpuStorage};
 use paged_gqa::AttendOptions;
 use paged_gqa::{DType, Error, GqaShape};
 
@@ -65,15 +65,7 @@ fn check_sampled(
         oracle,
         cond,
     } = case.typed_at::<bf16>(&keep);
-    let kv = PagedKv::new(
-        case.layout,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-        &k,
-        &v,
-    )
-    .unwrap();
+    let kv = case.kv_of(&k, &v);
 
     let rows = case.lens.num_tokens() * shape.n_heads();
     let mut out = vec![f32::NAN; rows * shape.head_dim()]; // poisoned: every element must be written
@@ -170,19 +162,17 @@ fn cpu_attend_matches_the_oracle_on_chunked_prefill_and_speculation() {
 // (K/V heads are independent in every path), so that the f32 CPU path runs them in seconds;
 // the oracle is checked at a sample of rows.
 
+/// [`check_sampled`] on Llama-3-8B's group (4 query heads to 1 K/V head, head_dim 128), pages
+/// of 16.
+fn check_llama_group(test: &str, context_lens: &[usize], query_lens: &[usize], stride: usize) {
+    let (model, shape) = ("Llama-3-8B group", GqaShape::new(4, 1, 128).unwrap());
+    check_sampled(test, model, shape, 16, context_lens, query_lens, stride);
+}
+
 #[test]
 fn cpu_attend_matches_the_oracle_on_an_8k_prompt() {
     let test = "cpu_attend_matches_the_oracle_on_an_8k_prompt";
-    let llama_group = GqaShape::new(4, 1, 128).unwrap();
-    check_sampled(
-        test,
-        "Llama-3-8B group",
-        llama_group,
-        16,
-        &[8192],
-        &[8192],
-        127,
-    );
+    check_llama_group(test, &[8192], &[8192], 127);
 }
 
 #[test]
@@ -196,16 +186,7 @@ fn cpu_attend_matches_the_oracle_on_a_varlen_batch_up_to_4096() {
 #[test]
 fn cpu_attend_matches_the_oracle_on_a_chunk_of_512_on_10k_cached() {
     let test = "cpu_attend_matches_the_oracle_on_a_chunk_of_512_on_10k_cached";
-    let llama_group = GqaShape::new(4, 1, 128).unwrap();
-    check_sampled(
-        test,
-        "Llama-3-8B group",
-        llama_group,
-        16,
-        &[10_512, 9],
-        &[512, 1],
-        7,
-    );
+    check_llama_group(test, &[10_512, 9], &[512, 1], 7);
 }
 
 #[test]

@@ -3,6 +3,9 @@
 //! floating point specification's tables. NaNs are compared as NaNs: `float8` keeps the input's
 //! sign and (e5m2) payload bits where CUDA's float path, and ours, return 0x7F.
 
+mod common;
+
+use common::{float8_decode, float8_encode};
 use float8::{F8E4M3, F8E5M2};
 use paged_gqa::fp8::{self, Fp8Format, Fp8Format::E4M3, Fp8Format::E5M2};
 use paged_gqa::Error;
@@ -10,25 +13,11 @@ use rand::{Rng, SeedableRng};
 
 const FORMATS: [Fp8Format; 2] = [E4M3, E5M2];
 
-fn reference_encode(format: Fp8Format, x: f32) -> u8 {
-    match format {
-        E4M3 => F8E4M3::from_f32(x).to_bits(),
-        E5M2 => F8E5M2::from_f32(x).to_bits(),
-    }
-}
-
-fn reference_decode(format: Fp8Format, bits: u8) -> f32 {
-    match format {
-        E4M3 => F8E4M3::from_bits(bits).to_f32(),
-        E5M2 => F8E5M2::from_bits(bits).to_f32(),
-    }
-}
-
 /// `encode(format, x)` is `float8`'s result, or our NaN where `float8`'s is a NaN.
 fn assert_encodes_as_reference(format: Fp8Format, x: f32) {
     let got = fp8::encode(format, x);
-    let want = reference_encode(format, x);
-    if reference_decode(format, want).is_nan() {
+    let want = float8_encode(format, x);
+    if float8_decode(format, want).is_nan() {
         assert_eq!(
             got,
             Fp8Format::NAN_BITS,
@@ -70,7 +59,7 @@ fn every_pattern_decodes_as_float8_does() {
     for format in FORMATS {
         for bits in 0..=u8::MAX {
             let got = fp8::decode(format, bits);
-            let want = reference_decode(format, bits);
+            let want = float8_decode(format, bits);
             if want.is_nan() {
                 assert!(
                     got.is_nan(),
@@ -172,8 +161,8 @@ fn midpoints_round_to_even_and_their_neighbours_to_the_nearer_value() {
     for format in FORMATS {
         for sign in [0x00u8, 0x80] {
             for code in finite_codes(format).take(format.max_bits() as usize) {
-                let low = reference_decode(format, code).abs();
-                let high = reference_decode(format, code + 1).abs();
+                let low = float8_decode(format, code).abs();
+                let high = float8_decode(format, code + 1).abs();
                 // At most 5 significant bits: the midpoint is exact in f32.
                 let mid = ((f64::from(low) + f64::from(high)) / 2.0) as f32;
                 assert_eq!(f64::from(mid), (f64::from(low) + f64::from(high)) / 2.0);
@@ -348,8 +337,8 @@ fn quantize_divides_by_the_scale_and_dequantize_multiplies() {
             let scale = 2f32.powf(rng.random_range(-12.0..12.0));
             let x = rng.random_range(-1.1..1.1) * format.max() * scale;
             let stored = fp8::quantize(format, x, scale);
-            let want = reference_encode(format, x / scale);
-            if reference_decode(format, want).is_nan() {
+            let want = float8_encode(format, x / scale);
+            if float8_decode(format, want).is_nan() {
                 assert_eq!(stored, Fp8Format::NAN_BITS);
             } else {
                 assert_eq!(stored, want, "{format:?}: quantize({x:e}, {scale:e})");
@@ -357,7 +346,7 @@ fn quantize_divides_by_the_scale_and_dequantize_multiplies() {
             let read = fp8::dequantize(format, stored, scale);
             assert_eq!(
                 read.to_bits(),
-                (reference_decode(format, stored) * scale).to_bits()
+                (float8_decode(format, stored) * scale).to_bits()
             );
             // Within half a step (relative 2^-4 for e4m3, 2^-3 for e5m2) unless saturated.
             let rel = if format == E4M3 {
@@ -387,18 +376,11 @@ fn quantize_rounds_the_ieee_quotient_near_midpoints() {
     let scale = 0.37f32;
     let mut separated = 0;
     for format in FORMATS {
-        for code in 0..format.max_bits() {
-            let mid = (f64::from(reference_decode(format, code))
-                + f64::from(reference_decode(format, code + 1)))
-                / 2.0;
-            let near = (mid * f64::from(scale)) as f32;
-            for k in 0..9 {
-                let x = f32::from_bits(near.to_bits() + k - 4);
-                let want = reference_encode(format, x / scale);
-                assert_eq!(fp8::quantize(format, x, scale), want, "{format:?}: {x:e}");
-                if reference_encode(format, x * (1.0 / scale)) != want {
-                    separated += 1;
-                }
+        for x in common::near_scaled_midpoints(format, scale) {
+            let want = float8_encode(format, x / scale);
+            assert_eq!(fp8::quantize(format, x, scale), want, "{format:?}: {x:e}");
+            if float8_encode(format, x * (1.0 / scale)) != want {
+                separated += 1;
             }
         }
     }

@@ -7,16 +7,15 @@
 
 mod common;
 
-use float8::{F8E4M3, F8E5M2};
 use paged_gqa::cache::{CacheConfig, PagedCache};
-use paged_gqa::cpu::{self, CpuStorage, PagedKv};
+use paged_gqa::cpu::{self, CpuStorage};
 use paged_gqa::fp8::{self, Fp8E4M3, Fp8E5M2, Fp8Element, Fp8Format, KvScales};
 use paged_gqa::variants::alibi_slopes;
 use paged_gqa::{AttendOptions, DType, Error, GqaShape};
 use rand::rngs::{SmallRng, StdRng};
 use rand::{Rng, SeedableRng};
 
-use common::PagedCase;
+use common::{max_abs, rel_l2, PagedCase};
 
 /// `#[test] $e4m3` and `#[test] $e5m2`, running `$body` over each fp8 format.
 macro_rules! per_format {
@@ -132,14 +131,6 @@ fn scales_must_be_positive_finite_and_one_per_head() {
     );
 }
 
-/// The float8 crate's saturating conversion of `x` (CUDA's `__NV_SATFINITE`).
-fn float8_bits(format: Fp8Format, x: f32) -> u8 {
-    match format {
-        Fp8Format::E4M3 => F8E4M3::from_f32(x).to_bits(),
-        Fp8Format::E5M2 => F8E5M2::from_f32(x).to_bits(),
-    }
-}
-
 /// Writes bf16 rows (in range, past the range, infinities, NaNs) through `write_quantized`
 /// and checks every stored value against float8's conversion of `x / scale[head]`.
 fn write_stores_what_float8_stores<F: Fp8Element + Default>() {
@@ -173,7 +164,7 @@ fn write_stores_what_float8_stores<F: Fp8Element + Default>() {
             for i in 0..shape.kv_row_len() {
                 let x = f32::from(rows[token * shape.kv_row_len() + i]);
                 let stored = pages[slot as usize * shape.kv_row_len() + i].to_bits();
-                let want = float8_bits(F::FORMAT, x / scale[i / d]);
+                let want = common::float8_encode(F::FORMAT, x / scale[i / d]);
                 assert!(
                     stored == want || (F::FORMAT.is_nan(stored) && F::FORMAT.is_nan(want)),
                     "{:?}: {x} / {} stored as {stored:#04x}, float8 gives {want:#04x}",
@@ -225,19 +216,6 @@ fn scales_are_refused_for_another_head_count_or_layer() {
     assert!(kv.with_scales(&wrong).is_err());
 }
 
-/// A case's K/V quantized to `F` under per-head amax scales (heads of different magnitudes).
-fn quantized<F: Fp8Element>(case: &PagedCase, scales: &KvScales) -> (Vec<F>, Vec<F>) {
-    let shape = case.layout.shape();
-    let d = shape.head_dim();
-    let q = |x: &[f32], s: &[f32]| -> Vec<F> {
-        x.iter()
-            .enumerate()
-            .map(|(i, &v)| F::quantize(v, s[(i / d) % shape.n_kv_heads()]))
-            .collect()
-    };
-    (q(&case.k_cache, scales.k()), q(&case.v_cache, scales.v()))
-}
-
 fn mixed(rng: &mut StdRng) -> PagedCase {
     let shape = GqaShape::new(8, 2, 32).unwrap();
     let mut case = PagedCase::random(
@@ -251,17 +229,6 @@ fn mixed(rng: &mut StdRng) -> PagedCase {
     case
 }
 
-fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
-    common::rel_l2(a, b)
-}
-
-fn max_abs(a: &[f64], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
-
 /// The oracle over fp8 pages with scales equals the oracle over f32 pages holding the values
 /// dequantized one by one with `fp8::dequantize` (an independent construction: no scales in
 /// the view; the two differ only by the f32 rounding of each dequantized value).
@@ -269,18 +236,8 @@ fn oracle_reads_dequantized_values<F: Fp8Element>() {
     let mut rng = common::rng("oracle_reads_dequantized_values");
     let case = mixed(&mut rng);
     let scales = case.amax_scales::<F>();
-    let (k, v) = quantized::<F>(&case, &scales);
-    let kv = PagedKv::new(
-        case.layout,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-        &k,
-        &v,
-    )
-    .unwrap()
-    .with_scales(&scales)
-    .unwrap();
+    let (k, v) = case.quantized::<F>(&scales);
+    let kv = case.kv_of(&k, &v).with_scales(&scales).unwrap();
     let d = case.layout.shape().head_dim();
     let n_kv = case.layout.shape().n_kv_heads();
     let dequantize = |x: &[F], s: &[f32]| -> Vec<f32> {
@@ -290,15 +247,7 @@ fn oracle_reads_dequantized_values<F: Fp8Element>() {
             .collect()
     };
     let (k32, v32) = (dequantize(&k, scales.k()), dequantize(&v, scales.v()));
-    let plain = PagedKv::new(
-        case.layout,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-        &k32,
-        &v32,
-    )
-    .unwrap();
+    let plain = case.kv_of(&k32, &v32);
     let options = AttendOptions::new();
     let fp8_oracle = cpu::attention(&case.q, &kv, &options).unwrap();
     let f32_oracle = cpu::attention(&case.q, &plain, &options).unwrap();
@@ -306,16 +255,7 @@ fn oracle_reads_dequantized_values<F: Fp8Element>() {
     assert!(rel < 1e-6, "{:?}: relative L2 {rel:e}", F::FORMAT);
     assert!(max_abs(&fp8_oracle.lse, &f32_oracle.lse) < 1e-5);
     // Without the scales the stored values give another result entirely.
-    let unscaled = PagedKv::new(
-        case.layout,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-        &k,
-        &v,
-    )
-    .unwrap();
-    let wrong = cpu::attention(&case.q, &unscaled, &options).unwrap();
+    let wrong = cpu::attention(&case.q, &case.kv_of(&k, &v), &options).unwrap();
     assert!(rel_l2(&wrong.out, &f32_oracle.out) > 0.1);
 }
 
@@ -332,18 +272,8 @@ fn fallback_matches_oracle<F: Fp8Element>() {
     let case = mixed(&mut rng);
     let shape = case.layout.shape();
     let scales = case.amax_scales::<F>();
-    let (k, v) = quantized::<F>(&case, &scales);
-    let kv = PagedKv::new(
-        case.layout,
-        &case.lens,
-        &case.tables,
-        case.max_blocks,
-        &k,
-        &v,
-    )
-    .unwrap()
-    .with_scales(&scales)
-    .unwrap();
+    let (k, v) = case.quantized::<F>(&scales);
+    let kv = case.kv_of(&k, &v).with_scales(&scales).unwrap();
     let sinks: Vec<f32> = (0..shape.n_heads())
         .map(|_| rng.random_range(-2.0..2.0))
         .collect();
@@ -725,18 +655,8 @@ impl Accuracy {
     fn fp8<F: Fp8Element>(&self, what: &str, how: Scales) -> (f64, f64) {
         let case = &self.case;
         let scales = scales_for::<F>(case, how);
-        let (k, v) = quantized::<F>(case, &scales);
-        let kv = PagedKv::new(
-            case.layout,
-            &case.lens,
-            &case.tables,
-            case.max_blocks,
-            &k,
-            &v,
-        )
-        .unwrap()
-        .with_scales(&scales)
-        .unwrap();
+        let (k, v) = case.quantized::<F>(&scales);
+        let kv = case.kv_of(&k, &v).with_scales(&scales).unwrap();
         let got = cpu::attention(&case.q, &kv, &AttendOptions::new()).unwrap();
         self.check(what, &got, Rounding::of(F::FORMAT), &scales)
     }
@@ -747,16 +667,7 @@ impl Accuracy {
         let round =
             |x: &[f32]| -> Vec<half::bf16> { x.iter().map(|&v| half::bf16::from_f32(v)).collect() };
         let (k, v) = (round(&case.k_cache), round(&case.v_cache));
-        let kv = PagedKv::new(
-            case.layout,
-            &case.lens,
-            &case.tables,
-            case.max_blocks,
-            &k,
-            &v,
-        )
-        .unwrap();
-        let got = cpu::attention(&case.q, &kv, &AttendOptions::new()).unwrap();
+        let got = cpu::attention(&case.q, &case.kv_of(&k, &v), &AttendOptions::new()).unwrap();
         let ones = KvScales::ones(case.layout.shape().n_kv_heads());
         self.check(what, &got, Rounding::BF16, &ones)
     }
@@ -899,18 +810,8 @@ fn fp8_attention_error_on_model_shapes_is_within_the_quantization_bounds() {
     entry("E4M3, K/V x64 | PerHead".into(), vec![per_head]);
     let one = {
         let scales = KvScales::ones(case.layout.shape().n_kv_heads());
-        let (k, v) = quantized::<Fp8E4M3>(&large.case, &scales);
-        let kv = PagedKv::new(
-            case.layout,
-            &case.lens,
-            &case.tables,
-            case.max_blocks,
-            &k,
-            &v,
-        )
-        .unwrap()
-        .with_scales(&scales)
-        .unwrap();
+        let (k, v) = large.case.quantized::<Fp8E4M3>(&scales);
+        let kv = large.case.kv_of(&k, &v).with_scales(&scales).unwrap();
         let got = cpu::attention(&large.case.q, &kv, &AttendOptions::new()).unwrap();
         (
             rel_l2(&got.out, &large.exact.out),

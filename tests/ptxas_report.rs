@@ -92,22 +92,9 @@ fn the_committed_allowlist_parses() {
     ptxas::parse_allowlist(&text).unwrap();
 }
 
-/// nvcc as build.rs found it, or None (printed) when the crate was built without one.
-fn nvcc(test: &str) -> Option<&'static str> {
-    let nvcc = option_env!("PAGED_GQA_NVCC");
-    if nvcc.is_none() {
-        assert!(
-            !common::require_nvcc(),
-            "{test}: PAGED_GQA_REQUIRE_NVCC=1 but the crate was built without nvcc"
-        );
-        eprintln!("SKIPPED {test}: built without nvcc");
-    }
-    nvcc
-}
-
 #[test]
 fn a_planted_spilling_kernel_fails_the_check() {
-    let Some(nvcc) = nvcc("a_planted_spilling_kernel_fails_the_check") else {
+    let Some(nvcc) = common::nvcc("a_planted_spilling_kernel_fails_the_check") else {
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -149,7 +136,7 @@ fn a_planted_spilling_kernel_fails_the_check() {
 #[test]
 #[allow(clippy::option_env_unwrap)] // with nvcc (checked first) build.rs always names the report
 fn the_library_kernels_are_in_the_report_without_spills() {
-    let Some(_) = nvcc("the_library_kernels_are_in_the_report_without_spills") else {
+    let Some(_) = common::nvcc("the_library_kernels_are_in_the_report_without_spills") else {
         return;
     };
     let report = option_env!("PAGED_GQA_KERNEL_REPORT")

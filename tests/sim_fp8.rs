@@ -15,7 +15,7 @@ mod ptxas;
 use std::path::Path;
 use std::process::Command;
 
-use float8::{F8E4M3, F8E5M2};
+use common::{float8_decode, float8_encode};
 use half::{bf16, f16};
 use paged_gqa::fp8::{self, Fp8Format, Fp8Format::E4M3, Fp8Format::E5M2};
 use paged_gqa::sim::{self, CheckRun};
@@ -26,20 +26,6 @@ const FORMATS: [Fp8Format; 2] = [E4M3, E5M2];
 const SCALE: f32 = 0.37;
 /// What an fp8 NaN becomes through the half NaN 0x7FFF, as CUDA widens it.
 const NAN_F32_BITS: u32 = 0x7FFF_E000;
-
-fn reference_encode(format: Fp8Format, x: f32) -> u8 {
-    match format {
-        E4M3 => F8E4M3::from_f32(x).to_bits(),
-        E5M2 => F8E5M2::from_f32(x).to_bits(),
-    }
-}
-
-fn reference_decode(format: Fp8Format, bits: u8) -> f32 {
-    match format {
-        E4M3 => F8E4M3::from_bits(bits).to_f32(),
-        E5M2 => F8E5M2::from_bits(bits).to_f32(),
-    }
-}
 
 fn check(format: Fp8Format, what: &str, input: &[u8], output_bytes: usize) -> CheckRun {
     let name = match format {
@@ -76,7 +62,7 @@ fn every_pattern_widens_on_the_emulator_as_on_the_host_and_in_float8() {
         for bits in 0..=u8::MAX {
             let i = usize::from(bits);
             let host = fp8::decode(format, bits);
-            let reference = reference_decode(format, bits);
+            let reference = float8_decode(format, bits);
             for (path, region) in [
                 ("fp8_to_float8", 0),
                 ("fp8_to_float16", 1),
@@ -123,10 +109,10 @@ fn every_pattern_widens_on_the_emulator_as_on_the_host_and_in_float8() {
 /// (zeros, infinities, NaNs with either sign and several payloads, f32 subnormals and extremes)
 /// and fixed-seed random values (any bit pattern, uniform over the range, log-uniform).
 fn encode_inputs(format: Fp8Format) -> Vec<f32> {
-    let mut xs: Vec<f32> = (0..=u8::MAX).map(|b| reference_decode(format, b)).collect();
+    let mut xs: Vec<f32> = (0..=u8::MAX).map(|b| float8_decode(format, b)).collect();
     for code in 0..format.max_bits() {
-        let low = reference_decode(format, code);
-        let high = reference_decode(format, code + 1);
+        let low = float8_decode(format, code);
+        let high = float8_decode(format, code + 1);
         let mid = ((f64::from(low) + f64::from(high)) / 2.0) as f32;
         for x in [
             mid,
@@ -138,18 +124,11 @@ fn encode_inputs(format: Fp8Format) -> Vec<f32> {
     }
     // Values whose quotient by the scale lies within a few f32 ulps of a midpoint: there the
     // quotient's rounding (an IEEE division, not a multiplication by 1 / scale) decides.
-    for code in 0..format.max_bits() {
-        let mid = (f64::from(reference_decode(format, code))
-            + f64::from(reference_decode(format, code + 1)))
-            / 2.0;
-        let near = (mid * f64::from(SCALE)) as f32;
-        for k in 0..9 {
-            let x = f32::from_bits(near.to_bits() + k - 4);
-            xs.extend([x, -x]);
-        }
+    for x in common::near_scaled_midpoints(format, SCALE) {
+        xs.extend([x, -x]);
     }
     let max = format.max();
-    let threshold = max + (max - reference_decode(format, format.max_bits() - 1)) / 2.0;
+    let threshold = max + (max - float8_decode(format, format.max_bits() - 1)) / 2.0;
     for x in [
         threshold,
         f32::from_bits(threshold.to_bits() - 1),
@@ -199,8 +178,8 @@ fn f32_values_narrow_on_the_emulator_as_on_the_host_and_in_float8() {
         );
         for (i, &x) in xs.iter().enumerate() {
             let host = fp8::encode(format, x);
-            let reference = reference_encode(format, x);
-            if reference_decode(format, reference).is_nan() {
+            let reference = float8_encode(format, x);
+            if float8_decode(format, reference).is_nan() {
                 assert_eq!(host, Fp8Format::NAN_BITS);
             } else {
                 assert_eq!(host, reference, "{format:?}: host encode({x:e})");
@@ -225,25 +204,12 @@ fn f32_values_narrow_on_the_emulator_as_on_the_host_and_in_float8() {
                 fp8::quantize(format, x, SCALE),
                 "{format:?} quantize8({x:e})"
             );
-            let reference = reference_encode(format, x / SCALE);
-            if !reference_decode(format, reference).is_nan() {
+            let reference = float8_encode(format, x / SCALE);
+            if !float8_decode(format, reference).is_nan() {
                 assert_eq!(quantized, reference, "{format:?} quantize8({x:e}), float8");
             }
         }
     }
-}
-
-/// nvcc as build.rs found it, or None (printed) when the crate was built without one.
-fn nvcc(test: &str) -> Option<&'static str> {
-    let nvcc = option_env!("PAGED_GQA_NVCC");
-    if nvcc.is_none() {
-        assert!(
-            !common::require_nvcc(),
-            "{test}: PAGED_GQA_REQUIRE_NVCC=1 but the crate was built without nvcc"
-        );
-        eprintln!("SKIPPED {test}: built without nvcc");
-    }
-    nvcc
 }
 
 /// Runs nvcc on tests/fixtures/fp8_device.cu (every function of fp8.cuh, both formats) with
@@ -266,7 +232,8 @@ fn compile_fixture(nvcc: &str, args: &[&str], output: &Path) -> String {
 
 #[test]
 fn fp8_header_compiles_with_nvcc_to_the_cvt_instructions_on_sm90() {
-    let Some(nvcc) = nvcc("fp8_header_compiles_with_nvcc_to_the_cvt_instructions_on_sm90") else {
+    let Some(nvcc) = common::nvcc("fp8_header_compiles_with_nvcc_to_the_cvt_instructions_on_sm90")
+    else {
         return;
     };
     let dir = std::env::temp_dir().join(format!("paged-gqa-fp8-{}", std::process::id()));

@@ -7,11 +7,12 @@
 
 mod common;
 
-use common::PagedCase;
+use common::{max_abs, PagedCase};
 use paged_gqa::cache::{CacheConfig, PagedCache};
 use paged_gqa::cpu::{self, ContiguousKv, CpuStorage};
 use paged_gqa::variants::{alibi_slopes, window_left_from_sliding_window};
 use paged_gqa::{AttendOptions, AttentionState, DType, Error, GqaShape, KeyMask, SeqLens};
+use rand::rngs::StdRng;
 use rand::Rng;
 
 fn shape() -> GqaShape {
@@ -19,7 +20,7 @@ fn shape() -> GqaShape {
 }
 
 /// Decode rows (one key, a page, a partial page, 300 keys), a prompt, a chunk, speculation.
-fn mixed(rng: &mut rand::rngs::StdRng) -> PagedCase {
+fn mixed(rng: &mut StdRng) -> PagedCase {
     PagedCase::random(
         rng,
         shape(),
@@ -29,21 +30,23 @@ fn mixed(rng: &mut rand::rngs::StdRng) -> PagedCase {
     )
 }
 
-fn max_abs(a: &[f64], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+/// One decode row over `context` random keys, contiguous: (lens, k, v, q).
+fn decode_row(
+    rng: &mut StdRng,
+    shape: GqaShape,
+    context: usize,
+) -> (SeqLens, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let lens = SeqLens::decode(&[context]).unwrap();
+    let k = common::uniform(rng, context * shape.kv_row_len());
+    let v = common::uniform(rng, context * shape.kv_row_len());
+    (lens, k, v, common::uniform(rng, shape.q_row_len()))
 }
 
 #[test]
 fn a_window_is_attention_over_the_windows_keys_alone() {
     let mut rng = common::rng("a_window_is_attention_over_the_windows_keys_alone");
     let (shape, context, window_left) = (shape(), 50, 9);
-    let lens = SeqLens::decode(&[context]).unwrap();
-    let k = common::uniform(&mut rng, context * shape.kv_row_len());
-    let v = common::uniform(&mut rng, context * shape.kv_row_len());
-    let q = common::uniform(&mut rng, shape.q_row_len());
+    let (lens, k, v, q) = decode_row(&mut rng, shape, context);
     let kv = ContiguousKv::new(shape, &lens, &k, &v).unwrap();
     let options = AttendOptions::new().with_window_left(window_left as i32);
     let windowed = cpu::attention(&q, &kv, &options).unwrap();
@@ -243,10 +246,7 @@ fn fallback_matches_oracle_with_every_variant() {
 fn merging_two_key_sets_equals_attention_over_their_union() {
     let mut rng = common::rng("merging_two_key_sets_equals_attention_over_their_union");
     let (shape, context, split) = (shape(), 90, 37);
-    let lens = SeqLens::decode(&[context]).unwrap();
-    let k = common::uniform(&mut rng, context * shape.kv_row_len());
-    let v = common::uniform(&mut rng, context * shape.kv_row_len());
-    let q = common::uniform(&mut rng, shape.q_row_len());
+    let (lens, k, v, q) = decode_row(&mut rng, shape, context);
     let (full, cond) = cpu::attention_with_conditioning(
         &q,
         &ContiguousKv::new(shape, &lens, &k, &v).unwrap(),

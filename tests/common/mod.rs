@@ -42,6 +42,7 @@ use std::sync::Arc;
 
 use paged_gqa::cpu::PagedKv;
 use paged_gqa::cuda::CudaContext;
+use paged_gqa::fp8::Fp8Format;
 use paged_gqa::{GqaShape, PagedLayout, SeqLens};
 use rand::rngs::{SmallRng, StdRng};
 use rand::seq::SliceRandom;
@@ -88,6 +89,52 @@ pub fn gpu_or_skip(test: &str) -> Option<Arc<CudaContext>> {
 /// Whether a test that needs nvcc at build time must fail (not skip) when it is missing.
 pub fn require_nvcc() -> bool {
     std::env::var("PAGED_GQA_REQUIRE_NVCC").is_ok_and(|v| v == "1")
+}
+
+/// nvcc as build.rs found it, or None (printed) when the crate was built without one; fails
+/// instead under `PAGED_GQA_REQUIRE_NVCC=1`.
+pub fn nvcc(test: &str) -> Option<&'static str> {
+    let nvcc = option_env!("PAGED_GQA_NVCC");
+    if nvcc.is_none() {
+        assert!(
+            !require_nvcc(),
+            "{test}: PAGED_GQA_REQUIRE_NVCC=1 but the crate was built without nvcc"
+        );
+        eprintln!("SKIPPED {test}: built without nvcc");
+    }
+    nvcc
+}
+
+/// The `float8` crate's conversion of `x` to `format` (CUDA's saturating `__NV_SATFINITE`): the
+/// independent reference of the fp8 tests.
+pub fn float8_encode(format: Fp8Format, x: f32) -> u8 {
+    match format {
+        Fp8Format::E4M3 => float8::F8E4M3::from_f32(x).to_bits(),
+        Fp8Format::E5M2 => float8::F8E5M2::from_f32(x).to_bits(),
+    }
+}
+
+/// The `float8` crate's value of the `format` code `bits`.
+pub fn float8_decode(format: Fp8Format, bits: u8) -> f32 {
+    match format {
+        Fp8Format::E4M3 => float8::F8E4M3::from_bits(bits).to_f32(),
+        Fp8Format::E5M2 => float8::F8E5M2::from_bits(bits).to_f32(),
+    }
+}
+
+/// Positive f32 values whose quotient by `scale` lies within 4 f32 ulps of a midpoint between
+/// neighbouring `format` values (9 per midpoint, ascending): there the quotient's rounding (an
+/// IEEE division, not a multiplication by 1 / scale) decides the stored code.
+pub fn near_scaled_midpoints(format: Fp8Format, scale: f32) -> Vec<f32> {
+    (0..format.max_bits())
+        .flat_map(|code| {
+            let mid = (f64::from(float8_decode(format, code))
+                + f64::from(float8_decode(format, code + 1)))
+                / 2.0;
+            let near = (mid * f64::from(scale)) as f32;
+            (0..9).map(move |k| f32::from_bits(near.to_bits() + k - 4))
+        })
+        .collect()
 }
 
 /// A random paged batch: pages handed out in shuffled order, tables padded with -1.
@@ -158,15 +205,13 @@ impl PagedCase {
     }
 
     pub fn kv(&self) -> PagedKv<'_, f32> {
-        PagedKv::new(
-            self.layout,
-            &self.lens,
-            &self.tables,
-            self.max_blocks,
-            &self.k_cache,
-            &self.v_cache,
-        )
-        .unwrap()
+        self.kv_of(&self.k_cache, &self.v_cache)
+    }
+
+    /// The case's block tables over other pages `k` and `v` (its K/V as another element type,
+    /// quantized, dequantized...), laid out as `k_cache` and `v_cache`.
+    pub fn kv_of<'a, P>(&'a self, k: &'a [P], v: &'a [P]) -> PagedKv<'a, P> {
+        PagedKv::new(self.layout, &self.lens, &self.tables, self.max_blocks, k, v).unwrap()
     }
 }
 
@@ -200,15 +245,7 @@ impl PagedCase {
     ) -> Typed<T> {
         let to_t = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
         let (q, k_cache, v_cache) = (to_t(&self.q), to_t(&self.k_cache), to_t(&self.v_cache));
-        let kv = PagedKv::new(
-            self.layout,
-            &self.lens,
-            &self.tables,
-            self.max_blocks,
-            &k_cache,
-            &v_cache,
-        )
-        .unwrap();
+        let kv = self.kv_of(&k_cache, &v_cache);
         let (oracle, cond) =
             paged_gqa::cpu::attention_with_conditioning(&q, &kv, options, keep).unwrap();
         Typed {
@@ -263,6 +300,25 @@ impl PagedCase {
             .unwrap()
     }
 
+    /// K and V quantized to `F` under `scales` (head `h`'s values divided by its scale).
+    pub fn quantized<F: paged_gqa::fp8::Fp8Element>(
+        &self,
+        scales: &paged_gqa::fp8::KvScales,
+    ) -> (Vec<F>, Vec<F>) {
+        let shape = self.layout.shape();
+        let (d, n_kv) = (shape.head_dim(), shape.n_kv_heads());
+        let quantize = |x: &[f32], s: &[f32]| -> Vec<F> {
+            x.iter()
+                .enumerate()
+                .map(|(i, &v)| F::quantize(v, s[(i / d) % n_kv]))
+                .collect()
+        };
+        (
+            quantize(&self.k_cache, scales.k()),
+            quantize(&self.v_cache, scales.v()),
+        )
+    }
+
     /// q as `T`, K/V quantized to `F` under `scales` (head `h`'s values divided by its scale),
     /// and the oracle over the dequantized K/V at the query rows `keep`, with `options`.
     pub fn fp8_typed<T: paged_gqa::Element, F: paged_gqa::fp8::Fp8Element>(
@@ -271,30 +327,9 @@ impl PagedCase {
         keep: &[bool],
         options: &AttendOptions,
     ) -> Fp8Typed<T, F> {
-        let shape = self.layout.shape();
-        let d = shape.head_dim();
-        let quantize = |x: &[f32], s: &[f32]| -> Vec<F> {
-            x.iter()
-                .enumerate()
-                .map(|(i, &v)| F::quantize(v, s[(i / d) % shape.n_kv_heads()]))
-                .collect()
-        };
         let q: Vec<T> = self.q.iter().map(|&v| T::from_f32(v)).collect();
-        let (k_cache, v_cache) = (
-            quantize(&self.k_cache, scales.k()),
-            quantize(&self.v_cache, scales.v()),
-        );
-        let kv = PagedKv::new(
-            self.layout,
-            &self.lens,
-            &self.tables,
-            self.max_blocks,
-            &k_cache,
-            &v_cache,
-        )
-        .unwrap()
-        .with_scales(scales)
-        .unwrap();
+        let (k_cache, v_cache) = self.quantized::<F>(scales);
+        let kv = self.kv_of(&k_cache, &v_cache).with_scales(scales).unwrap();
         let (oracle, cond) =
             paged_gqa::cpu::attention_with_conditioning(&q, &kv, options, keep).unwrap();
         Fp8Typed {
@@ -337,6 +372,14 @@ pub fn kept_rows<V: Copy>(values: &[V], keep: &[bool], row_len: usize) -> Vec<V>
 /// filled with them before a kernel runs, so an element it does not write fails the check.
 pub fn poison<T: paged_gqa::Element>(n: usize) -> Vec<T> {
     vec![bytemuck::pod_read_unaligned(&[0xffu8; 2]); n]
+}
+
+/// The largest `|a[i] - b[i]|`.
+pub fn max_abs(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// `||got - want|| / ||want||`.
