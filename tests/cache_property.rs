@@ -9,9 +9,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use paged_gqa::cache::{CacheConfig, PagedCache, SeqId};
+use paged_gqa::cache::{PagedCache, SeqId};
 use paged_gqa::cpu::CpuStorage;
-use paged_gqa::{DType, Error, GqaShape};
+use paged_gqa::{Error, GqaShape};
 use rand::rngs::StdRng;
 use rand::seq::IteratorRandom;
 use rand::Rng;
@@ -58,11 +58,7 @@ struct Harness {
 
 impl Harness {
     fn new(block_size: usize, window: Option<usize>) -> Self {
-        let mut config = CacheConfig::new(shape(), NUM_LAYERS, block_size, DType::F32).unwrap();
-        if let Some(window) = window {
-            config = config.with_reclaim_window(window);
-        }
-        let cache = PagedCache::new(CpuStorage::new(config, NUM_BLOCKS).unwrap()).unwrap();
+        let cache = common::property_cache(shape(), NUM_LAYERS, block_size, NUM_BLOCKS, window);
         Self {
             cache,
             model: BTreeMap::new(),
@@ -73,10 +69,6 @@ impl Harness {
         }
     }
 
-    fn random_live(&self, rng: &mut StdRng) -> Option<SeqId> {
-        self.model.keys().copied().choose(rng)
-    }
-
     fn step(&mut self, rng: &mut StdRng) {
         let block_size = self.cache.config().block_size();
         match rng.random_range(0..100) {
@@ -85,18 +77,9 @@ impl Harness {
                 self.model.insert(seq, Vec::new());
             }
             15..30 if self.model.len() < MAX_LIVE => {
-                if let Some(parent) = self.random_live(rng) {
-                    let child = self.cache.fork(parent).unwrap();
-                    let tokens = self.model[&parent].clone();
-                    self.model.insert(child, tokens);
-                }
+                common::fork_random(&mut self.cache, &mut self.model, rng)
             }
-            30..42 => {
-                if let Some(seq) = self.random_live(rng) {
-                    self.cache.free(seq).unwrap();
-                    self.model.remove(&seq);
-                }
-            }
+            30..42 => common::free_random(&mut self.cache, &mut self.model, rng),
             _ => {
                 let n = rng.random_range(1..=self.model.len().max(1));
                 let seqs: Vec<SeqId> = self.model.keys().copied().choose_multiple(rng, n);
@@ -174,11 +157,7 @@ impl Harness {
     /// Every invariant and every sequence's tokens.
     fn check(&self) {
         let manager = self.cache.manager();
-        manager.audit().unwrap();
-        assert_eq!(
-            manager.sequences().collect::<Vec<_>>(),
-            self.model.keys().copied().collect::<Vec<_>>()
-        );
+        common::audit_live(manager, &self.model);
         let block_size = manager.block_size();
         let row = shape().kv_row_len();
         for (&seq, uids) in &self.model {

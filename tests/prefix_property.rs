@@ -16,9 +16,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use paged_gqa::cache::{CacheConfig, PagedCache, SeqId};
+use paged_gqa::cache::{PagedCache, SeqId};
 use paged_gqa::cpu::CpuStorage;
-use paged_gqa::{DType, Error, GqaShape};
+use paged_gqa::{Error, GqaShape};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, IteratorRandom};
 use rand::Rng;
@@ -103,11 +103,7 @@ struct Harness {
 
 impl Harness {
     fn new(rng: &mut StdRng, block_size: usize, window: Option<usize>) -> Self {
-        let mut config = CacheConfig::new(shape(), NUM_LAYERS, block_size, DType::F32).unwrap();
-        if let Some(window) = window {
-            config = config.with_reclaim_window(window);
-        }
-        let cache = PagedCache::new(CpuStorage::new(config, NUM_BLOCKS).unwrap()).unwrap();
+        let cache = common::property_cache(shape(), NUM_LAYERS, block_size, NUM_BLOCKS, window);
         // A system prompt of a few blocks, a shorter one, one ending mid-block, and none.
         let prefixes = [
             3 * block_size,
@@ -129,10 +125,6 @@ impl Harness {
         }
     }
 
-    fn random_live(&self, rng: &mut StdRng) -> Option<SeqId> {
-        self.model.keys().copied().choose(rng)
-    }
-
     fn step(&mut self, rng: &mut StdRng) {
         let block_size = self.cache.config().block_size();
         let full = self.model.len() >= MAX_LIVE;
@@ -142,19 +134,8 @@ impl Harness {
                 let seq = self.cache.add_sequence();
                 self.model.insert(seq, Model::new(0));
             }
-            24..32 if !full => {
-                if let Some(parent) = self.random_live(rng) {
-                    let child = self.cache.fork(parent).unwrap();
-                    let m = self.model[&parent].clone();
-                    self.model.insert(child, m);
-                }
-            }
-            32..45 => {
-                if let Some(seq) = self.random_live(rng) {
-                    self.cache.free(seq).unwrap();
-                    self.model.remove(&seq);
-                }
-            }
+            24..32 if !full => common::fork_random(&mut self.cache, &mut self.model, rng),
+            32..45 => common::free_random(&mut self.cache, &mut self.model, rng),
             45 if rng.random_bool(0.1) => self.cache.clear_prefix_cache(),
             _ => self.plan_and_write(rng, block_size),
         }
@@ -255,11 +236,7 @@ impl Harness {
     /// Every invariant, the counters, and every sequence's K/V.
     fn check(&self) {
         let manager = self.cache.manager();
-        manager.audit().unwrap();
-        assert_eq!(
-            manager.sequences().collect::<Vec<_>>(),
-            self.model.keys().copied().collect::<Vec<_>>()
-        );
+        common::audit_live(manager, &self.model);
         let stats = self.cache.prefix_stats();
         assert_eq!(stats.prompt_tokens, self.prompt_tokens);
         assert!(stats.hit_tokens <= stats.prompt_tokens);

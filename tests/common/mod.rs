@@ -37,15 +37,17 @@ pub const MIXED_BATCH: ([usize; 7], [usize; 7]) =
     ([1, 16, 23, 600, 40, 70, 33], [1, 1, 1, 1, 40, 13, 3]);
 
 use paged_gqa::AttendOptions;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 
-use paged_gqa::cpu::PagedKv;
+use paged_gqa::cache::{BlockManager, CacheConfig, PagedCache, SeqId};
+use paged_gqa::cpu::{CpuStorage, PagedKv};
 use paged_gqa::cuda::CudaContext;
 use paged_gqa::fp8::Fp8Format;
-use paged_gqa::{GqaShape, PagedLayout, SeqLens};
+use paged_gqa::{DType, GqaShape, PagedLayout, SeqLens};
 use rand::rngs::{SmallRng, StdRng};
-use rand::seq::SliceRandom;
+use rand::seq::{IteratorRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 
 /// A fresh random generator; its seed is printed so a failure can be replayed with
@@ -341,6 +343,58 @@ impl PagedCase {
             cond,
         }
     }
+}
+
+/// The CPU cache the property tests drive: `num_blocks` pages of u32 (values that name the token
+/// they were written for; f32 the nominal compute dtype), pages given back behind `window` if
+/// any.
+pub fn property_cache(
+    shape: GqaShape,
+    num_layers: usize,
+    block_size: usize,
+    num_blocks: usize,
+    window: Option<usize>,
+) -> PagedCache<CpuStorage<u32>> {
+    let mut config = CacheConfig::new(shape, num_layers, block_size, DType::F32).unwrap();
+    if let Some(window) = window {
+        config = config.with_reclaim_window(window);
+    }
+    PagedCache::new(CpuStorage::new(config, num_blocks).unwrap()).unwrap()
+}
+
+/// Forks a random live sequence of `model`, if any, in `cache` and in `model` (the child's
+/// entry a copy of its parent's).
+pub fn fork_random<M: Clone>(
+    cache: &mut PagedCache<CpuStorage<u32>>,
+    model: &mut BTreeMap<SeqId, M>,
+    rng: &mut StdRng,
+) {
+    if let Some(parent) = model.keys().copied().choose(rng) {
+        let child = cache.fork(parent).unwrap();
+        let entry = model[&parent].clone();
+        model.insert(child, entry);
+    }
+}
+
+/// Frees a random live sequence of `model`, if any, in `cache` and in `model`.
+pub fn free_random<M>(
+    cache: &mut PagedCache<CpuStorage<u32>>,
+    model: &mut BTreeMap<SeqId, M>,
+    rng: &mut StdRng,
+) {
+    if let Some(seq) = model.keys().copied().choose(rng) {
+        cache.free(seq).unwrap();
+        model.remove(&seq);
+    }
+}
+
+/// The bookkeeping's invariants hold and its live sequences are exactly the model's.
+pub fn audit_live<M>(manager: &BlockManager, model: &BTreeMap<SeqId, M>) {
+    manager.audit().unwrap();
+    assert_eq!(
+        manager.sequences().collect::<Vec<_>>(),
+        model.keys().copied().collect::<Vec<_>>()
+    );
 }
 
 /// Query rows (tokens) to check a long case at: each sequence's first and last 16 rows, and
