@@ -81,13 +81,7 @@ impl<B: Backend, T: Element> NaiveState<B, T> {
                 supported: "up to 256",
             });
         }
-        if lens.batch() > 65535 {
-            return Err(Error::TooLarge {
-                what: "batch (naive gather)",
-                value: lens.batch() as u128,
-                limit: 65535,
-            });
-        }
+        Error::check_at_most("batch (naive gather)", lens.batch() as u128, 65535)?;
         let shape = layout.shape();
         let pages: Vec<usize> = (0..lens.batch())
             .map(|s| lens.context_len(s).div_ceil(NAIVE_PAGE))
