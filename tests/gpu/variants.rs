@@ -113,6 +113,14 @@ fn sinks<D: Device>(dev: &D, test: &str) {
         .with_window_left(300);
     let splits = check_variant::<D, bf16>(dev, "sinks, window 300, split", &case, &options);
     assert!(splits.iter().all(|&s| s > 1), "{splits:?}");
+    // One split (no range past one split's keys): each kernel adds the sinks itself, with no
+    // merge to do it.
+    let case = PagedCase::random(&mut rng, shape, 16, &[1, 40, 64, 20], &[1, 1, 1, 8]);
+    let splits = check_variant::<D, bf16>(dev, "sinks, one split", &case, &full);
+    assert!(
+        splits.iter().all(|&s| s == 1),
+        "the kernels must add the sinks ({splits:?})"
+    );
 }
 twins!(
     gpu_sinks_are_counted_once_across_splits_and_windows,
