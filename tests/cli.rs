@@ -476,33 +476,14 @@ fn read_output(path: &Path, case: &Case) -> (Vec<f64>, Vec<f64>) {
     (out, lse)
 }
 
-fn relative_l2(got: &[f64], expected: &[f64]) -> f64 {
-    assert_eq!(got.len(), expected.len());
-    let diff: f64 = got
-        .iter()
-        .zip(expected)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum();
-    let norm: f64 = expected.iter().map(|b| b * b).sum();
-    (diff / norm).sqrt()
-}
-
-fn max_abs(got: &[f64], expected: &[f64]) -> f64 {
-    assert_eq!(got.len(), expected.len());
-    got.iter()
-        .zip(expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-}
-
 /// Checks `out` and `lse` against the definition with `scale`.
 fn assert_matches(test: &str, got: &(Vec<f64>, Vec<f64>), expected: &Expected) {
     assert!(
         got.0.iter().chain(&got.1).all(|x| x.is_finite()),
         "{test}: non-finite output"
     );
-    let out_err = relative_l2(&got.0, &expected.out);
-    let lse_err = max_abs(&got.1, &expected.lse);
+    let out_err = common::rel_l2(&got.0, &expected.out);
+    let lse_err = common::max_abs(&got.1, &expected.lse);
     eprintln!("{test}: out relative L2 {out_err:.3e}, lse max |diff| {lse_err:.3e}");
     assert!(
         out_err < TOLERANCE,
@@ -621,7 +602,7 @@ fn assert_kernel_rows(test: &str, case: &Case, got: &(Vec<f64>, Vec<f64>), scale
         worst_ratio = worst_ratio.max(err / bound);
         worst_rel = worst_rel.max(err / norm);
     }
-    let lse_err = max_abs(lse, &expected.lse);
+    let lse_err = common::max_abs(lse, &expected.lse);
     eprintln!(
         "{test}: worst row: relative error {worst_rel:.3e}, {worst_ratio:.3} of its bound; \
          lse max |diff| {lse_err:.3e}"
@@ -728,13 +709,13 @@ fn metadata_scale_is_applied() {
     assert_matches(test, &with_scale, &custom);
     assert_matches(test, &without, &default);
     // The scale changes the result far beyond the tolerance, so the match above means it was used.
-    let apart = relative_l2(&with_scale.0, &default.out);
+    let apart = common::rel_l2(&with_scale.0, &default.out);
     assert!(
         apart > 1e3 * TOLERANCE,
         "{test}: scale {scale} barely changes out ({apart:e} from the default)"
     );
     assert!(
-        max_abs(&with_scale.1, &default.lse) > 1e3 * TOLERANCE,
+        common::max_abs(&with_scale.1, &default.lse) > 1e3 * TOLERANCE,
         "{test}: scale did not change lse"
     );
 }
@@ -841,7 +822,7 @@ fn metadata_and_tensor_variants_are_applied() {
         let got = run_tensors(&what, &Workdir::new(test), &case, &tensors, meta, &[]);
         assert_matches(&what, &got, &reference_with(&case, &variants));
         // Each variant moves the result far beyond the tolerance: the match means it was used.
-        let apart = relative_l2(&got.0, &plain.out).max(max_abs(&got.1, &plain.lse));
+        let apart = common::rel_l2(&got.0, &plain.out).max(common::max_abs(&got.1, &plain.lse));
         assert!(
             apart > 1e3 * TOLERANCE,
             "{what}: barely changes the result ({apart:e})"

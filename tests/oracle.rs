@@ -10,14 +10,6 @@ use paged_gqa::cpu::{self, Attention, ContiguousKv, PagedKv};
 use paged_gqa::AttendOptions;
 use paged_gqa::{Error, GqaShape, SeqLens};
 
-fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
-
 /// One sequence of `context_len` keys with contiguous K/V.
 fn contiguous(
     shape: GqaShape,
@@ -50,7 +42,7 @@ fn a_single_key_returns_its_value_and_its_score_as_lse() {
             att.lse[head]
         );
         let v64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
-        assert!(max_abs_diff(&att.out[head * 8..head * 8 + 8], &v64) < 1e-14);
+        assert!(common::max_abs(&att.out[head * 8..head * 8 + 8], &v64) < 1e-14);
     }
 }
 
@@ -116,7 +108,7 @@ fn scale_zero_gives_the_plain_mean_and_scale_changes_the_result() {
     }
     let default = contiguous(shape, &lens, &k, &v, &q, None);
     let doubled = contiguous(shape, &lens, &k, &v, &q, Some(2.0 * shape.default_scale()));
-    assert!(max_abs_diff(&default.out, &doubled.out) > 1e-6);
+    assert!(common::max_abs(&default.out, &doubled.out) > 1e-6);
 }
 
 #[test]
@@ -141,7 +133,7 @@ fn query_rows_do_not_see_future_keys() {
     let row = 4 * 16;
     assert_eq!(&before.out[..2 * row], &after.out[..2 * row]);
     assert_eq!(&before.lse[..8], &after.lse[..8]);
-    assert!(max_abs_diff(&before.out[2 * row..], &after.out[2 * row..]) > 1e-3);
+    assert!(common::max_abs(&before.out[2 * row..], &after.out[2 * row..]) > 1e-3);
 }
 
 #[test]
@@ -238,7 +230,7 @@ fn matches_a_textbook_formulation_on_random_chunks() {
             &v,
             shape.default_scale(),
         );
-        assert!(max_abs_diff(&att.out, &reference) < 1e-12);
+        assert!(common::max_abs(&att.out, &reference) < 1e-12);
     }
 }
 
@@ -320,8 +312,8 @@ fn fused_indexing_equals_naive_repeat_kv() {
             let mha_kv = ContiguousKv::new(mha, &case.lens, &k, &v).unwrap();
             let naive = cpu::attention(&case.q, &mha_kv, &AttendOptions::default()).unwrap();
             let (out_diff, lse_diff) = (
-                max_abs_diff(&fused.out, &naive.out),
-                max_abs_diff(&fused.lse, &naive.lse),
+                common::max_abs(&fused.out, &naive.out),
+                common::max_abs(&fused.lse, &naive.lse),
             );
             assert!(
                 out_diff < 1e-12 && lse_diff < 1e-12,
@@ -371,7 +363,7 @@ fn the_modulo_mapping_would_be_caught() {
         &case.q,
         Some(shape.default_scale()),
     );
-    assert!(max_abs_diff(&fused.out, &modulo.out) > 1e-3);
+    assert!(common::max_abs(&fused.out, &modulo.out) > 1e-3);
 }
 
 #[test]

@@ -428,8 +428,9 @@ pub fn poison<T: paged_gqa::Element>(n: usize) -> Vec<T> {
     vec![bytemuck::pod_read_unaligned(&[0xffu8; 2]); n]
 }
 
-/// The largest `|a[i] - b[i]|`.
+/// The largest `|a[i] - b[i]|` (`a` and `b` of one length).
 pub fn max_abs(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
