@@ -92,7 +92,11 @@ impl BlockManager {
     /// # Ok::<(), paged_gqa::Error>(())
     /// ```
     pub fn add_sequence_with_prompt(&mut self, prompt: &[u32], salt: &[u8]) -> Result<Admission> {
-        Error::check_at_most("prompt length", prompt.len() as u128, MAX_CONTEXT_LEN as u128)?;
+        Error::check_at_most(
+            "prompt length",
+            prompt.len() as u128,
+            MAX_CONTEXT_LEN as u128,
+        )?;
         self.prefix.prompt_tokens += prompt.len() as u64;
         if !self.prefix.enabled {
             let seq = self.add_sequence();
@@ -144,7 +148,11 @@ impl BlockManager {
             return Ok(());
         };
         let known = prefix.known(bs) + tokens.len();
-        Error::check_at_most("known tokens of the sequence", known as u128, MAX_CONTEXT_LEN as u128)?;
+        Error::check_at_most(
+            "known tokens of the sequence",
+            known as u128,
+            MAX_CONTEXT_LEN as u128,
+        )?;
         prefix.tokens.extend_from_slice(tokens);
         Ok(())
     }

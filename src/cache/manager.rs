@@ -419,7 +419,11 @@ impl BlockManager {
             .filter(|&(&b, &n)| self.allocator.ref_count(b) == n)
             .count();
         // The step's SeqLens (built below, where nothing may fail any more) takes these limits.
-        Error::check_at_most("new tokens of the step", new_rows as u128, MAX_TOKENS as u128)?;
+        Error::check_at_most(
+            "new tokens of the step",
+            new_rows as u128,
+            MAX_TOKENS as u128,
+        )?;
         if needed > self.allocator.num_free() + reclaimed_free {
             return Err(Error::OutOfBlocks {
                 needed,

@@ -63,9 +63,7 @@ pub fn gather_paged<T: Copy>(paged: &PagedKv<'_, T>) -> Result<(Vec<T>, Vec<T>)>
 /// `paged` as the naive paths see it: the pages gathered, every K/V head repeated for its
 /// group (`k` and `v` `[total_keys, n_heads, head_dim]`), and the fp8 scales repeated with
 /// their heads (`[n_heads]` each; ones when `paged` has none).
-pub fn gather_repeated<T: Copy>(
-    paged: &PagedKv<'_, T>,
-) -> Result<(Vec<T>, Vec<T>, KvScales)> {
+pub fn gather_repeated<T: Copy>(paged: &PagedKv<'_, T>) -> Result<(Vec<T>, Vec<T>, KvScales)> {
     let shape = paged.shape();
     let total_keys = paged.lens().total_keys();
     let (k, v) = gather_paged(paged)?;
