@@ -45,12 +45,9 @@ pub struct SplitModel {
 /// profiler's speed-of-light model ([`crate::sim::speed_of_light`]) uses the same figure.
 pub const DRAM_LATENCY_S: f64 = 656.0 / 1.755e9;
 
-/// H200 HBM bandwidth, bytes per second (NVIDIA's datasheet).
-pub const H200_BANDWIDTH: f64 = 4.8e12;
-
 impl SplitModel {
     /// H200 HBM bandwidth, bytes per second (NVIDIA's datasheet).
-    pub const BANDWIDTH: f64 = H200_BANDWIDTH;
+    pub const BANDWIDTH: f64 = 4.8e12;
     /// Twice the idle DRAM latency ([`DRAM_LATENCY_S`]).
     pub const LATENCY_S: f64 = 2.0 * DRAM_LATENCY_S;
     /// Resident blocks per SM at most (the narrow layout's theoretical occupancy at head_dim

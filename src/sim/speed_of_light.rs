@@ -43,7 +43,7 @@ pub const H100: Gpu = Gpu {
 /// H200: 4.8 TB/s (NVIDIA's datasheet).
 pub const H200: Gpu = Gpu {
     name: "H200",
-    bandwidth: crate::plan::H200_BANDWIDTH,
+    bandwidth: crate::plan::SplitModel::BANDWIDTH,
     sms: limits::SMS,
 };
 
